@@ -1,0 +1,1703 @@
+"""lxm3: launch experiments and sweeps on HPC clusters through XManager's API.
+
+A launcher script describes *what* to run with the ``xm`` API (executables,
+jobs, arguments) and *where* with an executor from this module (``Local``,
+``Slurm``, ``GridEngine``). lxm3 packages the code as one zip archive, writes
+one bash job script per work unit, and runs or submits it.
+
+The module is laid out in the order data flows through a launch:
+
+    config -> specs -> package -> script -> run/submit -> experiment -> CLI
+
+Only the standard library is used, so this file and the ``xm`` package can be
+copied onto a login node and run with the system Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import string
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+
+import xm
+
+__version__ = "0.5.0.dev0"
+
+# ``from lxm3 import xm_cluster`` is how launchers written for lxm3 0.4.2
+# import the cluster API; here it is this very module.
+xm_cluster = sys.modules[__name__]
+sys.modules.setdefault(__name__ + ".xm_cluster", xm_cluster)
+
+JobRequirements = xm.JobRequirements
+ModuleName = xm.ModuleName
+CommandList = xm.CommandList
+
+
+class LaunchError(Exception):
+    """A problem the user can fix; shown as a message, without our traceback."""
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+class ConfigError(LaunchError):
+    pass
+
+
+def _toml_loads(text: str) -> dict:
+    """Parse TOML with tomllib (3.11+), tomli if installed, else our reader."""
+    try:
+        import tomllib as toml  # novermin (guarded: 3.11+)
+    except ImportError:
+        try:
+            import tomli as toml  # type: ignore[no-redef]
+        except ImportError:
+            return _toml_loads_fallback(text)
+    return toml.loads(text)
+
+
+# -- A TOML reader for Python 3.9-3.10 without tomli ----------------------
+
+class TOMLDecodeError(ValueError):
+    """A malformed document; the message ends with "(line N)", counted from 1."""
+
+
+_TOML_WS = re.compile(r"[ \t]*")
+# A comment may hold any character but the control characters other than tab.
+_TOML_COMMENT = re.compile(r"(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?")
+# What may separate the items of an array: blanks, newlines and comments.
+_TOML_ARRAY_BLANK = re.compile(r"(?:[ \t\n]|#[^\x00-\x08\x0a-\x1f\x7f]*)*")
+_TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_HEX_DIGITS = re.compile(r"[0-9A-Fa-f]*")
+# The same number grammar as tomllib; what follows a number is checked by the
+# caller, so "1.", "1__0" or "0x" fail there as junk after a value.
+_TOML_NUMBER = re.compile(
+    r"""
+    0(?:x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*|o[0-7](?:_?[0-7])*|b[01](?:_?[01])*)
+    |[+-]?(?:0|[1-9](?:_?[0-9])*)
+     (?P<float>(?:\.[0-9](?:_?[0-9])*)?(?:[eE][+-]?[0-9](?:_?[0-9])*)?)
+    """,
+    re.VERBOSE,
+)
+_TOML_INF_NAN = re.compile(r"[+-]?(?:inf|nan)")
+_TOML_DATE_OR_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{2}:[0-9]{2}")
+_TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
+# Runs of characters that stand for themselves, by (literal, multiline) string kind.
+_TOML_STRING_RUN = {
+    (False, False): re.compile(r'[^"\\\x00-\x08\x0a-\x1f\x7f]*'),
+    (False, True): re.compile(r'[^"\\\x00-\x08\x0b-\x1f\x7f]*'),
+    (True, False): re.compile(r"[^'\x00-\x08\x0a-\x1f\x7f]*"),
+    (True, True): re.compile(r"[^'\x00-\x08\x0b-\x1f\x7f]*"),
+}
+# A backslash at the end of a line in a multi-line basic string swallows the
+# newline and all blanks up to the next visible character.
+_TOML_LINE_CONTINUATION = re.compile(r"\\[ \t]*\n[ \t\n]*")
+
+
+class _TOMLParser:
+    """Reads one document; ``pos`` is the index of the next character of ``src``.
+
+    Tables are tracked by identity, which stays valid because every table
+    remains referenced from the result until the end:
+    ``defined`` holds tables that a ``[header]`` or a dotted key in a later
+    section may not open again; ``pending`` holds the tables created by dotted
+    keys in the current section, which may still extend them; ``frozen`` holds
+    inline tables and arrays given as values, which nothing may extend.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.src = text.replace("\r\n", "\n")
+        self.pos = 0
+        self.root: Dict[str, Any] = {}
+        self.defined: Set[int] = set()
+        self.pending: Set[int] = set()
+        self.frozen: Set[int] = set()
+
+    def error(self, message: str, pos: int = -1) -> TOMLDecodeError:
+        """Build the exception, naming the line of ``pos`` (default: the current one)."""
+        line = self.src.count("\n", 0, self.pos if pos < 0 else pos) + 1
+        return TOMLDecodeError(f"{message} (line {line})")
+
+    def skip(self, pattern: re.Pattern[str]) -> None:
+        self.pos = pattern.match(self.src, self.pos).end()
+
+    def peek(self) -> str:
+        return self.src[self.pos : self.pos + 1]
+
+    def expect(self, token: str, where: str) -> None:
+        if not self.src.startswith(token, self.pos):
+            raise self.error(f"expected {token!r} {where}")
+        self.pos += len(token)
+
+    def parse_document(self) -> Dict[str, Any]:
+        table = self.root
+        while True:
+            self.skip(_TOML_WS)
+            char = self.peek()
+            if char == "":
+                return self.root
+            if char == "\n":
+                self.pos += 1
+                continue
+            if char == "[":
+                self.defined |= self.pending
+                self.pending = set()
+                table = self.parse_header()
+            elif char != "#":
+                start = self.pos
+                keys = self.parse_key()
+                self.expect("=", "after a key")
+                self.skip(_TOML_WS)
+                self.store(table, keys, self.parse_value(), start)
+            self.skip(_TOML_WS)
+            self.skip(_TOML_COMMENT)
+            if self.peek() not in ("\n", ""):
+                raise self.error(f"unexpected {self.peek()!r} after a statement")
+
+    def parse_header(self) -> Dict[str, Any]:
+        """Read ``[a.b]`` or ``[[a.b]]`` and return the table that follows it."""
+        start = self.pos
+        is_array = self.src.startswith("[[", start)
+        self.pos += 2 if is_array else 1
+        keys = self.parse_key()
+        self.expect("]]" if is_array else "]", "to close the table header")
+        name = ".".join(keys)
+        table = self.root
+        for key in keys[:-1]:
+            child = table.setdefault(key, {})
+            if id(child) in self.frozen:
+                raise self.error(f"cannot extend {key!r} in [{name}]", start)
+            if isinstance(child, list):  # the last element of an array of tables
+                child = child[-1]
+            if not isinstance(child, dict):
+                raise self.error(f"{key!r} in [{name}] is not a table", start)
+            table = child
+        existing = table.get(keys[-1])
+        if is_array:
+            if existing is None:
+                existing = table[keys[-1]] = []
+            elif not isinstance(existing, list) or id(existing) in self.frozen:
+                raise self.error(f"cannot make {name!r} an array of tables", start)
+            new: Dict[str, Any] = {}
+            existing.append(new)
+        elif existing is None:
+            new = table[keys[-1]] = {}
+        elif (
+            isinstance(existing, dict)
+            and id(existing) not in self.defined
+            and id(existing) not in self.frozen
+        ):
+            new = existing  # only created implicitly so far, by [a.b.c] for [a.b]
+        else:
+            raise self.error(f"table [{name}] is defined twice", start)
+        self.defined.add(id(new))
+        return new
+
+    def store(self, table: Dict[str, Any], keys: Tuple[str, ...], value: Any, start: int) -> None:
+        """Set a possibly dotted key in ``table``, creating the tables on its path."""
+        for key in keys[:-1]:
+            child = table.get(key)
+            if child is None:
+                child = table[key] = {}
+            elif (
+                not isinstance(child, dict) or id(child) in self.frozen or id(child) in self.defined
+            ):
+                raise self.error(f"cannot extend {key!r} with dotted key {'.'.join(keys)!r}", start)
+            self.pending.add(id(child))
+            table = child
+        if keys[-1] in table:
+            raise self.error(f"duplicate key {'.'.join(keys)!r}", start)
+        table[keys[-1]] = value
+        if isinstance(value, (dict, list)):
+            self.frozen.add(id(value))
+
+    def parse_key(self) -> Tuple[str, ...]:
+        """Read a bare, quoted or dotted key and the blanks around it."""
+        keys = []
+        while True:
+            self.skip(_TOML_WS)
+            if self.peek() in ('"', "'"):
+                keys.append(self.parse_string(multiline_ok=False))
+            else:
+                match = _TOML_BARE_KEY.match(self.src, self.pos)
+                if not match:
+                    raise self.error(f"invalid key starting with {self.peek()!r}")
+                keys.append(match.group())
+                self.pos = match.end()
+            self.skip(_TOML_WS)
+            if self.peek() != ".":
+                return tuple(keys)
+            self.pos += 1
+
+    def parse_value(self) -> Any:
+        src, pos = self.src, self.pos
+        char = self.peek()
+        if char in ('"', "'"):
+            return self.parse_string(multiline_ok=True)
+        if char == "[":
+            return self.parse_array()
+        if char == "{":
+            return self.parse_inline_table()
+        for word, boolean in (("true", True), ("false", False)):
+            if src.startswith(word, pos):
+                self.pos += len(word)
+                return boolean
+        if _TOML_DATE_OR_TIME.match(src, pos):
+            raise self.error(
+                "dates and times are not supported by the built-in reader; install tomli"
+            )
+        match = _TOML_NUMBER.match(src, pos)
+        if match:
+            self.pos = match.end()
+            text = match.group().replace("_", "")
+            return float(text) if match.group("float") else int(text, 0)
+        match = _TOML_INF_NAN.match(src, pos)
+        if match:
+            self.pos = match.end()
+            return float(match.group())
+        raise self.error(f"invalid value starting with {char!r}" if char else "missing value")
+
+    def parse_array(self) -> List[Any]:
+        array: List[Any] = []
+        self.pos += 1
+        while True:
+            self.skip(_TOML_ARRAY_BLANK)
+            if self.peek() == "]":
+                self.pos += 1
+                return array
+            array.append(self.parse_value())
+            self.skip(_TOML_ARRAY_BLANK)
+            if self.peek() == "]":
+                self.pos += 1
+                return array
+            self.expect(",", "or ']' after an array item")
+
+    def parse_inline_table(self) -> Dict[str, Any]:
+        """Read ``{k = v, ...}``: one line, no trailing comma, as in TOML 1.0."""
+        table: Dict[str, Any] = {}
+        self.pos += 1
+        self.skip(_TOML_WS)
+        if self.peek() == "}":
+            self.pos += 1
+            return table
+        while True:
+            start = self.pos
+            keys = self.parse_key()
+            self.expect("=", "after a key")
+            self.skip(_TOML_WS)
+            self.store(table, keys, self.parse_value(), start)
+            self.skip(_TOML_WS)
+            if self.peek() == "}":
+                self.pos += 1
+                return table
+            self.expect(",", "or '}' in an inline table")
+
+    def parse_string(self, multiline_ok: bool) -> str:
+        """Read any of the four kinds of string; keys pass ``multiline_ok=False``."""
+        src, start = self.src, self.pos
+        quote = src[start]
+        literal = quote == "'"
+        multiline = multiline_ok and src.startswith(quote * 3, start)
+        self.pos += 3 if multiline else 1
+        if multiline and src.startswith("\n", self.pos):
+            self.pos += 1  # a newline right after the opening quotes is dropped
+        run_pattern = _TOML_STRING_RUN[literal, multiline]
+        parts = []
+        while True:
+            match = run_pattern.match(src, self.pos)
+            parts.append(match.group())
+            self.pos = match.end()
+            char = self.peek()
+            if char == quote:
+                if not multiline:
+                    self.pos += 1
+                    return "".join(parts)
+                # Up to two quotes just before the closing three belong to the string.
+                count = 1
+                while count < 5 and src.startswith(quote, self.pos + count):
+                    count += 1
+                self.pos += count
+                if count >= 3:
+                    parts.append(quote * (count - 3))
+                    return "".join(parts)
+                parts.append(quote * count)
+            elif char == "\\" and not literal:
+                parts.append(self.parse_escape(multiline))
+            elif char in ("", "\n"):
+                raise self.error("unterminated string", start)
+            else:
+                raise self.error(f"control character {char!r} in a string")
+
+    def parse_escape(self, multiline: bool) -> str:
+        src, pos = self.src, self.pos
+        if multiline:
+            match = _TOML_LINE_CONTINUATION.match(src, pos)
+            if match:
+                self.pos = match.end()
+                return ""
+        code = src[pos + 1 : pos + 2]
+        if code in _TOML_ESCAPES:
+            self.pos += 2
+            return _TOML_ESCAPES[code]
+        if code not in ("u", "U"):
+            raise self.error(f"invalid escape sequence {src[pos : pos + 2]!r}")
+        size = 4 if code == "u" else 8
+        digits = src[pos + 2 : pos + 2 + size]
+        if len(digits) != size or not _TOML_HEX_DIGITS.fullmatch(digits):
+            raise self.error(f"\\{code} needs {size} hex digits")
+        codepoint = int(digits, 16)
+        if 0xD800 <= codepoint <= 0xDFFF or codepoint > 0x10FFFF:
+            raise self.error(f"\\{code}{digits} is not a Unicode scalar value")
+        self.pos += 2 + size
+        return chr(codepoint)
+
+
+def _toml_loads_fallback(text: str) -> Dict[str, Any]:
+    """Parse a TOML document like ``tomllib.loads``, for the subset described above."""
+    return _TOMLParser(text).parse_document()
+
+
+def _xdg_dir(variable: str, default: str) -> str:
+    value = os.environ.get(variable)
+    if value and os.path.isabs(value):
+        return value
+    return os.path.join(os.path.expanduser("~"), default)
+
+
+def cache_dir() -> str:
+    """Where built archives and build environments are kept between launches."""
+    return os.path.join(_xdg_dir("XDG_CACHE_HOME", ".cache"), "lxm3")
+
+
+def data_dir() -> str:
+    """Default home of local job scripts and logs."""
+    return os.path.join(_xdg_dir("XDG_DATA_HOME", os.path.join(".local", "share")), "lxm3")
+
+
+@dataclass
+class ClusterConfig:
+    """One ``[[clusters]]`` entry of the config file."""
+
+    name: str
+    server: Optional[str] = None
+    user: Optional[str] = None
+    port: Optional[int] = None
+    ssh_private_key: Optional[str] = None
+    staging: Optional[str] = None
+    env: Dict[str, str] = field(default_factory=dict)
+    singularity_binds: List[Tuple[str, str]] = field(default_factory=list)
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Config:
+    """The user's lxm3 configuration (the format of lxm3 0.4.2)."""
+
+    project: Optional[str] = None
+    local_staging: Optional[str] = None
+    local_env: Dict[str, str] = field(default_factory=dict)
+    clusters: List[ClusterConfig] = field(default_factory=list)
+    path: Optional[str] = None
+
+    @classmethod
+    def from_file(cls, path: str) -> Config:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read the lxm3 config {path}: {e.strerror}") from None
+        try:
+            data = _toml_loads(text)
+        except ValueError as e:  # tomllib, tomli and our reader all raise ValueError subclasses
+            raise ConfigError(f"{path}: {e}") from None
+        try:
+            return cls.from_dict(data, path=path)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: Optional[str] = None) -> Config:
+        local = _table(data, "local")
+        staging = _table(local, "storage", "local").get("staging")
+        clusters = data.get("clusters", [])
+        if not isinstance(clusters, list):
+            raise ValueError("'clusters' must be an array of tables: write [[clusters]]")
+        return cls(
+            project=os.environ.get("LXM_PROJECT") or data.get("project") or None,
+            # lxm3 0.4.2 resolved a relative local staging path against the
+            # current directory; keep that so existing configs mean the same.
+            local_staging=os.path.abspath(os.path.expanduser(staging)) if staging else None,
+            local_env=_str_dict(_table(local, "env", "local")),
+            clusters=[_cluster_config(c, i) for i, c in enumerate(clusters)],
+            path=path,
+        )
+
+    def cluster(self, name: Optional[str] = None) -> ClusterConfig:
+        """Pick a cluster: by name, else ``$LXM_CLUSTER``, else the first one."""
+        name = name or os.environ.get("LXM_CLUSTER")
+        if not self.clusters:
+            where = self.path or "no config file was found"
+            raise ConfigError(
+                f"no [[clusters]] in the lxm3 config ({where}); add one, or see "
+                "'lxm3 launch --help' for where the config is looked for"
+            )
+        if name is None:
+            return self.clusters[0]
+        for cluster in self.clusters:
+            if cluster.name == name:
+                return cluster
+        known = ", ".join(repr(c.name) for c in self.clusters)
+        raise ConfigError(f"no cluster named {name!r} in {self.path}; known: {known}")
+
+
+def _table(data: Mapping[str, Any], key: str, parent: str = "") -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ValueError(f"'{parent + '.' if parent else ''}{key}' must be a table")
+    return value
+
+
+def _str_dict(data: Mapping[str, Any]) -> Dict[str, str]:
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _cluster_config(data: Any, index: int) -> ClusterConfig:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"clusters[{index}] must be a table")
+    name = data.get("name")
+    if not name:
+        raise ValueError(f"clusters[{index}] has no 'name'")
+    binds = _table(data, "singularity", "clusters").get("binds", [])
+    port = data.get("port")
+    return ClusterConfig(
+        name=str(name),
+        server=data.get("server") or None,
+        user=data.get("user") or None,
+        port=int(port) if port else None,
+        ssh_private_key=data.get("ssh_private_key") or None,
+        staging=_table(data, "storage", "clusters").get("staging"),
+        env=_str_dict(_table(data, "env", "clusters")),
+        singularity_binds=[(str(b["src"]), str(b.get("dest", b["src"]))) for b in binds],
+        raw=dict(data),
+    )
+
+
+_config_path_override: Optional[str] = None
+
+
+def find_config_file() -> Optional[str]:
+    """``--lxm_config``, ``$LXM_CONFIG``, ``./lxm.toml``, then the user's config."""
+    explicit = _config_path_override or os.environ.get("LXM_CONFIG")
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise ConfigError(f"lxm3 config {explicit} does not exist")
+        return explicit
+    candidates = [
+        os.path.abspath("lxm.toml"),
+        os.path.join(_xdg_dir("XDG_CONFIG_HOME", ".config"), "lxm3", "config.toml"),
+    ]
+    return next((p for p in candidates if os.path.isfile(p)), None)
+
+
+def load_config() -> Config:
+    """The config in force; an empty one when there is no file (local runs need none)."""
+    path = find_config_file()
+    return Config.from_file(path) if path else Config()
+
+
+# ---------------------------------------------------------------------------
+# Paths relative to the launcher
+# ---------------------------------------------------------------------------
+
+_launcher_dir: Optional[str] = None
+
+
+def _launch_directory() -> str:
+    """The launcher script's directory: relative paths in a launcher mean this."""
+    if _launcher_dir:
+        return _launcher_dir
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    return os.path.dirname(os.path.abspath(main_file)) if main_file else os.getcwd()
+
+
+def resolve_path(path: str) -> str:
+    path = os.path.expanduser(os.fspath(path))
+    return os.path.normpath(os.path.join(_launch_directory(), path))
+
+
+# ---------------------------------------------------------------------------
+# Executable specs
+# ---------------------------------------------------------------------------
+
+
+class Fileset:
+    """Extra files to ship in the archive: ``{local path: path in the archive}``."""
+
+    def __init__(self, files: Optional[Mapping[str, str]] = None):
+        self.files: Dict[str, str] = {}
+        for src, dst in (files or {}).items():
+            self.add_path(src, dst)
+
+    def add_path(self, src: str, dst: str) -> None:
+        dst = os.path.normpath(dst)
+        if os.path.isabs(dst) or dst.split(os.sep)[0] == "..":
+            raise ValueError(f"Fileset destination {dst!r} must be a relative path inside the archive")
+        self.files[resolve_path(src)] = dst
+
+    def get_path(self, name: str, executor_spec: Optional[xm.ExecutorSpec] = None) -> str:
+        """Where ``name`` is found from a task: tasks run in the unpacked archive."""
+        del executor_spec
+        if name not in self.files.values():
+            raise ValueError(f"{name!r} is not a destination in this Fileset")
+        return name
+
+
+Entrypoint = Union[xm.ModuleName, xm.CommandList]
+
+
+@dataclass
+class PythonPackage(xm.ExecutableSpec):
+    """A Python project installed with ``pip install --target`` into the archive."""
+
+    entrypoint: Entrypoint
+    path: str = "."
+    resources: List[Fileset] = field(default_factory=list)
+    extra_packages: List[str] = field(default_factory=list)
+    pip_args: List[str] = field(default_factory=lambda: ["--no-deps", "--no-compile"])
+
+    def __post_init__(self):
+        _check_entrypoint(self.entrypoint)
+        self.path = resolve_path(self.path)
+        self.extra_packages = [_resolve_if_local(p) for p in self.extra_packages]
+
+    @property
+    def name(self) -> str:
+        return _name_from_path(self.path)
+
+
+@dataclass
+class UniversalPackage(xm.ExecutableSpec):
+    """Anything a build script writes into ``$BUILDDIR``, run with shell commands."""
+
+    entrypoint: List[str]
+    build_script: str
+    build_args: List[str] = field(default_factory=list)
+    path: str = "."
+
+    def __post_init__(self):
+        if isinstance(self.entrypoint, str) or not self.entrypoint:
+            raise ValueError("UniversalPackage entrypoint must be a non-empty list of commands")
+        self.path = resolve_path(self.path)
+        self.build_script = os.path.normpath(os.path.join(self.path, self.build_script))
+
+    @property
+    def name(self) -> str:
+        return _name_from_path(self.path)
+
+
+@dataclass
+class SingularityContainer(xm.ExecutableSpec):
+    """A packaged executable run inside a Singularity/Apptainer image."""
+
+    entrypoint: Union[PythonPackage, UniversalPackage]
+    image_path: str
+
+    def __post_init__(self):
+        if not re.match(r"^[a-z][a-z0-9+.-]*://", self.image_path):
+            self.image_path = resolve_path(self.image_path)
+
+    @property
+    def name(self) -> str:
+        return self.entrypoint.name
+
+
+@dataclass
+class DockerContainer(xm.ExecutableSpec):
+    """A packaged executable run inside a Docker image (``Local`` only)."""
+
+    entrypoint: Union[PythonPackage, UniversalPackage]
+    image: str
+
+    @property
+    def name(self) -> str:
+        return self.entrypoint.name
+
+
+def _name_from_path(path: str) -> str:
+    return re.sub(r"\W", "_", os.path.basename(path.rstrip(os.sep)))
+
+
+def _resolve_if_local(requirement: str) -> str:
+    """Extra packages may be paths (relative to the launcher) or requirement strings."""
+    looks_like_path = requirement.startswith((".", "/", "~")) or os.sep in requirement
+    return resolve_path(requirement) if looks_like_path else requirement
+
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _check_entrypoint(entrypoint: Any) -> None:
+    if isinstance(entrypoint, xm.ModuleName):
+        if not _MODULE_NAME.match(entrypoint.module_name):
+            raise ValueError(
+                f"ModuleName({entrypoint.module_name!r}) is not a Python module name "
+                "such as 'mypackage.main'"
+            )
+    elif isinstance(entrypoint, xm.CommandList):
+        if isinstance(entrypoint.commands, str) or not entrypoint.commands:
+            raise ValueError("CommandList needs a non-empty list of shell commands")
+    else:
+        raise TypeError(
+            f"entrypoint must be xm_cluster.ModuleName(...) or xm_cluster.CommandList([...]), "
+            f"not {type(entrypoint).__name__}"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Executors
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class SingularityOptions:
+    """Binds (``{host path: container path}``) and extra ``exec`` options."""
+
+    bind: Dict[str, str] = field(default_factory=dict)
+    extra_options: List[str] = field(default_factory=list)
+
+
+@dataclass
+class DockerOptions:
+    """Volumes (``{host path: container path}``) and extra ``docker run`` options."""
+
+    volumes: Dict[str, str] = field(default_factory=dict)
+    extra_options: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LocalSpec(xm.ExecutorSpec):
+    pass
+
+
+@dataclass
+class Local(xm.Executor):
+    """Run tasks on this machine, several at once, with their output streamed."""
+
+    requirements: xm.JobRequirements = field(default_factory=xm.JobRequirements)
+    singularity_options: Optional[SingularityOptions] = None
+    docker_options: Optional[DockerOptions] = None
+    max_parallel_tasks: Optional[int] = None
+
+    def __post_init__(self):
+        if self.max_parallel_tasks is not None and self.max_parallel_tasks < 1:
+            raise ValueError("Local(max_parallel_tasks=...) must be at least 1")
+
+    @classmethod
+    def Spec(cls) -> LocalSpec:  # noqa: N802 (the xm API's name)
+        return LocalSpec()
+
+
+# ---------------------------------------------------------------------------
+# Packaging: one reproducible, content-addressed zip per executable
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Archive:
+    """A built archive on the local disk, named after its content hash."""
+
+    path: str
+    digest: str  # sha256 of the zip's bytes
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclass
+class ClusterExecutable(xm.Executable):
+    """What packaging produces: an archive whose ``entrypoint.sh`` runs the program."""
+
+    archive: Optional[Archive] = None
+    args: xm.SequentialArgs = field(default_factory=xm.SequentialArgs)
+    env_vars: Dict[str, str] = field(default_factory=dict)
+    image: Optional[str] = None  # Singularity image path/URI, or Docker image
+    container: Optional[str] = None  # "singularity" or "docker"
+
+
+class BuildError(LaunchError):
+    pass
+
+
+# Directories that never belong to a build's input: VCS data, caches, and what
+# pip/setuptools write into the source tree while building.
+_SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".mypy_cache", ".pytest_cache",
+              ".ruff_cache", ".tox", ".nox", ".venv", "venv", "node_modules", ".cache"}
+_SKIP_TOP_DIRS = {"build", "dist"}
+
+
+def tree_fingerprint(root: str) -> List[Tuple[str, int, int]]:
+    """(path, size, mtime) of every file a build could read: cheap, no file is read."""
+    entries = []
+    if os.path.isfile(root):
+        st = os.stat(root)
+        return [(os.path.basename(root), st.st_size, st.st_mtime_ns)]
+    for dirpath, dirnames, filenames in os.walk(root):
+        top = dirpath == root
+        dirnames[:] = sorted(
+            d for d in dirnames
+            if d not in _SKIP_DIRS and not d.endswith(".egg-info")
+            and not (top and d in _SKIP_TOP_DIRS)
+        )
+        for name in sorted(filenames):
+            if name.endswith((".pyc", ".pyo")):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+            except OSError:  # a dangling link: the build fails or skips it, either way
+                continue
+            entries.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
+    return entries
+
+
+def _cache_key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Optional[Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _progress(message: str) -> None:
+    print(f"lxm3: {message}", file=sys.stderr, flush=True)
+
+
+def _run_build_step(argv: Sequence[str], what: str, **kwargs: Any) -> str:
+    """Run a build command; its output becomes the error message if it fails."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            errors="replace", **kwargs,
+        )
+    except OSError as e:
+        raise BuildError(f"{what}: cannot run {argv[0]}: {e.strerror}") from None
+    if proc.returncode != 0:
+        output = proc.stdout.strip()
+        raise BuildError(f"{what} failed (exit code {proc.returncode}):\n{output}")
+    return proc.stdout
+
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def write_reproducible_zip(zip_path: str, files: Iterable[Tuple[str, str]]) -> str:
+    """Zip ``(source path, archive name)`` pairs so equal inputs give equal bytes.
+
+    Entries are sorted, dated 1980-01-01 and carry only the executable bit of
+    their mode. Returns the sha256 of the written file.
+    """
+    import zipfile
+
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        for src, arcname in sorted(files, key=lambda item: item[1]):
+            info = zipfile.ZipInfo(arcname.replace(os.sep, "/"), date_time=_ZIP_EPOCH)
+            info.create_system = 3  # unix, so the mode below is honoured by unzip
+            mode = 0o755 if os.access(src, os.X_OK) else 0o644
+            info.external_attr = (0o100000 | mode) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with open(src, "rb") as f:
+                zf.writestr(info, f.read(), compresslevel=6)
+    with open(zip_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_under(root: str) -> List[Tuple[str, str]]:
+    pairs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            pairs.append((path, os.path.relpath(path, root)))
+    return pairs
+
+
+def entrypoint_script(entrypoint: Union[Entrypoint, Sequence[str]]) -> str:
+    """The archive's ``entrypoint.sh``: the program, with the task's args as "$@"."""
+    if isinstance(entrypoint, xm.ModuleName):
+        run = f'exec "${{LXM_PYTHON:-python3}}" -m {entrypoint.module_name} "$@"'
+    else:
+        commands = list(entrypoint.commands if isinstance(entrypoint, xm.CommandList) else entrypoint)
+        commands[-1] = f'{commands[-1]} "$@"'
+        run = "\n".join(commands)
+    return f"#!/bin/sh\n# Written by lxm3: runs the task's program with its arguments.\n{run}\n"
+
+
+def _archive_files_from(staging: str, spec_files: Iterable[Fileset], entrypoint) -> List[Tuple[str, str]]:
+    """The build output, the Fileset files and ``entrypoint.sh`` as zip entries."""
+    files = _files_under(staging)
+    for fileset in spec_files:
+        for src, dst in fileset.files.items():
+            if not os.path.exists(src):
+                raise BuildError(f"Fileset path {src} does not exist")
+            if os.path.isdir(src):
+                files += [(p, os.path.join(dst, rel)) for p, rel in _files_under(src)]
+            else:
+                files.append((src, dst))
+    entry = os.path.join(staging, ".lxm3-entrypoint.sh")
+    with open(entry, "w") as f:
+        f.write(entrypoint_script(entrypoint))
+    os.chmod(entry, 0o755)
+    files.append((entry, "entrypoint.sh"))
+    return files
+
+
+# -- Python packages --------------------------------------------------------
+
+_DEFAULT_BUILD_REQUIRES = ["setuptools>=40.8.0"]
+
+
+def _build_requires(project: str) -> Optional[List[str]]:
+    """The project's PEP 518 build requirements, or None when they can't be read."""
+    pyproject = os.path.join(project, "pyproject.toml")
+    if not os.path.exists(pyproject):
+        return list(_DEFAULT_BUILD_REQUIRES) if os.path.exists(os.path.join(project, "setup.py")) else None
+    try:
+        with open(pyproject, encoding="utf-8") as f:
+            build_system = _toml_loads(f.read()).get("build-system", {})
+    except (OSError, ValueError):
+        return None  # pip reports a broken pyproject.toml better than we would
+    requires = build_system.get("requires")
+    if requires is None:
+        return list(_DEFAULT_BUILD_REQUIRES)
+    return [str(r) for r in requires]
+
+
+def _build_environment(requires: List[str]) -> str:
+    """A cached directory with the build requirements installed, made once.
+
+    pip's isolated build installs them anew for every build (~2 s here); a
+    build that reuses this directory with ``--no-build-isolation`` runs the
+    same backend at the versions pip picked the first time. Setuptools
+    releases before 70.1 also need ``wheel``, so it is added for them.
+    """
+    if any(re.match(r"^setuptools\b", r) for r in requires):
+        requires = [*requires, "wheel"]
+    key = _cache_key(sys.version, sorted(requires))[:20]
+    env_dir = os.path.join(cache_dir(), "build-env", key)
+    if os.path.isdir(env_dir):
+        return env_dir
+    tmp = f"{env_dir}.{os.getpid()}.tmp"
+    _progress(f"preparing a build environment ({', '.join(requires)}); this is done once")
+    _run_build_step(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--no-input", "--target", tmp, *requires],
+        "installing the build requirements",
+    )
+    try:
+        os.replace(tmp, env_dir)
+    except OSError:  # another launch made it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return env_dir
+
+
+def _pip_install(spec: PythonPackage, target: str) -> None:
+    base = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+            "--target", target, *spec.pip_args, spec.path, *spec.extra_packages]
+    what = f"pip install of {spec.path}"
+    wants_isolation_choice = any(a.startswith("--no-build-isolation") or a == "--use-pep517"
+                                 for a in spec.pip_args)
+    requires = None if wants_isolation_choice else _build_requires(spec.path)
+    if requires is not None:
+        env = dict(os.environ)
+        env_dir = _build_environment(requires)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env_dir, env.get("PYTHONPATH")]))
+        try:
+            _run_build_step([*base[:4], "--no-build-isolation", *base[4:]], what, env=env)
+            return
+        except BuildError:
+            # The backend may need more than it declares (dynamic build
+            # requirements): let pip's isolated build decide, and report it.
+            import shutil
+
+            shutil.rmtree(target, ignore_errors=True)
+    _run_build_step(base, what)
+
+
+def _package_python(spec: PythonPackage, workdir: str) -> List[Tuple[str, str]]:
+    if not os.path.isdir(spec.path):
+        raise BuildError(f"PythonPackage path {spec.path} is not a directory")
+    if not any(os.path.exists(os.path.join(spec.path, f)) for f in ("pyproject.toml", "setup.py")):
+        raise BuildError(
+            f"{spec.path} is not a Python project: it has neither pyproject.toml nor setup.py"
+        )
+    target = os.path.join(workdir, "site")
+    _pip_install(spec, target)
+    return _archive_files_from(target, spec.resources, spec.entrypoint)
+
+
+def _package_universal(spec: UniversalPackage, workdir: str) -> List[Tuple[str, str]]:
+    script = spec.build_script
+    if not os.path.isfile(script):
+        raise BuildError(f"build script {script} does not exist")
+    if not os.access(script, os.X_OK):
+        raise BuildError(f"build script {script} is not executable; run: chmod +x {script}")
+    builddir = os.path.join(workdir, "build")
+    os.makedirs(builddir)
+    env = {**os.environ, "BUILDDIR": builddir}
+    _run_build_step([script, *spec.build_args], f"build script {script}", cwd=spec.path, env=env)
+    return _archive_files_from(builddir, [], spec.entrypoint)
+
+
+def _package_inputs(spec: Union[PythonPackage, UniversalPackage]) -> List[Any]:
+    """Everything a build depends on, for the cache key."""
+    common = [__version__, type(spec).__name__, tree_fingerprint(spec.path)]
+    if isinstance(spec, PythonPackage):
+        local_extras = [tree_fingerprint(p) for p in spec.extra_packages if os.path.exists(p)]
+        files = [(src, dst, tree_fingerprint(src)) for fs in spec.resources for src, dst in fs.files.items()]
+        return [*common, sys.version, repr(spec.entrypoint), spec.pip_args, spec.extra_packages,
+                local_extras, files]
+    return [*common, spec.entrypoint, spec.build_script, spec.build_args]
+
+
+def build_archive(spec: Union[PythonPackage, UniversalPackage], use_cache: bool = True) -> Archive:
+    """Build (or find in the cache) the archive of a spec."""
+    import shutil
+    import tempfile
+
+    archives = os.path.join(cache_dir(), "archives")
+    key_file = os.path.join(cache_dir(), "packages", _cache_key(_package_inputs(spec)) + ".json")
+    cached = _read_json(key_file) if use_cache else None
+    if cached and os.path.isfile(cached.get("path", "")):
+        _progress(f"{spec.name}: unchanged, using {cached['path']}")
+        return Archive(cached["path"], cached["digest"])
+
+    start = time.monotonic()
+    _progress(f"{spec.name}: packaging {spec.path}")
+    os.makedirs(archives, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="lxm3-build-")
+    try:
+        if isinstance(spec, PythonPackage):
+            files = _package_python(spec, workdir)
+        else:
+            files = _package_universal(spec, workdir)
+        tmp_zip = os.path.join(workdir, "archive.zip")
+        digest = write_reproducible_zip(tmp_zip, files)
+        path = os.path.join(archives, f"{spec.name}-{digest[:16]}.zip")
+        if not os.path.exists(path):  # same digest, same bytes: keep the first
+            os.replace(tmp_zip, path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    _write_json_atomic(key_file, {"path": path, "digest": digest})
+    size = os.path.getsize(path)
+    _progress(f"{spec.name}: built {os.path.basename(path)} ({size / 1024:.0f} KiB) "
+              f"in {time.monotonic() - start:.1f} s")
+    return Archive(path, digest)
+
+
+def package(packageable: xm.Packageable) -> ClusterExecutable:
+    """Turn one ``xm.Packageable`` into a ``ClusterExecutable``."""
+    spec = packageable.executable_spec
+    container, image = None, None
+    if isinstance(spec, (SingularityContainer, DockerContainer)):
+        container = "singularity" if isinstance(spec, SingularityContainer) else "docker"
+        image = spec.image_path if isinstance(spec, SingularityContainer) else spec.image
+        spec = spec.entrypoint
+    if not isinstance(spec, (PythonPackage, UniversalPackage)):
+        raise TypeError(
+            f"lxm3 cannot package {type(spec).__name__}: use xm_cluster.PythonPackage, "
+            "UniversalPackage, SingularityContainer or DockerContainer"
+        )
+    return ClusterExecutable(
+        name=spec.name,
+        archive=build_archive(spec),
+        args=xm.SequentialArgs.from_collection(packageable.args),
+        env_vars=dict(packageable.env_vars),
+        image=image,
+        container=container,
+    )
+
+
+def _package_all(packageables: Sequence[xm.Packageable]) -> List[ClusterExecutable]:
+    return [package(p) for p in packageables]
+
+
+# ---------------------------------------------------------------------------
+# Job scripts
+# ---------------------------------------------------------------------------
+#
+# One bash script per work unit, plus a tasks file beside it. Line 1 of the
+# tasks file holds what every task shares (the config's env), line 2 + i the
+# arguments and environment of task i. Each value is written as a token of
+# safe characters and \xHH escapes, and decoded with ``printf %b`` into a bash
+# array: the shell never parses or expands a user's value, and a task finds
+# its line with one ``sed`` however large the sweep is.
+
+
+@dataclass
+class Task:
+    """One task of a work unit: its command-line arguments and environment."""
+
+    args: List[str]
+    env: Dict[str, str]
+
+
+_SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.,/:=+@%^")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def encode_value(value: str) -> str:
+    """A whitespace-free, shell-inert spelling of ``value`` that ``printf %b`` restores."""
+    data = value.encode("utf-8", "surrogateescape")
+    return "".join(chr(b) if b in _SAFE_BYTES else f"\\x{b:02x}" for b in data)
+
+
+def _encode_env(env: Mapping[str, str]) -> List[str]:
+    tokens = []
+    for name, value in env.items():
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"{name!r} is not a valid environment variable name")
+        tokens.append("e" + encode_value(f"{name}={value}"))
+    return tokens
+
+
+def tasks_file_lines(tasks: Sequence[Task], common_env: Mapping[str, str]) -> Iterable[str]:
+    yield " ".join(["#common", *_encode_env(common_env)]) + "\n"
+    for index, task in enumerate(tasks):
+        tokens = [f"#{index}", *_encode_env(task.env), *("a" + encode_value(a) for a in task.args)]
+        yield " ".join(tokens) + "\n"
+
+
+def _arg_value(value: Any) -> str:
+    import enum
+
+    return value.name if isinstance(value, enum.Enum) else str(value)
+
+
+def render_args(args: xm.SequentialArgs) -> List[str]:
+    """Arguments as the program receives them: ``--key=value``, unquoted."""
+    return args.to_list(escaper=_arg_value)
+
+
+class _ScriptTemplate(string.Template):
+    delimiter = "@@"  # bash uses $ everywhere; @@ never occurs in the script
+
+
+JOB_SCRIPT = _ScriptTemplate("""\
+#!/usr/bin/env bash
+@@{header}
+# Written by lxm3 @@{version}: experiment @@{experiment_id}, work unit @@{work_unit_id}.
+# The arguments and environment of task i are line i + 2 of the tasks file,
+# decoded below without the shell evaluating any of them.
+LXM_EXPERIMENT_ID=@@{experiment_id}
+LXM_WORK_UNIT_ID=@@{work_unit_id}
+LXM_NUM_TASKS=@@{num_tasks}
+@@{task_id}
+lxm_archive=@@{archive}
+lxm_tasks=@@{tasks_file}
+
+lxm_fail() { printf 'lxm3: %s\\n' "$*" >&2; exit 125; }
+
+# Apply line $1 of the tasks file: export its variables, collect its arguments.
+lxm_load() {
+  local line value token
+  local -a tokens
+  line=$(sed -n "$1{p;q;}" "$lxm_tasks") || lxm_fail "cannot read $lxm_tasks"
+  read -r -a tokens <<<"$line"
+  [[ ${tokens[0]:-} == "$2" ]] || lxm_fail "line $1 of $lxm_tasks is not for task $2"
+  for token in "${tokens[@]:1}"; do
+    printf -v value '%b' "${token:1}"
+    case $token in
+      a*) lxm_args+=("$value") ;;
+      e*) export "$value" ;;
+    esac
+  done
+}
+
+[[ $LXM_TASK_ID =~ ^[0-9]+$ && $LXM_TASK_ID -lt $LXM_NUM_TASKS ]] ||
+  lxm_fail "task index '$LXM_TASK_ID' is not in 0..$((LXM_NUM_TASKS - 1))"
+lxm_args=()
+lxm_load 1 '#common'
+lxm_load $((LXM_TASK_ID + 2)) "#$LXM_TASK_ID"
+export LXM_EXPERIMENT_ID LXM_WORK_UNIT_ID LXM_NUM_TASKS LXM_TASK_ID
+
+lxm_workdir=$(mktemp -d "${TMPDIR:-/tmp}/lxm3-XXXXXXXX") || lxm_fail "cannot create a temporary directory"
+trap 'rm -rf -- "$lxm_workdir"' EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
+if command -v unzip >/dev/null 2>&1; then
+  unzip -q "$lxm_archive" -d "$lxm_workdir"
+else  # Python's zipfile drops file modes: restore them
+  python3 - "$lxm_archive" "$lxm_workdir" <<'PY'
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as archive:
+    for info in archive.infolist():
+        mode = info.external_attr >> 16 & 0o777
+        path = archive.extract(info, sys.argv[2])
+        if mode:
+            os.chmod(path, mode)
+PY
+fi || lxm_fail "cannot unpack $lxm_archive"
+cd "$lxm_workdir" || lxm_fail "cannot enter $lxm_workdir"
+export PYTHONPATH="$lxm_workdir${PYTHONPATH:+:$PYTHONPATH}"
+
+@@{run} ${lxm_args[@]+"${lxm_args[@]}"}
+exit $?
+""")
+
+
+def shell_quote(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value)
+
+
+def render_job_script(
+    *,
+    header: str,
+    task_id: str,
+    experiment_id: int,
+    work_unit_id: int,
+    num_tasks: int,
+    archive: str,
+    tasks_file: str,
+    run: str = "bash ./entrypoint.sh",
+) -> str:
+    """The job script of one work unit; executors supply ``header`` and ``task_id``.
+
+    ``task_id`` is bash that sets LXM_TASK_ID (0-based) from the scheduler's
+    own task variable; ``run`` is the command line that runs the entrypoint.
+    """
+    return JOB_SCRIPT.substitute(
+        header=header,
+        version=__version__,
+        experiment_id=int(experiment_id),
+        work_unit_id=int(work_unit_id),
+        num_tasks=int(num_tasks),
+        task_id=task_id,
+        archive=shell_quote(archive),
+        tasks_file=shell_quote(tasks_file),
+        run=run,
+    )
+
+
+def write_job_files(directory: str, script: str, tasks: Sequence[Task],
+                    common_env: Mapping[str, str]) -> Tuple[str, str]:
+    """Write ``job.sh`` and ``tasks`` into ``directory`` (made private), atomically."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    script_path = os.path.join(directory, "job.sh")
+    tasks_path = os.path.join(directory, "tasks")
+    for path, lines in ((tasks_path, tasks_file_lines(tasks, common_env)), (script_path, [script])):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="ascii" if path == tasks_path else "utf-8") as f:
+            f.writelines(lines)
+        os.chmod(tmp, 0o755 if path == script_path else 0o644)
+        os.replace(tmp, path)
+    return script_path, tasks_path
+
+
+# ---------------------------------------------------------------------------
+# Running on the local machine
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TaskResult:
+    work_unit_id: int
+    task_id: int
+    returncode: int
+    log_path: str
+
+
+class TaskFailedError(LaunchError):
+    pass
+
+
+LOCAL_HEADER = "# Run by lxm3's local executor, which sets LXM_TASK_ID for each task."
+LOCAL_TASK_ID = 'LXM_TASK_ID=${LXM_TASK_ID:?"is set by the lxm3 local runner"}'
+
+
+class LocalRunner:
+    """Runs local tasks in a bounded pool, streaming their output with a prefix."""
+
+    def __init__(self, max_parallel: Optional[int] = None, out=None):
+        self.max_parallel = max_parallel or os.cpu_count() or 1
+        self._out = out or sys.stdout
+        self._lock = threading.Lock()
+        self._threads: List[threading.Thread] = []
+        self._slots = threading.BoundedSemaphore(self.max_parallel)
+        self._procs: Dict[Tuple[int, int], Any] = {}
+        self._stopping = False
+        self.results: List[TaskResult] = []
+
+    def submit(self, script: str, work_unit_id: int, num_tasks: int, log_dir: str,
+               env: Optional[Mapping[str, str]] = None) -> List[str]:
+        """Queue every task of a work unit; returns their log paths."""
+        os.makedirs(log_dir, exist_ok=True)
+        logs = []
+        for task_id in range(num_tasks):
+            log_path = os.path.join(log_dir, f"task-{task_id}.log")
+            prefix = f"[{work_unit_id}]" if num_tasks == 1 else f"[{work_unit_id}:{task_id}]"
+            thread = threading.Thread(
+                target=self._run_task,
+                args=(script, work_unit_id, task_id, log_path, prefix, dict(env or {})),
+                name=f"lxm3-task-{work_unit_id}-{task_id}", daemon=True,
+            )
+            self._threads.append(thread)
+            thread.start()
+            logs.append(log_path)
+        return logs
+
+    def _run_task(self, script, work_unit_id, task_id, log_path, prefix, env) -> None:
+        import subprocess
+
+        with self._slots:
+            if self._stopping:
+                return
+            full_env = {**os.environ, **env, "LXM_TASK_ID": str(task_id)}
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    ["bash", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+                )
+                self._procs[(work_unit_id, task_id)] = proc
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    self._echo(prefix, line)
+                returncode = proc.wait()
+            self._procs.pop((work_unit_id, task_id), None)
+        with self._lock:
+            self.results.append(TaskResult(work_unit_id, task_id, returncode, log_path))
+
+    def _echo(self, prefix: str, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip("\n")
+        with self._lock:
+            self._out.write(f"{prefix} {text}\n")
+            self._out.flush()
+
+    def wait(self) -> List[TaskResult]:
+        """Wait for every task; Ctrl-C stops them all and is re-raised."""
+        try:
+            for thread in self._threads:
+                while thread.is_alive():
+                    thread.join(0.2)
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+        return sorted(self.results, key=lambda r: (r.work_unit_id, r.task_id))
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Terminate every running task's process group, then kill what is left."""
+        import signal
+
+        self._stopping = True
+        procs = list(self._procs.values())
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                _signal_group(proc, signal.SIGKILL)
+        for thread in self._threads:
+            thread.join(1.0)
+
+
+def _signal_group(proc: Any, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ---------------------------------------------------------------------------
+# Jobs and experiments
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ArrayJob(xm.JobConfig):
+    """One work unit that runs ``executable`` once per element of ``args``/``env_vars``.
+
+    A one-element list is broadcast against the other list.
+    """
+
+    executable: xm.Executable
+    executor: xm.Executor
+    name: Optional[str] = None
+    args: Sequence[Any] = field(default_factory=list)
+    env_vars: Sequence[Mapping[str, str]] = field(default_factory=list)
+
+    def __post_init__(self):
+        args, env_vars = list(self.args or []), list(self.env_vars or [])
+        for what, value in (("args", self.args), ("env_vars", self.env_vars)):
+            if isinstance(value, (str, Mapping)):
+                raise ValueError(f"ArrayJob {what} must be a list with one entry per task")
+        if not args and not env_vars:
+            raise ValueError("ArrayJob needs at least one task: pass args=[...] or env_vars=[...]")
+        if len(args) > 1 and len(env_vars) > 1 and len(args) != len(env_vars):
+            raise ValueError(
+                f"ArrayJob args has {len(args)} entries and env_vars {len(env_vars)}: "
+                "they must have the same length, or one of them a single entry to share"
+            )
+        count = max(len(args), len(env_vars))
+        self.args = args * count if len(args) == 1 else (args or [{}] * count)
+        self.env_vars = env_vars * count if len(env_vars) == 1 else (env_vars or [{}] * count)
+        # Convert now so a bad entry is reported where the sweep is written.
+        self._task_args = [xm.SequentialArgs.from_collection(a) for a in self.args]
+        self._task_env = [dict(e) for e in self.env_vars]
+
+
+def _tasks_for(executable: ClusterExecutable, job_args: Sequence[xm.SequentialArgs],
+               job_env: Sequence[Mapping[str, str]]) -> List[Task]:
+    return [
+        Task(render_args(xm.merge_args(executable.args, a)), {**executable.env_vars, **e})
+        for a, e in zip(job_args, job_env)
+    ]
+
+
+def _check_launchable(executable: Any, executor: Any) -> None:
+    if not isinstance(executable, ClusterExecutable):
+        raise TypeError(
+            f"the executable {executable!r} was not packaged by lxm3: "
+            "use experiment.package([xm.Packageable(xm_cluster.PythonPackage(...), ...)])"
+        )
+    if not isinstance(executor, Local):
+        raise TypeError(
+            f"lxm3 cannot launch on {type(executor).__name__}: use xm_cluster.Local()"
+        )
+    if executable.container:
+        raise LaunchError(
+            f"{executable.name}: running {executable.container} containers is not supported yet"
+        )
+
+
+def _ready(value: Any):
+    """An awaitable that is already resolved (unit creation needs no I/O)."""
+
+    async def resolved():
+        return value
+
+    return resolved()
+
+
+class ClusterWorkUnit(xm.WorkUnit):
+    """A work unit of an lxm3 experiment: one job script, one or many tasks."""
+
+    def __init__(self, experiment: ClusterExperiment, create_task, args, role, work_unit_id: int,
+                 identity: str = ""):
+        super().__init__(experiment, create_task, args, role, identity=identity)
+        self._work_unit_id = work_unit_id
+        self._launched = False
+        self.job_directory: Optional[str] = None
+        self.log_paths: List[str] = []
+
+    @property
+    def work_unit_id(self) -> int:
+        return self._work_unit_id
+
+    @property
+    def experiment_unit_name(self) -> str:
+        return f"{self.experiment_id}_{self._work_unit_id}"
+
+    async def _launch_job_group(self, job_group, args_view, identity) -> None:
+        del args_view, identity
+        jobs = list(job_group.jobs.values())
+        if len(jobs) != 1 or not isinstance(jobs[0], xm.Job):
+            raise ValueError(
+                "lxm3 launches one job per work unit: add an xm.Job or an xm_cluster.ArrayJob "
+                f"(this JobGroup has {len(jobs)} jobs: {', '.join(job_group.jobs)})"
+            )
+        job = jobs[0]
+        _check_launchable(job.executable, job.executor)
+        tasks = _tasks_for(job.executable, [job.args], [job.env_vars])
+        self._start_tasks(job.executable, job.executor, tasks)
+
+    async def _launch_job_config(self, job_config, args, identity) -> None:
+        del args, identity
+        if not isinstance(job_config, ArrayJob):
+            raise TypeError(f"lxm3 cannot launch {type(job_config).__name__}: use ArrayJob or xm.Job")
+        _check_launchable(job_config.executable, job_config.executor)
+        tasks = _tasks_for(job_config.executable, job_config._task_args, job_config._task_env)
+        self._start_tasks(job_config.executable, job_config.executor, tasks)
+
+    def _start_tasks(self, executable: ClusterExecutable, executor: Local, tasks: List[Task]) -> None:
+        if self._launched:
+            raise ValueError("lxm3 launches one job per work unit; this one already has a job")
+        self._launched = True
+        experiment = self.experiment
+        directory = os.path.join(experiment.local_directory, f"wu{self._work_unit_id}")
+        self.job_directory = directory
+        script = render_job_script(
+            header=LOCAL_HEADER, task_id=LOCAL_TASK_ID,
+            experiment_id=experiment.experiment_id, work_unit_id=self._work_unit_id,
+            num_tasks=len(tasks), archive=executable.archive.path,
+            tasks_file=os.path.join(directory, "tasks"),
+        )
+        script_path, _ = write_job_files(directory, script, tasks, experiment.config.local_env)
+        runner = experiment.local_runner(executor)
+        env = {"LXM_PYTHON": sys.executable}
+        self.log_paths = runner.submit(script_path, self._work_unit_id, len(tasks),
+                                       os.path.join(directory, "logs"), env)
+        _progress(f"work unit {self._work_unit_id}: {len(tasks)} task(s) started locally; "
+                  f"logs in {os.path.join(directory, 'logs')}")
+
+    async def _wait_until_complete(self):
+        return self
+
+    def stop(self, *args, **kwargs) -> None:
+        self.experiment._stop_local()
+
+
+class ClusterExperiment(xm.Experiment):
+    """An experiment launched by lxm3."""
+
+    _async_packager = xm.async_packager.AsyncPackager(_package_all)
+
+    def __init__(self, experiment_title: str, config: Optional[Config] = None):
+        super().__init__()
+        self._title = experiment_title
+        self.config = config if config is not None else load_config()
+        self._id = int(time.time() * 1000)
+        self._work_units: List[ClusterWorkUnit] = []
+        self._runner: Optional[LocalRunner] = None
+        self._lock = threading.Lock()
+
+    @property
+    def experiment_id(self) -> int:
+        return self._id
+
+    @property
+    def experiment_title(self) -> str:
+        return self._title
+
+    @property
+    def work_unit_count(self) -> int:
+        return len(self._work_units)
+
+    @property
+    def work_units(self) -> Dict[int, ClusterWorkUnit]:
+        return {wu.work_unit_id: wu for wu in self._work_units}
+
+    @property
+    def local_directory(self) -> str:
+        root = self.config.local_staging or data_dir()
+        return os.path.join(root, "experiments", str(self._id))
+
+    def local_runner(self, executor: Local) -> LocalRunner:
+        with self._lock:
+            if self._runner is None:
+                self._runner = LocalRunner(executor.max_parallel_tasks)
+            return self._runner
+
+    def _create_experiment_unit(self, args, role, identity: str = ""):
+        if not isinstance(role, xm.WorkUnitRole):
+            raise ValueError(
+                "lxm3 supports work units only (experiment.add(job)); auxiliary units are not supported"
+            )
+        with self._lock:
+            unit = ClusterWorkUnit(self, self._create_task, args, role,
+                                   self._work_unit_id_predictor.reserve_id(), identity=identity)
+            self._work_units.append(unit)
+        return _ready(unit)
+
+    def _stop_local(self) -> None:
+        if self._runner is not None:
+            self._runner.stop()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        try:
+            super().__exit__(exc_type, exc_value, traceback)
+        except BaseException:
+            self._stop_local()
+            raise
+        self._finish_local(interrupted=exc_type is KeyboardInterrupt)
+
+    async def __aexit__(self, exc_type, exc_value, traceback):
+        await super().__aexit__(exc_type, exc_value, traceback)
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(
+            None, self._finish_local, exc_type is KeyboardInterrupt)
+
+    def _finish_local(self, interrupted: bool = False) -> None:
+        """Wait for local tasks; a failed task makes the launch fail."""
+        if self._runner is None:
+            return
+        if interrupted:
+            self._runner.stop()
+            return
+        results = self._runner.wait()
+        failed = [r for r in results if r.returncode != 0]
+        if failed:
+            lines = [f"  work unit {r.work_unit_id} task {r.task_id}: exit code {r.returncode} "
+                     f"(log: {r.log_path})" for r in failed]
+            raise TaskFailedError(f"{len(failed)} of {len(results)} task(s) failed:\n" + "\n".join(lines))
+        _progress(f"all {len(results)} task(s) of experiment {self._id} succeeded")
+
+
+def create_experiment(experiment_title: str, config: Optional[Config] = None) -> ClusterExperiment:
+    """Create an experiment; use it as ``with create_experiment(...) as experiment:``."""
+    return ClusterExperiment(experiment_title, config=config)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _take_option(args: List[str], name: str) -> Tuple[Optional[str], List[str]]:
+    """Remove ``--name VALUE`` / ``--name=VALUE`` from ``args`` wherever it appears."""
+    value, rest, i = None, [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == name:
+            if i + 1 >= len(args):
+                raise LaunchError(f"{name} needs a value")
+            value, i = args[i + 1], i + 2
+            continue
+        if arg.startswith(name + "="):
+            value = arg[len(name) + 1:]
+        else:
+            rest.append(arg)
+        i += 1
+    return value, rest
+
+
+def _user_traceback(error: BaseException) -> None:
+    """Print the traceback from the launcher's frames down, without lxm3's own."""
+    import traceback
+
+    ours = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(xm.__file__)))
+    tb = error.__traceback__
+    while tb is not None and (tb.tb_frame.f_code.co_filename.startswith(ours)
+                              or "runpy" in tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    if os.environ.get("LXM_DEBUG"):
+        tb = error.__traceback__
+    traceback.print_exception(type(error), error, tb)
+
+
+def _launch(launcher: str, args: List[str]) -> int:
+    import runpy
+
+    global _launcher_dir, _config_path_override
+    config_path, args = _take_option(args, "--lxm_config")
+    if config_path:
+        _config_path_override = os.path.abspath(os.path.expanduser(config_path))
+    launcher_path = os.path.abspath(launcher)
+    if not os.path.isfile(launcher_path):
+        raise LaunchError(f"launcher {launcher} does not exist")
+    _launcher_dir = os.path.dirname(launcher_path)
+    sys.argv = [launcher_path, *args]
+    sys.path.insert(0, _launcher_dir)
+    try:
+        runpy.run_path(launcher_path, run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else _exit_message(e.code))
+    except LaunchError as e:
+        print(f"lxm3: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lxm3: interrupted; local tasks were stopped", file=sys.stderr)
+        return 130
+    except Exception as e:  # the user's error: show where in their launcher it happened
+        _user_traceback(e)
+        return 1
+    return 0
+
+
+def _exit_message(message: Any) -> int:
+    print(message, file=sys.stderr)
+    return 1
+
+
+def _parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="lxm3",
+        description="Launch experiments on Slurm, Grid Engine or this machine.",
+        epilog="Run 'lxm3 COMMAND --help' for the options of a command.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    launch = commands.add_parser(
+        "launch",
+        help="run a launcher script",
+        description=(
+            "Run LAUNCHER as __main__ with sys.argv = [LAUNCHER, ARGS...]. Plain scripts, "
+            "argparse scripts and absl launchers (app.run(main)) all work."
+        ),
+        epilog=(
+            "The config is the first found of: --lxm_config PATH (taken out of ARGS wherever "
+            "it appears), $LXM_CONFIG, ./lxm.toml, $XDG_CONFIG_HOME/lxm3/config.toml. "
+            "Local runs need no config. Set LXM_DEBUG=1 to see lxm3's own frames in tracebacks."
+        ),
+    )
+    launch.add_argument("launcher", metavar="LAUNCHER", help="the launcher script (a .py file)")
+    launch.add_argument("args", metavar="ARGS", nargs="...", help="arguments for the launcher")
+    commands.add_parser("version", help="print lxm3's version")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    # Everything after the launcher belongs to it, including options like -h.
+    if argv[:1] == ["launch"] and len(argv) > 1 and not argv[1].startswith("-"):
+        args = parser.parse_args(argv[:2])
+        args.args = argv[2:]
+    else:
+        args = parser.parse_args(argv)
+    try:
+        if args.command == "launch":
+            return _launch(args.launcher, list(args.args))
+        if args.command == "version":
+            print(f"lxm3 {__version__}")
+            return 0
+    except LaunchError as e:
+        print(f"lxm3: error: {e}", file=sys.stderr)
+        return 1
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    # ``python -m lxm3`` runs this file as __main__; launchers import ``lxm3``.
+    # Run the imported module's main so both see one set of globals.
+    import lxm3
+
+    sys.exit(lxm3.main())

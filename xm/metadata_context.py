@@ -1,0 +1,37 @@
+"""Experiment and work-unit metadata: who created it and its annotations.
+
+The base classes are deliberately inert so a backend only implements what it
+can store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+class ContextAnnotations:
+    """User-editable attributes of a context, such as its title.
+
+    The defaults do nothing: backends override what they support.
+    """
+
+    @property
+    def title(self) -> str:
+        """A human-readable title; titles need not be unique."""
+        return ''
+
+    def set_title(self, title: str) -> None:
+        """Sets the title (ignored unless a backend stores it)."""
+
+
+@dataclasses.dataclass
+class MetadataContext:
+    """Metadata attached to an experiment or a work unit.
+
+    Attributes:
+      creator: user name of whoever created the context.
+      annotations: the user-editable annotations.
+    """
+
+    creator: str
+    annotations: ContextAnnotations
