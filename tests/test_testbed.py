@@ -1,0 +1,143 @@
+"""The test bed itself (tests/testbed/up.sh) works the way lxm3 will use it.
+
+These tests prove the harness: they reach each scheduler exactly as lxm3 does,
+by ssh as the unprivileged test user with host key checking on. Skipped when
+the test bed is not running, failed instead when LXM3_REQUIRE_TESTBED=1.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from testbed_env import Testbed, poll, require_testbed
+
+pytestmark = pytest.mark.testbed
+
+
+def test_ssh_as_test_user_with_strict_host_key_checking():
+    tb = require_testbed("ssh")
+    assert "StrictHostKeyChecking=yes" in tb.ssh_options()
+    assert tb.ssh("id -un").stdout.strip() == tb.ssh_user
+
+    # The host key really is checked: with no known_hosts at all, the same
+    # connection is refused. (ssh keeps the first value given for an option,
+    # so these come first.)
+    no_known_hosts = ["-o", "UserKnownHostsFile=/dev/null", "-o", "GlobalKnownHostsFile=/dev/null"]
+    proc = subprocess.run(
+        ["ssh", *no_known_hosts, *tb.ssh_options(), tb.destination, "true"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 255, proc.stderr
+    assert "Host key verification failed" in proc.stderr
+
+
+def test_rsync_to_test_user():
+    tb = require_testbed("ssh")
+    with tempfile.TemporaryDirectory() as local, tb.remote_tempdir("rsync") as remote:
+        src = Path(local, "payload.txt")
+        src.write_text("payload for the test bed\n")
+        rsh = shlex.join(["ssh", *tb.ssh_options()])
+        subprocess.run(
+            ["rsync", "-a", "-e", rsh, str(src), f"{tb.destination}:{remote}/"],
+            check=True, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert tb.ssh(["cat", f"{remote}/payload.txt"]).stdout == src.read_text()
+
+
+def _slurm_job_state(tb: Testbed, job_id: str) -> Optional[str]:
+    """JobState of a job once it has finished (it stays known for MinJobAge s)."""
+    out = tb.ssh(["scontrol", "show", "job", "-o", job_id]).stdout
+    match = re.search(r"\bJobState=(\S+)", out)
+    assert match, out
+    state = match.group(1)
+    active = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED"}
+    return None if state in active else state
+
+
+def test_slurm_sbatch_wrap_through_ssh():
+    tb = require_testbed("slurm")
+    with tb.remote_tempdir("slurm") as remote:
+        out = tb.ssh(
+            ["sbatch", "--parsable", f"--chdir={remote}", "--output=out.txt",
+             "--wrap", "echo hello from job $SLURM_JOB_ID"]
+        ).stdout.strip()  # fmt: skip
+        job_id = out.split(";")[0]  # --parsable prints "id" or "id;cluster"
+        assert job_id.isdigit(), out
+        state = poll(lambda: _slurm_job_state(tb, job_id), timeout=60, what=f"job {job_id}")
+        assert state == "COMPLETED"
+        assert tb.ssh(["cat", f"{remote}/out.txt"]).stdout == f"hello from job {job_id}\n"
+
+
+def test_sge_qsub_terse_through_ssh():
+    tb = require_testbed("sge")
+    script = '#!/bin/bash\necho "hello from job $JOB_ID in $BASH"\n'
+    with tb.remote_tempdir("sge") as remote:
+        # -S /bin/bash: the queue ignores the #! line (it would run dash).
+        out = tb.ssh(
+            f"cd {shlex.quote(remote)} && cat > job.sh && "
+            "qsub -terse -cwd -S /bin/bash -N probe -j y -o out.txt job.sh",
+            input=script,
+        ).stdout.strip()
+        assert out.isdigit(), out
+        job_id = out
+
+        # A finished job leaves qstat: `qstat -j ID` then exits 1.
+        def gone() -> Optional[bool]:
+            return True if tb.ssh(["qstat", "-j", job_id], check=False).returncode else None
+
+        poll(gone, timeout=60, what=f"SGE job {job_id} to finish")
+        assert tb.ssh(["cat", f"{remote}/out.txt"]).stdout == (
+            f"hello from job {job_id} in /bin/bash\n"
+        )
+
+        # Accounting is flushed at once, so qacct knows the job right away.
+        def accounted() -> Optional[str]:
+            proc = tb.ssh(["qacct", "-j", job_id], check=False)
+            return proc.stdout if proc.returncode == 0 else None
+
+        record = poll(accounted, timeout=30, what=f"qacct -j {job_id}")
+        assert re.search(r"^exit_status\s+0\s*$", record, re.M), record
+
+
+def test_slurm_limits_match_env_file():
+    tb = require_testbed("slurm")
+    config = tb.ssh(["scontrol", "show", "config"]).stdout
+    max_array = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.M)
+    min_job_age = re.search(r"^MinJobAge\s*=\s*(\d+)", config, re.M)
+    assert max_array and min_job_age, config
+    assert int(max_array.group(1)) == tb.slurm_max_array_size
+    assert int(min_job_age.group(1)) == tb.slurm_min_job_age
+
+    # The largest array index is MaxArraySize - 1. Held, then cancelled: nothing runs.
+    n = tb.slurm_max_array_size
+    sbatch = ["sbatch", "--parsable", "--hold", "--output=/dev/null", "--wrap", "true"]
+    job_id = tb.ssh([*sbatch, f"--array=0-{n - 1}"]).stdout.strip().split(";")[0]
+    tb.ssh(["scancel", job_id])
+    too_big = tb.ssh([*sbatch, f"--array=0-{n}"], check=False)
+    assert too_big.returncode != 0
+    assert "Invalid job array specification" in too_big.stderr
+
+
+def test_sge_limits_match_env_file():
+    tb = require_testbed("sge")
+    config = tb.ssh(["qconf", "-sconf"]).stdout
+    match = re.search(r"^max_aj_tasks\s+(\d+)", config, re.M)
+    assert match, config
+    assert int(match.group(1)) == tb.sge_max_aj_tasks
+
+    # An array job may have max_aj_tasks tasks, not one more. Held, then deleted.
+    n = tb.sge_max_aj_tasks
+    qsub = ["qsub", "-terse", "-h", "-b", "y", "-o", "/dev/null", "-j", "y"]
+    out = tb.ssh([*qsub, "-t", f"1-{n}", "true"]).stdout.strip()
+    assert out.endswith(f".1-{n}:1"), out
+    tb.ssh(["qdel", out.split(".")[0]])
+    too_many = tb.ssh([*qsub, "-t", f"1-{n + 1}", "true"], check=False)
+    assert too_many.returncode != 0
+    assert f"more than {n} tasks" in too_many.stdout + too_many.stderr

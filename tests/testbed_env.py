@@ -1,0 +1,306 @@
+"""The local Slurm / Grid Engine / SSH test bed, for the test suite.
+
+``tests/testbed/up.sh`` brings the test bed up and describes it in an env file
+(``/etc/lxm3-testbed.env``, or the path in ``$LXM3_TESTBED_ENV``). Tests call
+``require_testbed(kind)`` with kind ``"ssh"``, ``"slurm"`` or ``"sge"``: it
+returns a ``Testbed`` when that part answers, and otherwise skips the test, or
+fails it when ``LXM3_REQUIRE_TESTBED=1`` (meant for CI, so that a broken test
+bed cannot pass as a row of skips). Each kind is probed once per session.
+
+Call ``require_testbed`` inside the test body so that a required but missing
+test bed shows as a failed test. The ``ssh_testbed``, ``slurm_testbed`` and
+``sge_testbed`` fixtures are shorthands for use in other modules (import them
+there), but a failure raised while a fixture sets up is reported as an error.
+
+Standard library and pytest only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+
+import pytest
+
+DEFAULT_ENV_FILE = "/etc/lxm3-testbed.env"
+ENV_FILE_VAR = "LXM3_TESTBED_ENV"
+REQUIRE_VAR = "LXM3_REQUIRE_TESTBED"
+KINDS = ("ssh", "slurm", "sge")
+UP_HINT = "start it with `sudo bash tests/testbed/up.sh`"
+PROBE_TIMEOUT = 30  # seconds; a healthy probe takes well under one
+
+T = TypeVar("T")
+
+
+def env_file_path() -> Path:
+    return Path(os.environ.get(ENV_FILE_VAR) or DEFAULT_ENV_FILE)
+
+
+def read_env_file(path: Optional[Path] = None) -> Dict[str, str]:
+    """Parse the ``KEY=VALUE`` lines that up.sh writes (``#`` starts a comment)."""
+    values: Dict[str, str] = {}
+    text = (path or env_file_path()).read_text()
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """What the env file says, plus helpers to run commands as the test user."""
+
+    __test__ = False  # not a test class, whatever pytest's name rules say
+
+    values: Dict[str, str]
+
+    def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
+        return self.values.get("LXM3_TESTBED_" + key, default)
+
+    def _required(self, key: str) -> str:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(f"LXM3_TESTBED_{key} missing from {env_file_path()}")
+        return value
+
+    @property
+    def ssh_user(self) -> str:
+        return self._required("SSH_USER")
+
+    @property
+    def ssh_host(self) -> str:
+        return self._required("SSH_HOST")
+
+    @property
+    def ssh_port(self) -> int:
+        return int(self._required("SSH_PORT"))
+
+    @property
+    def ssh_key(self) -> str:
+        return self._required("SSH_KEY")
+
+    @property
+    def known_hosts(self) -> str:
+        return self._required("SSH_KNOWN_HOSTS")
+
+    @property
+    def user_home(self) -> str:
+        return self._required("USER_HOME")
+
+    @property
+    def slurm_max_array_size(self) -> int:
+        return int(self._required("SLURM_MAX_ARRAY_SIZE"))
+
+    @property
+    def slurm_min_job_age(self) -> int:
+        return int(self._required("SLURM_MIN_JOB_AGE"))
+
+    @property
+    def sge_max_aj_tasks(self) -> int:
+        return int(self._required("SGE_MAX_AJ_TASKS"))
+
+    @property
+    def destination(self) -> str:
+        return f"{self.ssh_user}@{self.ssh_host}"
+
+    def ssh_options(self) -> List[str]:
+        """ssh options for the test bed. Host keys are always checked."""
+        return [
+            "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "ConnectTimeout=10",
+            "-p", str(self.ssh_port),
+            "-i", self.ssh_key,
+        ]  # fmt: skip
+
+    def ssh_argv(self, command: Union[str, Sequence[str]]) -> List[str]:
+        """argv running ``command`` as the test user.
+
+        A string is one command line for the remote shell; a sequence is an
+        argv, quoted with shlex.join because ssh joins its arguments with
+        spaces and the remote shell parses them again.
+        """
+        line = command if isinstance(command, str) else shlex.join(command)
+        return ["ssh", *self.ssh_options(), self.destination, line]
+
+    def ssh(
+        self,
+        command: Union[str, Sequence[str]],
+        *,
+        check: bool = True,
+        timeout: float = 60,
+        input: Optional[str] = None,
+    ) -> subprocess.CompletedProcess:
+        """Run ``command`` as the test user; text output captured."""
+        argv = self.ssh_argv(command)
+        proc = subprocess.run(
+            argv, input=input, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{shlex.join(argv)} exited {proc.returncode}\n"
+                f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+            )
+        return proc
+
+    @contextlib.contextmanager
+    def remote_tempdir(self, prefix: str = "test") -> Iterator[str]:
+        """A fresh directory in the test user's home, removed afterwards."""
+        path = self.ssh(
+            f"mkdir -p ~/.lxm3-tests && mktemp -d ~/.lxm3-tests/{shlex.quote(prefix)}.XXXXXX"
+        ).stdout.strip()
+        try:
+            yield path
+        finally:
+            self.ssh(["rm", "-rf", path], check=False)
+
+
+def poll(
+    fn: Callable[[], Optional[T]], timeout: float, interval: float = 0.5, what: str = "condition"
+) -> T:
+    """Call ``fn`` until it returns something other than None; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = fn()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- probes: None = usable, otherwise why not --------------------------------
+
+_cache: Dict[str, Tuple[Optional[Testbed], Optional[str]]] = {}
+
+
+def _tail(proc: subprocess.CompletedProcess) -> str:
+    text = (proc.stderr or proc.stdout or "").strip()
+    return text.splitlines()[-1] if text else f"exit status {proc.returncode}"
+
+
+def _probe_ssh(tb: Testbed) -> Optional[str]:
+    proc = tb.ssh("true", check=False, timeout=PROBE_TIMEOUT)
+    if proc.returncode != 0:
+        return f"`ssh {tb.destination} true` failed: {_tail(proc)}"
+    return None
+
+
+def _probe_slurm(tb: Testbed) -> Optional[str]:
+    if tb.get("SLURM") != "1":
+        return f"the env file {env_file_path()} does not list Slurm"
+    # sinfo asks slurmctld; `scontrol show slurmd` asks the node's slurmd,
+    # which slurmctld would take SlurmdTimeout (300 s) to miss.
+    proc = tb.ssh(
+        "sinfo -h -o %t || exit 10; scontrol show slurmd >/dev/null || exit 11",
+        check=False,
+        timeout=PROBE_TIMEOUT,
+    )
+    if proc.returncode == 10:
+        return f"`sinfo -h` does not answer: {_tail(proc)}"
+    if proc.returncode != 0:
+        return f"slurmd does not answer `scontrol show slurmd`: {_tail(proc)}"
+    states = proc.stdout.split()
+    if not any(s in ("idle", "mix", "alloc", "comp") for s in states):
+        return f"no Slurm node can run jobs (sinfo states: {' '.join(states) or 'none'})"
+    return None
+
+
+def _probe_sge(tb: Testbed) -> Optional[str]:
+    if tb.get("SGE") != "1":
+        return f"the env file {env_file_path()} does not list Grid Engine"
+    # qstat asks sge_qmaster; qping asks sge_execd, whose death qmaster only
+    # notices minutes later.
+    host = shlex.quote(tb.get("SGE_HOST", "localhost") or "localhost")
+    port = shlex.quote(tb.get("SGE_EXECD_PORT", "6445") or "6445")
+    proc = tb.ssh(
+        f"qstat -f || exit 10; qping -info {host} {port} execd 1 >/dev/null || exit 11",
+        check=False,
+        timeout=PROBE_TIMEOUT,
+    )
+    if proc.returncode == 10:
+        return f"`qstat` does not answer: {_tail(proc)}"
+    if proc.returncode != 0:
+        return f"sge_execd does not answer qping: {_tail(proc)}"
+    # Queue instance lines read "all.q@vm BIP 0/0/2 0.13 lx-amd64 [states]";
+    # states such as u (execd unreachable), E or d mean no job would start.
+    queue = tb.get("SGE_QUEUE", "all.q")
+    usable = [
+        f for f in (line.split() for line in proc.stdout.splitlines())
+        if f and f[0].startswith(f"{queue}@") and len(f) == 5
+    ]  # fmt: skip
+    if not usable:
+        return f"no usable {queue} queue instance in `qstat -f`:\n{proc.stdout.strip()}"
+    return None
+
+
+_PROBES = {"ssh": _probe_ssh, "slurm": _probe_slurm, "sge": _probe_sge}
+
+
+def probe_testbed(kind: str) -> Tuple[Optional[Testbed], Optional[str]]:
+    """(Testbed, None) if ``kind`` is usable, else (Testbed or None, reason). Cached."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown test bed kind {kind!r}; expected one of {KINDS}")
+    if kind in _cache:
+        return _cache[kind]
+    if kind != "ssh":
+        # Every kind is reached through ssh: if that fails, say so once.
+        tb, reason = probe_testbed("ssh")
+        if reason is not None:
+            _cache[kind] = (tb, reason)
+            return tb, reason
+    path = env_file_path()
+    tb = None
+    try:
+        tb = Testbed(read_env_file(path))
+    except FileNotFoundError:
+        reason = f"no test bed here: {path} does not exist; {UP_HINT}"
+    except OSError as e:
+        reason = f"cannot read {path}: {e}"
+    else:
+        try:
+            reason = _PROBES[kind](tb)
+        except (OSError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
+            reason = f"probe failed: {e}"
+        if reason is not None:
+            reason = f"test bed ({path}) not running: {reason}; {UP_HINT}"
+    _cache[kind] = (tb, reason)
+    return tb, reason
+
+
+def require_testbed(kind: str) -> Testbed:
+    """The test bed for ``kind`` ("ssh", "slurm" or "sge"), or skip / fail the test."""
+    tb, reason = probe_testbed(kind)
+    if reason is None:
+        assert tb is not None
+        return tb
+    if os.environ.get(REQUIRE_VAR) == "1":
+        pytest.fail(f"{kind} test bed required ({REQUIRE_VAR}=1) but {reason}", pytrace=False)
+    pytest.skip(f"{kind}: {reason}")
+
+
+@pytest.fixture
+def ssh_testbed() -> Testbed:
+    return require_testbed("ssh")
+
+
+@pytest.fixture
+def slurm_testbed() -> Testbed:
+    return require_testbed("slurm")
+
+
+@pytest.fixture
+def sge_testbed() -> Testbed:
+    return require_testbed("sge")
