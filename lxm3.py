@@ -15,6 +15,7 @@ copied onto a login node and run with the system Python.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -24,7 +25,19 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 
 import xm
 
@@ -707,6 +720,146 @@ class Local(xm.Executor):
         return LocalSpec()
 
 
+Walltime = Union[None, int, float, datetime.timedelta, str]
+
+
+def parse_walltime(value: Walltime) -> Optional[int]:
+    """Seconds from a timedelta, a number of seconds, or a Slurm-style string.
+
+    Strings: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM`` or
+    ``D-HH:MM:SS``, as ``sbatch --time`` reads them.
+    """
+    if value is None:
+        return None
+    if hasattr(value, "total_seconds"):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, str):
+        seconds = _parse_walltime_string(value)
+    else:
+        raise TypeError(f"walltime must be a timedelta, seconds or a string like '2:00:00', not {value!r}")
+    if seconds <= 0:
+        raise ValueError(f"walltime must be positive, got {value!r}")
+    return int(-(-seconds // 1))  # whole seconds, rounded up
+
+
+def _parse_walltime_string(text: str) -> int:
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise ValueError(f"walltime {text!r} is not like '30', '2:00:00' or '1-00:00:00'")
+    days, first, second, third = match.groups()
+    parts = [int(p) for p in (first, second, third) if p is not None]
+    if days is not None:  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if len(parts) == 3:
+        return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    minutes, seconds = (parts + [0])[:2]  # MM or MM:SS
+    return minutes * 60 + seconds
+
+
+def slurm_time(seconds: int) -> str:
+    days, rest = divmod(seconds, 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{clock}" if days else clock
+
+
+def sge_time(seconds: int) -> str:
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@dataclass
+class SlurmSpec(xm.ExecutorSpec):
+    pass
+
+
+@dataclass
+class Slurm(xm.Executor):
+    """Submit work units as Slurm array jobs.
+
+    The positional order is lxm3 0.4.2's; ``account``, ``qos``,
+    ``max_parallel_tasks`` (the ``%K`` array throttle) and ``cluster`` (a
+    name from the config) are new.
+    """
+
+    requirements: xm.JobRequirements = field(default_factory=xm.JobRequirements)
+    resources: Dict[str, Any] = field(default_factory=dict)
+    walltime: Walltime = None
+    singularity_options: Optional[SingularityOptions] = None
+    docker_options: Optional[DockerOptions] = None
+    log_directory: Optional[str] = None
+    modules: List[str] = field(default_factory=list)
+    exclusive: bool = False
+    partition: Optional[str] = None
+    extra_directives: List[str] = field(default_factory=list)
+    skip_directives: List[str] = field(default_factory=list)
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    max_parallel_tasks: Optional[int] = None
+    cluster: Optional[str] = None
+
+    def __post_init__(self):
+        _check_cluster_executor(self)
+
+    @classmethod
+    def Spec(cls) -> SlurmSpec:  # noqa: N802 (the xm API's name)
+        return SlurmSpec()
+
+
+@dataclass
+class GridEngineSpec(xm.ExecutorSpec):
+    pass
+
+
+@dataclass
+class GridEngine(xm.Executor):
+    """Submit work units as (Son of / Sun) Grid Engine array jobs.
+
+    The positional order is lxm3 0.4.2's; ``cluster`` (a name from the
+    config) is new.
+    """
+
+    requirements: xm.JobRequirements = field(default_factory=xm.JobRequirements)
+    resources: Dict[str, Any] = field(default_factory=dict)
+    parallel_environments: Dict[str, int] = field(default_factory=dict)
+    walltime: Walltime = None
+    queue: Optional[str] = None
+    reserved: Optional[bool] = None
+    log_directory: Optional[str] = None
+    merge_output: bool = True
+    shell: str = "/bin/bash"
+    project: Optional[str] = None
+    account: Optional[str] = None
+    modules: List[str] = field(default_factory=list)
+    max_parallel_tasks: Optional[int] = None
+    extra_directives: List[str] = field(default_factory=list)
+    skip_directives: List[str] = field(default_factory=list)
+    singularity_options: Optional[SingularityOptions] = None
+    docker_options: Optional[DockerOptions] = None
+    cluster: Optional[str] = None
+
+    def __post_init__(self):
+        _check_cluster_executor(self)
+
+    @classmethod
+    def Spec(cls) -> GridEngineSpec:  # noqa: N802 (the xm API's name)
+        return GridEngineSpec()
+
+
+def _check_cluster_executor(executor: Union[Slurm, GridEngine]) -> None:
+    """Catch mistakes where the executor is written, not at submission."""
+    name = type(executor).__name__
+    parse_walltime(executor.walltime)
+    if executor.max_parallel_tasks is not None and executor.max_parallel_tasks < 1:
+        raise ValueError(f"{name}(max_parallel_tasks=...) must be at least 1")
+    if not isinstance(executor.requirements, xm.JobRequirements):
+        raise TypeError(f"{name}(requirements=...) must be an xm.JobRequirements")
+    for what in ("modules", "extra_directives", "skip_directives"):
+        if isinstance(getattr(executor, what), str):
+            raise TypeError(f"{name}({what}=...) must be a list of strings")
+
+
 # ---------------------------------------------------------------------------
 # Packaging: one reproducible, content-addressed zip per executable
 # ---------------------------------------------------------------------------
@@ -1053,6 +1206,201 @@ def _package_all(packageables: Sequence[xm.Packageable]) -> List[ClusterExecutab
 
 
 # ---------------------------------------------------------------------------
+# Deployment: one connection per launch, content-addressed staging
+# ---------------------------------------------------------------------------
+
+
+class ClusterError(LaunchError):
+    pass
+
+
+class Connection:
+    """Runs shell scripts and copies files on a cluster.
+
+    A cluster with a ``server`` is reached with the system ``ssh`` over one
+    multiplexed connection (an OpenSSH control master with a private socket),
+    so ``~/.ssh/config``, ProxyJump, agents and 2FA work and the password or
+    code is asked once. A cluster without a server is this machine.
+    """
+
+    def __init__(self, cluster: ClusterConfig):
+        self.cluster = cluster
+        self.remote = bool(cluster.server)
+        self._control_dir: Optional[str] = None
+        self.bytes_sent = 0
+
+    @property
+    def target(self) -> str:
+        return self.cluster.server or "this machine"
+
+    def _ssh_options(self) -> List[str]:
+        options = ["-o", f"ControlPath={os.path.join(self._control_dir, 'master')}"]
+        if self.cluster.user:
+            options += ["-l", self.cluster.user]
+        if self.cluster.port:
+            options += ["-p", str(self.cluster.port)]
+        if self.cluster.ssh_private_key:
+            options += ["-i", os.path.expanduser(self.cluster.ssh_private_key)]
+        if not sys.stdin.isatty():  # nobody could answer a prompt: fail instead of hanging
+            options += ["-o", "BatchMode=yes"]
+        return options
+
+    def open(self) -> None:
+        """Start the control master: the launch's one SSH connection."""
+        if not self.remote or self._control_dir:
+            return
+        import subprocess
+        import tempfile
+
+        self._control_dir = tempfile.mkdtemp(prefix="lxm3-ssh-")  # private: mode 0700
+        # stderr goes to a file: the master lives on in the background and
+        # would hold a pipe open.
+        with tempfile.TemporaryFile() as errors:
+            proc = subprocess.run(
+                ["ssh", *self._ssh_options(), "-o", "ControlMaster=yes", "-o", "ControlPersist=yes",
+                 "-f", "-N", self.cluster.server],
+                stdout=subprocess.DEVNULL, stderr=errors,
+            )
+            errors.seek(0)
+            message = errors.read().decode(errors="replace").strip()
+        if proc.returncode != 0:
+            self.close()
+            raise ClusterError(f"cannot connect to {self.target} (cluster {self.cluster.name!r}) "
+                               f"with ssh: {message or 'exit code ' + str(proc.returncode)}")
+
+    def close(self) -> None:
+        if not self._control_dir:
+            return
+        import shutil
+        import subprocess
+
+        subprocess.run(["ssh", *self._ssh_options(), "-O", "exit", self.cluster.server],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self._control_dir, ignore_errors=True)
+        self._control_dir = None
+
+    def run_script(self, script: str, what: str) -> str:
+        """Run a bash script there; its stdout, or ClusterError with its stderr."""
+        import subprocess
+
+        if self.remote:
+            self.open()
+            argv = ["ssh", *self._ssh_options(), self.cluster.server, "bash -s"]
+        else:
+            argv = ["bash", "-s"]
+        proc = subprocess.run(argv, input=script.encode(), capture_output=True)
+        stdout = proc.stdout.decode(errors="replace")
+        if proc.returncode != 0:
+            stderr = proc.stderr.decode(errors="replace").strip()
+            if self.remote and proc.returncode == 255:
+                raise ClusterError(f"lost the ssh connection to {self.target} while {what}: {stderr}")
+            raise ClusterError(f"{what} on {self.target} failed: {stderr or stdout.strip()}")
+        return stdout
+
+    def copy_tree(self, local_dir: str, remote_dir: str) -> None:
+        """Copy ``local_dir``'s contents into ``remote_dir``; existing files are kept.
+
+        Only content-addressed archives and new job files are sent, so a file
+        that exists already is identical and costs nothing.
+        """
+        if not self.remote:
+            _copy_tree_locally(local_dir, remote_dir)
+            return
+        import subprocess
+
+        self.open()
+        ssh = " ".join(shell_quote(a) for a in ["ssh", *self._ssh_options()])
+        argv = ["rsync", "--recursive", "--copy-links", "--times", "--ignore-existing",
+                "--protect-args", "--perms", "--chmod=D700,F600", "--stats",
+                "-e", ssh, local_dir.rstrip("/") + "/", f"{self.cluster.server}:{remote_dir}/"]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise ClusterError("rsync is not installed on this machine; install it "
+                               "(e.g. apt install rsync) to launch on remote clusters") from None
+        if proc.returncode != 0:
+            raise ClusterError(f"copying files to {self.target}:{remote_dir} failed "
+                               f"(rsync exit code {proc.returncode}): {proc.stderr.strip()}")
+        sent = re.search(r"Total bytes sent: ([\d,.]+)", proc.stdout)
+        self.bytes_sent += int(re.sub(r"[,.]", "", sent.group(1))) if sent else 0
+
+
+def _copy_tree_locally(src: str, dst: str) -> None:
+    """The login-node version of ``rsync --ignore-existing --copy-links``."""
+    import shutil
+
+    for dirpath, _, filenames in os.walk(src, followlinks=True):
+        target_dir = os.path.join(dst, os.path.relpath(dirpath, src))
+        os.makedirs(target_dir, mode=0o700, exist_ok=True)
+        for name in filenames:
+            target = os.path.join(target_dir, name)
+            if not os.path.exists(target):
+                tmp = f"{target}.{os.getpid()}.tmp"
+                shutil.copyfile(os.path.join(dirpath, name), tmp)
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, target)
+
+
+@dataclass
+class ClusterInfo:
+    """What a launch needs to know about a cluster, asked once per launch."""
+
+    staging: str  # absolute path of the staging directory there
+    home: str
+    max_array_size: Optional[int] = None  # Slurm: tasks 0..N-1 per array
+    max_array_tasks: Optional[int] = None  # Grid Engine's max_aj_tasks (0: no limit)
+
+
+def _staging_path(cluster: ClusterConfig) -> str:
+    """The staging path as the remote shell should see it, relative to $HOME if not absolute."""
+    staging = cluster.staging or "lxm3-staging"
+    if staging == "~" or staging.startswith("~/"):
+        staging = staging[2:] or "."
+    return staging
+
+
+def probe_cluster(connection: Connection, scheduler: str) -> ClusterInfo:
+    """Create the private staging directory and read the scheduler's array limit.
+
+    One round trip. ``scheduler`` is ``"slurm"`` or ``"sge"``.
+    """
+    command = "sbatch" if scheduler == "slurm" else "qsub"
+    staging = _staging_path(connection.cluster)
+    script = f"""
+set -e
+command -v {command} >/dev/null 2>&1 || {{ echo "lxm3-missing {command}"; exit 0; }}
+cd "$HOME"
+umask 077
+mkdir -p -- {shell_quote(staging)}
+cd -- {shell_quote(staging)}
+chmod 700 .
+echo "staging $(pwd -P)"
+echo "home $HOME"
+"""
+    if scheduler == "slurm":
+        script += """config=$(scontrol show config 2>/dev/null || true)
+echo "max_array_size $(awk -F' = ' '$1 ~ /^MaxArraySize/ {print $2}' <<<"$config")"
+echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= -f2)"
+"""
+    else:
+        script += """echo "max_array_tasks $(qconf -sconf 2>/dev/null | awk '$1 == "max_aj_tasks" {print $2}')"
+"""
+    values = {}
+    for line in connection.run_script(script, "preparing the staging directory").splitlines():
+        key, _, value = line.partition(" ")
+        values[key] = value.strip()
+    if "lxm3-missing" in values:
+        raise ClusterError(
+            f"{command} was not found on {connection.target} (cluster {connection.cluster.name!r}): "
+            f"is it a {'Slurm' if scheduler == 'slurm' else 'Grid Engine'} login node, "
+            "and does a login shell there have the scheduler on its PATH?"
+        )
+    limits = {key: int(values[key]) for key in ("max_array_size", "max_array_tasks")
+              if values.get(key, "").isdigit()}
+    return ClusterInfo(staging=values["staging"], home=values["home"], **limits)
+
+
+# ---------------------------------------------------------------------------
 # Job scripts
 # ---------------------------------------------------------------------------
 #
@@ -1171,7 +1519,7 @@ PY
 fi || lxm_fail "cannot unpack $lxm_archive"
 cd "$lxm_workdir" || lxm_fail "cannot enter $lxm_workdir"
 export PYTHONPATH="$lxm_workdir${PYTHONPATH:+:$PYTHONPATH}"
-
+@@{setup}
 @@{run} ${lxm_args[@]+"${lxm_args[@]}"}
 exit $?
 """)
@@ -1192,12 +1540,14 @@ def render_job_script(
     num_tasks: int,
     archive: str,
     tasks_file: str,
+    setup: str = "",
     run: str = "bash ./entrypoint.sh",
 ) -> str:
     """The job script of one work unit; executors supply ``header`` and ``task_id``.
 
     ``task_id`` is bash that sets LXM_TASK_ID (0-based) from the scheduler's
-    own task variable; ``run`` is the command line that runs the entrypoint.
+    own task variable; ``setup`` runs before the program (``module load``);
+    ``run`` is the command line that runs the entrypoint.
     """
     return JOB_SCRIPT.substitute(
         header=header,
@@ -1208,6 +1558,7 @@ def render_job_script(
         task_id=task_id,
         archive=shell_quote(archive),
         tasks_file=shell_quote(tasks_file),
+        setup=setup,
         run=run,
     )
 
@@ -1225,6 +1576,342 @@ def write_job_files(directory: str, script: str, tasks: Sequence[Task],
         os.chmod(tmp, 0o755 if path == script_path else 0o644)
         os.replace(tmp, path)
     return script_path, tasks_path
+
+
+# -- Scheduler directives ---------------------------------------------------
+#
+# Directives are derived from the executor's options and ``requirements``;
+# the user's ``resources`` and ``extra_directives`` replace derived ones that
+# set the same option, and ``skip_directives`` drops lines containing a text.
+
+
+def _directive_value(value: Any, what: str) -> str:
+    text = str(value)
+    if re.search(r"[\x00-\x1f\x7f]", text):
+        raise ValueError(f"{what} {text!r} contains a newline or control character")
+    return text
+
+
+def _strip_prefix(directive: str, prefix: str) -> str:
+    directive = directive.strip()
+    return directive[len(prefix):].strip() if directive.startswith(prefix) else directive
+
+
+def _merge_directives(derived: List[str], explicit: List[str], key: Callable[[str], str]) -> List[str]:
+    """The user's directives win over derived ones that set the same option."""
+    overridden = {key(d) for d in explicit}
+    return [d for d in derived if key(d) not in overridden] + explicit
+
+
+def _header(prefix: str, directives: List[str], skip: Sequence[str]) -> str:
+    lines = [f"{prefix} {d}" for d in directives]
+    return "\n".join(line for line in lines if not any(text in line for text in skip))
+
+
+def _whole(amount: float) -> int:
+    return int(-(-amount // 1))
+
+
+def _mebibytes(amount: float) -> int:
+    return int(-(-amount // (1 << 20)))
+
+
+def _gpu_type_name(accelerator: xm.ResourceType, site_names: Mapping[str, str]) -> Optional[str]:
+    """The site's name for a GPU model (config), else its lower-case name; None for any GPU."""
+    if accelerator in (xm.ResourceType.GPU, xm.ResourceType.LOCAL_GPU):
+        return None
+    name = str(accelerator)
+    return str(site_names.get(name, site_names.get(name.lower(), name.lower())))
+
+
+def _scheduler_settings(cluster: ClusterConfig, scheduler: str) -> Mapping[str, Any]:
+    """``[clusters.slurm]`` / ``[clusters.sge]``: site-specific names."""
+    settings = cluster.raw.get(scheduler, {})
+    if not isinstance(settings, Mapping):
+        raise ConfigError(f"clusters.{scheduler} of cluster {cluster.name!r} must be a table")
+    return settings
+
+
+def _unsupported(scheduler: str, what: str, hint: str = "") -> ValueError:
+    return ValueError(f"{scheduler} cannot express the requirement {what}{'; ' + hint if hint else ''}")
+
+
+_SLURM_SHORT_OPTIONS = {
+    "-A": "--account", "-a": "--array", "-c": "--cpus-per-task", "-e": "--error",
+    "-G": "--gpus", "-J": "--job-name", "-N": "--nodes", "-n": "--ntasks", "-o": "--output",
+    "-p": "--partition", "-q": "--qos", "-t": "--time", "-w": "--nodelist",
+}
+
+
+def _slurm_key(directive: str) -> str:
+    option = directive.split("=", 1)[0].split()[0] if directive.strip() else directive
+    return _SLURM_SHORT_OPTIONS.get(option, option)
+
+
+def _slurm_requirements(requirements: xm.JobRequirements, cluster: ClusterConfig) -> List[str]:
+    directives = []
+    gpu_names = _scheduler_settings(cluster, "slurm").get("gpu_types", {})
+    for resource, amount in requirements.task_requirements.items():
+        if resource == xm.ResourceType.CPU:
+            directives.append(f"--cpus-per-task={_whole(amount)}")
+        elif resource == xm.ResourceType.MEMORY:
+            directives.append(f"--mem={_mebibytes(amount)}M")
+        elif resource == xm.ResourceType.EPHEMERAL_STORAGE:
+            directives.append(f"--tmp={_mebibytes(amount)}M")
+        elif resource in xm.GpuType or resource == xm.ResourceType.LOCAL_GPU:
+            gpu_type = _gpu_type_name(resource, gpu_names)
+            directives.append(f"--gres=gpu:{gpu_type + ':' if gpu_type else ''}{_whole(amount)}")
+        else:
+            raise _unsupported("Slurm", f"{resource}={amount:g}")
+    if requirements.replicas > 1:
+        directives.append(f"--ntasks={requirements.replicas}")
+    if requirements.location:
+        directives.append(f"--nodelist={_directive_value(requirements.location, 'location')}")
+    if requirements.service_tier != xm.ServiceTier.PROD:
+        raise _unsupported("Slurm", f"service_tier={requirements.service_tier}", "use qos=... instead")
+    return directives
+
+
+def slurm_directives(executor: Slurm, cluster: ClusterConfig, job_name: str) -> List[str]:
+    """The ``#SBATCH`` options of a work unit (without the ``#SBATCH`` prefix)."""
+    derived = [f"--job-name={job_name}", *_slurm_requirements(executor.requirements, cluster)]
+    seconds = parse_walltime(executor.walltime)
+    if seconds:
+        derived.append(f"--time={slurm_time(seconds)}")
+    for option, value in (("partition", executor.partition), ("account", executor.account),
+                          ("qos", executor.qos)):
+        if value:
+            derived.append(f"--{option}={_directive_value(value, option)}")
+    if executor.exclusive:
+        derived.append("--exclusive")
+    explicit = [f"--{key}" if value is True else f"--{key}={_directive_value(value, key)}"
+                for key, value in executor.resources.items() if value]
+    explicit += [_strip_prefix(d, "#SBATCH") for d in executor.extra_directives]
+    return _merge_directives(derived, explicit, _slurm_key)
+
+
+def _sge_key(directive: str) -> str:
+    parts = directive.split()
+    if parts and parts[0] in ("-l", "-pe") and len(parts) > 1:
+        return f"{parts[0]} {parts[1].split('=')[0]}" if parts[0] == "-l" else "-pe"
+    return parts[0] if parts else directive
+
+
+def _sge_requirements(requirements: xm.JobRequirements, cluster: ClusterConfig,
+                      parallel_environments: Mapping[str, int]) -> List[str]:
+    settings = _scheduler_settings(cluster, "sge")
+    resources = dict(requirements.task_requirements.items())
+    directives = []
+    slots = _whole(resources.pop(xm.ResourceType.CPU, 1))
+    if parallel_environments:
+        slots = max(int(n) for n in parallel_environments.values())
+    elif slots > 1:
+        pe = settings.get("parallel_environment", "smp")
+        directives.append(f"-pe {_directive_value(pe, 'parallel environment')} {slots}")
+    if xm.ResourceType.MEMORY in resources:
+        memory = resources.pop(xm.ResourceType.MEMORY)
+        complex_name = settings.get("memory_resource", "h_vmem")
+        # Grid Engine counts memory complexes per slot.
+        directives.append(f"-l {complex_name}={_mebibytes(memory / slots)}M")
+    for resource, amount in resources.items():
+        if resource in xm.GpuType or resource == xm.ResourceType.LOCAL_GPU:
+            gpu_complex = settings.get("gpu_resource", "gpu")
+            directives.append(f"-l {gpu_complex}={_whole(amount)}")
+            gpu_type = _gpu_type_name(resource, settings.get("gpu_types", {}))
+            if gpu_type:
+                type_complex = settings.get("gpu_type_resource")
+                if not type_complex:
+                    raise _unsupported("Grid Engine", f"{resource}={amount:g}",
+                                       "name the GPU type complex as gpu_type_resource in the "
+                                       "cluster's [clusters.sge] config, or ask for gpu=N")
+                directives.append(f"-l {type_complex}={gpu_type}")
+        else:
+            raise _unsupported("Grid Engine", f"{resource}={amount:g}")
+    if requirements.replicas > 1:
+        raise _unsupported("Grid Engine", f"replicas={requirements.replicas}",
+                           "use a parallel environment (parallel_environments={'mpi': N})")
+    if requirements.location:
+        directives.append(f"-l hostname={_directive_value(requirements.location, 'location')}")
+    if requirements.service_tier != xm.ServiceTier.PROD:
+        raise _unsupported("Grid Engine", f"service_tier={requirements.service_tier}")
+    return directives
+
+
+def sge_directives(executor: GridEngine, cluster: ClusterConfig, job_name: str) -> List[str]:
+    """The ``#$`` options of a work unit (without the ``#$`` prefix)."""
+    derived = [f"-N {job_name}", f"-S {_directive_value(executor.shell, 'shell')}"]
+    derived += _sge_requirements(executor.requirements, cluster, executor.parallel_environments)
+    seconds = parse_walltime(executor.walltime)
+    if seconds:
+        derived.append(f"-l h_rt={sge_time(seconds)}")
+    for option, value in (("-q", executor.queue), ("-P", executor.project), ("-A", executor.account)):
+        if value:
+            derived.append(f"{option} {_directive_value(value, option)}")
+    if executor.reserved is not None:  # a bare -R is rejected by Grid Engine
+        derived.append(f"-R {'y' if executor.reserved else 'n'}")
+    derived.append(f"-j {'y' if executor.merge_output else 'n'}")
+    explicit = [f"-pe {_directive_value(name, 'parallel environment')} {int(n)}"
+                for name, n in executor.parallel_environments.items()]
+    explicit += [f"-l {key}={_directive_value(value, key)}"
+                 for key, value in executor.resources.items() if value]
+    explicit += [_strip_prefix(d, "#$") for d in executor.extra_directives]
+    return _merge_directives(derived, explicit, _sge_key)
+
+
+SLURM_TASK_ID = "LXM_TASK_ID=$(( ${SLURM_ARRAY_TASK_ID:-0} + ${1:-0} ))  # $1: the array's first task"
+SGE_TASK_ID = "LXM_TASK_ID=$(( ${SGE_TASK_ID:-1} - 1 + ${1:-0} ))  # $1: the array's first task"
+
+
+def module_lines(modules: Sequence[str]) -> str:
+    """``module load`` commands run before the task; a failure stops it."""
+    return "\n".join(
+        f"module load {shell_quote(m)} || lxm_fail {shell_quote('module load ' + m + ' failed')}"
+        for m in modules
+    )
+
+
+# ---------------------------------------------------------------------------
+# Submission: one scheduler call per array, arrays split by the cluster's limit
+# ---------------------------------------------------------------------------
+
+
+def split_array(num_tasks: int, limit: Optional[int]) -> List[Tuple[int, int]]:
+    """(first task, count) of each array; every array is indexed from its start."""
+    size = limit if limit and limit > 0 else num_tasks
+    return [(first, min(size, num_tasks - first)) for first in range(0, num_tasks, size)]
+
+
+def array_limit(scheduler: str, info: ClusterInfo) -> Optional[int]:
+    """Most tasks in one array: Slurm caps the largest index (MaxArraySize - 1)
+    and maybe the count; Grid Engine caps the count (max_aj_tasks, 0 = none)."""
+    limits = [info.max_array_tasks] if info.max_array_tasks else []
+    if scheduler == "slurm" and info.max_array_size:
+        limits.append(info.max_array_size)
+    return min(limits) if limits else None
+
+
+@dataclass
+class ArraySubmission:
+    """One scheduler call: tasks ``first_task .. first_task + count - 1`` of a work unit."""
+
+    work_unit_id: int
+    first_task: int
+    count: int
+    argv: List[str]  # the scheduler command; "{previous}" stands for the previous array's id
+    job_id: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.work_unit_id}:{self.first_task}"
+
+    @property
+    def task_range(self) -> str:
+        last = self.first_task + self.count - 1
+        return f"task {last}" if self.count == 1 else f"tasks {self.first_task}-{last}"
+
+
+def _user_sets(executor: Union[Slurm, GridEngine], keys: Sequence[str]) -> bool:
+    """Whether extra directives or resources already set one of these options."""
+    if isinstance(executor, Slurm):
+        given = [_slurm_key(_strip_prefix(d, "#SBATCH")) for d in executor.extra_directives]
+        given += [f"--{k}" for k in executor.resources]
+    else:
+        given = [_sge_key(_strip_prefix(d, "#$")) for d in executor.extra_directives]
+    return any(k in given for k in keys)
+
+
+def log_path_pattern(executor: Union[Slurm, GridEngine], log_dir: str) -> str:
+    """Where each task's output goes: the job id and the index in that array."""
+    if isinstance(executor, Slurm):
+        return os.path.join(log_dir, "%x-%A_%a.log")
+    return os.path.join(log_dir, "$JOB_NAME-$JOB_ID.$TASK_ID.log")
+
+
+def submission_argv(executor: Union[Slurm, GridEngine], script: str, first_task: int, count: int,
+                    log_dir: str, chained: bool) -> List[str]:
+    """The sbatch/qsub command of one array.
+
+    With ``max_parallel_tasks`` and several arrays, each array waits for the
+    previous one, so the throttle holds for the whole work unit.
+    """
+    throttle = executor.max_parallel_tasks
+    log_path = log_path_pattern(executor, log_dir)
+    if isinstance(executor, Slurm):
+        argv = ["sbatch", "--parsable", f"--array=0-{count - 1}{f'%{throttle}' if throttle else ''}"]
+        if not _user_sets(executor, ["--output"]):
+            argv.append(f"--output={log_path}")
+        if chained:
+            argv.append("--dependency=afterany:{previous}")
+    else:
+        argv = ["qsub", "-terse", "-t", f"1-{count}"]
+        if throttle:
+            argv += ["-tc", str(throttle)]
+        if not _user_sets(executor, ["-o"]):
+            argv += ["-o", log_path]
+        if not executor.merge_output and not _user_sets(executor, ["-e"]):
+            argv += ["-e", log_path[: -len(".log")] + ".err"]
+        if chained:
+            argv += ["-hold_jid", "{previous}"]
+    return [*argv, script, str(first_task)]
+
+
+def plan_submissions(work_unit_id: int, executor: Union[Slurm, GridEngine], script: str,
+                     num_tasks: int, log_dir: str, limit: Optional[int]) -> List[ArraySubmission]:
+    chunks = split_array(num_tasks, limit)
+    return [
+        ArraySubmission(work_unit_id, first, count,
+                        submission_argv(executor, script, first, count, log_dir,
+                                        chained=i > 0 and executor.max_parallel_tasks is not None))
+        for i, (first, count) in enumerate(chunks)
+    ]
+
+
+_SUBMIT_PRELUDE = """\
+lxm_err=$(mktemp) || exit 1
+trap 'rm -f "$lxm_err"' EXIT
+lxm_previous=
+# lxm_submit KEY COMMAND...: prints "OK KEY ID", or "FAIL KEY" and the error, then stops.
+lxm_submit() {
+  local key=$1 out
+  shift
+  if ! out=$("$@" 2>"$lxm_err"); then
+    echo "FAIL $key"
+    cat "$lxm_err"
+    exit 0
+  fi
+  out=${out%%$'\\n'*}
+  lxm_previous=${out%%[;.]*}  # sbatch: ID[;CLUSTER], qsub -terse: ID[.1-N:1]
+  echo "OK $key $lxm_previous"
+}
+"""
+
+
+def submission_script(log_dirs: Iterable[str], submissions: Sequence[ArraySubmission]) -> str:
+    """One bash script that makes the log directories and submits every array."""
+    lines = [_SUBMIT_PRELUDE, "umask 077"]
+    lines += [f"mkdir -p -- {shell_quote(d)} || exit 1" for d in sorted(set(log_dirs))]
+    for sub in submissions:
+        words = [shell_quote(a).replace("{previous}", "'\"$lxm_previous\"'") for a in sub.argv]
+        lines.append(f"lxm_submit {sub.key} {' '.join(words)}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_submission_output(output: str, submissions: Sequence[ArraySubmission]) -> Optional[str]:
+    """Fill in job ids; returns the scheduler's error when a submission failed."""
+    by_key = {s.key: s for s in submissions}
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        word, _, rest = line.partition(" ")
+        if word == "OK":
+            key, _, job_id = rest.partition(" ")
+            if key in by_key and job_id.strip().isdigit():
+                by_key[key].job_id = job_id.strip()
+        elif word == "FAIL":
+            return "\n".join(lines[i + 1:]).strip() or "no message"
+    missing = [s for s in submissions if s.job_id is None]
+    if missing:
+        return f"no job id was printed for {missing[0].task_range} (output: {output.strip()!r})"
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -1395,9 +2082,10 @@ def _check_launchable(executable: Any, executor: Any) -> None:
             f"the executable {executable!r} was not packaged by lxm3: "
             "use experiment.package([xm.Packageable(xm_cluster.PythonPackage(...), ...)])"
         )
-    if not isinstance(executor, Local):
+    if not isinstance(executor, (Local, Slurm, GridEngine)):
         raise TypeError(
-            f"lxm3 cannot launch on {type(executor).__name__}: use xm_cluster.Local()"
+            f"lxm3 cannot launch on {type(executor).__name__}: use xm_cluster.Local(), "
+            "xm_cluster.Slurm() or xm_cluster.GridEngine()"
         )
     if executable.container:
         raise LaunchError(
@@ -1414,6 +2102,95 @@ def _ready(value: Any):
     return resolved()
 
 
+@dataclass
+class PendingLaunch:
+    """A work unit's job, waiting to be submitted with the rest of its cluster's."""
+
+    work_unit: ClusterWorkUnit
+    executable: ClusterExecutable
+    executor: Union[Slurm, GridEngine]
+    tasks: List[Task]
+
+
+def _scheduler_of(executor: Union[Slurm, GridEngine]) -> str:
+    return "slurm" if isinstance(executor, Slurm) else "sge"
+
+
+def _cluster_header(executor: Union[Slurm, GridEngine], cluster: ClusterConfig, job_name: str) -> str:
+    if isinstance(executor, Slurm):
+        return _header("#SBATCH", slurm_directives(executor, cluster, job_name), executor.skip_directives)
+    return _header("#$", sge_directives(executor, cluster, job_name), executor.skip_directives)
+
+
+def _path_there(info: ClusterInfo, path: str) -> str:
+    """A path as the cluster sees it: ``~`` and relative paths start at the home directory."""
+    if path == "~" or path.startswith("~/"):
+        path = path[2:]
+    return os.path.normpath(os.path.join(info.home, path))
+
+
+def _job_name(title: str, experiment_id: int, work_unit_id: int) -> str:
+    return re.sub(r"\W", "_", f"{title}_{experiment_id}_{work_unit_id}")
+
+
+def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, scheduler: str,
+                      launches: Sequence[PendingLaunch], connection: Connection) -> None:
+    """Deploy and submit every queued work unit of one cluster.
+
+    One probe, one rsync with every new archive and all job files, one
+    submission script: three sessions over the launch's one connection.
+    """
+    import tempfile
+
+    info = probe_cluster(connection, scheduler)
+    limit = array_limit(scheduler, info)
+    xid = experiment.experiment_id
+    experiment_dir = f"{info.staging}/experiments/{xid}"
+    submissions: List[ArraySubmission] = []
+    log_dirs = []
+    with tempfile.TemporaryDirectory(prefix="lxm3-deploy-") as tree:
+        os.makedirs(os.path.join(tree, "archives"))
+        for launch in launches:
+            archive, wid = launch.executable.archive, launch.work_unit.work_unit_id
+            link = os.path.join(tree, "archives", archive.name)
+            if not os.path.lexists(link):
+                os.symlink(archive.path, link)
+            unit_dir = f"{experiment_dir}/wu{wid}"
+            log_dir = (_path_there(info, launch.executor.log_directory)
+                       if launch.executor.log_directory else f"{unit_dir}/logs")
+            script = render_job_script(
+                header=_cluster_header(launch.executor, cluster, _job_name(experiment.experiment_title, xid, wid)),
+                task_id=SLURM_TASK_ID if scheduler == "slurm" else SGE_TASK_ID,
+                experiment_id=xid, work_unit_id=wid, num_tasks=len(launch.tasks),
+                archive=f"{info.staging}/archives/{archive.name}", tasks_file=f"{unit_dir}/tasks",
+                setup=module_lines(launch.executor.modules),
+            )
+            write_job_files(os.path.join(tree, "experiments", str(xid), f"wu{wid}"), script,
+                            launch.tasks, cluster.env)
+            submissions += plan_submissions(wid, launch.executor, f"{unit_dir}/job.sh",
+                                            len(launch.tasks), log_dir, limit)
+            log_dirs.append(log_dir)
+            launch.work_unit._deployed(cluster.name, unit_dir, log_dir)
+        archives = len(os.listdir(os.path.join(tree, "archives")))
+        _progress(f"{cluster.name}: copying {archives} archive(s) (if new) and {len(launches)} job "
+                  f"script(s) to {connection.target}:{info.staging}")
+        connection.copy_tree(tree, info.staging)
+    output = connection.run_script(submission_script(log_dirs, submissions), "submitting jobs")
+    error = parse_submission_output(output, submissions)
+    for launch in launches:
+        launch.work_unit._submitted([s for s in submissions if s.job_id is not None
+                                     and s.work_unit_id == launch.work_unit.work_unit_id])
+    if error:
+        failed = next(s for s in submissions if s.job_id is None)
+        done = [s for s in submissions if s.job_id is not None]
+        command = "sbatch" if scheduler == "slurm" else "qsub"
+        summary = ("Already submitted: " + ", ".join(
+            f"work unit {s.work_unit_id} {s.task_range} (job {s.job_id})" for s in done)
+            if done else "Nothing was submitted.")
+        raise ClusterError(f"{command} on {cluster.name} rejected work unit {failed.work_unit_id} "
+                           f"({failed.task_range}): {error}\n{summary}")
+
+
 class ClusterWorkUnit(xm.WorkUnit):
     """A work unit of an lxm3 experiment: one job script, one or many tasks."""
 
@@ -1424,6 +2201,9 @@ class ClusterWorkUnit(xm.WorkUnit):
         self._launched = False
         self.job_directory: Optional[str] = None
         self.log_paths: List[str] = []
+        self.cluster: Optional[str] = None
+        self.log_directory: Optional[str] = None
+        self.arrays: List[ArraySubmission] = []  # on a cluster: the submitted arrays
 
     @property
     def work_unit_id(self) -> int:
@@ -1454,10 +2234,19 @@ class ClusterWorkUnit(xm.WorkUnit):
         tasks = _tasks_for(job_config.executable, job_config._task_args, job_config._task_env)
         self._start_tasks(job_config.executable, job_config.executor, tasks)
 
-    def _start_tasks(self, executable: ClusterExecutable, executor: Local, tasks: List[Task]) -> None:
+    def _start_tasks(self, executable: ClusterExecutable, executor: xm.Executor,
+                     tasks: List[Task]) -> None:
         if self._launched:
             raise ValueError("lxm3 launches one job per work unit; this one already has a job")
         self._launched = True
+        if isinstance(executor, Local):
+            self._start_locally(executable, executor, tasks)
+        else:  # submitted in one batch per cluster when the experiment ends
+            cluster = self.experiment.config.cluster(executor.cluster)
+            _cluster_header(executor, cluster, "check")  # an impossible request fails here
+            self.experiment._queue(PendingLaunch(self, executable, executor, tasks))
+
+    def _start_locally(self, executable: ClusterExecutable, executor: Local, tasks: List[Task]) -> None:
         experiment = self.experiment
         directory = os.path.join(experiment.local_directory, f"wu{self._work_unit_id}")
         self.job_directory = directory
@@ -1474,6 +2263,20 @@ class ClusterWorkUnit(xm.WorkUnit):
                                        os.path.join(directory, "logs"), env)
         _progress(f"work unit {self._work_unit_id}: {len(tasks)} task(s) started locally; "
                   f"logs in {os.path.join(directory, 'logs')}")
+
+    def _deployed(self, cluster: str, job_directory: str, log_directory: str) -> None:
+        self.cluster, self.job_directory, self.log_directory = cluster, job_directory, log_directory
+
+    def _submitted(self, arrays: List[ArraySubmission]) -> None:
+        self.arrays = arrays
+        if arrays:
+            jobs = ", ".join(f"{s.job_id} ({s.task_range})" for s in arrays)
+            _progress(f"work unit {self._work_unit_id}: submitted to {self.cluster} as job {jobs}; "
+                      f"logs in {self.log_directory}")
+
+    @property
+    def job_ids(self) -> List[str]:
+        return [s.job_id for s in self.arrays if s.job_id]
 
     async def _wait_until_complete(self):
         return self
@@ -1494,6 +2297,8 @@ class ClusterExperiment(xm.Experiment):
         self._id = int(time.time() * 1000)
         self._work_units: List[ClusterWorkUnit] = []
         self._runner: Optional[LocalRunner] = None
+        self._pending: List[PendingLaunch] = []
+        self._connections: Dict[str, Connection] = {}
         self._lock = threading.Lock()
 
     @property
@@ -1538,20 +2343,69 @@ class ClusterExperiment(xm.Experiment):
         if self._runner is not None:
             self._runner.stop()
 
+    def _queue(self, launch: PendingLaunch) -> None:
+        with self._lock:
+            self._pending.append(launch)
+
+    def submit_pending(self) -> None:
+        """Deploy and submit the queued cluster work units, one batch per cluster."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        groups: Dict[Tuple[str, str], List[PendingLaunch]] = {}
+        for launch in pending:
+            cluster = self.config.cluster(launch.executor.cluster).name
+            groups.setdefault((cluster, _scheduler_of(launch.executor)), []).append(launch)
+        for (name, scheduler), launches in groups.items():
+            cluster = self.config.cluster(name)
+            if name not in self._connections:
+                self._connections[name] = Connection(cluster)
+            submit_to_cluster(self, cluster, scheduler, launches, self._connections[name])
+
+    def _close_connections(self) -> None:
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
+
+    def _abandon_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if pending:
+            _progress(f"{len(pending)} work unit(s) for clusters were not submitted "
+                      "because the launcher failed")
+
+    def _finish(self, exc_type) -> None:
+        """Submit what is queued (unless the launcher failed), then wait for local tasks."""
+        try:
+            if exc_type is None:
+                self.submit_pending()
+            else:
+                self._abandon_pending()
+        except BaseException:
+            self._stop_local()
+            raise
+        finally:
+            self._close_connections()
+        self._finish_local(interrupted=exc_type is KeyboardInterrupt)
+
     def __exit__(self, exc_type, exc_value, traceback):
         try:
             super().__exit__(exc_type, exc_value, traceback)
         except BaseException:
+            self._abandon_pending()
             self._stop_local()
             raise
-        self._finish_local(interrupted=exc_type is KeyboardInterrupt)
+        self._finish(exc_type)
 
     async def __aexit__(self, exc_type, exc_value, traceback):
-        await super().__aexit__(exc_type, exc_value, traceback)
+        try:
+            await super().__aexit__(exc_type, exc_value, traceback)
+        except BaseException:
+            self._abandon_pending()
+            self._stop_local()
+            raise
         import asyncio
 
-        await asyncio.get_running_loop().run_in_executor(
-            None, self._finish_local, exc_type is KeyboardInterrupt)
+        await asyncio.get_running_loop().run_in_executor(None, self._finish, exc_type)
 
     def _finish_local(self, interrupted: bool = False) -> None:
         """Wait for local tasks; a failed task makes the launch fail."""
