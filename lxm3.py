@@ -2093,6 +2093,19 @@ def _check_launchable(executable: Any, executor: Any) -> None:
         )
 
 
+def _check_job_shape(job: Any) -> None:
+    """One job per work unit: an xm.Job, an ArrayJob, a one-job group or a generator."""
+    if isinstance(job, xm.JobGroup):
+        if len(job.jobs) != 1:
+            raise ValueError(
+                "lxm3 launches one job per work unit: add an xm.Job or an xm_cluster.ArrayJob "
+                f"(this JobGroup has {len(job.jobs)} jobs: {', '.join(job.jobs)})"
+            )
+        [job] = job.jobs.values()
+    if isinstance(job, (xm.Job, ArrayJob)):
+        _check_launchable(job.executable, job.executor)
+
+
 def _ready(value: Any):
     """An awaitable that is already resolved (unit creation needs no I/O)."""
 
@@ -2328,6 +2341,11 @@ class ClusterExperiment(xm.Experiment):
                 self._runner = LocalRunner(executor.max_parallel_tasks)
             return self._runner
 
+    def add(self, job, args=None, *, role=xm.WorkUnitRole(), identity: str = ""):  # noqa: B008
+        """As ``xm.Experiment.add``; a job lxm3 cannot launch is refused here, at the call."""
+        _check_job_shape(job)
+        return super().add(job, args, role=role, identity=identity)
+
     def _create_experiment_unit(self, args, role, identity: str = ""):
         if not isinstance(role, xm.WorkUnitRole):
             raise ValueError(
@@ -2452,17 +2470,22 @@ def _take_option(args: List[str], name: str) -> Tuple[Optional[str], List[str]]:
 
 
 def _user_traceback(error: BaseException) -> None:
-    """Print the traceback from the launcher's frames down, without lxm3's own."""
+    """Print the error with the launcher's frames only: lxm3's, xm's and the
+    standard library's say nothing about what the user should change."""
+    import sysconfig
     import traceback
 
-    ours = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(xm.__file__)))
-    tb = error.__traceback__
-    while tb is not None and (tb.tb_frame.f_code.co_filename.startswith(ours)
-                              or "runpy" in tb.tb_frame.f_code.co_filename):
-        tb = tb.tb_next
     if os.environ.get("LXM_DEBUG"):
-        tb = error.__traceback__
-    traceback.print_exception(type(error), error, tb)
+        traceback.print_exception(type(error), error, error.__traceback__)
+        return
+    ours = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(xm.__file__)) + os.sep,
+            sysconfig.get_paths()["stdlib"] + os.sep)
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith("<frozen ")
+              and not os.path.abspath(f.filename).startswith(ours)]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)] if frames else []
+    lines += traceback.format_exception_only(type(error), error)
+    sys.stderr.write("".join(lines))
 
 
 def _launch(launcher: str, args: List[str]) -> int:
