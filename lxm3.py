@@ -531,21 +531,9 @@ def load_config() -> Config:
 # Paths relative to the launcher
 # ---------------------------------------------------------------------------
 
-_launcher_dir: Optional[str] = None
-
-
-def _launch_directory() -> str:
-    """The launcher script's directory: relative paths in a launcher mean this."""
-    if _launcher_dir:
-        return _launcher_dir
-    main = sys.modules.get("__main__")
-    main_file = getattr(main, "__file__", None)
-    return os.path.dirname(os.path.abspath(main_file)) if main_file else os.getcwd()
-
-
 def resolve_path(path: str) -> str:
-    path = os.path.expanduser(os.fspath(path))
-    return os.path.normpath(os.path.join(_launch_directory(), path))
+    """Relative paths in a launcher mean its own directory, wherever it runs from."""
+    return xm.utils.resolve_path_relative_to_launcher(os.path.expanduser(os.fspath(path)))
 
 
 # ---------------------------------------------------------------------------
@@ -2491,16 +2479,16 @@ def _user_traceback(error: BaseException) -> None:
 def _launch(launcher: str, args: List[str]) -> int:
     import runpy
 
-    global _launcher_dir, _config_path_override
+    global _config_path_override
     config_path, args = _take_option(args, "--lxm_config")
     if config_path:
         _config_path_override = os.path.abspath(os.path.expanduser(config_path))
     launcher_path = os.path.abspath(launcher)
     if not os.path.isfile(launcher_path):
         raise LaunchError(f"launcher {launcher} does not exist")
-    _launcher_dir = os.path.dirname(launcher_path)
+    xm.utils.set_launch_script(launcher_path)
     sys.argv = [launcher_path, *args]
-    sys.path.insert(0, _launcher_dir)
+    sys.path.insert(0, os.path.dirname(launcher_path))
     try:
         runpy.run_path(launcher_path, run_name="__main__")
     except SystemExit as e:

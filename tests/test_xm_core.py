@@ -43,9 +43,9 @@ def test_async_with_uses_the_running_loop():
         async with experiment as entered:
             assert entered is experiment
             assert experiment._event_loop is asyncio.get_running_loop()
-            unit = await experiment.add(make_job(name='train'))
+            unit = await experiment.add(make_job(name="train"))
             assert unit.work_unit_id == 1
-            assert [job.name for job in unit.launched] == ['train']
+            assert [job.name for job in unit.launched] == ["train"]
         assert core._current_experiment.get(None) is None
         return experiment
 
@@ -58,7 +58,7 @@ def test_with_inside_a_running_loop_tells_to_use_async_with():
         with ToyExperiment():
             pass
 
-    with pytest.raises(RuntimeError, match='please use `async with` syntax'):
+    with pytest.raises(RuntimeError, match="please use `async with` syntax"):
         asyncio.run(main())
 
 
@@ -68,21 +68,21 @@ def test_with_works_from_a_worker_thread():
     def launch():
         with ToyExperiment() as experiment:
             experiment.add(make_job())
-        result['ids'] = [wu.work_unit_id for wu in experiment.work_units]
+        result["ids"] = [wu.work_unit_id for wu in experiment.work_units]
 
     thread = threading.Thread(target=launch)
     thread.start()
     thread.join(timeout=30)
-    assert result == {'ids': [1]}
+    assert result == {"ids": [1]}
 
 
-@pytest.mark.parametrize('mode', ['sync', 'async'])
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_add_outside_the_context_is_an_error(mode):
     experiment = ToyExperiment()
-    message = re.escape('Event loop is not running. Have you entered Experiment context manager')
+    message = re.escape("Event loop is not running. Have you entered Experiment context manager")
     with pytest.raises(RuntimeError, match=message):
         experiment.add(make_job())
-    if mode == 'sync':
+    if mode == "sync":
         with experiment:
             pass
     else:
@@ -105,7 +105,7 @@ def test_create_task_outside_the_context_closes_the_coroutine():
         ran.append(True)
 
     coroutine = task()
-    with pytest.raises(RuntimeError, match='Have you entered Experiment context manager'):
+    with pytest.raises(RuntimeError, match="Have you entered Experiment context manager"):
         experiment._create_task(coroutine)
     assert coroutine.cr_frame is None  # closed: no "never awaited" warning
     assert ran == []
@@ -118,31 +118,31 @@ def test_exit_does_not_suppress_the_body_exception_and_still_waits():
         await asyncio.sleep(0.2)
         finished.set()
 
-    with pytest.raises(KeyError, match='body'):
+    with pytest.raises(KeyError, match="body"):
         with ToyExperiment() as experiment:
             experiment.add(slow)
-            raise KeyError('body')
+            raise KeyError("body")
     assert finished.is_set()
 
 
 # --- Work unit ids -------------------------------------------------------------
 
 
-@pytest.mark.parametrize('mode', ['sync', 'async'])
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_ids_follow_add_order_under_concurrent_launches(mode):
     count = 25
     experiment = ToyExperiment(max_launch_delay=0.05)
-    if mode == 'sync':
+    if mode == "sync":
         with experiment:
             for i in range(count):
-                experiment.add(make_job(args={'i': i}))
+                experiment.add(make_job(args={"i": i}))
                 # Ids are reserved synchronously, before add() returns.
                 assert experiment.work_units[-1].work_unit_id == i + 1
     else:
 
         async def main():
             async with experiment:
-                futures = [experiment.add(make_job(args={'i': i})) for i in range(count)]
+                futures = [experiment.add(make_job(args={"i": i})) for i in range(count)]
                 units = await asyncio.gather(*futures)
             return units
 
@@ -154,7 +154,7 @@ def test_ids_follow_add_order_under_concurrent_launches(mode):
     # Each unit runs the job of the add() call with the same rank ...
     for unit in experiment.work_units:
         [job] = unit.launched
-        assert job.args.to_dict() == {'i': unit.work_unit_id - 1}
+        assert job.args.to_dict() == {"i": unit.work_unit_id - 1}
     # ... and the backend saw the submissions in id order despite random delays.
     assert experiment.submission_order == list(range(1, count + 1))
 
@@ -172,14 +172,14 @@ def test_ids_continue_after_existing_work_units():
 def test_experiment_unit_names():
     async def main():
         async with ToyExperiment(experiment_id=12) as experiment:
-            unit = await experiment.add(make_job(name='learner'))
+            unit = await experiment.add(make_job(name="learner"))
         return unit
 
     unit = asyncio.run(main())
     assert unit.experiment_id == 12
-    assert unit.experiment_unit_name == '12_1'
-    assert unit.get_full_job_name('learner') == '12_1_learner'
-    assert unit.launched_jobs == [xm.LaunchedJob(name='learner')]
+    assert unit.experiment_unit_name == "12_1"
+    assert unit.get_full_job_name("learner") == "12_1_learner"
+    assert unit.launched_jobs == [xm.LaunchedJob(name="learner")]
 
 
 # --- Failures --------------------------------------------------------------------
@@ -198,17 +198,17 @@ def test_exit_reraises_the_first_exception_after_all_tasks_finish():
 
     async def fails_late(work_unit):
         await asyncio.sleep(0.2)
-        raise FirstError('first added')
+        raise FirstError("first added")
 
     async def fails_early(work_unit):
-        raise SecondError('second added')
+        raise SecondError("second added")
 
     async def succeeds_later(work_unit):
         await asyncio.sleep(0.4)
         finished.set()
 
     experiment = ToyExperiment()
-    with pytest.raises(FirstError, match='first added'):
+    with pytest.raises(FirstError, match="first added"):
         with experiment:
             experiment.add(fails_late)
             experiment.add(fails_early)
@@ -218,8 +218,8 @@ def test_exit_reraises_the_first_exception_after_all_tasks_finish():
     # Units whose launch failed are stopped as failed.
     failed = [wu for wu in experiment.work_units if wu.stop_calls]
     assert [wu.work_unit_id for wu in failed] == [1, 2]
-    assert failed[0].stop_calls[0]['mark_as_failed'] is True
-    assert failed[0].stop_calls[0]['message'].startswith('Work unit creation failed.')
+    assert failed[0].stop_calls[0]["mark_as_failed"] is True
+    assert failed[0].stop_calls[0]["message"].startswith("Work unit creation failed.")
 
 
 def test_async_exit_reraises_the_first_exception_after_all_tasks_finish():
@@ -227,10 +227,10 @@ def test_async_exit_reraises_the_first_exception_after_all_tasks_finish():
 
     async def fails_late(work_unit):
         await asyncio.sleep(0.1)
-        raise FirstError('first added')
+        raise FirstError("first added")
 
     async def fails_early(work_unit):
-        raise SecondError('second added')
+        raise SecondError("second added")
 
     async def succeeds_later(work_unit):
         await asyncio.sleep(0.2)
@@ -242,14 +242,14 @@ def test_async_exit_reraises_the_first_exception_after_all_tasks_finish():
             experiment.add(fails_early)
             experiment.add(succeeds_later)
 
-    with pytest.raises(FirstError, match='first added'):
+    with pytest.raises(FirstError, match="first added"):
         asyncio.run(main())
     assert finished == [True]
 
 
 def test_unawaited_failed_add_does_not_log_never_retrieved(caplog):
     async def fails(work_unit):
-        raise FirstError('boom')
+        raise FirstError("boom")
 
     with pytest.raises(FirstError):
         with ToyExperiment() as experiment:
@@ -258,12 +258,12 @@ def test_unawaited_failed_add_does_not_log_never_retrieved(caplog):
     import gc
 
     gc.collect()
-    assert 'never retrieved' not in caplog.text
+    assert "never retrieved" not in caplog.text
 
 
 def test_wait_until_complete_wraps_launch_failures():
     async def fails(work_unit):
-        raise FirstError('boom')
+        raise FirstError("boom")
 
     async def main():
         async with ToyExperiment() as experiment:
@@ -273,7 +273,7 @@ def test_wait_until_complete_wraps_launch_failures():
             assert isinstance(awaitable, xm.WorkUnitCompletedAwaitable)
             assert awaitable.work_unit is experiment.work_units[0]
             with pytest.raises(
-                xm.ExperimentUnitError, match='Experiment unit could not be created.'
+                xm.ExperimentUnitError, match="Experiment unit could not be created."
             ) as info:
                 await awaitable
             assert isinstance(info.value.__cause__, FirstError)
@@ -317,7 +317,7 @@ def test_unused_completion_awaitable_does_not_warn(recwarn):
     import gc
 
     gc.collect()
-    assert not [w for w in recwarn if 'never awaited' in str(w.message)]
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
 
 
 # --- Job generators -----------------------------------------------------------
@@ -328,8 +328,8 @@ def test_sync_job_generator_is_rejected_with_the_signature():
         pass
 
     message = re.escape(
-        'Job generator must be an async function. Signature needs to be '
-        '`async def job_generator(work_unit: xm.WorkUnit) -> None:`'
+        "Job generator must be an async function. Signature needs to be "
+        "`async def job_generator(work_unit: xm.WorkUnit) -> None:`"
     )
     with pytest.raises(ValueError, match=message):
         with ToyExperiment() as experiment:
@@ -340,7 +340,7 @@ def test_work_unit_add_rejects_sync_generator_immediately():
     async def main():
         async with ToyExperiment() as experiment:
             unit = await experiment.add(make_job())
-            with pytest.raises(ValueError, match='Job generator must be an async function'):
+            with pytest.raises(ValueError, match="Job generator must be an async function"):
                 unit.add(lambda work_unit: None)
 
     asyncio.run(main())
@@ -351,23 +351,23 @@ def test_async_generator_gets_the_unit_and_args_as_kwargs():
 
     async def generator(work_unit, learning_rate, seed=0):
         seen.update(unit=work_unit, learning_rate=learning_rate, seed=seed)
-        seen['current_unit'] = core._current_experiment_unit.get()
-        seen['current_experiment'] = core._current_experiment.get()
-        work_unit.add(make_job(name='trainer', args={'lr': learning_rate}))
+        seen["current_unit"] = core._current_experiment_unit.get()
+        seen["current_experiment"] = core._current_experiment.get()
+        work_unit.add(make_job(name="trainer", args={"lr": learning_rate}))
 
     with ToyExperiment() as experiment:
-        experiment.add(generator, args={'learning_rate': 0.1})
+        experiment.add(generator, args={"learning_rate": 0.1})
     [unit] = experiment.work_units
     assert seen == {
-        'unit': unit,
-        'learning_rate': 0.1,
-        'seed': 0,
-        'current_unit': unit,
-        'current_experiment': experiment,
+        "unit": unit,
+        "learning_rate": 0.1,
+        "seed": 0,
+        "current_unit": unit,
+        "current_experiment": experiment,
     }
     [job] = unit.launched
-    assert job.name == 'trainer'
-    assert job.args.to_list() == ['--lr=0.1']
+    assert job.name == "trainer"
+    assert job.args.to_list() == ["--lr=0.1"]
     # The context variables did not leak into the caller.
     assert core._current_experiment_unit.get(None) is None
 
@@ -388,9 +388,9 @@ def test_object_with_async_call_is_a_generator():
 
 def test_generator_failure_reraised_on_exit():
     async def generator(work_unit):
-        raise FirstError('in generator')
+        raise FirstError("in generator")
 
-    with pytest.raises(FirstError, match='in generator'):
+    with pytest.raises(FirstError, match="in generator"):
         with ToyExperiment() as experiment:
             experiment.add(generator)
 
@@ -399,73 +399,73 @@ def test_generator_failure_reraised_on_exit():
 
 
 def test_add_applies_args_to_copies_of_jobs_and_groups():
-    foo = make_job(args={'x': 1, 'y': 2}, env_vars={'EDITOR': 'vi'})
-    bar = make_job(args=['--bar=1'])
+    foo = make_job(args={"x": 1, "y": 2}, env_vars={"EDITOR": "vi"})
+    bar = make_job(args=["--bar=1"])
     group = xm.JobGroup(foo=foo, bar=bar)
     with ToyExperiment() as experiment:
         experiment.add(
             group,
             args={
-                'foo': {'args': {'x': 3, 'z': 4}, 'env_vars': {'TURBO': 'ON'}},
-                'bar': {'args': ['--spacebar']},
+                "foo": {"args": {"x": 3, "z": 4}, "env_vars": {"TURBO": "ON"}},
+                "bar": {"args": ["--spacebar"]},
             },
         )
     launched = experiment.work_units[0].launched
-    assert launched[0].args == xm.SequentialArgs.from_collection({'x': 3, 'y': 2, 'z': 4})
-    assert launched[0].env_vars == {'EDITOR': 'vi', 'TURBO': 'ON'}
-    assert launched[1].args == xm.SequentialArgs.from_collection(['--bar=1', '--spacebar'])
-    assert [job.name for job in launched] == ['foo', 'bar']
+    assert launched[0].args == xm.SequentialArgs.from_collection({"x": 3, "y": 2, "z": 4})
+    assert launched[0].env_vars == {"EDITOR": "vi", "TURBO": "ON"}
+    assert launched[1].args == xm.SequentialArgs.from_collection(["--bar=1", "--spacebar"])
+    assert [job.name for job in launched] == ["foo", "bar"]
     # The caller's objects are untouched.
-    assert foo.args.to_dict() == {'x': 1, 'y': 2}
-    assert foo.env_vars == {'EDITOR': 'vi'}
+    assert foo.args.to_dict() == {"x": 1, "y": 2}
+    assert foo.env_vars == {"EDITOR": "vi"}
     assert foo.name is None
-    assert group.jobs['foo'] is foo
+    assert group.jobs["foo"] is foo
 
 
 def test_add_same_job_with_different_args():
     job = make_job()
     with ToyExperiment() as experiment:
         for i in range(3):
-            experiment.add(job, args={'env_vars': {'FOO': i}})
+            experiment.add(job, args={"env_vars": {"FOO": i}})
     assert [wu.launched[0].env_vars for wu in experiment.work_units] == [
-        {'FOO': 0},
-        {'FOO': 1},
-        {'FOO': 2},
+        {"FOO": 0},
+        {"FOO": 1},
+        {"FOO": 2},
     ]
 
 
 def test_unsupported_job_args_are_rejected():
     with pytest.raises(ValueError, match=r"Arguments \{'abra'\} are not supported by xm.Job"):
         with ToyExperiment() as experiment:
-            experiment.add(make_job(), args={'abra': 'kadabra'})
+            experiment.add(make_job(), args={"abra": "kadabra"})
 
 
 def test_unknown_job_group_member_is_rejected():
     group = xm.JobGroup(learner=make_job())
     with pytest.raises(ValueError, match=r"Arguments \{'eval'\} are not supported by xm.JobGroup"):
-        core._apply_args(group, {'eval': {'args': {'batch_size': 32}}})
+        core._apply_args(group, {"eval": {"args": {"batch_size": 32}}})
 
 
 def test_unit_args_view():
     with ToyExperiment() as experiment:
-        experiment.add(make_job(args={'a': 1}, env_vars={'E': 'v'}))
-        experiment.add(make_job(args={'a': 1}), args={'args': {'b': 2}})
-        experiment.add(xm.JobGroup(g=make_job(args={'c': 3}), h=make_job()))
+        experiment.add(make_job(args={"a": 1}, env_vars={"E": "v"}))
+        experiment.add(make_job(args={"a": 1}), args={"args": {"b": 2}})
+        experiment.add(xm.JobGroup(g=make_job(args={"c": 3}), h=make_job()))
     views = [wu.args_views[0] for wu in experiment.work_units]
     assert views == [
-        {'args': {'a': 1}, 'env_vars': {'E': 'v'}},
-        {'args': {'b': 2}},
-        {'g': {'args': {'c': 3}}},
+        {"args": {"a": 1}, "env_vars": {"E": "v"}},
+        {"args": {"b": 2}},
+        {"g": {"args": {"c": 3}}},
     ]
 
 
 def test_job_names_default_to_executable_and_group_path():
-    group = xm.JobGroup(outer=xm.JobGroup(inner=make_job()), named=make_job(name='mine'))
+    group = xm.JobGroup(outer=xm.JobGroup(inner=make_job()), named=make_job(name="mine"))
     with ToyExperiment() as experiment:
-        experiment.add(make_job(executable_name='my_exe'))
+        experiment.add(make_job(executable_name="my_exe"))
         experiment.add(group)
-    assert [job.name for job in experiment.work_units[0].launched] == ['my_exe']
-    assert [job.name for job in experiment.work_units[1].launched] == ['outer_inner', 'mine']
+    assert [job.name for job in experiment.work_units[0].launched] == ["my_exe"]
+    assert [job.name for job in experiment.work_units[1].launched] == ["outer_inner", "mine"]
 
 
 def test_job_config_is_passed_to_launch_job_config():
@@ -478,13 +478,13 @@ def test_job_config_is_passed_to_launch_job_config():
 
 
 def test_auxiliary_unit_job_brings_its_role():
-    job = make_job(name='tensorboard')
+    job = make_job(name="tensorboard")
     with ToyExperiment() as experiment:
         experiment.add(xm.AuxiliaryUnitJob(job, termination_delay_secs=600))
     [aux] = experiment.auxiliary_units
     assert experiment.work_units == []
     assert aux._role == xm.AuxiliaryUnitRole(termination_delay_secs=600)
-    assert [j.name for j in aux.launched] == ['tensorboard']
+    assert [j.name for j in aux.launched] == ["tensorboard"]
 
 
 def test_auxiliary_unit_job_with_generator():
@@ -512,32 +512,32 @@ def test_package_builds_queued_and_extra_items_in_one_batch():
     PACKAGED_BATCHES.clear()
 
     async def main():
-        first = ToyExperiment.package_async(_packageable('first'))
-        second = ToyExperiment.package_async(_packageable('second'))
-        [extra] = ToyExperiment.package([_packageable('extra')])
+        first = ToyExperiment.package_async(_packageable("first"))
+        second = ToyExperiment.package_async(_packageable("second"))
+        [extra] = ToyExperiment.package([_packageable("extra")])
         return extra, await first, await second
 
     extra, first, second = asyncio.run(main())
     assert [[p.executable_spec.name for p in batch] for batch in PACKAGED_BATCHES] == [
-        ['first', 'second', 'extra']
+        ["first", "second", "extra"]
     ]
-    assert (extra.name, first.name, second.name) == ('extra', 'first', 'second')
+    assert (extra.name, first.name, second.name) == ("extra", "first", "second")
     assert ToyExperiment.package() == []  # nothing queued: no batch
     assert len(PACKAGED_BATCHES) == 1
 
 
 def test_awaiting_before_package_raises():
     async def main():
-        executable = ToyExperiment.package_async(_packageable('x'))
+        executable = ToyExperiment.package_async(_packageable("x"))
         with pytest.raises(
             async_packager.PackageHasNotBeenCalledError,
-            match=re.escape('.package() must be called before awaiting on the packaging result'),
+            match=re.escape(".package() must be called before awaiting on the packaging result"),
         ):
             await executable
         ToyExperiment.package()
         return await executable
 
-    assert asyncio.run(main()).name == 'x'
+    assert asyncio.run(main()).name == "x"
 
 
 def test_packaging_failure_reaches_every_queued_item():
@@ -545,15 +545,15 @@ def test_packaging_failure_reaches_every_queued_item():
         pass
 
     def failing_router(packageables):
-        raise BuildError('no space left')
+        raise BuildError("no space left")
 
     packager = async_packager.AsyncPackager(failing_router)
 
     async def main():
-        queued = packager.add(_packageable('a'))
-        with pytest.raises(BuildError, match='no space left'):
-            packager.package([_packageable('b')])
-        with pytest.raises(BuildError, match='no space left'):
+        queued = packager.add(_packageable("a"))
+        with pytest.raises(BuildError, match="no space left"):
+            packager.package([_packageable("b")])
+        with pytest.raises(BuildError, match="no space left"):
             await queued
 
     asyncio.run(main())
@@ -565,14 +565,14 @@ def test_packaging_results_are_picklable():
     packager = async_packager.AsyncPackager(
         lambda packageables: [ToyExecutable(p.executable_spec.name) for p in packageables]
     )
-    executable = packager.add(_packageable('pickled'))
+    executable = packager.add(_packageable("pickled"))
     packager.package()
     restored = pickle.loads(pickle.dumps(executable))
 
     async def main():
         return await restored
 
-    assert asyncio.run(main()) == ToyExecutable('pickled')
+    assert asyncio.run(main()) == ToyExecutable("pickled")
     assert pickle.dumps(restored) == pickle.dumps(executable)
 
 
@@ -611,33 +611,33 @@ def test_roles_are_keyword_only_dataclasses():
     role = xm.AuxiliaryUnitRole(importance=xm.Importance.HIGH, termination_delay_secs=3)
     assert (role.importance, role.termination_delay_secs) == (xm.Importance.HIGH, 3)
     assert isinstance(role, xm.ExperimentUnitRole)
-    assert 'termination_delay_secs=3' in repr(role)
+    assert "termination_delay_secs=3" in repr(role)
     assert xm.WorkUnitRole() != xm.AuxiliaryUnitRole(termination_delay_secs=0)
 
 
 def test_importance_values():
     assert [(i.name, i.value) for i in xm.Importance] == [
-        ('HIGH', 'high'),
-        ('NORMAL', 'normal'),
-        ('LOW', 'low'),
+        ("HIGH", "high"),
+        ("NORMAL", "normal"),
+        ("LOW", "low"),
     ]
 
 
 def test_launched_job_defaults():
-    job = xm.LaunchedJob(name='n')
-    assert (job.name, job.address, job.logs) == ('n', None, None)
-    assert xm.LaunchedJob(name='n', address='a', logs='l') != job
+    job = xm.LaunchedJob(name="n")
+    assert (job.name, job.address, job.logs) == ("n", None, None)
+    assert xm.LaunchedJob(name="n", address="a", logs="l") != job
 
 
 def test_error_classes():
-    error = xm.ExperimentUnitFailedError('failed', work_unit='wu')
+    error = xm.ExperimentUnitFailedError("failed", work_unit="wu")
     assert isinstance(error, xm.ExperimentUnitError)
     assert isinstance(error, RuntimeError)
-    assert (str(error), error.work_unit) == ('failed', 'wu')
-    assert xm.ExperimentUnitNotCompletedError('x').work_unit is None
+    assert (str(error), error.work_unit) == ("failed", "wu")
+    assert xm.ExperimentUnitNotCompletedError("x").work_unit is None
     assert issubclass(xm.NotFoundError, KeyError)
     with pytest.raises(TypeError):
-        xm.ExperimentUnitError('m', 'positional work unit')
+        xm.ExperimentUnitError("m", "positional work unit")
 
 
 def test_status_is_abstract():
@@ -648,7 +648,7 @@ def test_status_is_abstract():
         is_active = False
         is_completed = True
         is_failed = False
-        message = ''
+        message = ""
 
     assert Done().is_completed
 
@@ -668,9 +668,9 @@ def test_default_context():
     context = experiment.context
     assert isinstance(context, xm.MetadataContext)
     assert isinstance(context.creator, str) and context.creator
-    assert context.annotations.title == ''
-    context.annotations.set_title('ignored')
-    assert context.annotations.title == ''
+    assert context.annotations.title == ""
+    context.annotations.set_title("ignored")
+    assert context.annotations.title == ""
 
 
 def test_default_unit_methods_are_not_implemented():
@@ -734,7 +734,7 @@ def test_predictor_serialises_submissions_and_breaks_on_failure():
         assert isinstance(results[0], FirstError)
         assert isinstance(results[1], id_predictor.BrokenSequenceError)
         assert str(results[1]) == (
-            'Id 9 would never be ready to submit as submission of the previous one has failed'
+            "Id 9 would never be ready to submit as submission of the previous one has failed"
         )
 
     asyncio.run(main())
@@ -750,7 +750,7 @@ def test_run_in_asyncio_loop():
     second, loop2 = add(5)
     assert (first, second) == (3, 6)
     assert loop1 is not loop2 and loop1.is_closed()
-    assert add.__name__ == 'add'
+    assert add.__name__ == "add"
 
 
 def test_run_in_asyncio_loop_cancels_leftover_tasks():
@@ -772,3 +772,49 @@ def test_run_in_asyncio_loop_cancels_leftover_tasks():
     main()
     assert cancelled == [True]
     assert time.monotonic() - start < 5
+
+
+def test_close_event_loop_runs_queued_callbacks_and_cancels_tasks():
+    from xm import utils
+
+    loop = asyncio.new_event_loop()
+    ran = []
+    task = loop.create_task(asyncio.sleep(3600))
+    loop.run_until_complete(asyncio.sleep(0))  # the task is now waiting
+    loop.call_soon(lambda: loop.call_soon(ran.append, True))  # two iterations deep
+    utils.close_event_loop(loop)
+    assert ran == [True]
+    assert task.cancelled()
+    assert loop.is_closed()
+
+
+def test_failing_aenter_leaves_nothing_running():
+    class SetupError(Exception):
+        pass
+
+    class Broken(ToyExperiment):
+        async def __aenter__(self):
+            await super().__aenter__()
+            raise SetupError("no cluster")
+
+    experiment = Broken()
+    with pytest.raises(SetupError, match="no cluster"):
+        with experiment:
+            pass  # pragma: no cover - not reached
+    assert not experiment._event_loop_thread.is_alive()
+    assert experiment._event_loop.is_closed()
+    assert core._current_experiment.get(None) is None
+
+
+def test_subclass_can_wait_for_tasks_before_the_base_exit():
+    class Flushing(ToyExperiment):
+        def __exit__(self, *exc_info):
+            self._wait_for_tasks()
+            self.flushed = len(self.work_units[0].launched)
+            # Tasks can still be created before the base class stops the loop.
+            self._create_task(asyncio.sleep(0))
+            return super().__exit__(*exc_info)
+
+    with Flushing(max_launch_delay=0.05) as experiment:
+        experiment.add(make_job())
+    assert experiment.flushed == 1

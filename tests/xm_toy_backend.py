@@ -34,7 +34,7 @@ class ToySpec(xm.ExecutableSpec):
         return self._name
 
 
-def make_job(name=None, executable_name='exe', **kwargs):
+def make_job(name=None, executable_name="exe", **kwargs):
     return xm.Job(ToyExecutable(executable_name), ToyExecutor(), name=name, **kwargs)
 
 
@@ -50,7 +50,7 @@ def toy_router(packageables):
 class ToyWorkUnit(xm.WorkUnit):
     """Launches by recording; submits to the 'backend' in predicted-id order."""
 
-    def __init__(self, experiment, create_task, args, role, work_unit_id, identity=''):
+    def __init__(self, experiment, create_task, args, role, work_unit_id, identity=""):
         super().__init__(experiment, create_task, args, role, identity)
         self._work_unit_id = work_unit_id
         self.launched = []
@@ -63,14 +63,14 @@ class ToyWorkUnit(xm.WorkUnit):
         await asyncio.sleep(random.uniform(0, experiment.max_launch_delay))
         async with experiment._work_unit_id_predictor.submit_id(self._work_unit_id):
             experiment.submission_order.append(self._work_unit_id)
-        self.launched.extend(job_group.jobs.values())
+        self.launched.extend(xm.job_operators.flatten_jobs(job_group))
         self.args_views.append(args_view)
 
     async def _wait_until_complete(self):
         return None
 
     def stop(self, *, mark_as_failed=False, mark_as_completed=False, message=None):
-        self.stop_calls.append({'mark_as_failed': mark_as_failed, 'message': message})
+        self.stop_calls.append({"mark_as_failed": mark_as_failed, "message": message})
 
     @property
     def work_unit_id(self):
@@ -78,7 +78,7 @@ class ToyWorkUnit(xm.WorkUnit):
 
     @property
     def experiment_unit_name(self):
-        return f'{self.experiment_id}_{self._work_unit_id}'
+        return f"{self.experiment_id}_{self._work_unit_id}"
 
     @property
     def launched_jobs(self):
@@ -86,16 +86,16 @@ class ToyWorkUnit(xm.WorkUnit):
 
 
 class ToyAuxiliaryUnit(xm.ExperimentUnit):
-    def __init__(self, experiment, create_task, args, role, identity=''):
+    def __init__(self, experiment, create_task, args, role, identity=""):
         super().__init__(experiment, create_task, args, role, identity)
         self.launched = []
 
     async def _launch_job_group(self, job_group, args_view, identity):
-        self.launched.extend(job_group.jobs.values())
+        self.launched.extend(xm.job_operators.flatten_jobs(job_group))
 
     @property
     def experiment_unit_name(self):
-        return f'{self.experiment_id}_aux'
+        return f"{self.experiment_id}_aux"
 
 
 class ToyExperiment(xm.Experiment):
@@ -109,7 +109,7 @@ class ToyExperiment(xm.Experiment):
         self.submission_order = []
         self.create_unit_threads = []
 
-    def _create_experiment_unit(self, args, role, identity=''):
+    def _create_experiment_unit(self, args, role, identity=""):
         self.create_unit_threads.append(threading.current_thread())
         if isinstance(role, xm.AuxiliaryUnitRole):
             unit = ToyAuxiliaryUnit(self, self._create_task, args, role, identity)
@@ -137,4 +137,3 @@ class ToyExperiment(xm.Experiment):
     @property
     def work_units(self):
         return self._work_units
-

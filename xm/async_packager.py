@@ -82,7 +82,7 @@ class AsyncPackager:
                 queued = any(f is future for f in self._futures)
             if queued:
                 raise PackageHasNotBeenCalledError(
-                    '.package() must be called before awaiting on the packaging result'
+                    ".package() must be called before awaiting on the packaging result"
                 )
             return future
 

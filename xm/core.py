@@ -24,7 +24,7 @@ import queue
 import threading
 from collections.abc import Coroutine
 
-from xm import async_packager, id_predictor, job_blocks, job_operators, metadata_context
+from xm import async_packager, id_predictor, job_blocks, job_operators, metadata_context, utils
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is slow to import
 if TYPE_CHECKING:
@@ -46,10 +46,10 @@ if TYPE_CHECKING:
 # The experiment being entered or launched into, and (inside a launch or a job
 # generator) the experiment unit.
 _current_experiment: contextvars.ContextVar[Experiment] = contextvars.ContextVar(
-    '_xm_current_experiment'
+    "_xm_current_experiment"
 )
 _current_experiment_unit: contextvars.ContextVar[ExperimentUnit] = contextvars.ContextVar(
-    '_xm_current_experiment_unit'
+    "_xm_current_experiment_unit"
 )
 
 
@@ -60,24 +60,24 @@ def _check_if_unsupported_args_are_present(
     unsupported_args = set(args.keys()) - supported_args
     if unsupported_args:
         raise ValueError(
-            f'Arguments {unsupported_args!r} are not supported by {job_type}. Only '
-            f'{supported_args!r} are allowed.'
+            f"Arguments {unsupported_args!r} are not supported by {job_type}. Only "
+            f"{supported_args!r} are allowed."
         )
 
 
 def _apply_args_to_job(job: job_blocks.Job, args: Mapping[str, Any]) -> None:
     """Merges `args['args']` into the job's args and `args['env_vars']` into its env."""
-    _check_if_unsupported_args_are_present(args, ('args', 'env_vars'), 'xm.Job')
-    if 'args' in args:
-        job.args = job_blocks.merge_args(job.args, args['args'])
-    if 'env_vars' in args:
-        job.env_vars = {**job.env_vars, **args['env_vars']}
+    _check_if_unsupported_args_are_present(args, ("args", "env_vars"), "xm.Job")
+    if "args" in args:
+        job.args = job_blocks.merge_args(job.args, args["args"])
+    if "env_vars" in args:
+        job.env_vars = {**job.env_vars, **args["env_vars"]}
 
 
 def _apply_args_to_job_group(job_group: job_blocks.JobGroup, args: Mapping[str, Any]) -> None:
     """Applies `args[name]` to each member `name`, recursively."""
     if args:
-        _check_if_unsupported_args_are_present(args, job_group.jobs.keys(), 'xm.JobGroup')
+        _check_if_unsupported_args_are_present(args, job_group.jobs.keys(), "xm.JobGroup")
         for key, job in job_group.jobs.items():
             _apply_args(job, args.get(key, {}))
 
@@ -92,7 +92,7 @@ def _apply_args(job: job_blocks.JobType, args: Mapping[str, Any]) -> None:
     elif callable(job) or isinstance(job, job_blocks.JobConfig):
         return
     else:
-        raise TypeError(f'{job!r} is not an xm.Job, xm.JobGroup, job generator or xm.JobConfig')
+        raise TypeError(f"{job!r} is not an xm.Job, xm.JobGroup, job generator or xm.JobConfig")
 
 
 class ExperimentUnitStatus(abc.ABC):
@@ -165,7 +165,7 @@ def _work_unit_arguments(
     if args is not None:
         return args
     if isinstance(job, job_blocks.Job):
-        deduced = {'args': job.args.to_dict(kwargs_only=True), 'env_vars': job.env_vars}
+        deduced = {"args": job.args.to_dict(kwargs_only=True), "env_vars": job.env_vars}
         return {key: value for key, value in deduced.items() if value}
     if isinstance(job, job_blocks.JobGroup):
         result: Dict[str, Any] = {}
@@ -203,9 +203,9 @@ class Importance(enum.Enum):
     resources are shared with other users.
     """
 
-    HIGH = 'high'
-    NORMAL = 'normal'
-    LOW = 'low'
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
 
 
 @dataclasses.dataclass(init=False)
@@ -272,7 +272,7 @@ class ExperimentUnit(abc.ABC):
         create_task: Callable[[Awaitable[Any]], futures.Future],
         args: Optional[Mapping[str, Any]],
         role: ExperimentUnitRole,
-        identity: str = '',
+        identity: str = "",
     ) -> None:
         """Initialises the unit.
 
@@ -301,7 +301,7 @@ class ExperimentUnit(abc.ABC):
         job: job_blocks.JobType,
         args: Optional[Mapping[str, Any]] = None,
         *,
-        identity: str = '',
+        identity: str = "",
     ) -> Awaitable[None]:
         """Adds a job, a job group, a job generator or a job config to the unit.
 
@@ -327,7 +327,7 @@ class ExperimentUnit(abc.ABC):
         launch = self._launch_coroutine(job, args, identity)
         launch_task = self._create_task(launch)
         self._launch_tasks.append(launch_task)
-        return _wrap_future(launch_task, getattr(self.experiment, '_event_loop', None))
+        return _wrap_future(launch_task, getattr(self.experiment, "_event_loop", None))
 
     def _launch_coroutine(
         self, job: job_blocks.JobType, args: Optional[Mapping[str, Any]], identity: str
@@ -346,13 +346,13 @@ class ExperimentUnit(abc.ABC):
         if callable(job):
             if not _is_coroutine_function(job):
                 raise ValueError(
-                    'Job generator must be an async function. Signature needs to be '
-                    '`async def job_generator(work_unit: xm.WorkUnit) -> None:`'
+                    "Job generator must be an async function. Signature needs to be "
+                    "`async def job_generator(work_unit: xm.WorkUnit) -> None:`"
                 )
             return self._in_unit_context(job, self, **(args or {}))
         if isinstance(job, job_blocks.JobConfig):
             return self._in_unit_context(self._launch_job_config, job, args or {}, identity)
-        raise TypeError(f'{job!r} is not an xm.Job, xm.JobGroup, job generator or xm.JobConfig')
+        raise TypeError(f"{job!r} is not an xm.Job, xm.JobGroup, job generator or xm.JobConfig")
 
     async def _in_unit_context(
         self, launch: Callable[..., Any], /, *args: Any, **kwargs: Any
@@ -369,7 +369,7 @@ class ExperimentUnit(abc.ABC):
             for task in self._launch_tasks:
                 await asyncio.wrap_future(task)
         except Exception as e:
-            raise ExperimentUnitError('Experiment unit could not be created.') from e
+            raise ExperimentUnitError("Experiment unit could not be created.") from e
         await self._wait_until_complete()
         return self
 
@@ -434,7 +434,7 @@ class ExperimentUnit(abc.ABC):
 
     def get_full_job_name(self, job_name: str) -> str:
         """The full name of a job of this unit (e.g. usable as a host name)."""
-        return f'{self.experiment_unit_name}_{job_name}'
+        return f"{self.experiment_unit_name}_{job_name}"
 
     @property
     def context(self) -> metadata_context.MetadataContext:
@@ -544,8 +544,8 @@ class AuxiliaryUnitJob(abc.ABC):
 _DEFAULT_ROLE = WorkUnitRole()
 
 _NOT_ENTERED_MESSAGE = (
-    'Event loop is not running. Have you entered Experiment context '
-    'manager (e.g. with xm.create-experiment() as experiment:)?'
+    "Event loop is not running. Have you entered Experiment context "
+    "manager (e.g. with xm.create-experiment() as experiment:)?"
 )
 
 
@@ -593,13 +593,13 @@ class Experiment(abc.ABC):
             in_coroutine = False
         if in_coroutine:
             raise RuntimeError(
-                'When using Experiment from a coroutine please use `async with` syntax'
+                "When using Experiment from a coroutine please use `async with` syntax"
             )
 
         self._current_experiment_token = _current_experiment.set(self)
         self._event_loop = asyncio.new_event_loop()
         self._event_loop_thread = threading.Thread(
-            target=self._event_loop.run_forever, name='xm-experiment-loop', daemon=True
+            target=self._event_loop.run_forever, name="xm-experiment-loop", daemon=True
         )
         self._event_loop_thread.start()
         try:
@@ -617,7 +617,7 @@ class Experiment(abc.ABC):
         """Stops the background loop, joins its thread and closes the loop."""
         self._event_loop.call_soon_threadsafe(self._event_loop.stop)
         self._event_loop_thread.join()
-        self._event_loop.close()
+        utils.close_event_loop(self._event_loop)
 
     def _wait_for_tasks(self) -> None:
         """Waits for every queued task (including ones queued meanwhile).
@@ -693,9 +693,7 @@ class Experiment(abc.ABC):
         return cls._async_packager.package(packageables)
 
     @classmethod
-    def package_async(
-        cls, packageable: job_blocks.Packageable
-    ) -> Awaitable[job_blocks.Executable]:
+    def package_async(cls, packageable: job_blocks.Packageable) -> Awaitable[job_blocks.Executable]:
         """Queues `packageable`; the next `package()` call builds it.
 
             train = experiment.package_async(xm.python_container(...))
@@ -715,7 +713,7 @@ class Experiment(abc.ABC):
         args: Optional[Mapping[str, Any]] = None,
         *,
         role: ExperimentUnitRole = _DEFAULT_ROLE,
-        identity: str = '',
+        identity: str = "",
     ) -> Awaitable[ExperimentUnit]:
         """Adds a job, group, generator or config to a new experiment unit.
 
@@ -757,7 +755,7 @@ class Experiment(abc.ABC):
         self,
         args: Optional[Mapping[str, Any]],
         role: ExperimentUnitRole,
-        identity: str = '',
+        identity: str = "",
     ) -> Awaitable[ExperimentUnit]:
         """Starts creating a unit and returns an awaitable for it.
 
@@ -772,7 +770,7 @@ class Experiment(abc.ABC):
         raise NotImplementedError
 
     def _check_event_loop_is_running(self) -> None:
-        loop = getattr(self, '_event_loop', None)
+        loop = getattr(self, "_event_loop", None)
         if loop is None or loop.is_closed() or not loop.is_running():
             raise RuntimeError(_NOT_ENTERED_MESSAGE)
 
@@ -827,8 +825,21 @@ def _wrap_future(future: futures.Future, loop: Any) -> asyncio.Future:
     import asyncio
 
     wrapped = asyncio.wrap_future(future, loop=loop)
-    wrapped.add_done_callback(_retrieve_exception)
+    if loop is None or _running_loop() is loop:
+        wrapped.add_done_callback(_retrieve_exception)
+    else:
+        # Futures are not thread-safe: the result may be arriving right now.
+        loop.call_soon_threadsafe(wrapped.add_done_callback, _retrieve_exception)
     return wrapped
+
+
+def _running_loop() -> Any:
+    import asyncio
+
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _retrieve_exception(future: asyncio.Future) -> None:
@@ -844,7 +855,7 @@ def _stop_failed_unit(experiment_unit: ExperimentUnit) -> None:
     try:
         experiment_unit.stop(
             mark_as_failed=True,
-            message=f'Work unit creation failed. {traceback.format_exc()}',
+            message=f"Work unit creation failed. {traceback.format_exc()}",
         )
     except Exception as stop_exception:
         logging.getLogger(__name__).error("Couldn't stop experiment unit: %s", stop_exception)

@@ -17,16 +17,16 @@ if TYPE_CHECKING:
 
 def name_from_path(path: str) -> str:
     """A name usable as a job name, from the last component of `path`."""
-    return re.sub(r'\W', '_', os.path.basename(path.rstrip(os.sep)))
+    return re.sub(r"\W", "_", os.path.basename(path.rstrip(os.sep)))
 
 
-class ModuleName(collections.namedtuple('ModuleName', ['module_name'])):
+class ModuleName(collections.namedtuple("ModuleName", ["module_name"])):
     """A Python module to run (`python -m module_name`)."""
 
     __slots__ = ()
 
 
-class CommandList(collections.namedtuple('CommandList', ['commands'])):
+class CommandList(collections.namedtuple("CommandList", ["commands"])):
     """Shell commands to run, in order."""
 
     __slots__ = ()
@@ -42,13 +42,13 @@ class Dockerfile(job_blocks.ExecutableSpec):
         `{path}/Dockerfile`. Relative paths are relative to the launcher.
     """
 
-    path: str = '.'
+    path: str = "."
     dockerfile: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.path = utils.resolve_path_relative_to_launcher(self.path)
         if not self.dockerfile:
-            self.dockerfile = os.path.join(self.path, 'Dockerfile')
+            self.dockerfile = os.path.join(self.path, "Dockerfile")
         self.dockerfile = utils.resolve_path_relative_to_launcher(self.dockerfile)
 
     @property
@@ -71,7 +71,7 @@ class PythonContainer(job_blocks.ExecutableSpec):
     """
 
     entrypoint: Union[ModuleName, CommandList]
-    path: str = '.'
+    path: str = "."
     base_image: Optional[str] = None
     docker_instructions: Optional[List[str]] = None
     use_deep_module: bool = False

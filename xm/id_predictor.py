@@ -73,8 +73,8 @@ class Predictor:
             try:
                 if self._is_broken:
                     raise BrokenSequenceError(
-                        f'Id {id_to_submit} would never be ready to submit as '
-                        'submission of the previous one has failed'
+                        f"Id {id_to_submit} would never be ready to submit as "
+                        "submission of the previous one has failed"
                     )
                 yield
                 self._last_created_id = id_to_submit

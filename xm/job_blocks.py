@@ -14,28 +14,28 @@ TYPE_CHECKING = False  # typing is not imported at run time: it is slow to impor
 if TYPE_CHECKING:
     from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
-    UserArgs = Union[Mapping, Sequence, 'SequentialArgs']
+    UserArgs = Union[Mapping, Sequence, "SequentialArgs"]
     JobGeneratorType = Callable[..., Optional[Awaitable]]
-    JobType = Union['Job', 'JobGroup', JobGeneratorType, 'JobConfig']
-    JobTypeVar = TypeVar('JobTypeVar', 'Job', 'JobGroup', JobGeneratorType, 'JobConfig')
+    JobType = Union["Job", "JobGroup", JobGeneratorType, "JobConfig"]
+    JobTypeVar = TypeVar("JobTypeVar", "Job", "JobGroup", JobGeneratorType, "JobConfig")
 
-_TYPE_ALIASES = ('UserArgs', 'JobGeneratorType', 'JobType', 'JobTypeVar')
+_TYPE_ALIASES = ("UserArgs", "JobGeneratorType", "JobType", "JobTypeVar")
 
 
 def __getattr__(name: str) -> Any:
     """Creates the typing aliases on first use, so `typing` loads only then."""
     if name not in _TYPE_ALIASES:
-        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from typing import Awaitable, Callable, Optional, TypeVar, Union
 
     generator_type = Callable[..., Optional[Awaitable]]
     aliases = {
         # Arguments as users give them.
-        'UserArgs': Union[Mapping, Sequence, SequentialArgs],
+        "UserArgs": Union[Mapping, Sequence, SequentialArgs],
         # Job generators are async functions `async def gen(work_unit, **kwargs)`.
-        'JobGeneratorType': generator_type,
-        'JobType': Union[Job, JobGroup, generator_type, JobConfig],
-        'JobTypeVar': TypeVar('JobTypeVar', Job, JobGroup, generator_type, JobConfig),
+        "JobGeneratorType": generator_type,
+        "JobType": Union[Job, JobGroup, generator_type, JobConfig],
+        "JobTypeVar": TypeVar("JobTypeVar", Job, JobGroup, generator_type, JobConfig),
     }
     globals().update(aliases)
     return aliases[name]
@@ -51,7 +51,7 @@ def print_none_warning(key: str) -> None:
     import logging
 
     logging.getLogger(__name__).warning(
-        'Setting `%s=None` will exclude the flag. To pass the actual value, '
+        "Setting `%s=None` will exclude the flag. To pass the actual value, "
         'pass the string literal `%s="None"` instead',
         key,
         key,
@@ -114,8 +114,8 @@ class SequentialArgs:
             return result
         if isinstance(collection, str):
             raise ValueError(
-                f'Tried to construct xm.SequentialArgs from a string: {collection!r}. '
-                f'Wrap it in a list: [{collection!r}] to make it a single argument.'
+                f"Tried to construct xm.SequentialArgs from a string: {collection!r}. "
+                f"Wrap it in a list: [{collection!r}] to make it a single argument."
             )
         if isinstance(collection, SequentialArgs):
             result._merge_from(collection)
@@ -127,8 +127,8 @@ class SequentialArgs:
                 result._ingest_regular_item(value)
         else:
             raise TypeError(
-                'xm.SequentialArgs can be built from a mapping, a sequence, '
-                f'xm.SequentialArgs or None; got {type(collection).__name__}: {collection!r}'
+                "xm.SequentialArgs can be built from a mapping, a sequence, "
+                f"xm.SequentialArgs or None; got {type(collection).__name__}: {collection!r}"
             )
         return result
 
@@ -162,8 +162,8 @@ class SequentialArgs:
         if type(value) in (list, tuple) and not _is_nested_structure(value):
             # Repeat the flag per element, as absl expects for multi flags.
             # Nested sequences are rendered whole; the program parses them.
-            return [kwargs_joiner(escaper(f'--{name}'), escaper(v)) for v in value]
-        return [kwargs_joiner(escaper(f'--{name}'), escaper(value))]
+            return [kwargs_joiner(escaper(f"--{name}"), escaper(v)) for v in value]
+        return [kwargs_joiner(escaper(f"--{name}"), escaper(value))]
 
     def to_list(
         self,
@@ -255,15 +255,14 @@ class Executor(abc.ABC):
         raise NotImplementedError
 
 
-_ENV_VAR_NAME = re.compile('[a-zA-Z_][a-zA-Z0-9_]*')
+_ENV_VAR_NAME = re.compile("[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 def _validate_env_vars(env_vars: Mapping[str, str]) -> None:
     for key in env_vars:
         if not isinstance(key, str) or not _ENV_VAR_NAME.fullmatch(key):
             raise ValueError(
-                'Environment variables names must conform to '
-                f'[a-zA-Z_][a-zA-Z0-9_]*. Got {key!r}.'
+                f"Environment variables names must conform to [a-zA-Z_][a-zA-Z0-9_]*. Got {key!r}."
             )
 
 
@@ -343,9 +342,9 @@ class JobGroup:
         self.constraints = list(constraints) if constraints else []
 
     def __repr__(self) -> str:
-        items = [f'{name}={job!r}' for name, job in self.jobs.items()]
+        items = [f"{name}={job!r}" for name, job in self.jobs.items()]
         if self.constraints:
-            items.append(f'constraints={self.constraints!r}')
+            items.append(f"constraints={self.constraints!r}")
         return f"JobGroup({', '.join(items)})"
 
 
@@ -360,5 +359,5 @@ def get_args_for_all_jobs(job: JobType, args: Dict[str, Any]) -> Dict[str, Any]:
     by job name for a (possibly nested) `JobGroup`.
     """
     if not isinstance(job, JobGroup):
-        return {'args': dict(args)}
+        return {"args": dict(args)}
     return {name: get_args_for_all_jobs(member, args) for name, member in job.jobs.items()}

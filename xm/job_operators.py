@@ -33,7 +33,7 @@ def shallow_copy_job_type(job_type: job_blocks.JobTypeVar) -> job_blocks.JobType
         return job_type
     if isinstance(job_type, job_blocks.JobConfig):
         return copy.copy(job_type)
-    raise TypeError(f'{job_type!r} is not an xm.Job, xm.JobGroup, job generator or xm.JobConfig')
+    raise TypeError(f"{job_type!r} is not an xm.Job, xm.JobGroup, job generator or xm.JobConfig")
 
 
 def populate_job_names(job_type: job_blocks.JobTypeVar) -> None:
@@ -48,7 +48,7 @@ def populate_job_names(job_type: job_blocks.JobTypeVar) -> None:
 def _populate_job_names(prefix: Sequence[str], target: Any) -> None:
     if isinstance(target, job_blocks.Job):
         if target.name is None:
-            target.name = '_'.join(prefix) if prefix else target.executable.name
+            target.name = "_".join(prefix) if prefix else target.executable.name
     elif isinstance(target, job_blocks.JobGroup):
         for key, job in target.jobs.items():
             _populate_job_names([*prefix, key], job)
@@ -66,7 +66,7 @@ def collect_jobs_by_filter(
         return collected
     if isinstance(job_group, job_blocks.Job):
         return [job_group] if predicate(job_group) else []
-    raise TypeError(f'Expected xm.Job or xm.JobGroup, got {job_group!r}')
+    raise TypeError(f"Expected xm.Job or xm.JobGroup, got {job_group!r}")
 
 
 @dataclasses.dataclass
@@ -90,7 +90,7 @@ def _cliques_and_jobs(target: Any) -> Tuple[List[ConstraintClique], List[job_blo
     if isinstance(target, job_blocks.Job):
         return [], [target]
     if not isinstance(target, job_blocks.JobGroup):
-        raise TypeError(f'Expected xm.Job or xm.JobGroup, got {target!r}')
+        raise TypeError(f"Expected xm.Job or xm.JobGroup, got {target!r}")
     cliques: List[ConstraintClique] = []
     jobs: List[job_blocks.Job] = []
     for job in target.jobs.values():

@@ -18,7 +18,7 @@ class ContextAnnotations:
     @property
     def title(self) -> str:
         """A human-readable title; titles need not be unique."""
-        return ''
+        return ""
 
     def set_title(self, title: str) -> None:
         """Sets the title (ignored unless a backend stores it)."""

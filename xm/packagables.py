@@ -1,6 +1,6 @@
 """Shorthands that build a `Packageable` from an executor spec and a spec's fields.
 
-    experiment.package([xm.python_container(executor.Spec(), xm.ModuleName('train'))])
+experiment.package([xm.python_container(executor.Spec(), xm.ModuleName('train'))])
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def bazel_container(
 def python_container(
     executor_spec: job_blocks.ExecutorSpec,
     entrypoint: Union[executables.ModuleName, executables.CommandList],
-    path: str = '.',
+    path: str = ".",
     base_image: Optional[str] = None,
     docker_instructions: Optional[List[str]] = None,
     use_deep_module: bool = False,
@@ -104,7 +104,7 @@ def python_container(
 
 def dockerfile_container(
     executor_spec: job_blocks.ExecutorSpec,
-    path: str = '.',
+    path: str = ".",
     dockerfile: Optional[str] = None,
     *,
     args: Optional[job_blocks.UserArgs] = None,
@@ -113,4 +113,3 @@ def dockerfile_container(
     """An image built from a Dockerfile (`xm.Dockerfile`)."""
     spec = executables.Dockerfile(path=path, dockerfile=dockerfile)
     return _packageable(spec, executor_spec, args, env_vars)
-

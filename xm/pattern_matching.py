@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, Iterable, Tuple, Union
 
 def _runtime_type(annotation: Any) -> Any:
     """Maps `Callable[..., X]`, `List[int]` etc. to the class `isinstance` needs."""
-    return getattr(annotation, '__origin__', annotation)
+    return getattr(annotation, "__origin__", annotation)
 
 
 class Case:
@@ -37,7 +37,7 @@ class Case:
         )
 
     def __repr__(self) -> str:
-        return f'Case({self.kind!r}, {self.handle!r})'
+        return f"Case({self.kind!r}, {self.handle!r})"
 
 
 def _deduce_types(handler: Callable[..., Any]) -> Tuple[Any, ...]:
@@ -47,14 +47,14 @@ def _deduce_types(handler: Callable[..., Any]) -> Tuple[Any, ...]:
     try:
         hints = typing.get_type_hints(handler)
     except Exception:  # e.g. a string annotation naming a local class
-        hints = dict(getattr(handler, '__annotations__', {}))
+        hints = dict(getattr(handler, "__annotations__", {}))
     kinds = []
     for parameter in inspect.signature(handler).parameters.values():
         if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
             continue
         if parameter.name not in hints:
             raise ValueError(
-                f'{parameter.name} argument of a {handler} is missing a type annotation.'
+                f"{parameter.name} argument of a {handler} is missing a type annotation."
             )
         kinds.append(hints[parameter.name])
     return tuple(kinds)
@@ -73,10 +73,10 @@ def match(*handlers: Union[Case, Callable[..., Any]]) -> Callable[..., Any]:
             if case.matches(*values):
                 return case.handle(*values)
         value_types = tuple(type(value) for value in values)
-        known_types = '\n'.join(str(case.kind) for case in cases)
+        known_types = "\n".join(str(case.kind) for case in cases)
         raise TypeError(
-            f'{values} did not match any type pattern. Values have following types:\n'
-            f'{value_types}\nWhich does not match any of:\n{known_types}'
+            f"{values} did not match any type pattern. Values have following types:\n"
+            f"{value_types}\nWhich does not match any of:\n{known_types}"
         )
 
     return apply

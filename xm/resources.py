@@ -25,13 +25,13 @@ if TYPE_CHECKING:
         Union,
     )
 
-    ResourceQuantity = Union[int, float, str, 'Topology']
+    ResourceQuantity = Union[int, float, str, "Topology"]
 
 
 def __getattr__(name: str) -> Any:
     """Creates the `ResourceQuantity` alias on first use (`typing` is slow to load)."""
-    if name != 'ResourceQuantity':
-        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    if name != "ResourceQuantity":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from typing import Union
 
     global ResourceQuantity
@@ -40,7 +40,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> List[str]:
-    return sorted({*globals(), 'ResourceQuantity'})
+    return sorted({*globals(), "ResourceQuantity"})
 
 
 class _CaseInsensitiveEnumMeta(enum.EnumMeta):
@@ -50,7 +50,7 @@ class _CaseInsensitiveEnumMeta(enum.EnumMeta):
         try:
             return super().__getitem__(name.upper())
         except (KeyError, AttributeError):
-            raise KeyError(f'Unknown {cls.__name__} {name!r}') from None
+            raise KeyError(f"Unknown {cls.__name__} {name!r}") from None
 
 
 class ResourceType(enum.Enum, metaclass=_CaseInsensitiveEnumMeta):
@@ -146,7 +146,7 @@ class _EnumSubsetMeta(type):
     def __call__(cls, value: int) -> ResourceType:
         resource = ResourceType(value)
         if resource not in cls._members:
-            raise ValueError(f'{value} is not a valid {cls.__name__}')
+            raise ValueError(f"{value} is not a valid {cls.__name__}")
         return resource
 
     def contains(cls, value: object) -> bool:
@@ -167,10 +167,10 @@ def _enum_subset(class_name: str, values: Iterable[ResourceType]) -> type:
     return _EnumSubsetMeta(class_name, (), namespace)
 
 
-TpuType = _enum_subset('TpuType', [ResourceType.TPU_V2, ResourceType.TPU_V3])
+TpuType = _enum_subset("TpuType", [ResourceType.TPU_V2, ResourceType.TPU_V3])
 
 GpuType = _enum_subset(
-    'GpuType',
+    "GpuType",
     [
         # LOCAL_GPU is not listed: it names a device, not a GPU model.
         ResourceType.P4,
@@ -198,9 +198,7 @@ GpuType = _enum_subset(
     ],
 )
 
-_AcceleratorType = _enum_subset(
-    '_AcceleratorType', [ResourceType.LOCAL_GPU, *TpuType, *GpuType]
-)
+_AcceleratorType = _enum_subset("_AcceleratorType", [ResourceType.LOCAL_GPU, *TpuType, *GpuType])
 
 
 class ResourceDict(MutableMapping):
@@ -230,7 +228,7 @@ class ResourceDict(MutableMapping):
 
     def __str__(self) -> str:
         """E.g. 'CPU: 2.0, MEMORY: 1073741824.0, V100: 1.0' (sorted)."""
-        return ', '.join(sorted(f'{key}: {value}' for key, value in self.items()))
+        return ", ".join(sorted(f"{key}: {value}" for key, value in self.items()))
 
     def __add__(self, rhs: ResourceDict) -> ResourceDict:
         result = ResourceDict()
@@ -260,10 +258,10 @@ class Topology:
     """
 
     def __init__(self, name: str) -> None:
-        if not re.fullmatch(r'([\d]+x?)+(_(un)?twisted)?', name):
-            raise InvalidTpuTopologyError(f'Invalid TPU topology: {name}.')
+        if not re.fullmatch(r"([\d]+x?)+(_(un)?twisted)?", name):
+            raise InvalidTpuTopologyError(f"Invalid TPU topology: {name}.")
         self._name = name
-        self.dimensions = [int(d) for d in name.split('_')[0].split('x') if d]
+        self.dimensions = [int(d) for d in name.split("_")[0].split("x") if d]
 
     @property
     def chip_count(self) -> int:
@@ -275,7 +273,7 @@ class Topology:
         return self._name
 
     def __repr__(self) -> str:
-        return f'xm.Topology({self.name!r})'
+        return f"xm.Topology({self.name!r})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Topology):
@@ -292,7 +290,7 @@ def _parse_resource_quantity(
     """Returns the amount and, for `'NxM'` strings or Topologies, the topology."""
     try:
         if isinstance(value, str):
-            if 'x' in value:
+            if "x" in value:
                 topology = Topology(value)
                 return topology.chip_count, topology
             # No unit suffixes: write `8 * xm.GiB`, not '8GiB'.
@@ -311,9 +309,7 @@ def _resource_type(resource_name: Union[ResourceType, str]) -> ResourceType:
         return resource_name
     if isinstance(resource_name, str):
         return ResourceType[resource_name]
-    raise TypeError(
-        f'Resource names must be strings or xm.ResourceType, got {resource_name!r}'
-    )
+    raise TypeError(f"Resource names must be strings or xm.ResourceType, got {resource_name!r}")
 
 
 _NO_RESOURCES: Mapping[Any, Any] = types.MappingProxyType({})
@@ -366,6 +362,7 @@ class JobRequirements:
         self.task_requirements = ResourceDict()
         self.accelerator = None
         self.topology = None
+        self.replicas = 1
 
         for resource_name, value in itertools.chain(resources.items(), kw_resources.items()):
             self._add_resource(resource_name, value)
@@ -378,8 +375,8 @@ class JobRequirements:
             hosts = self.topology.dimensions[1]
             if replicas is not None and replicas != hosts:
                 raise ValueError(
-                    f'For multihost GPUs with topology {self.topology}, replicas should '
-                    f'be either None or {hosts}. Found: {replicas}'
+                    f"For multihost GPUs with topology {self.topology}, replicas should "
+                    f"be either None or {hosts}. Found: {replicas}"
                 )
             replicas = hosts
 
@@ -391,13 +388,13 @@ class JobRequirements:
         resource = _resource_type(resource_name)
         if resource in _AcceleratorType:
             if self.accelerator is not None:
-                raise ValueError('Accelerator already set.')
+                raise ValueError("Accelerator already set.")
             self.accelerator = resource
-            self.topology = topology or Topology(f'{scalar:g}')
+            self.topology = topology or Topology(f"{scalar:g}")
         elif topology is not None:
-            raise ValueError(f'A topology specified for non accelerator resource {resource}.')
+            raise ValueError(f"A topology specified for non accelerator resource {resource}.")
         if resource in self.task_requirements:
-            raise ValueError(f'{resource} has been specified twice.')
+            raise ValueError(f"{resource} has been specified twice.")
         self.task_requirements[resource] = scalar
 
     @property
@@ -411,19 +408,19 @@ class JobRequirements:
     def _validate_replicas(self) -> None:
         """TPU jobs cannot be replicated."""
         if self.replicas > 1 and self.accelerator in TpuType:
-            raise ValueError(f'Replicated jobs are not supported for {self.accelerator}.')
+            raise ValueError(f"Replicated jobs are not supported for {self.accelerator}.")
 
     def __repr__(self) -> str:
         args = []
         for resource, value in self.task_requirements.items():
             if resource in TpuType:
-                args.append(f'{resource.name.lower()}={self.topology!r}')
+                args.append(f"{resource.name.lower()}={self.topology!r}")
             else:
-                args.append(f'{resource.name.lower()}={value!r}')
+                args.append(f"{resource.name.lower()}={value!r}")
         if self.location:
-            args.append(f'location={self.location!r}')
+            args.append(f"location={self.location!r}")
         if self.service_tier != ServiceTier.PROD:
-            args.append(f'service_tier=xm.{self.service_tier}')
+            args.append(f"service_tier=xm.{self.service_tier}")
         if self.replicas != 1:
-            args.append(f'replicas={self.replicas}')
+            args.append(f"replicas={self.replicas}")
         return f"xm.JobRequirements({', '.join(args)})"

@@ -37,9 +37,7 @@ class ShellSafeArg(SpecialArg):
 
     def __str__(self) -> str:
         # An f-string would silently turn this into an ordinary (quoted) value.
-        raise RuntimeError(
-            f'Converting {self!r} to a string would strip the ShellSafe semantics.'
-        )
+        raise RuntimeError(f"Converting {self!r} to a string would strip the ShellSafe semantics.")
 
 
 def ARG_ESCAPER(value: Any) -> str:  # upper case: the name upstream exports
@@ -57,7 +55,7 @@ def ARG_ESCAPER(value: Any) -> str:  # upper case: the name upstream exports
 
 def trivial_kwargs_joiner(key: str, value: str) -> str:
     """Joins a rendered flag and its rendered value as `key=value`."""
-    return f'{key}={value}'
+    return f"{key}={value}"
 
 
 def run_in_asyncio_loop(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,24 +74,34 @@ def run_in_asyncio_loop(f: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return loop.run_until_complete(f(*args, **kwargs))
         finally:
-            try:
-                _cancel_remaining_tasks(loop)
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            finally:
-                loop.close()
+            close_event_loop(loop)
 
     return decorated
 
 
-def _cancel_remaining_tasks(loop: Any) -> None:
-    """Cancels tasks left behind in `loop` so closing it does not warn."""
+def close_event_loop(loop: Any) -> None:
+    """Closes a stopped event loop cleanly, like `asyncio.run` does.
+
+    Leftover tasks are cancelled, callbacks already queued (e.g. results on
+    their way to futures) run, async generators are finalised; closing then
+    releases the loop's file descriptors.
+    """
     import asyncio
 
-    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-    for task in pending:
-        task.cancel()
-    if pending:
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    async def let_queued_callbacks_run() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    try:
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(let_queued_callbacks_run())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
 
 
 # --- Launch script and relative paths --------------------------------------
@@ -135,13 +143,13 @@ def find_launch_script_path() -> str:
     """
     if _launch_script:
         return os.path.abspath(_launch_script)
-    script = sys.argv[0] if sys.argv else ''
-    if not script.endswith('.py'):
-        main_file = getattr(sys.modules.get('__main__'), '__file__', None)
+    script = sys.argv[0] if sys.argv else ""
+    if not script.endswith(".py"):
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
         if main_file and os.access(main_file, os.R_OK):
             script = main_file
-    if not script or script in ('-', '-c', '-m'):
-        return ''
+    if not script or script in ("-", "-c", "-m"):
+        return ""
     return os.path.abspath(os.path.join(_START_DIR, script))
 
 
@@ -163,9 +171,9 @@ def resolve_path_relative_to_launcher(path: str) -> str:
         return os.path.realpath(os.path.join(_START_DIR, path))
     if not os.access(script, os.R_OK):
         raise RuntimeError(
-            'Unable to determine launch script path. '
-            f'The script is not present at {script!r}. '
-            'This may happen if launch script changes the working directory.'
+            "Unable to determine launch script path. "
+            f"The script is not present at {script!r}. "
+            "This may happen if launch script changes the working directory."
         )
     base = os.path.dirname(os.path.realpath(script))
     return os.path.realpath(os.path.join(base, path))
