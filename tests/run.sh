@@ -44,6 +44,6 @@ for v in $versions; do
     continue
   fi
   step "pytest: unit tests on $("$py" --version)"
-  "$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore pytest
+  "$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore pytest absl-py
   LXM3_REQUIRE_TESTBED=0 "$py" -m pytest -q -m "not testbed" -p no:cacheprovider
 done

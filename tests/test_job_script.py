@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -185,10 +186,11 @@ def test_workdir_removed_when_the_task_is_terminated(tmp_path):
 def test_unpacks_with_python_when_unzip_is_missing(tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    for tool in ("bash", "sed", "mktemp", "rm", "python3", "cat", "env"):
+    for tool in ("bash", "sed", "mktemp", "rm", "cat", "env"):
         found = shutil.which(tool)
         assert found, tool
         os.symlink(found, bindir / tool)
+    os.symlink(os.path.realpath(sys.executable), bindir / "python3")  # not a pyenv shim
     main = """\
         import os, stat
         mode = os.stat("echoapp/tool.sh").st_mode
