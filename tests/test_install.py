@@ -22,12 +22,12 @@ def make_venv(path, with_pip=False):
 def test_import_in_an_empty_venv_loads_only_the_standard_library(tmp_path):
     python = make_venv(tmp_path / "venv")
     code = (
-        "import sys, json; sys.path.insert(0, %r)\n"
+        f"import sys, json; sys.path.insert(0, {ROOT!r})\n"
         "before = set(sys.modules)\n"
         "from lxm3 import xm, xm_cluster\n"
         "import lxm3.xm_cluster\n"
         "assert xm_cluster.PythonPackage and xm.JobRequirements is xm_cluster.JobRequirements\n"
-        "print(json.dumps(sorted(set(sys.modules) - before)))\n" % ROOT
+        "print(json.dumps(sorted(set(sys.modules) - before)))\n"
     )
     proc = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
