@@ -24,7 +24,7 @@ import string
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import (
     Any,
     Callable,
@@ -1285,6 +1285,15 @@ class Connection:
             raise ClusterError(f"{what} on {self.target} failed: {stderr or stdout.strip()}")
         return stdout
 
+    def run_streaming(self, command: str) -> int:
+        """Run a shell command there with its output passed straight through."""
+        import subprocess
+
+        if not self.remote:
+            return subprocess.call(["bash", "-c", command])
+        self.open()
+        return subprocess.call(["ssh", *self._ssh_options(), self.cluster.server, command])
+
     def copy_tree(self, local_dir: str, remote_dir: str) -> None:
         """Copy ``local_dir``'s contents into ``remote_dir``; existing files are kept.
 
@@ -1482,16 +1491,22 @@ lxm_load() {
 
 [[ $LXM_TASK_ID =~ ^[0-9]+$ && $LXM_TASK_ID -lt $LXM_NUM_TASKS ]] ||
   lxm_fail "task index '$LXM_TASK_ID' is not in 0..$((LXM_NUM_TASKS - 1))"
+lxm_workdir=
+lxm_exit() {  # on every exit: remove the unpacked archive@@{exit_record_comment}
+  local status=$?
+  [[ -z $lxm_workdir ]] || rm -rf -- "$lxm_workdir"
+  @@{exit_record}
+}
+trap lxm_exit EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
 lxm_args=()
 lxm_load 1 '#common'
 lxm_load $((LXM_TASK_ID + 2)) "#$LXM_TASK_ID"
 export LXM_EXPERIMENT_ID LXM_WORK_UNIT_ID LXM_NUM_TASKS LXM_TASK_ID
 
 lxm_workdir=$(mktemp -d "${TMPDIR:-/tmp}/lxm3-XXXXXXXX") || lxm_fail "cannot create a temporary directory"
-trap 'rm -rf -- "$lxm_workdir"' EXIT
-trap 'exit 129' HUP
-trap 'exit 130' INT
-trap 'exit 143' TERM
 if command -v unzip >/dev/null 2>&1; then
   unzip -q "$lxm_archive" -d "$lxm_workdir"
 else  # Python's zipfile drops file modes: restore them
@@ -1513,6 +1528,10 @@ exit $?
 """)
 
 
+EXIT_RECORD = "printf '\\nlxm3-exit: task %s status %s\\n' \"$LXM_TASK_ID\" \"$status\""
+EXIT_RECORD_PATTERN = re.compile(r"lxm3-exit: task (\d+) status (\d+)\s*$")
+
+
 def shell_quote(value: str) -> str:
     import shlex
 
@@ -1530,12 +1549,15 @@ def render_job_script(
     tasks_file: str,
     setup: str = "",
     run: str = "bash ./entrypoint.sh",
+    exit_record: bool = False,
 ) -> str:
     """The job script of one work unit; executors supply ``header`` and ``task_id``.
 
     ``task_id`` is bash that sets LXM_TASK_ID (0-based) from the scheduler's
     own task variable; ``setup`` runs before the program (``module load``);
-    ``run`` is the command line that runs the entrypoint.
+    ``run`` is the command line that runs the entrypoint. With ``exit_record``
+    the task's last log line is ``lxm3-exit: task I status S``: the truth of
+    last resort for ``lxm3 status`` on clusters without accounting.
     """
     return JOB_SCRIPT.substitute(
         header=header,
@@ -1548,6 +1570,8 @@ def render_job_script(
         tasks_file=shell_quote(tasks_file),
         setup=setup,
         run=run,
+        exit_record=EXIT_RECORD if exit_record else ":",
+        exit_record_comment=", and say how the task ended" if exit_record else "",
     )
 
 
@@ -1903,6 +1927,90 @@ def parse_submission_output(output: str, submissions: Sequence[ArraySubmission])
 
 
 # ---------------------------------------------------------------------------
+# Records: what was launched, kept in the user's state directory
+# ---------------------------------------------------------------------------
+#
+# One JSON file per experiment, <state>/experiments/<id>.json, replaced
+# atomically on every update; ids are claimed with O_EXCL so that launches
+# started in the same millisecond still get their own.
+
+RECORD_VERSION = 1
+
+
+def state_dir() -> str:
+    return os.path.join(_xdg_dir("XDG_STATE_HOME", os.path.join(".local", "state")), "lxm3")
+
+
+def _record_path(experiment_id: int) -> str:
+    return os.path.join(state_dir(), "experiments", f"{experiment_id}.json")
+
+
+def claim_experiment_id() -> int:
+    """A new id (milliseconds since the epoch, as lxm3 0.4.2), unique on this machine."""
+    os.makedirs(os.path.dirname(_record_path(0)), exist_ok=True)
+    experiment_id = int(time.time() * 1000)
+    while True:
+        try:
+            fd = os.open(_record_path(experiment_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            experiment_id += 1
+            continue
+        os.close(fd)
+        return experiment_id
+
+
+def save_record(record: Mapping[str, Any]) -> None:
+    _write_json_atomic(_record_path(record["experiment_id"]), record)
+
+
+def load_record(experiment_id: Union[int, str]) -> Dict[str, Any]:
+    """The record of a past launch; ``lxm3 list`` shows the ids."""
+    if not str(experiment_id).isdigit():
+        raise LaunchError(f"{experiment_id!r} is not an experiment id; 'lxm3 list' shows them")
+    record = _read_json(_record_path(int(experiment_id)))
+    if not record:
+        raise LaunchError(f"no record of experiment {experiment_id} in {os.path.dirname(_record_path(0))}; "
+                          "'lxm3 list' shows the experiments launched from this machine")
+    return record
+
+
+def list_records(limit: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Records, newest first; files still being claimed (empty) are skipped."""
+    directory = os.path.dirname(_record_path(0))
+    try:
+        ids = sorted((int(n[:-5]) for n in os.listdir(directory)
+                      if n.endswith(".json") and n[:-5].isdigit()), reverse=True)
+    except FileNotFoundError:
+        return []
+    records = []
+    for experiment_id in ids:
+        record = _read_json(_record_path(experiment_id))
+        if record:
+            records.append(record)
+            if limit and len(records) >= limit:
+                break
+    return records
+
+
+def git_state(directory: str) -> Optional[Dict[str, Any]]:
+    """The commit and dirtiness of the repository holding ``directory``, if any."""
+    import subprocess
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            proc = subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True)
+        except OSError:
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(changes), "root": git("rev-parse", "--show-toplevel")}
+
+
+# ---------------------------------------------------------------------------
 # Running on the local machine
 # ---------------------------------------------------------------------------
 
@@ -2134,6 +2242,41 @@ def _job_name(title: str, experiment_id: int, work_unit_id: int) -> str:
     return re.sub(r"\W", "_", f"{title}_{experiment_id}_{work_unit_id}")
 
 
+def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig, scheduler: str,
+                           launches: Sequence[PendingLaunch], info: ClusterInfo,
+                           tree: str) -> Tuple[List[ArraySubmission], List[str]]:
+    """Write into ``tree`` what goes to the staging directory (archives as links,
+    job scripts, tasks files); return the submissions and log directories."""
+    limit = array_limit(scheduler, info)
+    xid = experiment.experiment_id
+    experiment_dir = f"{info.staging}/experiments/{xid}"
+    submissions: List[ArraySubmission] = []
+    log_dirs = []
+    os.makedirs(os.path.join(tree, "archives"), exist_ok=True)
+    for launch in launches:
+        archive, wid = launch.executable.archive, launch.work_unit.work_unit_id
+        link = os.path.join(tree, "archives", archive.name)
+        if not os.path.lexists(link):
+            os.symlink(archive.path, link)
+        unit_dir, job_name = f"{experiment_dir}/wu{wid}", _job_name(experiment.experiment_title, xid, wid)
+        log_dir = (_path_there(info, launch.executor.log_directory)
+                   if launch.executor.log_directory else f"{unit_dir}/logs")
+        script = render_job_script(
+            header=_cluster_header(launch.executor, cluster, job_name),
+            task_id=SLURM_TASK_ID if scheduler == "slurm" else SGE_TASK_ID,
+            experiment_id=xid, work_unit_id=wid, num_tasks=len(launch.tasks),
+            archive=f"{info.staging}/archives/{archive.name}", tasks_file=f"{unit_dir}/tasks",
+            setup=module_lines(launch.executor.modules), exit_record=True,
+        )
+        write_job_files(os.path.join(tree, "experiments", str(xid), f"wu{wid}"), script,
+                        launch.tasks, cluster.env)
+        submissions += plan_submissions(wid, launch.executor, f"{unit_dir}/job.sh",
+                                        len(launch.tasks), log_dir, limit)
+        log_dirs.append(log_dir)
+        launch.work_unit._deployed(job_name, unit_dir, log_dir, f"{info.staging}/archives/{archive.name}")
+    return submissions, log_dirs
+
+
 def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, scheduler: str,
                       launches: Sequence[PendingLaunch], connection: Connection) -> None:
     """Deploy and submit every queued work unit of one cluster.
@@ -2144,34 +2287,8 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
     import tempfile
 
     info = probe_cluster(connection, scheduler)
-    limit = array_limit(scheduler, info)
-    xid = experiment.experiment_id
-    experiment_dir = f"{info.staging}/experiments/{xid}"
-    submissions: List[ArraySubmission] = []
-    log_dirs = []
     with tempfile.TemporaryDirectory(prefix="lxm3-deploy-") as tree:
-        os.makedirs(os.path.join(tree, "archives"))
-        for launch in launches:
-            archive, wid = launch.executable.archive, launch.work_unit.work_unit_id
-            link = os.path.join(tree, "archives", archive.name)
-            if not os.path.lexists(link):
-                os.symlink(archive.path, link)
-            unit_dir = f"{experiment_dir}/wu{wid}"
-            log_dir = (_path_there(info, launch.executor.log_directory)
-                       if launch.executor.log_directory else f"{unit_dir}/logs")
-            script = render_job_script(
-                header=_cluster_header(launch.executor, cluster, _job_name(experiment.experiment_title, xid, wid)),
-                task_id=SLURM_TASK_ID if scheduler == "slurm" else SGE_TASK_ID,
-                experiment_id=xid, work_unit_id=wid, num_tasks=len(launch.tasks),
-                archive=f"{info.staging}/archives/{archive.name}", tasks_file=f"{unit_dir}/tasks",
-                setup=module_lines(launch.executor.modules),
-            )
-            write_job_files(os.path.join(tree, "experiments", str(xid), f"wu{wid}"), script,
-                            launch.tasks, cluster.env)
-            submissions += plan_submissions(wid, launch.executor, f"{unit_dir}/job.sh",
-                                            len(launch.tasks), log_dir, limit)
-            log_dirs.append(log_dir)
-            launch.work_unit._deployed(cluster.name, unit_dir, log_dir)
+        submissions, log_dirs = prepare_cluster_launch(experiment, cluster, scheduler, launches, info, tree)
         archives = len(os.listdir(os.path.join(tree, "archives")))
         _progress(f"{cluster.name}: copying {archives} archive(s) (if new) and {len(launches)} job "
                   f"script(s) to {connection.target}:{info.staging}")
@@ -2181,6 +2298,7 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
     for launch in launches:
         launch.work_unit._submitted([s for s in submissions if s.job_id is not None
                                      and s.work_unit_id == launch.work_unit.work_unit_id])
+    experiment.save_record()
     if error:
         failed = next(s for s in submissions if s.job_id is None)
         done = [s for s in submissions if s.job_id is not None]
@@ -2192,6 +2310,30 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
                            f"({failed.task_range}): {error}\n{summary}")
 
 
+def dry_run_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, scheduler: str,
+                    launches: Sequence[PendingLaunch], directory: str) -> None:
+    """Write what a launch would copy into ``directory`` and print what it would run.
+
+    Nothing is copied or submitted and the cluster is not contacted, so its
+    home directory is written ``~`` and arrays are not split by its limit.
+    """
+    home = ClusterInfo(staging="", home="~")
+    info = ClusterInfo(staging=_path_there(home, _staging_path(cluster)), home="~")
+    tree = os.path.join(directory, cluster.name)
+    submissions, log_dirs = prepare_cluster_launch(experiment, cluster, scheduler, launches, info, tree)
+    for launch in launches:
+        launch.work_unit.state = "dry run"
+    target = f"{cluster.user + '@' if cluster.user else ''}{cluster.server or 'this machine'}"
+    print(f"[dry run] {cluster.name}: would copy {tree}/ to {target}:{info.staging}/ "
+          "(archives that are there already are not sent)")
+    for name in sorted(os.listdir(os.path.join(tree, "archives"))):
+        print(f"[dry run]   archives/{name} ({os.path.getsize(os.path.join(tree, 'archives', name)) // 1024} KiB)")
+    print(f"[dry run] {cluster.name}: would create {', '.join(sorted(set(log_dirs)))} and run "
+          "(arrays larger than the cluster's limit are split when it is known):")
+    for sub in submissions:
+        print("[dry run]   " + " ".join(shell_quote(a) for a in sub.argv).replace("{previous}", "<previous job>"))
+
+
 class ClusterWorkUnit(xm.WorkUnit):
     """A work unit of an lxm3 experiment: one job script, one or many tasks."""
 
@@ -2199,12 +2341,19 @@ class ClusterWorkUnit(xm.WorkUnit):
                  identity: str = ""):
         super().__init__(experiment, create_task, args, role, identity=identity)
         self._work_unit_id = work_unit_id
-        self._launched = False
+        self._executor: Optional[xm.Executor] = None
+        self._executable: Optional[ClusterExecutable] = None
+        self._tasks: List[Task] = []
+        self.state = "adding"  # then queued, submitted, not submitted, running, completed, failed
         self.job_directory: Optional[str] = None
         self.log_paths: List[str] = []
         self.cluster: Optional[str] = None
+        self.job_name: Optional[str] = None
         self.log_directory: Optional[str] = None
+        self.archive_path: Optional[str] = None
         self.arrays: List[ArraySubmission] = []  # on a cluster: the submitted arrays
+        self.exit_codes: Dict[int, int] = {}  # local tasks that ended
+        self.cancelled = False
 
     @property
     def work_unit_id(self) -> int:
@@ -2237,20 +2386,22 @@ class ClusterWorkUnit(xm.WorkUnit):
 
     def _start_tasks(self, executable: ClusterExecutable, executor: xm.Executor,
                      tasks: List[Task]) -> None:
-        if self._launched:
+        if self._executor is not None:
             raise ValueError("lxm3 launches one job per work unit; this one already has a job")
-        self._launched = True
+        self._executor, self._executable, self._tasks = executor, executable, tasks
         if isinstance(executor, Local):
             self._start_locally(executable, executor, tasks)
         else:  # submitted in one batch per cluster when the experiment ends
             cluster = self.experiment.config.cluster(executor.cluster)
             _cluster_header(executor, cluster, "check")  # an impossible request fails here
+            self.cluster, self.state = cluster.name, "queued"
             self.experiment._queue(PendingLaunch(self, executable, executor, tasks))
 
     def _start_locally(self, executable: ClusterExecutable, executor: Local, tasks: List[Task]) -> None:
         experiment = self.experiment
         directory = os.path.join(experiment.local_directory, f"wu{self._work_unit_id}")
-        self.job_directory = directory
+        self.job_directory, self.log_directory = directory, os.path.join(directory, "logs")
+        self.archive_path = executable.archive.path
         script = render_job_script(
             header=LOCAL_HEADER, task_id=LOCAL_TASK_ID,
             experiment_id=experiment.experiment_id, work_unit_id=self._work_unit_id,
@@ -2258,18 +2409,27 @@ class ClusterWorkUnit(xm.WorkUnit):
             tasks_file=os.path.join(directory, "tasks"),
         )
         script_path, _ = write_job_files(directory, script, tasks, experiment.config.local_env)
+        if experiment.dry_run_directory:
+            print(f"[dry run] would run {len(tasks)} task(s) locally: LXM_TASK_ID=<0..{len(tasks) - 1}> "
+                  f"bash {shell_quote(script_path)}")
+            self.state = "dry run"
+            return
         runner = experiment.local_runner(executor)
         env = {"LXM_PYTHON": sys.executable}
         self.log_paths = runner.submit(script_path, self._work_unit_id, len(tasks),
-                                       os.path.join(directory, "logs"), env)
+                                       self.log_directory, env)
+        self.state = "running"
         _progress(f"work unit {self._work_unit_id}: {len(tasks)} task(s) started locally; "
-                  f"logs in {os.path.join(directory, 'logs')}")
+                  f"logs in {self.log_directory}")
 
-    def _deployed(self, cluster: str, job_directory: str, log_directory: str) -> None:
-        self.cluster, self.job_directory, self.log_directory = cluster, job_directory, log_directory
+    def _deployed(self, job_name: str, job_directory: str, log_directory: str, archive: str) -> None:
+        self.job_name, self.job_directory, self.log_directory = job_name, job_directory, log_directory
+        self.archive_path = archive
 
     def _submitted(self, arrays: List[ArraySubmission]) -> None:
         self.arrays = arrays
+        complete = sum(s.count for s in arrays) == len(self._tasks)
+        self.state = "submitted" if complete else "not submitted"
         if arrays:
             jobs = ", ".join(f"{s.job_id} ({s.task_range})" for s in arrays)
             _progress(f"work unit {self._work_unit_id}: submitted to {self.cluster} as job {jobs}; "
@@ -2279,15 +2439,140 @@ class ClusterWorkUnit(xm.WorkUnit):
     def job_ids(self) -> List[str]:
         return [s.job_id for s in self.arrays if s.job_id]
 
-    async def _wait_until_complete(self):
-        return self
+    def to_record(self) -> Dict[str, Any]:
+        """What ``lxm3 status``/``logs``/``cancel`` need to find this unit again."""
+        executor = self._executor
+        record: Dict[str, Any] = {
+            "id": self._work_unit_id,
+            "state": self.state,
+            "executor": type(executor).__name__ if executor else None,
+            "scheduler": _scheduler_of(executor) if isinstance(executor, (Slurm, GridEngine)) else "local",
+            "cluster": self.cluster,
+            "job_name": self.job_name,
+            "job_directory": self.job_directory,
+            "script": os.path.join(self.job_directory, "job.sh") if self.job_directory else None,
+            "log_directory": self.log_directory,
+            "archive": self.archive_path,
+            "image": self._executable.image if self._executable else None,
+            "arrays": [{"job_id": s.job_id, "first_task": s.first_task, "count": s.count}
+                       for s in self.arrays],
+            "num_tasks": len(self._tasks),
+            "cancelled": self.cancelled,
+            "tasks": [{"args": t.args, "env": t.env} for t in self._tasks],
+        }
+        if isinstance(executor, Local):
+            record["log_paths"] = self.log_paths
+            record["exit_codes"] = {str(k): v for k, v in sorted(self.exit_codes.items())}
+        elif executor is not None:
+            cluster = self.experiment.config.cluster(self.cluster)
+            record["connection"] = {"server": cluster.server, "user": cluster.user,
+                                    "port": cluster.port, "ssh_private_key": cluster.ssh_private_key}
+            record["custom_output"] = _user_sets(executor, ["--output", "-o"])
+        return record
+
+    def get_status(self) -> WorkUnitStatus:
+        """The state of each task (asks the scheduler, once)."""
+        if isinstance(self._executor, Local):
+            codes = {r.task_id: r.returncode for r in self.experiment.local_results(self._work_unit_id)}
+            return WorkUnitStatus([
+                TaskStatus(t, "running" if t not in codes else "completed" if codes[t] == 0 else "failed",
+                           codes.get(t)) for t in range(len(self._tasks))])
+        return query_status(self.experiment.record(), [self._work_unit_id])[self._work_unit_id]
 
     def stop(self, *args, **kwargs) -> None:
-        self.experiment._stop_local()
+        """Stop the unit's tasks: terminate local ones, cancel submitted jobs."""
+        del args, kwargs
+        if isinstance(self._executor, Local):
+            self.experiment._stop_local()
+        elif self.arrays:
+            cancel(self.experiment.record(), [self._work_unit_id])
+            self.cancelled = True
+
+    @property
+    def launched_jobs(self) -> List[xm.LaunchedJob]:
+        return _launched_jobs(self.to_record())
+
+    async def _wait_until_complete(self):
+        await _poll_until_done(self.get_status, self)
+        return self
+
+
+def _launched_jobs(unit: Mapping[str, Any]) -> List[xm.LaunchedJob]:
+    where = unit.get("cluster") or "local"
+    return [xm.LaunchedJob(name=unit.get("job_name") or str(unit["id"]), address=f"{where}:{a['job_id']}",
+                           logs=unit.get("log_directory")) for a in unit["arrays"]]
+
+
+async def _poll_until_done(get_status: Callable[[], WorkUnitStatus], unit: Any) -> None:
+    """Ask for the status gently (every $LXM_POLL_INTERVAL s, default 10) until no task is active."""
+    import asyncio
+
+    interval = float(os.environ.get("LXM_POLL_INTERVAL", "10"))
+    loop = asyncio.get_running_loop()
+    while True:
+        status = await loop.run_in_executor(None, get_status)
+        if not status.is_active:
+            break
+        await asyncio.sleep(interval)
+    if status.is_failed:
+        raise xm.ExperimentUnitFailedError(status.message, work_unit=unit)
+
+
+class LoadedWorkUnit:
+    """A work unit of a past launch, with the xm unit methods that still make sense."""
+
+    def __init__(self, experiment: LoadedExperiment, record: Dict[str, Any]):
+        self.experiment, self.record = experiment, record
+
+    @property
+    def work_unit_id(self) -> int:
+        return self.record["id"]
+
+    @property
+    def experiment_id(self) -> int:
+        return self.experiment.experiment_id
+
+    @property
+    def launched_jobs(self) -> List[xm.LaunchedJob]:
+        return _launched_jobs(self.record)
+
+    def get_status(self) -> WorkUnitStatus:
+        return query_status(self.experiment.record, [self.work_unit_id])[self.work_unit_id]
+
+    def stop(self) -> None:
+        cancel(self.experiment.record, [self.work_unit_id])
+
+    async def wait_until_complete(self) -> LoadedWorkUnit:
+        await _poll_until_done(self.get_status, self)
+        return self
+
+
+class LoadedExperiment:
+    """A past launch, read back from its record: ``xm_cluster.get_experiment(id)``."""
+
+    def __init__(self, record: Dict[str, Any]):
+        self.record = record
+
+    @property
+    def experiment_id(self) -> int:
+        return self.record["experiment_id"]
+
+    @property
+    def experiment_title(self) -> str:
+        return self.record["title"]
+
+    @property
+    def work_units(self) -> Dict[int, LoadedWorkUnit]:
+        return {u["id"]: LoadedWorkUnit(self, u) for u in self.record["work_units"]}
+
+
+def get_experiment(experiment_id: Union[int, str]) -> LoadedExperiment:
+    """Load a past launch by id (``lxm3 list`` shows them)."""
+    return LoadedExperiment(load_record(experiment_id))
 
 
 class ClusterExperiment(xm.Experiment):
-    """An experiment launched by lxm3."""
+    """An experiment launched by lxm3; its record is kept in ``lxm3 list``."""
 
     _async_packager = xm.async_packager.AsyncPackager(_package_all)
 
@@ -2295,12 +2580,28 @@ class ClusterExperiment(xm.Experiment):
         super().__init__()
         self._title = experiment_title
         self.config = config if config is not None else load_config()
-        self._id = int(time.time() * 1000)
+        self.dry_run_directory = _dry_run_directory
+        self._id = int(time.time() * 1000) if self.dry_run_directory else claim_experiment_id()
         self._work_units: List[ClusterWorkUnit] = []
         self._runner: Optional[LocalRunner] = None
         self._pending: List[PendingLaunch] = []
         self._connections: Dict[str, Connection] = {}
         self._lock = threading.Lock()
+        launcher = xm.utils.find_launch_script_path()
+        self._record: Dict[str, Any] = {
+            "version": RECORD_VERSION,
+            "experiment_id": self._id,
+            "title": experiment_title,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "launcher": launcher,
+            "argv": sys.argv[1:],
+            "cwd": os.getcwd(),
+            "git": git_state(os.path.dirname(launcher) if launcher else os.getcwd()),
+            "config": self.config.path,
+            "status": "launching",
+            "error": None,
+        }
+        self.save_record()
 
     @property
     def experiment_id(self) -> int:
@@ -2321,7 +2622,27 @@ class ClusterExperiment(xm.Experiment):
     @property
     def local_directory(self) -> str:
         root = self.config.local_staging or data_dir()
+        if self.dry_run_directory:
+            root = os.path.join(self.dry_run_directory, "local")
         return os.path.join(root, "experiments", str(self._id))
+
+    def record(self) -> Dict[str, Any]:
+        """What was launched, as ``lxm3 list``/``status`` read it back."""
+        with self._lock:
+            return {**self._record, "work_units": [wu.to_record() for wu in self._work_units]}
+
+    def save_record(self, status: Optional[str] = None, error: Optional[str] = None) -> None:
+        if self.dry_run_directory:
+            return  # a dry run leaves no record: nothing was launched
+        if status:
+            with self._lock:
+                self._record.update(status=status, error=error)
+        save_record(self.record())
+
+    def local_results(self, work_unit_id: int) -> List[TaskResult]:
+        with self._lock:
+            runner = self._runner
+        return [r for r in (runner.results if runner else []) if r.work_unit_id == work_unit_id]
 
     def local_runner(self, executor: Local) -> LocalRunner:
         with self._lock:
@@ -2345,10 +2666,6 @@ class ClusterExperiment(xm.Experiment):
             self._work_units.append(unit)
         return _ready(unit)
 
-    def _stop_local(self) -> None:
-        if self._runner is not None:
-            self._runner.stop()
-
     def _queue(self, launch: PendingLaunch) -> None:
         with self._lock:
             self._pending.append(launch)
@@ -2359,13 +2676,20 @@ class ClusterExperiment(xm.Experiment):
             pending, self._pending = self._pending, []
         groups: Dict[Tuple[str, str], List[PendingLaunch]] = {}
         for launch in pending:
-            cluster = self.config.cluster(launch.executor.cluster).name
-            groups.setdefault((cluster, _scheduler_of(launch.executor)), []).append(launch)
-        for (name, scheduler), launches in groups.items():
-            cluster = self.config.cluster(name)
-            if name not in self._connections:
-                self._connections[name] = Connection(cluster)
-            submit_to_cluster(self, cluster, scheduler, launches, self._connections[name])
+            groups.setdefault((launch.work_unit.cluster, _scheduler_of(launch.executor)), []).append(launch)
+        try:
+            for (name, scheduler), launches in groups.items():
+                cluster = self.config.cluster(name)
+                if self.dry_run_directory:
+                    dry_run_cluster(self, cluster, scheduler, launches, self.dry_run_directory)
+                    continue
+                if name not in self._connections:
+                    self._connections[name] = Connection(cluster)
+                submit_to_cluster(self, cluster, scheduler, launches, self._connections[name])
+        finally:
+            for launch in pending:
+                if launch.work_unit.state == "queued":
+                    launch.work_unit.state = "not submitted"
 
     def _close_connections(self) -> None:
         for connection in self._connections.values():
@@ -2375,52 +2699,79 @@ class ClusterExperiment(xm.Experiment):
     def _abandon_pending(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
+        for launch in pending:
+            launch.work_unit.state = "not submitted"
         if pending:
             _progress(f"{len(pending)} work unit(s) for clusters were not submitted "
                       "because the launcher failed")
 
-    def _finish(self, exc_type) -> None:
-        """Submit what is queued (unless the launcher failed), then wait for local tasks."""
+    def _conclude(self, error: Optional[BaseException]) -> None:
+        """End the launch: submit what is queued, wait for local tasks, record the outcome.
+
+        After a failure in the launcher nothing more is submitted and local
+        tasks are stopped.
+        """
         try:
-            if exc_type is None:
+            if error is None:
                 self.submit_pending()
+                self._finish_local()
             else:
                 self._abandon_pending()
-        except BaseException:
+                self._stop_local()
+        except BaseException as e:
+            error = e
             self._stop_local()
             raise
         finally:
             self._close_connections()
-        self._finish_local(interrupted=exc_type is KeyboardInterrupt)
+            self.save_record(*self._outcome(error))
+
+    def _outcome(self, error: Optional[BaseException]) -> Tuple[str, Optional[str]]:
+        units = self._work_units
+        if error is None:
+            on_clusters = any(wu.cluster for wu in units)
+            return ("launched" if on_clusters else "completed"), None
+        if isinstance(error, KeyboardInterrupt):
+            return "interrupted", "interrupted by the user"
+        if isinstance(error, TaskFailedError):
+            return "failed", str(error)
+        submitted = any(wu.arrays for wu in units)
+        return ("partial" if submitted else "failed"), f"{type(error).__name__}: {error}"
 
     def __exit__(self, exc_type, exc_value, traceback):
         try:
             super().__exit__(exc_type, exc_value, traceback)
-        except BaseException:
-            self._abandon_pending()
-            self._stop_local()
+        except BaseException as error:
+            self._conclude(error)
             raise
-        self._finish(exc_type)
+        self._conclude(exc_value)
 
     async def __aexit__(self, exc_type, exc_value, traceback):
-        try:
-            await super().__aexit__(exc_type, exc_value, traceback)
-        except BaseException:
-            self._abandon_pending()
-            self._stop_local()
-            raise
         import asyncio
 
-        await asyncio.get_running_loop().run_in_executor(None, self._finish, exc_type)
+        conclude = asyncio.get_running_loop().run_in_executor
+        try:
+            await super().__aexit__(exc_type, exc_value, traceback)
+        except BaseException as error:
+            await conclude(None, self._conclude, error)
+            raise
+        await conclude(None, self._conclude, exc_value)
 
-    def _finish_local(self, interrupted: bool = False) -> None:
+    def _stop_local(self) -> None:
+        if self._runner is not None:
+            self._runner.stop()
+
+    def _finish_local(self) -> None:
         """Wait for local tasks; a failed task makes the launch fail."""
         if self._runner is None:
             return
-        if interrupted:
-            self._runner.stop()
-            return
         results = self._runner.wait()
+        units = self.work_units
+        for r in results:
+            units[r.work_unit_id].exit_codes[r.task_id] = r.returncode
+        for wu in units.values():
+            if wu.state == "running":
+                wu.state = "failed" if any(wu.exit_codes.values()) else "completed"
         failed = [r for r in results if r.returncode != 0]
         if failed:
             lines = [f"  work unit {r.work_unit_id} task {r.task_id}: exit code {r.returncode} "
@@ -2429,9 +2780,262 @@ class ClusterExperiment(xm.Experiment):
         _progress(f"all {len(results)} task(s) of experiment {self._id} succeeded")
 
 
+_dry_run_directory: Optional[str] = None  # set by ``lxm3 launch --dry-run``
+
+
 def create_experiment(experiment_title: str, config: Optional[Config] = None) -> ClusterExperiment:
     """Create an experiment; use it as ``with create_experiment(...) as experiment:``."""
     return ClusterExperiment(experiment_title, config=config)
+
+
+# ---------------------------------------------------------------------------
+# Status, logs and cancel, from the records
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TaskStatus:
+    task: int
+    state: str  # pending, running, completed, failed, cancelled, unknown
+    exit_code: Optional[int] = None
+    job: Optional[str] = None  # the scheduler's name for it, e.g. "16_3"
+    detail: str = ""
+
+
+class WorkUnitStatus(xm.ExperimentUnitStatus):
+    """The states of a work unit's tasks, as ``xm.ExperimentUnitStatus``."""
+
+    def __init__(self, tasks: List[TaskStatus]):
+        self.tasks = tasks
+
+    def counts(self) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for t in self.tasks:
+            counts[t.state] = counts.get(t.state, 0) + 1
+        return counts
+
+    @property
+    def is_active(self) -> bool:
+        return any(t.state in ("pending", "running") for t in self.tasks)
+
+    @property
+    def is_completed(self) -> bool:
+        return bool(self.tasks) and all(t.state == "completed" for t in self.tasks)
+
+    @property
+    def is_failed(self) -> bool:
+        return not self.is_active and not self.is_completed
+
+    @property
+    def message(self) -> str:
+        counts = self.counts()
+        parts = [f"{counts[s]} {s}" for s in _STATES if s in counts]
+        return f"{len(self.tasks)} task(s): " + ", ".join(parts)
+
+
+_STATES = ("completed", "running", "pending", "failed", "cancelled", "unknown")
+_SLURM_STATES = {
+    "PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending",
+    "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "STAGE_OUT": "running",
+    "SIGNALING": "running", "RESIZING": "running", "SUSPENDED": "running", "STOPPED": "running",
+    "COMPLETED": "completed", "CANCELLED": "cancelled", "REVOKED": "cancelled",
+}
+
+
+def _slurm_state(name: str) -> str:
+    return _SLURM_STATES.get(name.split()[0].rstrip("+"), "failed")  # TIMEOUT, OUT_OF_MEMORY, ...
+
+
+def _sge_state(code: str) -> str:
+    if "E" in code:
+        return "failed"  # Eqw: an error state that never resolves by itself
+    if "d" in code:
+        return "cancelled"
+    return "running" if ("r" in code or "t" in code) else "pending"
+
+
+def _unit_connection(unit: Mapping[str, Any]) -> Connection:
+    info = unit.get("connection") or {}
+    return Connection(ClusterConfig(name=unit["cluster"], server=info.get("server"), user=info.get("user"),
+                                    port=info.get("port"), ssh_private_key=info.get("ssh_private_key")))
+
+
+def _task_of(unit: Mapping[str, Any], job_id: str, index: int) -> Optional[int]:
+    """The work unit's task for array ``job_id``'s ``index`` (0-based)."""
+    for array in unit["arrays"]:
+        if array["job_id"] == job_id and 0 <= index < array["count"]:
+            return array["first_task"] + index
+    return None
+
+
+def task_log_path(unit: Mapping[str, Any], task: int) -> Optional[str]:
+    """Where task ``task`` of a recorded work unit writes its output."""
+    if unit["scheduler"] == "local":
+        paths = unit.get("log_paths") or []
+        return paths[task] if task < len(paths) else None
+    if unit.get("custom_output"):
+        return None
+    for array in unit["arrays"]:
+        index = task - array["first_task"]
+        if 0 <= index < array["count"]:
+            name, job_id, directory = unit["job_name"], array["job_id"], unit["log_directory"]
+            if unit["scheduler"] == "slurm":
+                return f"{directory}/{name}-{job_id}_{index}.log"
+            return f"{directory}/{name}-{job_id}.{index + 1}.log"
+    return None
+
+
+def _status_script(units: Sequence[Mapping[str, Any]], scheduler: str) -> str:
+    """One round trip: the queue, accounting (if any) and the tasks' exit records."""
+    job_ids = ",".join(a["job_id"] for u in units for a in u["arrays"])
+    lines = ["echo '== queue'"]
+    if scheduler == "slurm":
+        lines += ["squeue -h -r -t all -u \"$(id -un)\" -o '%i|%T' 2>/dev/null",
+                  "echo '== accounting'",
+                  f"sacct -n -P -X -j {job_ids} --format=JobID,State,ExitCode 2>/dev/null "
+                  "|| echo lxm3-no-accounting"]
+    else:
+        lines += ["qstat -g d 2>/dev/null"]
+    lines.append("echo '== exits'")
+    for u in units:
+        if u.get("log_directory") and not u.get("custom_output"):
+            lines.append(f"find {shell_quote(u['log_directory'])} -maxdepth 1 -type f "
+                         f"-name {shell_quote(u['job_name'] + '-*')} -exec tail -q -n 1 {{}} + 2>/dev/null")
+    return "\n".join(lines) + "\ntrue\n"
+
+
+def _parse_status(output: str, unit: Mapping[str, Any], scheduler: str,
+                  cancelled: bool) -> List[TaskStatus]:
+    section, queue, accounting, exits = "", {}, {}, {}
+    job_ids = {a["job_id"] for a in unit["arrays"]}
+    for line in output.splitlines():
+        if line.startswith("== "):
+            section = line[3:].strip()
+            continue
+        if section == "queue" and scheduler == "slurm" and "|" in line:
+            name, state = line.split("|", 1)
+            job_id, _, index = name.partition("_")
+            if job_id in job_ids and index.isdigit():
+                queue[(job_id, int(index))] = _slurm_state(state)
+        elif section == "queue" and scheduler == "sge":
+            fields = line.split()
+            if len(fields) >= 5 and fields[0] in job_ids and fields[-1].isdigit():
+                queue[(fields[0], int(fields[-1]) - 1)] = _sge_state(fields[4])
+        elif section == "accounting" and "|" in line:
+            name, state, code = (line.split("|") + ["", ""])[:3]
+            job_id, _, index = name.partition("_")
+            if job_id in job_ids and index.isdigit():
+                accounting[(job_id, int(index))] = (_slurm_state(state), code.split(":")[0])
+        elif section == "exits":
+            match = EXIT_RECORD_PATTERN.search(line)
+            if match:
+                exits[int(match.group(1))] = int(match.group(2))
+    statuses = []
+    for array in unit["arrays"]:
+        for index in range(array["count"]):
+            task, key = array["first_task"] + index, (array["job_id"], index)
+            job = f"{array['job_id']}_{index}" if scheduler == "slurm" else f"{array['job_id']}.{index + 1}"
+            code = exits.get(task)
+            state = queue.get(key)
+            if state is None and key in accounting:
+                state, recorded = accounting[key]
+                code = code if code is not None else (int(recorded) if recorded.isdigit() else None)
+            if state in ("pending", "running"):
+                statuses.append(TaskStatus(task, state, None, job))
+            elif code is not None:
+                state = state or ("completed" if code == 0 else "failed")
+                if state == "completed" and code != 0:
+                    state = "failed"
+                if cancelled and code in (129, 130, 143):
+                    state = "cancelled"
+                statuses.append(TaskStatus(task, state, code, job))
+            elif state is not None:
+                statuses.append(TaskStatus(task, state, None, job))
+            else:
+                statuses.append(TaskStatus(task, "cancelled" if cancelled else "unknown", None, job,
+                                           "left the queue without an exit record"))
+    return statuses
+
+
+def query_status(record: Mapping[str, Any],
+                 work_unit_ids: Optional[Sequence[int]] = None) -> Dict[int, WorkUnitStatus]:
+    """The state of every task, with one scheduler query per cluster."""
+    units = [u for u in record["work_units"] if work_unit_ids is None or u["id"] in work_unit_ids]
+    result: Dict[int, WorkUnitStatus] = {}
+    groups: Dict[Tuple[str, str], List[Mapping[str, Any]]] = {}
+    for unit in units:
+        if unit["scheduler"] == "local":
+            result[unit["id"]] = WorkUnitStatus(_local_statuses(unit, record))
+        elif unit["arrays"]:
+            groups.setdefault((unit["cluster"], unit["scheduler"]), []).append(unit)
+        else:
+            result[unit["id"]] = WorkUnitStatus([])
+    for (_, scheduler), group in groups.items():
+        connection = _unit_connection(group[0])
+        try:
+            output = connection.run_script(_status_script(group, scheduler), "reading job states")
+        finally:
+            connection.close()
+        for unit in group:
+            result[unit["id"]] = WorkUnitStatus(
+                _parse_status(output, unit, scheduler, bool(unit.get("cancelled"))))
+    return result
+
+
+def _local_statuses(unit: Mapping[str, Any], record: Mapping[str, Any]) -> List[TaskStatus]:
+    codes = unit.get("exit_codes") or {}
+    statuses = []
+    for task in range(unit["num_tasks"]):
+        code = codes.get(str(task))
+        if code is not None:
+            statuses.append(TaskStatus(task, "completed" if code == 0 else "failed", code))
+        elif record.get("status") == "launching":
+            statuses.append(TaskStatus(task, "running"))
+        else:
+            state = "cancelled" if record.get("status") == "interrupted" else "unknown"
+            statuses.append(TaskStatus(task, state))
+    return statuses
+
+
+def cancel(record: Dict[str, Any], work_unit_ids: Optional[Sequence[int]] = None) -> List[str]:
+    """Cancel the recorded jobs: one ``scancel``/``qdel`` call per cluster. Returns the job ids."""
+    units = [u for u in record["work_units"] if u["arrays"]
+             and (work_unit_ids is None or u["id"] in work_unit_ids)]
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    for unit in units:
+        groups.setdefault((unit["cluster"], unit["scheduler"]), []).append(unit)
+    cancelled = []
+    for (_, scheduler), group in groups.items():
+        job_ids = [a["job_id"] for u in group for a in u["arrays"]]
+        command = "scancel" if scheduler == "slurm" else "qdel"
+        connection = _unit_connection(group[0])
+        try:
+            connection.run_script(f"{command} {' '.join(job_ids)}", f"cancelling jobs with {command}")
+        finally:
+            connection.close()
+        for unit in group:
+            unit["cancelled"] = True
+        cancelled += job_ids
+    save_record(record)
+    return cancelled
+
+
+def follow_log(unit: Mapping[str, Any], task: int, lines: int, follow: bool) -> int:
+    """Show (or follow) a task's log with ``tail``, there or here."""
+    import subprocess
+
+    path = task_log_path(unit, task)
+    if path is None:
+        raise LaunchError(f"lxm3 does not know where task {task} of work unit {unit['id']} writes its "
+                          "log (not submitted, or its output option was set by the launcher)")
+    argv = ["tail", "-n", str(lines), *(["-F"] if follow else []), path]
+    if unit["scheduler"] == "local":
+        return subprocess.call(argv)
+    connection = _unit_connection(unit)
+    try:
+        return connection.run_streaming(" ".join(shell_quote(a) for a in argv))
+    finally:
+        connection.close()
 
 
 # ---------------------------------------------------------------------------
@@ -2476,16 +3080,22 @@ def _user_traceback(error: BaseException) -> None:
     sys.stderr.write("".join(lines))
 
 
-def _launch(launcher: str, args: List[str]) -> int:
+def _launch(launcher: str, args: List[str], dry_run: bool = False) -> int:
     import runpy
 
-    global _config_path_override
+    global _config_path_override, _dry_run_directory
     config_path, args = _take_option(args, "--lxm_config")
     if config_path:
         _config_path_override = os.path.abspath(os.path.expanduser(config_path))
     launcher_path = os.path.abspath(launcher)
     if not os.path.isfile(launcher_path):
         raise LaunchError(f"launcher {launcher} does not exist")
+    if dry_run:
+        import tempfile
+
+        _dry_run_directory = tempfile.mkdtemp(prefix="lxm3-dry-run-")
+        _progress(f"dry run: job scripts are written to {_dry_run_directory}; "
+                  "nothing is copied, submitted or run")
     xm.utils.set_launch_script(launcher_path)
     sys.argv = [launcher_path, *args]
     sys.path.insert(0, os.path.dirname(launcher_path))
@@ -2510,12 +3120,105 @@ def _exit_message(message: Any) -> int:
     return 1
 
 
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=1, default=asdict)
+    print()
+
+
+def _print_table(rows: List[List[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _where(unit: Mapping[str, Any]) -> str:
+    return "local" if unit["scheduler"] == "local" else f"{unit['cluster']} ({unit['executor']})"
+
+
+def _cmd_list(args) -> int:
+    records = list_records(args.n)
+    if args.json:
+        _print_json([{k: v for k, v in r.items() if k != "work_units"} | {
+            "work_units": len(r.get("work_units", [])),
+            "tasks": sum(u["num_tasks"] for u in r.get("work_units", []))} for r in records])
+        return 0
+    if not records:
+        print(f"no experiments recorded yet in {os.path.dirname(_record_path(0))}")
+        return 0
+    rows = [["ID", "CREATED (UTC)", "TITLE", "WHERE", "UNITS", "TASKS", "STATUS"]]
+    for r in records:
+        units = r.get("work_units", [])
+        rows.append([str(r["experiment_id"]), r["created"][:19].replace("T", " "), r["title"][:40],
+                     ", ".join(sorted({_where(u) for u in units})) or "-", str(len(units)),
+                     str(sum(u["num_tasks"] for u in units)), r["status"]])
+    _print_table(rows)
+    return 0
+
+
+def _selected_units(record: Mapping[str, Any], work_unit: Optional[int]) -> Optional[List[int]]:
+    if work_unit is None:
+        return None
+    if work_unit not in {u["id"] for u in record["work_units"]}:
+        raise LaunchError(f"experiment {record['experiment_id']} has no work unit {work_unit} "
+                          f"(it has {', '.join(str(u['id']) for u in record['work_units']) or 'none'})")
+    return [work_unit]
+
+
+def _cmd_status(args) -> int:
+    record = load_record(args.experiment)
+    statuses = query_status(record, _selected_units(record, args.work_unit))
+    if args.json:
+        _print_json({"experiment_id": record["experiment_id"], "title": record["title"],
+                     "status": record["status"], "work_units": {
+                         wid: {"tasks": s.tasks, "counts": s.counts()} for wid, s in statuses.items()}})
+        return 0
+    print(f"experiment {record['experiment_id']} {record['title']!r}: {record['status']}, "
+          f"created {record['created']}" + (f"\n  error: {record['error']}" if record.get("error") else ""))
+    units = {u["id"]: u for u in record["work_units"]}
+    for wid, status in statuses.items():
+        unit = units[wid]
+        jobs = ",".join(a["job_id"] for a in unit["arrays"])
+        print(f"work unit {wid} on {_where(unit)}{' jobs ' + jobs if jobs else ''}: "
+              f"{unit['state']}; {status.message}")
+        if args.work_unit is not None:
+            rows = [["TASK", "JOB", "STATE", "EXIT"]]
+            rows += [[str(t.task), t.job or "-", t.state + (f" ({t.detail})" if t.detail else ""),
+                      "" if t.exit_code is None else str(t.exit_code)] for t in status.tasks]
+            _print_table(rows)
+        else:
+            for t in [t for t in status.tasks if t.state not in ("completed", "running", "pending")][:10]:
+                exit_code = "" if t.exit_code is None else f" exit {t.exit_code}"
+                print(f"  task {t.task}: {t.state}{exit_code}{' (' + t.detail + ')' if t.detail else ''}")
+    return 0
+
+
+def _cmd_logs(args) -> int:
+    record = load_record(args.experiment)
+    units = record["work_units"]
+    if args.work_unit is None and len(units) != 1:
+        raise LaunchError(f"experiment {record['experiment_id']} has {len(units)} work units: "
+                          "name one (lxm3 logs XID WID)")
+    [unit] = [u for u in units if args.work_unit in (None, u["id"])] or [None]
+    if unit is None:
+        _selected_units(record, args.work_unit)
+    if not 0 <= args.task < unit["num_tasks"]:
+        raise LaunchError(f"work unit {unit['id']} has tasks 0..{unit['num_tasks'] - 1}, not {args.task}")
+    return follow_log(unit, args.task, args.n, args.follow)
+
+
+def _cmd_cancel(args) -> int:
+    record = load_record(args.experiment)
+    job_ids = cancel(record, _selected_units(record, args.work_unit))
+    print(f"cancelled job(s) {', '.join(job_ids)}" if job_ids else "nothing to cancel: no submitted jobs")
+    return 0
+
+
 def _parser():
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="lxm3",
-        description="Launch experiments on Slurm, Grid Engine or this machine.",
+        description="Launch experiments on Slurm, Grid Engine or this machine, and follow them.",
         epilog="Run 'lxm3 COMMAND --help' for the options of a command.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -2532,30 +3235,74 @@ def _parser():
             "Local runs need no config. Set LXM_DEBUG=1 to see lxm3's own frames in tracebacks."
         ),
     )
+    launch.add_argument("--dry-run", action="store_true",
+                        help="package and write the job scripts into a local folder, print what "
+                             "would be copied and submitted, and submit, copy and run nothing")
     launch.add_argument("launcher", metavar="LAUNCHER", help="the launcher script (a .py file)")
     launch.add_argument("args", metavar="ARGS", nargs="...", help="arguments for the launcher")
+
+    listing = commands.add_parser("list", help="recent experiments, newest first",
+                                  description="Experiments launched from this machine, newest first.")
+    listing.add_argument("-n", type=int, default=20, help="how many (default 20)")
+    listing.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    status = commands.add_parser(
+        "status", help="the state of an experiment's tasks",
+        description="Ask the schedulers (one query per cluster) for the state of every task: "
+                    "pending, running, completed, failed or cancelled, with exit codes.")
+    status.add_argument("experiment", metavar="XID", help="experiment id (see 'lxm3 list')")
+    status.add_argument("work_unit", metavar="WID", type=int, nargs="?", help="one work unit: list each task")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    logs = commands.add_parser("logs", help="show or follow a task's log",
+                               description="Show the end of a task's log, or follow it with -f.")
+    logs.add_argument("experiment", metavar="XID", help="experiment id (see 'lxm3 list')")
+    logs.add_argument("work_unit", metavar="WID", type=int, nargs="?",
+                      help="work unit (needed when there are several)")
+    logs.add_argument("--task", type=int, default=0, help="task index, from 0 (default 0)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", type=int, default=50, help="lines to show (default 50)")
+
+    cancel_command = commands.add_parser("cancel", help="cancel an experiment's jobs",
+                                         description="Cancel the submitted jobs (one scancel/qdel per cluster).")
+    cancel_command.add_argument("experiment", metavar="XID", help="experiment id (see 'lxm3 list')")
+    cancel_command.add_argument("work_unit", metavar="WID", type=int, nargs="?", help="only this work unit")
+
     commands.add_parser("version", help="print lxm3's version")
     return parser
+
+
+def _split_launch_args(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """Everything after the launcher belongs to it, options like -h included."""
+    for i, arg in enumerate(argv[1:], start=1):
+        if not arg.startswith("-"):
+            return argv[: i + 1], argv[i + 1:]
+    return argv, []
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    # Everything after the launcher belongs to it, including options like -h.
-    if argv[:1] == ["launch"] and len(argv) > 1 and not argv[1].startswith("-"):
-        args = parser.parse_args(argv[:2])
-        args.args = argv[2:]
+    if argv[:1] == ["launch"]:
+        ours, theirs = _split_launch_args(argv)
+        args = parser.parse_args(ours)
+        args.args = theirs
     else:
         args = parser.parse_args(argv)
+    handlers = {"list": _cmd_list, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel}
     try:
         if args.command == "launch":
-            return _launch(args.launcher, list(args.args))
+            return _launch(args.launcher, list(args.args), dry_run=args.dry_run)
         if args.command == "version":
             print(f"lxm3 {__version__}")
             return 0
+        if args.command in handlers:
+            return handlers[args.command](args)
     except LaunchError as e:
         print(f"lxm3: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     parser.print_help()
     return 2
 
