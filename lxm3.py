@@ -614,7 +614,7 @@ class SingularityContainer(xm.ExecutableSpec):
     image_path: str
 
     def __post_init__(self):
-        if not re.match(r"^[a-z][a-z0-9+.-]*://", self.image_path):
+        if not is_image_uri(self.image_path):
             self.image_path = resolve_path(self.image_path)
 
     @property
@@ -632,6 +632,11 @@ class DockerContainer(xm.ExecutableSpec):
     @property
     def name(self) -> str:
         return self.entrypoint.name
+
+
+def is_image_uri(image: str) -> bool:
+    """``docker://``, ``library://``, ``oras://``, ``http(s)://``...: the runtime fetches these."""
+    return re.match(r"^[a-z][a-z0-9+.-]*://", image) is not None
 
 
 def _name_from_path(path: str) -> str:
@@ -671,18 +676,28 @@ def _check_entrypoint(entrypoint: Any) -> None:
 
 @dataclass
 class SingularityOptions:
-    """Binds (``{host path: container path}``) and extra ``exec`` options."""
+    """How a ``SingularityContainer`` runs.
+
+    ``bind``: ``{host path: container path}``, added to the cluster config's
+    ``singularity.binds``. ``extra_options`` go to ``exec`` as they are.
+    ``runtime``: the command (default: ``apptainer`` if the node has it, else
+    ``singularity``). ``nv``: pass ``--nv`` (default: when the job asks for a GPU).
+    """
 
     bind: Dict[str, str] = field(default_factory=dict)
     extra_options: List[str] = field(default_factory=list)
+    runtime: Optional[str] = None
+    nv: Optional[bool] = None
 
 
 @dataclass
 class DockerOptions:
-    """Volumes (``{host path: container path}``) and extra ``docker run`` options."""
+    """Volumes (``{host path: container path}``) and extra ``docker run`` options;
+    ``gpus``: pass ``--gpus all`` (default: when the job asks for a GPU)."""
 
     volumes: Dict[str, str] = field(default_factory=dict)
     extra_options: List[str] = field(default_factory=list)
+    gpus: Optional[bool] = None
 
 
 @dataclass
@@ -1304,22 +1319,44 @@ class Connection:
             _copy_tree_locally(local_dir, remote_dir)
             return
         import subprocess
+        import tempfile
 
         self.open()
         ssh = " ".join(shell_quote(a) for a in ["ssh", *self._ssh_options()])
+        show_progress = sys.stderr.isatty()  # images are gigabytes: show how it goes
         argv = ["rsync", "--recursive", "--copy-links", "--times", "--ignore-existing",
                 "--protect-args", "--perms", "--chmod=D700,F600", "--stats",
+                *(["--info=progress2"] if show_progress else []),
                 "-e", ssh, local_dir.rstrip("/") + "/", f"{self.cluster.server}:{remote_dir}/"]
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True)
-        except FileNotFoundError:
-            raise ClusterError("rsync is not installed on this machine; install it "
-                               "(e.g. apt install rsync) to launch on remote clusters") from None
-        if proc.returncode != 0:
+        with tempfile.TemporaryFile() as errors:
+            try:
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors)
+            except FileNotFoundError:
+                raise ClusterError("rsync is not installed on this machine; install it "
+                                   "(e.g. apt install rsync) to launch on remote clusters") from None
+            output = _relay_progress(proc.stdout) if show_progress else proc.stdout.read().decode()
+            returncode = proc.wait()
+            errors.seek(0)
+            message = errors.read().decode(errors="replace").strip()
+        if returncode != 0:
             raise ClusterError(f"copying files to {self.target}:{remote_dir} failed "
-                               f"(rsync exit code {proc.returncode}): {proc.stderr.strip()}")
-        sent = re.search(r"Total bytes sent: ([\d,.]+)", proc.stdout)
+                               f"(rsync exit code {returncode}): {message}")
+        sent = re.search(r"Total bytes sent: ([\d,.]+)", output)
         self.bytes_sent += int(re.sub(r"[,.]", "", sent.group(1))) if sent else 0
+
+
+def _relay_progress(stream) -> str:
+    """Show rsync's ``--info=progress2`` line as it changes; return all its output."""
+    output, pending = [], b""
+    for chunk in iter(lambda: stream.read1(4096), b""):
+        output.append(chunk)
+        *pieces, pending = re.split(rb"[\r\n]", pending + chunk)
+        progress = [p for p in pieces if b"%" in p]
+        if progress:
+            sys.stderr.write("\r" + progress[-1].decode(errors="replace").strip().ljust(60))
+            sys.stderr.flush()
+    sys.stderr.write("\n")
+    return b"".join(output).decode(errors="replace")
 
 
 def _copy_tree_locally(src: str, dst: str) -> None:
@@ -1336,6 +1373,36 @@ def _copy_tree_locally(src: str, dst: str) -> None:
                 shutil.copyfile(os.path.join(dirpath, name), tmp)
                 os.chmod(tmp, 0o600)
                 os.replace(tmp, target)
+
+
+def _hash_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def image_digest(path: str) -> str:
+    """The sha256 of an image file, hashed once while its path, size and mtime stay the same."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise LaunchError(f"container image {path} cannot be read: {e.strerror}") from None
+    key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    cache_file = os.path.join(cache_dir(), "image-digests.json")
+    cache = _read_json(cache_file) or {}
+    if key not in cache:
+        _progress(f"hashing {path} ({st.st_size / 2**20:.0f} MiB); not again while it is unchanged")
+        cache[key] = _hash_file(path)
+        _write_json_atomic(cache_file, cache)
+    return cache[key]
+
+
+def deployed_image_name(path: str) -> str:
+    """``<stem>-<hash><ext>``: same-name images with other contents never collide."""
+    stem, ext = os.path.splitext(os.path.basename(path))
+    return f"{stem}-{image_digest(path)[:16]}{ext}"
 
 
 @dataclass
@@ -1484,7 +1551,7 @@ lxm_load() {
     printf -v value '%b' "${token:1}"
     case $token in
       a*) lxm_args+=("$value") ;;
-      e*) export "$value" ;;
+      e*) export "$value"; lxm_env_names+=("${value%%=*}") ;;
     esac
   done
 }
@@ -1502,6 +1569,7 @@ trap 'exit 129' HUP
 trap 'exit 130' INT
 trap 'exit 143' TERM
 lxm_args=()
+lxm_env_names=(LXM_EXPERIMENT_ID LXM_WORK_UNIT_ID LXM_NUM_TASKS LXM_TASK_ID PYTHONPATH)
 lxm_load 1 '#common'
 lxm_load $((LXM_TASK_ID + 2)) "#$LXM_TASK_ID"
 export LXM_EXPERIMENT_ID LXM_WORK_UNIT_ID LXM_NUM_TASKS LXM_TASK_ID
@@ -1772,6 +1840,74 @@ def sge_directives(executor: GridEngine, cluster: ClusterConfig, job_name: str) 
 
 SLURM_TASK_ID = "LXM_TASK_ID=$(( ${SLURM_ARRAY_TASK_ID:-0} + ${1:-0} ))  # $1: the array's first task"
 SGE_TASK_ID = "LXM_TASK_ID=$(( ${SGE_TASK_ID:-1} - 1 + ${1:-0} ))  # $1: the array's first task"
+
+
+def _wants_gpu(requirements: xm.JobRequirements) -> bool:
+    accelerator = requirements.accelerator
+    return accelerator is not None and (accelerator in xm.GpuType or accelerator == xm.ResourceType.LOCAL_GPU)
+
+
+def singularity_run(image: str, options: Optional[SingularityOptions],
+                    binds: Sequence[Tuple[str, str]], gpu: bool) -> str:
+    """Bash that runs the entrypoint inside ``image`` with apptainer or singularity.
+
+    The unpacked archive is bound at its own path, so PYTHONPATH holds. The
+    task's variables are also exported as APPTAINERENV_/SINGULARITYENV_ ones
+    (by indirect expansion, nothing evaluated), so ``--cleanenv`` keeps them.
+    """
+    options = options or SingularityOptions()
+    if options.runtime:
+        find = f"lxm_runtime={shell_quote(options.runtime)}"
+    else:
+        find = ('lxm_runtime=$(command -v apptainer || command -v singularity) ||\n'
+                '  lxm_fail "neither apptainer nor singularity is on the PATH of $(hostname)"')
+    argv = ['"$lxm_runtime"', "exec", "--bind", '"$lxm_workdir"', "--pwd", '"$lxm_workdir"']
+    if options.nv if options.nv is not None else gpu:
+        argv.append("--nv")
+    for src, dst in binds:
+        argv += ["--bind", shell_quote(f"{src}:{dst}")]
+    argv += [shell_quote(o) for o in options.extra_options]
+    argv += [shell_quote(image), "bash", "./entrypoint.sh"]
+    return "\n".join([
+        find,
+        'case ${lxm_runtime##*/} in apptainer*) lxm_prefix=APPTAINERENV_ ;; *) lxm_prefix=SINGULARITYENV_ ;; esac',
+        'for lxm_name in "${lxm_env_names[@]}"; do export "$lxm_prefix$lxm_name=${!lxm_name}"; done',
+        " ".join(argv),
+    ])
+
+
+def docker_run(image: str, options: Optional[DockerOptions], gpu: bool) -> str:
+    """Bash that runs the entrypoint in a Docker container as the calling user.
+
+    ``-e NAME`` without a value passes each task variable from the environment.
+    """
+    options = options or DockerOptions()
+    argv = ["docker", "run", "--rm", "--init", "--user", '"$(id -u):$(id -g)"',
+            "-v", '"$lxm_workdir:$lxm_workdir"', "-w", '"$lxm_workdir"', '"${lxm_docker_env[@]}"']
+    if options.gpus if options.gpus is not None else gpu:
+        argv += ["--gpus", "all"]
+    for src, dst in options.volumes.items():
+        argv += ["-v", shell_quote(f"{src}:{dst}")]
+    argv += [shell_quote(o) for o in options.extra_options]
+    argv += [shell_quote(image), "bash", "./entrypoint.sh"]
+    return "\n".join([
+        "lxm_docker_env=()",
+        'for lxm_name in "${lxm_env_names[@]}"; do lxm_docker_env+=(-e "$lxm_name"); done',
+        " ".join(argv),
+    ])
+
+
+def run_line(executable: ClusterExecutable, executor: xm.Executor, image: Optional[str],
+             config_binds: Sequence[Tuple[str, str]] = ()) -> str:
+    """The job script's command for the entrypoint: directly, or in a container."""
+    if executable.container is None:
+        return "bash ./entrypoint.sh"
+    gpu = _wants_gpu(executor.requirements)
+    if executable.container == "docker":
+        return docker_run(image, executor.docker_options, gpu)
+    options = executor.singularity_options
+    binds = [*config_binds, *(options.bind.items() if options else [])]
+    return singularity_run(image, options, binds, gpu)
 
 
 def module_lines(modules: Sequence[str]) -> str:
@@ -2183,9 +2319,10 @@ def _check_launchable(executable: Any, executor: Any) -> None:
             f"lxm3 cannot launch on {type(executor).__name__}: use xm_cluster.Local(), "
             "xm_cluster.Slurm() or xm_cluster.GridEngine()"
         )
-    if executable.container:
+    if executable.container == "docker" and not isinstance(executor, Local):
         raise LaunchError(
-            f"{executable.name}: running {executable.container} containers is not supported yet"
+            f"{executable.name}: DockerContainer runs only on the Local executor; on clusters use "
+            "SingularityContainer (apptainer/singularity can run docker:// images)"
         )
 
 
@@ -2259,6 +2396,13 @@ def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig
         if not os.path.lexists(link):
             os.symlink(archive.path, link)
         unit_dir, job_name = f"{experiment_dir}/wu{wid}", _job_name(experiment.experiment_title, xid, wid)
+        image = launch.executable.image
+        if launch.executable.container == "singularity" and not is_image_uri(image):
+            name = deployed_image_name(image)
+            os.makedirs(os.path.join(tree, "images"), exist_ok=True)
+            if not os.path.lexists(os.path.join(tree, "images", name)):
+                os.symlink(image, os.path.join(tree, "images", name))
+            image = f"{info.staging}/images/{name}"
         log_dir = (_path_there(info, launch.executor.log_directory)
                    if launch.executor.log_directory else f"{unit_dir}/logs")
         script = render_job_script(
@@ -2267,13 +2411,15 @@ def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig
             experiment_id=xid, work_unit_id=wid, num_tasks=len(launch.tasks),
             archive=f"{info.staging}/archives/{archive.name}", tasks_file=f"{unit_dir}/tasks",
             setup=module_lines(launch.executor.modules), exit_record=True,
+            run=run_line(launch.executable, launch.executor, image, cluster.singularity_binds),
         )
         write_job_files(os.path.join(tree, "experiments", str(xid), f"wu{wid}"), script,
                         launch.tasks, cluster.env)
         submissions += plan_submissions(wid, launch.executor, f"{unit_dir}/job.sh",
                                         len(launch.tasks), log_dir, limit)
         log_dirs.append(log_dir)
-        launch.work_unit._deployed(job_name, unit_dir, log_dir, f"{info.staging}/archives/{archive.name}")
+        launch.work_unit._deployed(job_name, unit_dir, log_dir, f"{info.staging}/archives/{archive.name}",
+                                   image)
     return submissions, log_dirs
 
 
@@ -2290,8 +2436,10 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
     with tempfile.TemporaryDirectory(prefix="lxm3-deploy-") as tree:
         submissions, log_dirs = prepare_cluster_launch(experiment, cluster, scheduler, launches, info, tree)
         archives = len(os.listdir(os.path.join(tree, "archives")))
-        _progress(f"{cluster.name}: copying {archives} archive(s) (if new) and {len(launches)} job "
-                  f"script(s) to {connection.target}:{info.staging}")
+        images = len(os.listdir(os.path.join(tree, "images"))) if os.path.isdir(os.path.join(tree, "images")) else 0
+        _progress(f"{cluster.name}: copying {archives} archive(s){f' and {images} image(s)' if images else ''} "
+                  f"(only those not there yet) and {len(launches)} job script(s) to "
+                  f"{connection.target}:{info.staging}")
         connection.copy_tree(tree, info.staging)
     output = connection.run_script(submission_script(log_dirs, submissions), "submitting jobs")
     error = parse_submission_output(output, submissions)
@@ -2351,6 +2499,7 @@ class ClusterWorkUnit(xm.WorkUnit):
         self.job_name: Optional[str] = None
         self.log_directory: Optional[str] = None
         self.archive_path: Optional[str] = None
+        self.image_path: Optional[str] = None  # as the node sees it
         self.arrays: List[ArraySubmission] = []  # on a cluster: the submitted arrays
         self.exit_codes: Dict[int, int] = {}  # local tasks that ended
         self.cancelled = False
@@ -2402,11 +2551,14 @@ class ClusterWorkUnit(xm.WorkUnit):
         directory = os.path.join(experiment.local_directory, f"wu{self._work_unit_id}")
         self.job_directory, self.log_directory = directory, os.path.join(directory, "logs")
         self.archive_path = executable.archive.path
+        if executable.container == "singularity" and not is_image_uri(executable.image) \
+                and not os.path.isfile(executable.image):
+            raise LaunchError(f"container image {executable.image} does not exist")
         script = render_job_script(
             header=LOCAL_HEADER, task_id=LOCAL_TASK_ID,
             experiment_id=experiment.experiment_id, work_unit_id=self._work_unit_id,
             num_tasks=len(tasks), archive=executable.archive.path,
-            tasks_file=os.path.join(directory, "tasks"),
+            tasks_file=os.path.join(directory, "tasks"), run=run_line(executable, executor, executable.image),
         )
         script_path, _ = write_job_files(directory, script, tasks, experiment.config.local_env)
         if experiment.dry_run_directory:
@@ -2415,16 +2567,18 @@ class ClusterWorkUnit(xm.WorkUnit):
             self.state = "dry run"
             return
         runner = experiment.local_runner(executor)
-        env = {"LXM_PYTHON": sys.executable}
+        # Without a container, tasks use the launching interpreter, as users expect locally.
+        env = {} if executable.container else {"LXM_PYTHON": sys.executable}
         self.log_paths = runner.submit(script_path, self._work_unit_id, len(tasks),
                                        self.log_directory, env)
         self.state = "running"
         _progress(f"work unit {self._work_unit_id}: {len(tasks)} task(s) started locally; "
                   f"logs in {self.log_directory}")
 
-    def _deployed(self, job_name: str, job_directory: str, log_directory: str, archive: str) -> None:
+    def _deployed(self, job_name: str, job_directory: str, log_directory: str, archive: str,
+                  image: Optional[str]) -> None:
         self.job_name, self.job_directory, self.log_directory = job_name, job_directory, log_directory
-        self.archive_path = archive
+        self.archive_path, self.image_path = archive, image
 
     def _submitted(self, arrays: List[ArraySubmission]) -> None:
         self.arrays = arrays
@@ -2453,7 +2607,7 @@ class ClusterWorkUnit(xm.WorkUnit):
             "script": os.path.join(self.job_directory, "job.sh") if self.job_directory else None,
             "log_directory": self.log_directory,
             "archive": self.archive_path,
-            "image": self._executable.image if self._executable else None,
+            "image": self.image_path or (self._executable.image if self._executable else None),
             "arrays": [{"job_id": s.job_id, "first_task": s.first_task, "count": s.count}
                        for s in self.arrays],
             "num_tasks": len(self._tasks),
