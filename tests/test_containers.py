@@ -15,12 +15,12 @@ import sys
 import uuid
 
 import pytest
+from test_job_script import AWKWARD
 
 import lxm3
 from lxm3 import xm
 
 from conftest import ROOT
-from test_job_script import AWKWARD
 from testbed_env import poll, require_testbed
 
 FAKE = os.path.join(ROOT, "tests", "fakes", "container_runtime.py")
