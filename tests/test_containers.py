@@ -268,7 +268,7 @@ def test_cluster_job_runs_in_a_deployed_image_sent_once(kind, echo_project, tmp_
             os.makedirs(out)
             os.chmod(out, 0o777)
             experiment, _ = cluster_launch(tb, kind, echo_project, out, image, staging, runtime)
-            poll(lambda: True if len([n for n in os.listdir(out) if n.startswith("task-")]) == 3 else None,
+            poll(lambda out=out: True if sum(n.startswith("task-") for n in os.listdir(out)) == 3 else None,
                  timeout=180, what=f"3 task reports in {out}")
             got = report(out, 2)
             assert got["argv"] == ["--i=2"]
