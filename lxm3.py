@@ -1723,9 +1723,22 @@ _SLURM_SHORT_OPTIONS = {
 }
 
 
+# Options Slurm treats as one request: giving one replaces the others
+# (sbatch rejects --mem with --mem-per-cpu, --cpus-per-task with --cpus-per-gpu).
+_SLURM_FAMILIES = {
+    "--mem": "memory", "--mem-per-cpu": "memory", "--mem-per-gpu": "memory",
+    "--cpus-per-task": "cpus", "--cpus-per-gpu": "cpus",
+    "--gpus": "gpus", "--gpus-per-node": "gpus", "--gpus-per-task": "gpus",
+    "--gpus-per-socket": "gpus",
+}
+
+
 def _slurm_key(directive: str) -> str:
-    option = directive.split("=", 1)[0].split()[0] if directive.strip() else directive
-    return _SLURM_SHORT_OPTIONS.get(option, option)
+    option, _, value = directive.strip().replace(" ", "=", 1).partition("=")
+    option = _SLURM_SHORT_OPTIONS.get(option, option)
+    if option == "--gres" and value.startswith("gpu"):
+        return "gpus"
+    return _SLURM_FAMILIES.get(option, option)
 
 
 def _slurm_requirements(requirements: xm.JobRequirements, cluster: ClusterConfig) -> List[str]:
