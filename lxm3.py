@@ -2215,15 +2215,16 @@ class LocalRunner:
         import subprocess
 
         with self._slots:
-            if self._stopping:
-                return
             full_env = {**os.environ, **env, "LXM_TASK_ID": str(task_id)}
             with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    ["bash", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
-                )
-                self._procs[(work_unit_id, task_id)] = proc
+                with self._lock:  # stop() must see every process it has to stop
+                    if self._stopping:
+                        return
+                    proc = subprocess.Popen(
+                        ["bash", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+                    )
+                    self._procs[(work_unit_id, task_id)] = proc
                 for line in proc.stdout:
                     log.write(line)
                     log.flush()
@@ -2254,8 +2255,9 @@ class LocalRunner:
         """Terminate every running task's process group, then kill what is left."""
         import signal
 
-        self._stopping = True
-        procs = list(self._procs.values())
+        with self._lock:
+            self._stopping = True
+            procs = list(self._procs.values())
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -2505,7 +2507,9 @@ class ClusterWorkUnit(xm.WorkUnit):
         self._executor: Optional[xm.Executor] = None
         self._executable: Optional[ClusterExecutable] = None
         self._tasks: List[Task] = []
-        self.state = "adding"  # then queued, submitted, not submitted, running, completed, failed
+        # adding, then: queued, submitted or not submitted (clusters);
+        # running, then completed, failed or stopped (local); dry run
+        self.state = "adding"
         self.job_directory: Optional[str] = None
         self.log_paths: List[str] = []
         self.cluster: Optional[str] = None
@@ -2516,6 +2520,7 @@ class ClusterWorkUnit(xm.WorkUnit):
         self.arrays: List[ArraySubmission] = []  # on a cluster: the submitted arrays
         self.exit_codes: Dict[int, int] = {}  # local tasks that ended
         self.cancelled = False
+        self._launch_done = threading.Event()  # add() returns before the launch has run
 
     @property
     def work_unit_id(self) -> int:
@@ -2585,6 +2590,7 @@ class ClusterWorkUnit(xm.WorkUnit):
         self.log_paths = runner.submit(script_path, self._work_unit_id, len(tasks),
                                        self.log_directory, env)
         self.state = "running"
+        experiment.save_record()
         _progress(f"work unit {self._work_unit_id}: {len(tasks)} task(s) started locally; "
                   f"logs in {self.log_directory}")
 
@@ -2637,8 +2643,20 @@ class ClusterWorkUnit(xm.WorkUnit):
             record["custom_output"] = _user_sets(executor, ["--output", "-o"])
         return record
 
+    def _wait_for_launch(self) -> None:
+        """Let a launch that add() started finish, unless we are on its own loop."""
+        import asyncio
+
+        try:
+            on_loop = asyncio.get_running_loop() is self.experiment._event_loop
+        except RuntimeError:
+            on_loop = False
+        if not on_loop:
+            self._launch_done.wait()
+
     def get_status(self) -> WorkUnitStatus:
         """The state of each task (asks the scheduler, once)."""
+        self._wait_for_launch()
         if isinstance(self._executor, Local):
             codes = {r.task_id: r.returncode for r in self.experiment.local_results(self._work_unit_id)}
             return WorkUnitStatus([
@@ -2820,7 +2838,11 @@ class ClusterExperiment(xm.Experiment):
     def add(self, job, args=None, *, role=xm.WorkUnitRole(), identity: str = ""):  # noqa: B008
         """As ``xm.Experiment.add``; a job lxm3 cannot launch is refused here, at the call."""
         _check_job_shape(job)
-        return super().add(job, args, role=role, identity=identity)
+        future = super().add(job, args, role=role, identity=identity)
+        unit = self._work_units[-1]  # created synchronously by the call above
+        self._event_loop.call_soon_threadsafe(future.add_done_callback,
+                                              lambda _: unit._launch_done.set())
+        return future
 
     def _create_experiment_unit(self, args, role, identity: str = ""):
         if not isinstance(role, xm.WorkUnitRole):
@@ -2925,20 +2947,26 @@ class ClusterExperiment(xm.Experiment):
         await conclude(None, self._conclude, exc_value)
 
     def _stop_local(self) -> None:
+        """Terminate local tasks (Ctrl-C, or the launcher failed) and record how they ended."""
         if self._runner is not None:
             self._runner.stop()
+            self._note_local_results(self._runner.results, stopped=True)
+
+    def _note_local_results(self, results: Sequence[TaskResult], stopped: bool = False) -> None:
+        units = self.work_units
+        for r in results:
+            units[r.work_unit_id].exit_codes[r.task_id] = r.returncode
+        for wu in units.values():
+            if wu.state == "running":
+                ended_well = len(wu.exit_codes) == len(wu._tasks) and not any(wu.exit_codes.values())
+                wu.state = "completed" if ended_well else "stopped" if stopped else "failed"
 
     def _finish_local(self) -> None:
         """Wait for local tasks; a failed task makes the launch fail."""
         if self._runner is None:
             return
         results = self._runner.wait()
-        units = self.work_units
-        for r in results:
-            units[r.work_unit_id].exit_codes[r.task_id] = r.returncode
-        for wu in units.values():
-            if wu.state == "running":
-                wu.state = "failed" if any(wu.exit_codes.values()) else "completed"
+        self._note_local_results(results)
         failed = [r for r in results if r.returncode != 0]
         if failed:
             lines = [f"  work unit {r.work_unit_id} task {r.task_id}: exit code {r.returncode} "
@@ -3154,8 +3182,12 @@ def _local_statuses(unit: Mapping[str, Any], record: Mapping[str, Any]) -> List[
     statuses = []
     for task in range(unit["num_tasks"]):
         code = codes.get(str(task))
-        if code is not None:
+        if code is not None and unit["state"] == "stopped" and code in (-15, -9, -2, 130, 143):
+            statuses.append(TaskStatus(task, "cancelled", code, detail="stopped by lxm3"))
+        elif code is not None:
             statuses.append(TaskStatus(task, "completed" if code == 0 else "failed", code))
+        elif unit["state"] == "stopped":
+            statuses.append(TaskStatus(task, "cancelled", detail="stopped before it started"))
         elif record.get("status") == "launching":
             statuses.append(TaskStatus(task, "running"))
         else:
