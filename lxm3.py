@@ -15,9 +15,6 @@ copied onto a login node and run with the system Python.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
 import os
 import re
 import string
@@ -26,6 +23,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     Dict,
@@ -40,6 +38,9 @@ from typing import (
 )
 
 import xm
+
+if TYPE_CHECKING:  # imported where used: `lxm3 version` should not pay for them
+    import datetime
 
 __version__ = "0.5.0.dev0"
 
@@ -723,7 +724,7 @@ class Local(xm.Executor):
         return LocalSpec()
 
 
-Walltime = Union[None, int, float, datetime.timedelta, str]
+Walltime = Union[None, int, float, "datetime.timedelta", str]
 
 
 def parse_walltime(value: Walltime) -> Optional[int]:
@@ -928,11 +929,16 @@ def tree_fingerprint(root: str) -> List[Tuple[str, int, int]]:
 
 
 def _cache_key(*parts: Any) -> str:
+    import hashlib
+    import json
+
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
 def _write_json_atomic(path: str, data: Any) -> None:
+    import json
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -941,6 +947,8 @@ def _write_json_atomic(path: str, data: Any) -> None:
 
 
 def _read_json(path: str) -> Optional[Any]:
+    import json
+
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -978,6 +986,7 @@ def write_reproducible_zip(zip_path: str, files: Iterable[Tuple[str, str]]) -> s
     Entries are sorted, dated 1980-01-01 and carry only the executable bit of
     their mode. Returns the sha256 of the written file.
     """
+    import hashlib
     import zipfile
 
     digest = hashlib.sha256()
@@ -1376,6 +1385,8 @@ def _copy_tree_locally(src: str, dst: str) -> None:
 
 
 def _hash_file(path: str) -> str:
+    import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -2086,6 +2097,12 @@ def parse_submission_output(output: str, submissions: Sequence[ArraySubmission])
 RECORD_VERSION = 1
 
 
+def _utc_now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def state_dir() -> str:
     return os.path.join(_xdg_dir("XDG_STATE_HOME", os.path.join(".local", "state")), "lxm3")
 
@@ -2777,7 +2794,7 @@ class ClusterExperiment(xm.Experiment):
             "version": RECORD_VERSION,
             "experiment_id": self._id,
             "title": experiment_title,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": _utc_now(),
             "launcher": launcher,
             "argv": sys.argv[1:],
             "cwd": os.getcwd(),
@@ -3320,6 +3337,8 @@ def _exit_message(message: Any) -> int:
 
 
 def _print_json(data: Any) -> None:
+    import json
+
     json.dump(data, sys.stdout, indent=1, default=asdict)
     print()
 
