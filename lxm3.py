@@ -1325,7 +1325,11 @@ class Connection:
         that exists already is identical and costs nothing.
         """
         if not self.remote:
-            _copy_tree_locally(local_dir, remote_dir)
+            try:
+                _copy_tree_locally(local_dir, remote_dir)
+            except OSError as e:
+                raise ClusterError(f"copying files to {remote_dir} on this machine failed: "
+                                   f"{e.strerror}: {e.filename}") from None
             return
         import subprocess
         import tempfile
