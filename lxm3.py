@@ -2954,7 +2954,7 @@ class ClusterExperiment(xm.Experiment):
         except BaseException as error:
             self._conclude(error)
             raise
-        self._conclude(exc_value)
+        self._conclude(_failure(exc_value))
 
     async def __aexit__(self, exc_type, exc_value, traceback):
         import asyncio
@@ -2965,7 +2965,7 @@ class ClusterExperiment(xm.Experiment):
         except BaseException as error:
             await conclude(None, self._conclude, error)
             raise
-        await conclude(None, self._conclude, exc_value)
+        await conclude(None, self._conclude, _failure(exc_value))
 
     def _stop_local(self) -> None:
         """Terminate local tasks (Ctrl-C, or the launcher failed) and record how they ended."""
@@ -2994,6 +2994,13 @@ class ClusterExperiment(xm.Experiment):
                      f"(log: {r.log_path})" for r in failed]
             raise TaskFailedError(f"{len(failed)} of {len(results)} task(s) failed:\n" + "\n".join(lines))
         _progress(f"all {len(results)} task(s) of experiment {self._id} succeeded")
+
+
+def _failure(error: Optional[BaseException]) -> Optional[BaseException]:
+    """The error that ended a ``with`` block; ``sys.exit(0)`` inside it is a normal end."""
+    if isinstance(error, SystemExit) and error.code in (0, None):
+        return None
+    return error
 
 
 _dry_run_directory: Optional[str] = None  # set by ``lxm3 launch --dry-run``

@@ -203,3 +203,18 @@ def test_array_job_broadcasting_and_errors():
         lxm3.ArrayJob(exe, executor, args={"a": 1})
     with pytest.raises(ValueError, match="from a string"):
         lxm3.ArrayJob(exe, executor, args=["--a=1"])
+
+
+def test_sys_exit_zero_inside_the_experiment_is_a_normal_end(echo_project, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SystemExit):
+        with lxm3.create_experiment("exits", config=lxm3.Config()) as experiment:
+            executor = lxm3.Local()
+            spec = lxm3.PythonPackage(entrypoint=xm.ModuleName("echoapp.main"), path=echo_project)
+            [exe] = experiment.package([xm.Packageable(spec, executor_spec=executor.Spec(),
+                                                       env_vars={"ECHO_OUT": str(out)})])
+            experiment.add(xm.Job(exe, executor))
+            sys.exit(0)
+    assert sorted(reports(out)) == [0]  # the task ran to the end, as without the exit
+    assert lxm3.load_record(experiment.experiment_id)["status"] == "completed"
