@@ -1264,12 +1264,15 @@ class Connection:
         import subprocess
         import tempfile
 
-        self._control_dir = tempfile.mkdtemp(prefix="lxm3-ssh-")  # private: mode 0700
+        # Private (mode 0700), and short: a socket path may not exceed ~100 bytes.
+        short = "/tmp" if os.access("/tmp", os.W_OK) else None
+        self._control_dir = tempfile.mkdtemp(prefix="lxm3-ssh-", dir=short)
         # stderr goes to a file: the master lives on in the background and
         # would hold a pipe open.
         with tempfile.TemporaryFile() as errors:
             proc = subprocess.run(
-                ["ssh", *self._ssh_options(), "-o", "ControlMaster=yes", "-o", "ControlPersist=yes",
+                # close() ends it; ControlPersist lets an abandoned one expire.
+                ["ssh", *self._ssh_options(), "-o", "ControlMaster=yes", "-o", "ControlPersist=600",
                  "-f", "-N", self.cluster.server],
                 stdout=subprocess.DEVNULL, stderr=errors,
             )
@@ -2678,6 +2681,9 @@ class ClusterWorkUnit(xm.WorkUnit):
     def get_status(self) -> WorkUnitStatus:
         """The state of each task (asks the scheduler, once)."""
         self._wait_for_launch()
+        if self.state == "queued":  # submitted when the experiment block ends
+            return WorkUnitStatus([TaskStatus(t, "pending", detail="not submitted yet")
+                                   for t in range(len(self._tasks))])
         if isinstance(self._executor, Local):
             codes = {r.task_id: r.returncode for r in self.experiment.local_results(self._work_unit_id)}
             return WorkUnitStatus([
@@ -2699,6 +2705,10 @@ class ClusterWorkUnit(xm.WorkUnit):
         return _launched_jobs(self.to_record())
 
     async def _wait_until_complete(self):
+        if self.state == "queued":  # waiting for it means submitting now what is queued
+            import asyncio
+
+            await asyncio.get_running_loop().run_in_executor(None, self.experiment.submit_pending)
         await _poll_until_done(self.get_status, self)
         return self
 
@@ -2722,6 +2732,8 @@ async def _poll_until_done(get_status: Callable[[], WorkUnitStatus], unit: Any) 
         await asyncio.sleep(interval)
     if status.is_failed:
         raise xm.ExperimentUnitFailedError(status.message, work_unit=unit)
+    if not status.is_completed:
+        raise xm.ExperimentUnitNotCompletedError(status.message, work_unit=unit)
 
 
 class LoadedWorkUnit:
@@ -2793,6 +2805,7 @@ class ClusterExperiment(xm.Experiment):
         self._pending: List[PendingLaunch] = []
         self._connections: Dict[str, Connection] = {}
         self._lock = threading.Lock()
+        self._submit_lock = threading.Lock()
         launcher = xm.utils.find_launch_script_path()
         self._record: Dict[str, Any] = {
             "version": RECORD_VERSION,
@@ -2882,6 +2895,10 @@ class ClusterExperiment(xm.Experiment):
 
     def submit_pending(self) -> None:
         """Deploy and submit the queued cluster work units, one batch per cluster."""
+        with self._submit_lock:
+            self._submit_queued()
+
+    def _submit_queued(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
         groups: Dict[Tuple[str, str], List[PendingLaunch]] = {}
@@ -3047,7 +3064,8 @@ class WorkUnitStatus(xm.ExperimentUnitStatus):
 
     @property
     def is_failed(self) -> bool:
-        return not self.is_active and not self.is_completed
+        """A task failed, or ended in a way nobody can tell; cancelled alone is not failed."""
+        return not self.is_active and any(t.state in ("failed", "unknown") for t in self.tasks)
 
     @property
     def message(self) -> str:
@@ -3118,9 +3136,12 @@ def _status_script(units: Sequence[Mapping[str, Any]], scheduler: str) -> str:
                   f"sacct -n -P -X -j {job_ids} --format=JobID,State,ExitCode 2>/dev/null "
                   "|| echo lxm3-no-accounting"]
     else:
-        lines += ["qstat -g d 2>/dev/null"]
-    lines.append("echo '== exits'")
-    for u in units:
+        lines += ["qstat -g d 2>/dev/null", "echo '== accounting'"]
+        # Grid Engine forgets finished jobs at once: ask its accounting about those.
+        for job_id in (a["job_id"] for u in units for a in u["arrays"]):
+            lines.append(f"qstat -j {job_id} >/dev/null 2>&1 || qacct -j {job_id} 2>/dev/null")
+    for u in units:  # each unit's own section: task numbers repeat across units
+        lines.append(f"echo '== exits {u['id']}'")
         if u.get("log_directory") and not u.get("custom_output"):
             lines.append(f"find {shell_quote(u['log_directory'])} -maxdepth 1 -type f "
                          f"-name {shell_quote(u['job_name'] + '-*')} -exec tail -q -n 1 {{}} + 2>/dev/null")
@@ -3131,9 +3152,13 @@ def _parse_status(output: str, unit: Mapping[str, Any], scheduler: str,
                   cancelled: bool) -> List[TaskStatus]:
     section, queue, accounting, exits = "", {}, {}, {}
     job_ids = {a["job_id"] for a in unit["arrays"]}
+    qacct: Dict[str, str] = {}
     for line in output.splitlines():
         if line.startswith("== "):
             section = line[3:].strip()
+            continue
+        if section == "accounting" and scheduler == "sge":
+            _read_qacct_line(line, qacct, job_ids, accounting)
             continue
         if section == "queue" and scheduler == "slurm" and "|" in line:
             name, state = line.split("|", 1)
@@ -3149,7 +3174,7 @@ def _parse_status(output: str, unit: Mapping[str, Any], scheduler: str,
             job_id, _, index = name.partition("_")
             if job_id in job_ids and index.isdigit():
                 accounting[(job_id, int(index))] = (_slurm_state(state), code.split(":")[0])
-        elif section == "exits":
+        elif section == f"exits {unit['id']}":
             match = EXIT_RECORD_PATTERN.search(line)
             if match:
                 exits[int(match.group(1))] = int(match.group(2))
@@ -3169,7 +3194,7 @@ def _parse_status(output: str, unit: Mapping[str, Any], scheduler: str,
                 state = state or ("completed" if code == 0 else "failed")
                 if state == "completed" and code != 0:
                     state = "failed"
-                if cancelled and code in (129, 130, 143):
+                if cancelled and code in (129, 130, 137, 143):
                     state = "cancelled"
                 statuses.append(TaskStatus(task, state, code, job))
             elif state is not None:
@@ -3178,6 +3203,21 @@ def _parse_status(output: str, unit: Mapping[str, Any], scheduler: str,
                 statuses.append(TaskStatus(task, "cancelled" if cancelled else "unknown", None, job,
                                            "left the queue without an exit record"))
     return statuses
+
+
+def _read_qacct_line(line: str, entry: Dict[str, str], job_ids: Set[str],
+                     accounting: Dict[Tuple[str, int], Tuple[str, str]]) -> None:
+    """``qacct -j`` prints one block of ``key value`` lines per task, fenced by ``=====``."""
+    if line.startswith("====="):
+        entry.clear()
+        return
+    key, _, value = line.partition(" ")
+    entry[key] = value.strip()
+    if key == "exit_status" and entry.get("jobnumber") in job_ids and entry.get("taskid", "").isdigit():
+        failed = entry.get("failed", "0").split()[0] != "0"
+        code = value.strip().split()[0]
+        state = "failed" if failed or code != "0" else "completed"
+        accounting[(entry["jobnumber"], int(entry["taskid"]) - 1)] = (state, code)
 
 
 def query_status(record: Mapping[str, Any],
@@ -3224,6 +3264,9 @@ def _local_statuses(unit: Mapping[str, Any], record: Mapping[str, Any]) -> List[
     return statuses
 
 
+_BENIGN_CANCEL = re.compile(r"does not exist|registered the job|has deleted|Invalid job id", re.I)
+
+
 def cancel(record: Dict[str, Any], work_unit_ids: Optional[Sequence[int]] = None) -> List[str]:
     """Cancel the recorded jobs: one ``scancel``/``qdel`` call per cluster. Returns the job ids."""
     units = [u for u in record["work_units"] if u["arrays"]
@@ -3237,9 +3280,15 @@ def cancel(record: Dict[str, Any], work_unit_ids: Optional[Sequence[int]] = None
         command = "scancel" if scheduler == "slurm" else "qdel"
         connection = _unit_connection(group[0])
         try:
-            connection.run_script(f"{command} {' '.join(job_ids)}", f"cancelling jobs with {command}")
+            output = connection.run_script(f"{command} {' '.join(job_ids)} 2>&1; echo \"lxm3-status $?\"",
+                                           f"cancelling jobs with {command}")
         finally:
             connection.close()
+        *lines, last = output.strip().splitlines() or ["lxm3-status 0"]
+        # Jobs that ended already are not an error (qdel: "does not exist").
+        problems = [line for line in lines if not _BENIGN_CANCEL.search(line)]
+        if last != "lxm3-status 0" and problems:
+            raise ClusterError(f"{command} on {group[0]['cluster']} failed: " + "\n".join(problems))
         for unit in group:
             unit["cancelled"] = True
         cancelled += job_ids
@@ -3368,6 +3417,7 @@ def _cmd_list(args) -> int:
     records = list_records(args.n)
     if args.json:
         _print_json([{k: v for k, v in r.items() if k != "work_units"} | {
+            "where": sorted({_where(u) for u in r.get("work_units", [])}),
             "work_units": len(r.get("work_units", [])),
             "tasks": sum(u["num_tasks"] for u in r.get("work_units", []))} for r in records])
         return 0
@@ -3509,8 +3559,21 @@ def _split_launch_args(argv: List[str]) -> Tuple[List[str], List[str]]:
     return argv, []
 
 
+def _interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP (a closed terminal) clean up like Ctrl-C: local tasks
+    are stopped and the SSH connection is closed, not left behind."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _interrupt_on_termination()
     parser = _parser()
     if argv[:1] == ["launch"]:
         ours, theirs = _split_launch_args(argv)

@@ -1,0 +1,621 @@
+"""Records of launches and what users read back from them, on this machine only.
+
+Every launch writes ``$XDG_STATE_HOME/lxm3/experiments/<id>.json``; ``lxm3
+list``, ``status``, ``logs``, ``cancel``, ``launch --dry-run`` and
+``get_experiment`` are checked here with the Local executor, as users run them
+(``python -m lxm3 ...`` in a subprocess) or through the xm API in process.
+The same commands on Slurm and Grid Engine are in test_status.py.
+
+The tasks run ``lxmtask.main`` (``TASK_MAIN``): it prints a line naming its
+task, optionally waits for a gate file to exist (so that a test decides when it
+ends), prints ``$LINES`` numbered lines, and exits with the code ``$CODES``
+gives its task.
+"""
+
+import asyncio
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import lxm3
+from lxm3 import xm
+
+from conftest import PYPROJECT, ROOT, write_files
+
+TASK_MAIN = """\
+    import json, os, signal, sys, time
+    task = os.environ.get("LXM_TASK_ID")
+    print("task %s argv=%s" % (task, json.dumps(sys.argv[1:])), flush=True)
+    out = os.environ.get("OUT")
+    if out:  # proof that the task ran
+        with open(os.path.join(out, "task-%s" % task), "w") as f:
+            f.write(json.dumps(sys.argv[1:]))
+    gate = os.environ.get("GATE")
+    deadline = time.time() + float(os.environ.get("MAX_WAIT", "300"))
+    while gate and not os.path.exists(gate):
+        if time.time() > deadline:  # never hold a cluster's slot for long
+            print("task %s: gave up waiting for %s" % (task, gate), flush=True)
+            sys.exit(99)
+        time.sleep(0.2)
+    for i in range(int(os.environ.get("LINES", "0"))):
+        print("line %d of task %s" % (i, task), flush=True)
+        time.sleep(float(os.environ.get("EVERY", "0.5")))
+    print("task %s done" % task, flush=True)
+    if os.environ.get("KILL_TASK") == task:  # as the OOM killer would: no trap runs
+        os.killpg(0, signal.SIGKILL)
+    sys.exit(int(json.loads(os.environ.get("CODES") or "{}").get(task, 0)))
+"""
+
+# A launcher driven by spec.json beside it: a title and work units, each an
+# ArrayJob of the task program on an executor ("Local", "Slurm", "GridEngine").
+LAUNCHER = """\
+    import json
+    import os
+    import time
+
+    from lxm3 import xm, xm_cluster
+
+    HERE = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(HERE, "spec.json"), encoding="utf-8") as f:
+        SPEC = json.load(f)
+
+    if SPEC.get("start_at"):  # launches started together create their experiments together
+        while time.time() < SPEC["start_at"]:
+            time.sleep(0.0002)
+
+    with xm_cluster.create_experiment(SPEC["title"]) as experiment:
+        executables = {}
+        for unit in SPEC["units"]:
+            options = dict(unit.get("options") or {})
+            if "cpu" in options:
+                options["requirements"] = xm.JobRequirements(cpu=options.pop("cpu"))
+            executor = getattr(xm_cluster, unit["executor"])(**options)
+            if unit["executor"] not in executables:
+                package = xm_cluster.PythonPackage(
+                    path=SPEC["project"], entrypoint=xm_cluster.ModuleName("lxmtask.main"))
+                [executables[unit["executor"]]] = experiment.package(
+                    [xm.Packageable(package, executor_spec=executor.Spec())])
+            experiment.add(xm_cluster.ArrayJob(executables[unit["executor"]], executor,
+                                               args=unit["args"], env_vars=unit["env_vars"]))
+        if SPEC.get("raise"):
+            raise RuntimeError(SPEC["raise"])
+"""
+
+
+@pytest.fixture(scope="session")
+def task_project(tmp_path_factory):
+    """The task program's project, once per session (so it is packaged once)."""
+    root = tmp_path_factory.mktemp("lxmtask")
+    os.chmod(str(root), 0o755)
+    return write_files(root / "lxmtask_project", {
+        "pyproject.toml": PYPROJECT.format(name="lxmtask"),
+        "lxmtask/__init__.py": "",
+        "lxmtask/main.py": TASK_MAIN,
+    })  # fmt: skip
+
+
+def lxm3_cli(*args, env=None, cwd=None, timeout=300):
+    """``python -m lxm3 ARGS`` as a user runs it; text output captured."""
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "lxm3", *args], env=full_env, cwd=cwd,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def lxm3_popen(*args, env=None, **kwargs):
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": ROOT}
+    return subprocess.Popen([sys.executable, "-m", "lxm3", *args], env=full_env,
+                            stdin=subprocess.DEVNULL, **kwargs)
+
+
+def write_launcher(directory, spec):
+    """launcher.py and its spec.json in ``directory``; returns the launcher's path."""
+    os.makedirs(str(directory), exist_ok=True)
+    with open(os.path.join(str(directory), "spec.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    path = os.path.join(str(directory), "launcher.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(textwrap.dedent(LAUNCHER))
+    return path
+
+
+def local_unit(num_tasks, env=None, task_env=None):
+    """A Local ArrayJob of ``num_tasks`` tasks with arguments --seed=i."""
+    if task_env is None:
+        env_vars = [dict(env or {})]
+    else:
+        env_vars = [{**(env or {}), **task_env(i)} for i in range(num_tasks)]
+    return {"executor": "Local", "args": [{"seed": i} for i in range(num_tasks)],
+            "env_vars": env_vars}
+
+
+def experiments_dir():
+    return os.path.join(os.environ["XDG_STATE_HOME"], "lxm3", "experiments")
+
+
+def record_files():
+    try:
+        return sorted(os.listdir(experiments_dir()))
+    except FileNotFoundError:
+        return []
+
+
+def read_record(experiment_id):
+    """The record, read as any script would: the standard library's json."""
+    with open(os.path.join(experiments_dir(), f"{experiment_id}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def new_record_id(before):
+    """The id of the one record file that is not in ``before``."""
+    new = [name for name in record_files() if name not in before]
+    assert len(new) == 1, f"expected one new record, found {new} in {experiments_dir()}"
+    assert new[0].endswith(".json")
+    return int(new[0][:-5])
+
+
+def launch_local(tmp_path, name, spec, args=(), expect_rc=0):
+    """Run ``lxm3 launch`` on a launcher in tmp_path/name; returns (proc, record)."""
+    launcher = write_launcher(tmp_path / name, spec)
+    before = record_files()
+    proc = lxm3_cli("launch", launcher, *args, cwd=str(tmp_path))
+    assert proc.returncode == expect_rc, f"exit {proc.returncode}\n{proc.stderr}\n{proc.stdout}"
+    return proc, read_record(new_record_id(before))
+
+
+def status_json(experiment_id, *more):
+    proc = lxm3_cli("status", str(experiment_id), *more, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def states(status, work_unit_id=1):
+    """[(state, exit code)] of each task of a work unit in ``status --json`` output."""
+    tasks = status["work_units"][str(work_unit_id)]["tasks"]
+    assert [t["task"] for t in tasks] == list(range(len(tasks)))
+    return [(t["state"], t["exit_code"]) for t in tasks]
+
+
+def error_line(proc):
+    """The one-line error of a failed command: exit code 1, no traceback."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lxm3: error: "), proc.stderr
+    return lines[0]
+
+
+def git(repo, *args):
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=Test", "-c",
+                           "user.email=test@example.com", *args],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def make_out(tmp_path, name="out"):
+    out = tmp_path / name
+    out.mkdir()
+    return str(out)
+
+
+def ran(out):
+    return sorted(os.listdir(out))
+
+
+# --- the record of a launch --------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_local_launch_is_recorded_with_everything_needed_to_find_it_again(tmp_path, task_project):
+    repo = tmp_path / "repo"
+    out = make_out(tmp_path)
+    spec = {"title": "recorded sweep", "project": task_project,
+            "units": [local_unit(3, env={"OUT": out, "CODES": '{"2": 3}'},
+                                 task_env=lambda i: {"TASK_VALUE": f"value {i} $HOME"})]}
+    write_launcher(repo, spec)
+    git(repo, "init", "-q")
+    git(repo, "add", "launcher.py", "spec.json")
+    git(repo, "commit", "-q", "-m", "launcher")
+    commit = git(repo, "rev-parse", "HEAD")
+    started = datetime.datetime.now(datetime.timezone.utc)
+
+    before = record_files()
+    proc = lxm3_cli("launch", str(repo / "launcher.py"), "--lr", "0.1", "it's",
+                    cwd=str(tmp_path))
+    assert proc.returncode == 1, proc.stderr  # task 2 failed
+    record = read_record(new_record_id(before))
+
+    assert record["title"] == "recorded sweep"
+    created = datetime.datetime.fromisoformat(record["created"])
+    assert created.tzinfo is not None
+    assert abs((created - started).total_seconds()) < 120
+    assert record["launcher"] == str(repo / "launcher.py")
+    assert record["argv"] == ["--lr", "0.1", "it's"]
+    assert record["git"]["commit"] == commit
+    assert record["git"]["dirty"] is False
+    assert os.path.realpath(record["git"]["root"]) == os.path.realpath(str(repo))
+    assert record["status"] == "failed"
+    assert "exit code 3" in record["error"] and "task 2" in record["error"]
+
+    [unit] = record["work_units"]
+    assert unit["id"] == 1
+    assert unit["executor"] == "Local"
+    assert unit["num_tasks"] == 3
+    assert [t["args"] for t in unit["tasks"]] == [["--seed=0"], ["--seed=1"], ["--seed=2"]]
+    for i, task in enumerate(unit["tasks"]):
+        assert task["env"]["TASK_VALUE"] == f"value {i} $HOME"
+        assert task["env"]["OUT"] == out
+    assert unit["exit_codes"] == {"0": 0, "1": 0, "2": 3}
+    assert len(unit["log_paths"]) == 3
+    for i, path in enumerate(unit["log_paths"]):
+        with open(path) as f:
+            assert f.read().startswith(f'task {i} argv=["--seed={i}"]'), path
+    assert os.path.isfile(unit["script"])
+    assert os.path.isfile(unit["archive"])
+    assert ran(out) == ["task-0", "task-1", "task-2"]
+
+    # A change to a tracked file makes the next launch's tree dirty.
+    with open(repo / "launcher.py", "a") as f:
+        f.write("# edited\n")
+    spec["units"] = [local_unit(1)]
+    with open(repo / "spec.json", "w") as f:
+        json.dump(spec, f)
+    before = record_files()
+    proc = lxm3_cli("launch", str(repo / "launcher.py"), cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    record = read_record(new_record_id(before))
+    assert record["git"]["commit"] == commit
+    assert record["git"]["dirty"] is True
+    assert record["status"] == "completed"
+    assert record["work_units"][0]["exit_codes"] == {"0": 0}
+
+
+def test_launch_outside_a_git_repository_records_no_commit(tmp_path, task_project):
+    _, record = launch_local(tmp_path, "plain", {"title": "no git", "project": task_project,
+                                                 "units": [local_unit(1)]})
+    assert record["git"] is None
+    assert record["status"] == "completed"
+    assert record["error"] is None
+
+
+def test_launcher_that_fails_after_adding_a_job_is_recorded_as_failed(tmp_path, task_project):
+    gate = str(tmp_path / "never")
+    proc, record = launch_local(
+        tmp_path, "failing",
+        {"title": "fails midway", "project": task_project, "raise": "boom after add",
+         "units": [local_unit(2, env={"GATE": gate})]}, expect_rc=1)
+    assert "RuntimeError: boom after add" in proc.stderr
+    assert record["status"] == "failed"
+    assert "boom after add" in record["error"]
+    [unit] = record["work_units"]
+    assert unit["num_tasks"] == 2 and unit["executor"] == "Local"
+
+    shown = lxm3_cli("status", str(record["experiment_id"]))
+    assert shown.returncode == 0, shown.stderr
+    assert "failed" in shown.stdout and "boom after add" in shown.stdout
+    # The launch is over and lxm3 stopped its tasks: nothing may look as if it still ran.
+    status = status_json(record["experiment_id"])
+    assert all(state not in ("running", "pending") for state, _ in states(status)), status
+    assert "running" not in unit["state"], (
+        f"work unit recorded as {unit['state']!r} after its tasks were stopped:\n{shown.stdout}")
+    assert all(state == "cancelled" for state, _ in states(status)), (
+        f"tasks that lxm3 stopped when the launcher failed should read cancelled:\n{shown.stdout}")
+
+
+# --- ids and records under concurrency -----------------------------------------
+
+
+def test_claimed_ids_are_distinct_across_threads_in_the_same_millisecond(monkeypatch):
+    monkeypatch.setattr(lxm3.time, "time", lambda: 1700000000.0)  # every claim collides
+    count = 16
+    barrier = threading.Barrier(count)
+    ids, errors = [], []
+
+    def claim():
+        try:
+            barrier.wait(10)
+            ids.append(lxm3.claim_experiment_id())
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=claim) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    assert sorted(ids) == list(range(1700000000000, 1700000000000 + count))
+    # Claimed but not yet written: listing skips them instead of failing.
+    assert lxm3.list_records() == []
+    proc = lxm3_cli("list")
+    assert proc.returncode == 0, proc.stderr
+    assert "no experiments" in proc.stdout
+
+
+def test_two_launches_at_once_both_get_their_own_record(tmp_path, task_project):
+    outs = [make_out(tmp_path, f"out{n}") for n in range(2)]
+    start_at = time.time() + 4  # both processes spin until this instant, then create
+    launchers = [write_launcher(tmp_path / f"launch{n}", {
+        "title": f"concurrent {n}", "project": task_project, "start_at": start_at,
+        "units": [local_unit(2, env={"OUT": outs[n]})]}) for n in range(2)]
+    procs = [lxm3_popen("launch", launcher, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True) for launcher in launchers]
+    results = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, stderr) in zip(procs, results):
+        assert proc.returncode == 0, stderr
+
+    names = record_files()
+    assert all(re.fullmatch(r"\d+\.json", n) for n in names), names  # no temporary files left
+    records = [read_record(n[:-5]) for n in names]
+    assert sorted(r["title"] for r in records) == ["concurrent 0", "concurrent 1"]
+    ids = [r["experiment_id"] for r in records]
+    assert len(set(ids)) == 2
+    assert abs(ids[0] - ids[1]) < 1000  # they really started together
+    for record in records:
+        assert record["status"] == "completed"
+        assert record["work_units"][0]["exit_codes"] == {"0": 0, "1": 0}
+        assert f"{record['experiment_id']}.json" in names
+    for out in outs:
+        assert ran(out) == ["task-0", "task-1"]
+    listed = json.loads(lxm3_cli("list", "--json").stdout)
+    assert sorted(e["experiment_id"] for e in listed) == sorted(ids)
+
+
+# --- lxm3 list / status / logs / cancel on local launches ----------------------
+
+
+def test_list_shows_experiments_newest_first(tmp_path, task_project):
+    proc = lxm3_cli("list")
+    assert proc.returncode == 0 and "no experiments recorded yet" in proc.stdout, proc
+
+    _, first = launch_local(tmp_path, "first", {"title": "first sweep", "project": task_project,
+                                                "units": [local_unit(2)]})
+    _, second = launch_local(
+        tmp_path, "second",
+        {"title": "second sweep", "project": task_project,
+         "units": [local_unit(3, env={"CODES": '{"1": 4}'}), local_unit(1)]}, expect_rc=1)
+
+    proc = lxm3_cli("list")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["ID", "CREATED", "(UTC)", "TITLE", "WHERE", "UNITS", "TASKS",
+                                "STATUS"]
+    rows = lines[1:]
+    assert len(rows) == 2
+    assert rows[0].startswith(str(second["experiment_id"]))  # newest first
+    assert rows[1].startswith(str(first["experiment_id"]))
+    assert re.search(r"second sweep\s+local\s+2\s+4\s+failed$", rows[0]), rows[0]
+    assert re.search(r"first sweep\s+local\s+1\s+2\s+completed$", rows[1]), rows[1]
+    assert second["created"][:10] in rows[0]
+
+    listed = json.loads(lxm3_cli("list", "--json").stdout)
+    assert [e["experiment_id"] for e in listed] == [second["experiment_id"], first["experiment_id"]]
+    assert [(e["title"], e["status"], e["work_units"], e["tasks"]) for e in listed] == [
+        ("second sweep", "failed", 2, 4), ("first sweep", "completed", 1, 2)]
+    assert listed[0]["created"] == second["created"]
+
+    one = json.loads(lxm3_cli("list", "-n", "1", "--json").stdout)
+    assert [e["experiment_id"] for e in one] == [second["experiment_id"]]
+
+
+def test_status_of_a_finished_local_launch(tmp_path, task_project):
+    _, record = launch_local(
+        tmp_path, "sweep",
+        {"title": "local status", "project": task_project,
+         "units": [local_unit(3, env={"CODES": '{"1": 3}'}), local_unit(1)]}, expect_rc=1)
+    xid = record["experiment_id"]
+
+    status = status_json(xid)
+    assert status["status"] == "failed"
+    assert states(status, 1) == [("completed", 0), ("failed", 3), ("completed", 0)]
+    assert states(status, 2) == [("completed", 0)]
+    assert status["work_units"]["1"]["counts"] == {"completed": 2, "failed": 1}
+
+    proc = lxm3_cli("status", str(xid))
+    assert proc.returncode == 0, proc.stderr
+    assert f"experiment {xid} 'local status': failed" in proc.stdout
+    assert re.search(r"work unit 1 on local: failed; 3 task\(s\): 2 completed, 1 failed",
+                     proc.stdout), proc.stdout
+    assert "  task 1: failed exit 3" in proc.stdout
+    assert re.search(r"work unit 2 on local: completed; 1 task\(s\): 1 completed", proc.stdout)
+
+    proc = lxm3_cli("status", str(xid), "1")
+    assert proc.returncode == 0, proc.stderr
+    table = [line.split() for line in proc.stdout.splitlines()]
+    header = table.index(["TASK", "JOB", "STATE", "EXIT"])
+    assert table[header + 1:] == [["0", "-", "completed", "0"], ["1", "-", "failed", "3"],
+                                  ["2", "-", "completed", "0"]]
+    assert "work unit 2" not in proc.stdout
+
+    one = status_json(xid, "2")
+    assert list(one["work_units"]) == ["2"]
+
+
+def test_logs_shows_the_end_of_the_right_tasks_log(tmp_path, task_project):
+    _, record = launch_local(tmp_path, "sweep", {
+        "title": "local logs", "project": task_project,
+        "units": [local_unit(3, env={"LINES": "4", "EVERY": "0"})]})
+    xid = str(record["experiment_id"])
+    proc = lxm3_cli("logs", xid, "--task", "1", "-n", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["line 3 of task 1", "task 1 done"]
+
+    proc = lxm3_cli("logs", xid, "1", "--task", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ['task 2 argv=["--seed=2"]', *[
+        f"line {i} of task 2" for i in range(4)], "task 2 done"]
+
+    proc = lxm3_cli("logs", xid)  # task 0 by default
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == 'task 0 argv=["--seed=0"]'
+
+
+def test_status_and_logs_follow_while_a_local_launch_runs(tmp_path, task_project):
+    """A local launch runs in the foreground; from another terminal, status says
+    running and ``logs -f`` streams the task's output as it is written."""
+    gate = str(tmp_path / "gate")
+    out = make_out(tmp_path)
+    launcher = write_launcher(tmp_path / "running", {
+        "title": "local follow", "project": task_project,
+        "units": [local_unit(1, env={"OUT": out, "GATE": gate, "LINES": "12", "EVERY": "0.4"})]})
+    before = record_files()
+    launch = lxm3_popen("launch", launcher, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, text=True)
+    follower = None
+    try:
+        deadline = time.monotonic() + 120
+        while ran(out) != ["task-0"]:  # the task has started (and waits for the gate)
+            assert launch.poll() is None, launch.stderr.read()
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.2)
+        xid = str(new_record_id(before))
+        status = status_json(xid)
+        assert status["status"] == "launching"
+        assert list(status["work_units"]) == ["1"], (
+            f"the running launch's record has no work unit yet: {read_record(xid)}")
+        assert states(status) == [("running", None)]
+
+        follower = lxm3_popen("logs", xid, "-f", "-n", "5", stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [(_, first)] = read_lines(follower, 1, r"task 0 argv=.*", timeout=30)
+        assert first == 'task 0 argv=["--seed=0"]'
+        open(gate, "w").close()
+        streamed = read_lines(follower, 3, r"line \d+ of task 0", timeout=60)
+        numbers = [int(text.split()[1]) for _, text in streamed]
+        assert numbers == sorted(numbers) and len(set(numbers)) == 3, streamed
+        assert streamed[-1][0] - streamed[0][0] >= 0.5, f"not streamed as written: {streamed}"
+        os.killpg(follower.pid, signal.SIGINT)  # Ctrl-C
+        follower.wait(15)
+        assert launch.wait(120) == 0, launch.stderr.read()
+    finally:
+        for proc in (follower, launch):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    status = status_json(xid)
+    assert status["status"] == "completed"
+    assert states(status) == [("completed", 0)]
+
+
+def read_lines(proc, count, pattern, timeout):
+    """Read ``count`` lines matching ``pattern`` from proc.stdout within ``timeout`` s:
+    [(arrival time, text)]."""
+    found, done = [], threading.Event()
+
+    def reader():
+        for line in proc.stdout:
+            if re.fullmatch(pattern, line.rstrip("\n")):
+                found.append((time.monotonic(), line.rstrip("\n")))
+                if len(found) >= count:
+                    break
+        done.set()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    if not done.wait(timeout):
+        pytest.fail(f"read {len(found)} of {count} lines matching {pattern!r} in {timeout} s: "
+                    f"{found}")
+    assert len(found) >= count, f"the output ended after {found}"
+    return found
+
+
+def test_command_errors_say_what_is_wrong(tmp_path, task_project):
+    _, record = launch_local(tmp_path, "two", {"title": "errors", "project": task_project,
+                                               "units": [local_unit(3), local_unit(1)]})
+    xid = str(record["experiment_id"])
+    state = experiments_dir()
+
+    for command in ("status", "logs", "cancel"):
+        line = error_line(lxm3_cli(command, "1234567"))
+        assert line == (f"lxm3: error: no record of experiment 1234567 in {state}; "
+                        "'lxm3 list' shows the experiments launched from this machine")
+        line = error_line(lxm3_cli(command, "not-an-id"))
+        assert line == "lxm3: error: 'not-an-id' is not an experiment id; 'lxm3 list' shows them"
+        line = error_line(lxm3_cli(command, xid, "7"))
+        assert line == f"lxm3: error: experiment {xid} has no work unit 7 (it has 1, 2)"
+
+    assert error_line(lxm3_cli("logs", xid, "1", "--task", "3")) == (
+        "lxm3: error: work unit 1 has tasks 0..2, not 3")
+    assert error_line(lxm3_cli("logs", xid, "1", "--task", "-1")) == (
+        "lxm3: error: work unit 1 has tasks 0..2, not -1")
+    assert error_line(lxm3_cli("logs", xid)) == (
+        f"lxm3: error: experiment {xid} has 2 work units: name one (lxm3 logs XID WID)")
+
+    proc = lxm3_cli("cancel", xid)  # a local launch has no scheduler jobs
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to cancel" in proc.stdout
+
+
+def test_dry_run_of_a_local_launch_runs_nothing_and_records_nothing(tmp_path, task_project,
+                                                                    monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the dry run's folder goes
+    out = make_out(tmp_path)
+    launcher = write_launcher(tmp_path / "dry", {
+        "title": "dry local", "project": task_project,
+        "units": [local_unit(3, env={"OUT": out})]})
+    proc = lxm3_cli("launch", "--dry-run", launcher, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    match = re.search(r"dry run: job scripts are written to (\S+);", proc.stderr)
+    assert match, proc.stderr
+    folder = match.group(1)
+    assert folder.startswith(str(tmp_path))
+    [script] = [os.path.join(d, "job.sh") for d, _, files in os.walk(folder) if "job.sh" in files]
+    with open(os.path.join(os.path.dirname(script), "tasks")) as f:
+        assert len(f.read().splitlines()) == 1 + 3  # the common line, then one per task
+    assert re.search(rf"\[dry run\] would run 3 task\(s\) locally: .*bash {re.escape(script)}",
+                     proc.stdout), proc.stdout
+
+    time.sleep(1)
+    assert ran(out) == []  # no task ran
+    assert record_files() == []  # nothing was launched, so nothing is recorded
+    assert not os.path.exists(os.path.join(os.environ["XDG_DATA_HOME"], "lxm3"))
+    assert "no experiments recorded yet" in lxm3_cli("list").stdout
+
+
+# --- the xm API ------------------------------------------------------------------
+
+
+def test_xm_unit_api_on_local_units(tmp_path, task_project, monkeypatch):
+    monkeypatch.setenv("LXM_POLL_INTERVAL", "1")
+    gate = str(tmp_path / "gate")
+    experiment = lxm3.create_experiment("xm api local", config=lxm3.Config())
+    with pytest.raises(lxm3.LaunchError, match="1 of 3 task"):
+        with experiment:
+            executor = lxm3.Local()
+            spec = lxm3.PythonPackage(entrypoint=xm.ModuleName("lxmtask.main"), path=task_project)
+            [exe] = experiment.package([xm.Packageable(spec, executor_spec=executor.Spec())])
+            experiment.add(lxm3.ArrayJob(exe, executor, args=[{"seed": i} for i in range(2)],
+                                         env_vars=[{"GATE": gate}]))
+            experiment.add(xm.Job(exe, executor, args={"seed": 9}, env_vars={"CODES": '{"0": 6}'}))
+            running = experiment.work_units[1].get_status()
+            assert running.is_active and not running.is_completed and not running.is_failed
+            assert [t.state for t in running.tasks] == ["running", "running"]
+            open(gate, "w").close()
+    xid = experiment.experiment_id
+
+    done = experiment.work_units[1].get_status()
+    assert done.is_completed and not done.is_active and not done.is_failed
+    assert [(t.state, t.exit_code) for t in done.tasks] == [("completed", 0), ("completed", 0)]
+    failed = experiment.work_units[2].get_status()
+    assert failed.is_failed and not failed.is_active
+    assert [(t.state, t.exit_code) for t in failed.tasks] == [("failed", 6)]
+
+    loaded = lxm3.get_experiment(xid)
+    assert loaded.experiment_id == xid and loaded.experiment_title == "xm api local"
+    assert sorted(loaded.work_units) == [1, 2]
+    unit = loaded.work_units[1]
+    assert unit.get_status().is_completed
+    assert asyncio.run(unit.wait_until_complete()) is unit
+    with pytest.raises(xm.ExperimentUnitFailedError):
+        asyncio.run(loaded.work_units[2].wait_until_complete())
+    with pytest.raises(lxm3.LaunchError, match="no record of experiment 42"):
+        lxm3.get_experiment(42)
