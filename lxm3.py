@@ -3101,14 +3101,6 @@ def _unit_connection(unit: Mapping[str, Any]) -> Connection:
                                     port=info.get("port"), ssh_private_key=info.get("ssh_private_key")))
 
 
-def _task_of(unit: Mapping[str, Any], job_id: str, index: int) -> Optional[int]:
-    """The work unit's task for array ``job_id``'s ``index`` (0-based)."""
-    for array in unit["arrays"]:
-        if array["job_id"] == job_id and 0 <= index < array["count"]:
-            return array["first_task"] + index
-    return None
-
-
 def task_log_path(unit: Mapping[str, Any], task: int) -> Optional[str]:
     """Where task ``task`` of a recorded work unit writes its output."""
     if unit["scheduler"] == "local":
