@@ -29,7 +29,7 @@ fi
 
 step "lint: ruff, and vermin for the minimum Python (3.9)"
 "$PYTHON" -m ruff check .
-"$PYTHON" -m vermin --target=3.9- --no-tips --violations --eval-annotations lxm3.py xm
+"$PYTHON" -c "import sys, vermin; sys.exit(vermin.main())" --target=3.9- --no-tips --violations --eval-annotations lxm3.py xm
 
 step "pytest: the whole suite on $($PYTHON --version)"
 "$PYTHON" -m pytest "$@"
