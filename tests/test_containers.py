@@ -285,3 +285,25 @@ def test_cluster_job_runs_in_a_deployed_image_sent_once(kind, echo_project, tmp_
         tb.ssh(["rm", "-rf", staging], check=False)
         subprocess.run(["rm", "-rf", shared])
 
+
+
+# --- With a real runtime, where one is installed (never on this project's CI) ---------
+
+REAL_RUNTIME = shutil.which("apptainer") or shutil.which("singularity")
+
+
+@pytest.mark.skipif(REAL_RUNTIME is None, reason="no apptainer/singularity on the PATH")
+def test_real_runtime_runs_the_task_with_exact_arguments_and_environment(echo_project, out):
+    """The end-to-end checks above, against the real runtime instead of the stand-in.
+
+    The image needs Python 3: $LXM3_TEST_IMAGE (a .sif path or a URI), by
+    default docker://python:3.11-slim (which the runtime fetches).
+    """
+    image = os.environ.get("LXM3_TEST_IMAGE", "docker://python:3.11-slim")
+    options = lxm3.SingularityOptions(extra_options=["--cleanenv"])
+    run_local(echo_project, out, "singularity", image, lxm3.Local(singularity_options=options),
+              args=[AWKWARD], env={"AWKWARD_ENV": AWKWARD[8]})
+    got = report(out)
+    assert got["argv"] == [str(a) for a in AWKWARD]
+    assert got["env"]["AWKWARD_ENV"] == AWKWARD[8]
+    assert got["env"]["LXM_TASK_ID"] == "0"
