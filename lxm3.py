@@ -2048,16 +2048,17 @@ def plan_submissions(work_unit_id: int, executor: Union[Slurm, GridEngine], scri
 
 
 _SUBMIT_PRELUDE = """\
-lxm_err=$(mktemp) || exit 1
-trap 'rm -f "$lxm_err"' EXIT
+lxm_out=$(mktemp -d) || exit 1
+trap 'rm -rf "$lxm_out"' EXIT
 lxm_previous=
-# lxm_submit KEY COMMAND...: prints "OK KEY ID", or "FAIL KEY" and the error, then stops.
+# lxm_submit KEY COMMAND...: prints "OK KEY ID", or "FAIL KEY" and the error, then
+# ends its chain (the subshell it runs in).
 lxm_submit() {
-  local key=$1 out
+  local key=$1 out err="$lxm_out/err.$1"
   shift
-  if ! out=$("$@" 2>"$lxm_err"); then
+  if ! out=$("$@" 2>"$err"); then
     echo "FAIL $key"
-    cat "$lxm_err"
+    cat "$err"
     exit 0
   fi
   out=${out%%$'\\n'*}
@@ -2066,29 +2067,61 @@ lxm_submit() {
 }
 """
 
+SUBMIT_PARALLELISM = 8  # scheduler calls at once: a split sweep is many calls
+
+
+def _chains(submissions: Sequence[ArraySubmission]) -> List[List[ArraySubmission]]:
+    """Arrays that wait for the previous one (a throttled, split work unit) stay together."""
+    chains: List[List[ArraySubmission]] = []
+    for sub in submissions:
+        if chains and "{previous}" in " ".join(sub.argv):
+            chains[-1].append(sub)
+        else:
+            chains.append([sub])
+    return chains
+
 
 def submission_script(log_dirs: Iterable[str], submissions: Sequence[ArraySubmission]) -> str:
-    """One bash script that makes the log directories and submits every array."""
+    """One bash script that makes the log directories and submits every array.
+
+    Independent arrays are submitted several at a time (in batches, so bash
+    4.2 will do); after a batch with a rejection, nothing more is submitted.
+    """
     lines = [_SUBMIT_PRELUDE, "umask 077"]
     lines += [f"mkdir -p -- {shell_quote(d)} || exit 1" for d in sorted(set(log_dirs))]
-    for sub in submissions:
-        words = [shell_quote(a).replace("{previous}", "'\"$lxm_previous\"'") for a in sub.argv]
-        lines.append(f"lxm_submit {sub.key} {' '.join(words)}")
+    chains = _chains(submissions)
+    for start in range(0, len(chains), SUBMIT_PARALLELISM):
+        outputs = []
+        for n, chain in enumerate(chains[start:start + SUBMIT_PARALLELISM], start):
+            calls = []
+            for sub in chain:
+                words = [shell_quote(a).replace("{previous}", "'\"$lxm_previous\"'") for a in sub.argv]
+                calls.append(f"lxm_submit {sub.key} {' '.join(words)}")
+            lines.append(f"( {'; '.join(calls)} ) >\"$lxm_out/{n}\" 2>&1 &")
+            outputs.append(f'"$lxm_out/{n}"')
+        lines += ["wait", f"cat {' '.join(outputs)}", f"! grep -q '^FAIL' {' '.join(outputs)} || exit 0"]
     return "\n".join(lines) + "\n"
 
 
 def parse_submission_output(output: str, submissions: Sequence[ArraySubmission]) -> Optional[str]:
     """Fill in job ids; returns the scheduler's error when a submission failed."""
     by_key = {s.key: s for s in submissions}
-    lines = output.splitlines()
-    for i, line in enumerate(lines):
+    error: Optional[List[str]] = None
+    in_failure = False
+    for line in output.splitlines():
         word, _, rest = line.partition(" ")
         if word == "OK":
+            in_failure = False
             key, _, job_id = rest.partition(" ")
             if key in by_key and job_id.strip().isdigit():
                 by_key[key].job_id = job_id.strip()
         elif word == "FAIL":
-            return "\n".join(lines[i + 1:]).strip() or "no message"
+            in_failure = error is None  # the first rejection's message is reported
+            error = [] if error is None else error
+        elif in_failure:
+            error.append(line)
+    if error is not None:
+        return "\n".join(error).strip() or "no message"
     missing = [s for s in submissions if s.job_id is None]
     if missing:
         return f"no job id was printed for {missing[0].task_range} (output: {output.strip()!r})"

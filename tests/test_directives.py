@@ -576,5 +576,43 @@ def test_rejected_submission_stops_and_quotes_the_scheduler(tmp_path):
             *lxm3.plan_submissions(3, lxm3.Slurm(), "/s/3/job.sh", 1, "/tmp/l", None)]
     error = run_submission(tmp_path, bindir, subs)
     assert error == "sbatch: error: invalid partition specified: nosuch"
-    assert [s.job_id for s in subs] == ["99", None, None]
-    assert len((tmp_path / "calls").read_text().splitlines()) == 2  # stopped at the failure
+    # Independent arrays go out together: what was submitted is known and reported.
+    assert [s.job_id for s in subs] == ["99", None, "99"]
+    assert len((tmp_path / "calls").read_text().splitlines()) == 3
+
+
+def test_nothing_is_submitted_after_a_batch_with_a_rejection(tmp_path):
+    bindir = fake_scheduler(tmp_path, "sbatch", """\
+        echo "$*" >> "$CALLS"
+        if [[ $* == *nosuch* ]]; then
+          echo "sbatch: error: invalid partition specified: nosuch" >&2
+          exit 1
+        fi
+        echo 7
+    """)
+    batch = lxm3.SUBMIT_PARALLELISM
+    subs = []
+    for wid in range(1, 2 * batch + 1):
+        script = "/s/nosuch/job.sh" if wid == 2 else f"/s/{wid}/job.sh"
+        subs += lxm3.plan_submissions(wid, lxm3.Slurm(), script, 1, "/tmp/l", None)
+    error = run_submission(tmp_path, bindir, subs)
+    assert "invalid partition specified: nosuch" in error
+    assert [s.job_id is not None for s in subs] == [True, False] + [True] * (batch - 2) + [False] * batch
+    assert len((tmp_path / "calls").read_text().splitlines()) == batch
+
+
+def test_independent_arrays_are_submitted_at_once_and_chains_in_order(tmp_path):
+    # Each fake sbatch sleeps: submitted one after another, 16 would take 3.2 s.
+    bindir = fake_scheduler(tmp_path, "sbatch", """\
+        sleep 0.2
+        echo "$*" >> "$CALLS"
+        echo $RANDOM
+    """)
+    subs = lxm3.plan_submissions(1, lxm3.Slurm(), "/s/1/job.sh", 88, "/tmp/l", 11)  # 8 arrays
+    subs += lxm3.plan_submissions(2, lxm3.Slurm(max_parallel_tasks=1), "/s/2/job.sh", 33, "/tmp/l", 11)
+    assert run_submission(tmp_path, bindir, subs) is None
+    assert all(s.job_id for s in subs)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    chained = [c for c in calls if "/s/2/" in c]
+    assert [c.split()[-1] for c in chained] == ["0", "11", "22"]  # a chain keeps its order
+    assert f"--dependency=afterany:{subs[-2].job_id} " in chained[2] + " "
