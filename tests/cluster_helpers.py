@@ -469,14 +469,7 @@ class ClusterWorkspace:
         return self.tb.ssh(argv).stdout
 
     def queued_job_names(self) -> List[str]:
-        """Names of the test user's jobs the scheduler knows (Slurm: also recently ended)."""
-        if self.scheduler == "slurm":
-            out = self.tb.ssh(["squeue", "-h", "-u", self.tb.ssh_user, "-t", "all",
-                               "-o", "%j"]).stdout
-            return [line.strip() for line in out.splitlines() if line.strip()]
-        out = self.tb.ssh(["qstat", "-u", self.tb.ssh_user, "-r"]).stdout
-        return [line.split(":", 1)[1].strip() for line in out.splitlines()
-                if line.strip().startswith("Full jobname:")]
+        return scheduler_job_names(self.tb, self.scheduler)
 
     def assert_nothing_submitted(self, launch: Launch) -> None:
         prefix = re.sub(r"\W", "_", self.title)
@@ -887,3 +880,13 @@ def scenario_forbidden_staging(ws: ClusterWorkspace) -> Launch:
     check_error(launch, "staging directory", "/root", "Permission denied")
     ws.assert_nothing_submitted(launch)
     return launch
+
+
+def scheduler_job_names(tb, scheduler: str) -> List[str]:
+    """Names of the test user's jobs the scheduler knows (Slurm: also recently ended)."""
+    if scheduler == "slurm":
+        out = tb.ssh(["squeue", "-h", "-u", tb.ssh_user, "-t", "all", "-o", "%j"]).stdout
+        return [line.strip() for line in out.splitlines() if line.strip()]
+    out = tb.ssh(["qstat", "-u", tb.ssh_user, "-r"]).stdout
+    return [line.split(":", 1)[1].strip() for line in out.splitlines()
+            if line.strip().startswith("Full jobname:")]

@@ -148,20 +148,8 @@ def test_second_launch_of_unchanged_code_transfers_no_archive(cluster_workspaces
 # --- failures: exit code 1 and a message that says what happened ------------------------
 
 
-def test_unreachable_host_shows_ssh_message(cluster_workspaces):
-    ws = workspace(cluster_workspaces, "ssh")
-    config = ws.write_config(cluster={"port": 1})  # nothing listens on port 1
-    launch = ws.launch([job_unit(ws.executor())], config=config)
-    check_error(launch, "localhost", "port 1", "Connection refused")
-    ws.assert_nothing_submitted(launch)
-
-
-def test_failed_authentication_shows_ssh_message(cluster_workspaces):
-    ws = workspace(cluster_workspaces, "ssh")
-    config = ws.write_config(cluster={"user": "lxm3-no-such-user"})
-    launch = ws.launch([job_unit(ws.executor())], config=config)
-    check_error(launch, "localhost", "Permission denied")
-    ws.assert_nothing_submitted(launch)
+# An unreachable host and failed authentication fail before any scheduler is
+# involved: tests/test_cluster_slurm.py covers them once.
 
 
 def test_missing_qsub_is_named(cluster_workspaces):

@@ -24,6 +24,7 @@ import uuid
 from typing import Any, Dict, List, Optional
 
 import pytest
+from cluster_helpers import scheduler_job_names
 from test_records import (
     experiments_dir,
     lxm3_cli,
@@ -137,14 +138,7 @@ class Workspace:
         return found
 
     def job_names(self) -> List[str]:
-        """Names of lxm3test's jobs the scheduler knows (Slurm: also recently ended)."""
-        if self.scheduler == "slurm":
-            out = self.tb.ssh(["squeue", "-h", "-u", self.tb.ssh_user, "-t", "all",
-                               "-o", "%j"]).stdout
-            return [line.strip() for line in out.splitlines() if line.strip()]
-        out = self.tb.ssh(["qstat", "-u", self.tb.ssh_user, "-r"]).stdout
-        return [line.split(":", 1)[1].strip() for line in out.splitlines()
-                if line.strip().startswith("Full jobname:")]
+        return scheduler_job_names(self.tb, self.scheduler)
 
     def wait_gone(self, job_ids: List[str], timeout: float = DEADLINE) -> None:
         deadline = time.monotonic() + timeout
