@@ -812,7 +812,7 @@ submission script are not run (the script is parsed and each array gets a fake
 job id), so what is timed is packaging (cached), experiment.add, the job script,
 the tasks file, splitting into arrays, the submission script and the record.
 """
-import cProfile, json, os, pstats, sys, time
+import cProfile, json, os, pstats, re, sys, time
 import lxm3
 
 tasks, limit, launcher, config, profile_to = sys.argv[1:6]
@@ -844,9 +844,9 @@ def copy_tree(self, local_dir, remote_dir):
 lxm3.Connection.copy_tree = timer("copy_tree (fake: sums the job files)", copy_tree)
 def run_script(self, script, what):
     out = []
-    for n, line in enumerate(script.splitlines()):
-        if line.startswith("lxm_submit "):
-            out.append(f"OK {line.split()[1]} {1000000 + n}")
+    # Every "lxm_submit KEY ..." call (several to a line when arrays are chained).
+    for n, key in enumerate(re.findall(r"lxm_submit (\d+:\d+) ", script)):
+        out.append(f"OK {key} {1000000 + n}")
     return "\n".join(out) + "\n"
 lxm3.Connection.run_script = timer("run_script (fake sbatch)", run_script)
 for name in ("build_archive", "prepare_cluster_launch", "submission_script",
