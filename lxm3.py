@@ -2410,6 +2410,9 @@ def _check_job_shape(job: Any) -> None:
                 f"(this JobGroup has {len(job.jobs)} jobs: {', '.join(job.jobs)})"
             )
         [job] = job.jobs.values()
+        if isinstance(job, xm.JobGroup):
+            raise ValueError("lxm3 launches one job per work unit: add the xm.Job itself, "
+                             "not a JobGroup inside a JobGroup")
     if isinstance(job, (xm.Job, ArrayJob)):
         _check_launchable(job.executable, job.executor)
 
@@ -2592,14 +2595,8 @@ class ClusterWorkUnit(xm.WorkUnit):
 
     async def _launch_job_group(self, job_group, args_view, identity) -> None:
         del args_view, identity
-        jobs = list(job_group.jobs.values())
-        if len(jobs) != 1 or not isinstance(jobs[0], xm.Job):
-            raise ValueError(
-                "lxm3 launches one job per work unit: add an xm.Job or an xm_cluster.ArrayJob "
-                f"(this JobGroup has {len(jobs)} jobs: {', '.join(job_group.jobs)})"
-            )
-        job = jobs[0]
-        _check_launchable(job.executable, job.executor)
+        _check_job_shape(job_group)  # again: generators add jobs without experiment.add
+        [job] = job_group.jobs.values()
         tasks = _tasks_for(job.executable, [job.args], [job.env_vars])
         self._start_tasks(job.executable, job.executor, tasks)
 
@@ -2607,7 +2604,7 @@ class ClusterWorkUnit(xm.WorkUnit):
         del args, identity
         if not isinstance(job_config, ArrayJob):
             raise TypeError(f"lxm3 cannot launch {type(job_config).__name__}: use ArrayJob or xm.Job")
-        _check_launchable(job_config.executable, job_config.executor)
+        _check_job_shape(job_config)
         tasks = _tasks_for(job_config.executable, job_config._task_args, job_config._task_env)
         self._start_tasks(job_config.executable, job_config.executor, tasks)
 
@@ -3555,7 +3552,7 @@ def _parser():
 
     status = commands.add_parser(
         "status", help="the state of an experiment's tasks",
-        description="Ask the schedulers (one query per cluster) for the state of every task: "
+        description="Ask the schedulers (one round trip per cluster) for the state of every task: "
                     "pending, running, completed, failed or cancelled, with exit codes.")
     status.add_argument("experiment", metavar="XID", help="experiment id (see 'lxm3 list')")
     status.add_argument("work_unit", metavar="WID", type=int, nargs="?", help="one work unit: list each task")

@@ -134,6 +134,23 @@ def test_job_group_of_several_jobs_is_refused(echo_project, tmp_path):
             xm.JobGroup(a=xm.Job(x, ex), b=xm.Job(x, ex))))
 
 
+def test_nested_job_group_is_refused(echo_project, tmp_path):
+    with pytest.raises(ValueError, match="not a JobGroup inside a JobGroup"):
+        launch(echo_project, tmp_path, lambda e, x, ex: e.add(
+            xm.JobGroup(outer=xm.JobGroup(inner=xm.Job(x, ex)))))
+
+
+def test_job_group_from_a_generator_is_checked_too(echo_project, tmp_path):
+    def add(experiment, exe, executor):
+        async def generator(work_unit):
+            await work_unit.add(xm.JobGroup(a=xm.Job(exe, executor), b=xm.Job(exe, executor)))
+
+        experiment.add(generator)
+
+    with pytest.raises(ValueError, match="this JobGroup has 2 jobs: a, b"):
+        launch(echo_project, tmp_path, add)
+
+
 def test_auxiliary_units_are_refused(echo_project, tmp_path):
     with pytest.raises(ValueError, match="auxiliary units are not supported"):
         launch(echo_project, tmp_path, lambda e, x, ex: e.add(
