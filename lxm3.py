@@ -21,26 +21,18 @@ import string
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Callable,
-    Dict,
-    Iterable,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Set,
-    Tuple,
-    Union,
-)
+from collections.abc import Mapping
 
 import xm
+from xm.utils import ValueObject
 
-if TYPE_CHECKING:  # imported where used: `lxm3 version` should not pay for them
+TYPE_CHECKING = False  # typing is not imported at run time: it is slow to import
+if TYPE_CHECKING:
     import datetime
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+
+    Entrypoint = Union[xm.ModuleName, xm.CommandList]
+    Walltime = Union[None, int, float, datetime.timedelta, str]
 
 __version__ = "0.5.0.dev0"
 
@@ -397,30 +389,50 @@ def data_dir() -> str:
     return os.path.join(_xdg_dir("XDG_DATA_HOME", os.path.join(".local", "share")), "lxm3")
 
 
-@dataclass
-class ClusterConfig:
+class ClusterConfig(ValueObject):
     """One ``[[clusters]]`` entry of the config file."""
 
-    name: str
-    server: Optional[str] = None
-    user: Optional[str] = None
-    port: Optional[int] = None
-    ssh_private_key: Optional[str] = None
-    staging: Optional[str] = None
-    env: Dict[str, str] = field(default_factory=dict)
-    singularity_binds: List[Tuple[str, str]] = field(default_factory=list)
-    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+    _repr_hidden = ("raw",)
+
+    def __init__(
+        self,
+        name: str,
+        server: Optional[str] = None,
+        user: Optional[str] = None,
+        port: Optional[int] = None,
+        ssh_private_key: Optional[str] = None,
+        staging: Optional[str] = None,
+        env: Optional[Dict[str, str]] = None,
+        singularity_binds: Optional[List[Tuple[str, str]]] = None,
+        raw: Optional[Dict[str, Any]] = None,
+    ):
+        self.name = name
+        self.server = server
+        self.user = user
+        self.port = port
+        self.ssh_private_key = ssh_private_key
+        self.staging = staging
+        self.env = {} if env is None else env
+        self.singularity_binds = [] if singularity_binds is None else singularity_binds
+        self.raw = {} if raw is None else raw
 
 
-@dataclass
-class Config:
+class Config(ValueObject):
     """The user's lxm3 configuration (the format of lxm3 0.4.2)."""
 
-    project: Optional[str] = None
-    local_staging: Optional[str] = None
-    local_env: Dict[str, str] = field(default_factory=dict)
-    clusters: List[ClusterConfig] = field(default_factory=list)
-    path: Optional[str] = None
+    def __init__(
+        self,
+        project: Optional[str] = None,
+        local_staging: Optional[str] = None,
+        local_env: Optional[Dict[str, str]] = None,
+        clusters: Optional[List[ClusterConfig]] = None,
+        path: Optional[str] = None,
+    ):
+        self.project = project
+        self.local_staging = local_staging
+        self.local_env = {} if local_env is None else local_env
+        self.clusters = [] if clusters is None else clusters
+        self.path = path
 
     @classmethod
     def from_file(cls, path: str) -> Config:
@@ -564,71 +576,69 @@ class Fileset:
         return name
 
 
-Entrypoint = Union[xm.ModuleName, xm.CommandList]
-
-
-@dataclass
-class PythonPackage(xm.ExecutableSpec):
+class PythonPackage(xm.ExecutableSpec, ValueObject):
     """A Python project installed with ``pip install --target`` into the archive."""
 
-    entrypoint: Entrypoint
-    path: str = "."
-    resources: List[Fileset] = field(default_factory=list)
-    extra_packages: List[str] = field(default_factory=list)
-    pip_args: List[str] = field(default_factory=lambda: ["--no-deps", "--no-compile"])
-
-    def __post_init__(self):
-        _check_entrypoint(self.entrypoint)
-        self.path = resolve_path(self.path)
-        self.extra_packages = [_resolve_if_local(p) for p in self.extra_packages]
+    def __init__(
+        self,
+        entrypoint: Entrypoint,
+        path: str = ".",
+        resources: Optional[List[Fileset]] = None,
+        extra_packages: Optional[List[str]] = None,
+        pip_args: Optional[List[str]] = None,
+    ):
+        _check_entrypoint(entrypoint)
+        self.entrypoint = entrypoint
+        self.path = resolve_path(path)
+        self.resources = [] if resources is None else resources
+        self.extra_packages = [_resolve_if_local(p) for p in extra_packages or []]
+        self.pip_args = ["--no-deps", "--no-compile"] if pip_args is None else pip_args
 
     @property
     def name(self) -> str:
         return _name_from_path(self.path)
 
 
-@dataclass
-class UniversalPackage(xm.ExecutableSpec):
+class UniversalPackage(xm.ExecutableSpec, ValueObject):
     """Anything a build script writes into ``$BUILDDIR``, run with shell commands."""
 
-    entrypoint: List[str]
-    build_script: str
-    build_args: List[str] = field(default_factory=list)
-    path: str = "."
-
-    def __post_init__(self):
-        if isinstance(self.entrypoint, str) or not self.entrypoint:
+    def __init__(
+        self,
+        entrypoint: List[str],
+        build_script: str,
+        build_args: Optional[List[str]] = None,
+        path: str = ".",
+    ):
+        if isinstance(entrypoint, str) or not entrypoint:
             raise ValueError("UniversalPackage entrypoint must be a non-empty list of commands")
-        self.path = resolve_path(self.path)
-        self.build_script = os.path.normpath(os.path.join(self.path, self.build_script))
+        self.entrypoint = entrypoint
+        self.path = resolve_path(path)
+        self.build_script = os.path.normpath(os.path.join(self.path, build_script))
+        self.build_args = [] if build_args is None else build_args
 
     @property
     def name(self) -> str:
         return _name_from_path(self.path)
 
 
-@dataclass
-class SingularityContainer(xm.ExecutableSpec):
+class SingularityContainer(xm.ExecutableSpec, ValueObject):
     """A packaged executable run inside a Singularity/Apptainer image."""
 
-    entrypoint: Union[PythonPackage, UniversalPackage]
-    image_path: str
-
-    def __post_init__(self):
-        if not is_image_uri(self.image_path):
-            self.image_path = resolve_path(self.image_path)
+    def __init__(self, entrypoint: Union[PythonPackage, UniversalPackage], image_path: str):
+        self.entrypoint = entrypoint
+        self.image_path = image_path if is_image_uri(image_path) else resolve_path(image_path)
 
     @property
     def name(self) -> str:
         return self.entrypoint.name
 
 
-@dataclass
-class DockerContainer(xm.ExecutableSpec):
+class DockerContainer(xm.ExecutableSpec, ValueObject):
     """A packaged executable run inside a Docker image (``Local`` only)."""
 
-    entrypoint: Union[PythonPackage, UniversalPackage]
-    image: str
+    def __init__(self, entrypoint: Union[PythonPackage, UniversalPackage], image: str):
+        self.entrypoint = entrypoint
+        self.image = image
 
     @property
     def name(self) -> str:
@@ -675,8 +685,7 @@ def _check_entrypoint(entrypoint: Any) -> None:
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class SingularityOptions:
+class SingularityOptions(ValueObject):
     """How a ``SingularityContainer`` runs.
 
     ``bind``: ``{host path: container path}``, added to the cluster config's
@@ -685,46 +694,58 @@ class SingularityOptions:
     ``singularity``). ``nv``: pass ``--nv`` (default: when the job asks for a GPU).
     """
 
-    bind: Dict[str, str] = field(default_factory=dict)
-    extra_options: List[str] = field(default_factory=list)
-    runtime: Optional[str] = None
-    nv: Optional[bool] = None
+    def __init__(
+        self,
+        bind: Optional[Dict[str, str]] = None,
+        extra_options: Optional[List[str]] = None,
+        runtime: Optional[str] = None,
+        nv: Optional[bool] = None,
+    ):
+        self.bind = {} if bind is None else bind
+        self.extra_options = [] if extra_options is None else extra_options
+        self.runtime = runtime
+        self.nv = nv
 
 
-@dataclass
-class DockerOptions:
+class DockerOptions(ValueObject):
     """Volumes (``{host path: container path}``) and extra ``docker run`` options;
     ``gpus``: pass ``--gpus all`` (default: when the job asks for a GPU)."""
 
-    volumes: Dict[str, str] = field(default_factory=dict)
-    extra_options: List[str] = field(default_factory=list)
-    gpus: Optional[bool] = None
+    def __init__(
+        self,
+        volumes: Optional[Dict[str, str]] = None,
+        extra_options: Optional[List[str]] = None,
+        gpus: Optional[bool] = None,
+    ):
+        self.volumes = {} if volumes is None else volumes
+        self.extra_options = [] if extra_options is None else extra_options
+        self.gpus = gpus
 
 
-@dataclass
-class LocalSpec(xm.ExecutorSpec):
+class LocalSpec(xm.ExecutorSpec, ValueObject):
     pass
 
 
-@dataclass
-class Local(xm.Executor):
+class Local(xm.Executor, ValueObject):
     """Run tasks on this machine, several at once, with their output streamed."""
 
-    requirements: xm.JobRequirements = field(default_factory=xm.JobRequirements)
-    singularity_options: Optional[SingularityOptions] = None
-    docker_options: Optional[DockerOptions] = None
-    max_parallel_tasks: Optional[int] = None
-
-    def __post_init__(self):
-        if self.max_parallel_tasks is not None and self.max_parallel_tasks < 1:
+    def __init__(
+        self,
+        requirements: Optional[xm.JobRequirements] = None,
+        singularity_options: Optional[SingularityOptions] = None,
+        docker_options: Optional[DockerOptions] = None,
+        max_parallel_tasks: Optional[int] = None,
+    ):
+        if max_parallel_tasks is not None and max_parallel_tasks < 1:
             raise ValueError("Local(max_parallel_tasks=...) must be at least 1")
+        self.requirements = xm.JobRequirements() if requirements is None else requirements
+        self.singularity_options = singularity_options
+        self.docker_options = docker_options
+        self.max_parallel_tasks = max_parallel_tasks
 
     @classmethod
     def Spec(cls) -> LocalSpec:  # noqa: N802 (the xm API's name)
         return LocalSpec()
-
-
-Walltime = Union[None, int, float, "datetime.timedelta", str]
 
 
 def parse_walltime(value: Walltime) -> Optional[int]:
@@ -773,13 +794,11 @@ def sge_time(seconds: int) -> str:
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-@dataclass
-class SlurmSpec(xm.ExecutorSpec):
+class SlurmSpec(xm.ExecutorSpec, ValueObject):
     pass
 
 
-@dataclass
-class Slurm(xm.Executor):
+class Slurm(xm.Executor, ValueObject):
     """Submit work units as Slurm array jobs.
 
     The positional order is lxm3 0.4.2's; ``account``, ``qos``,
@@ -787,23 +806,39 @@ class Slurm(xm.Executor):
     name from the config) are new.
     """
 
-    requirements: xm.JobRequirements = field(default_factory=xm.JobRequirements)
-    resources: Dict[str, Any] = field(default_factory=dict)
-    walltime: Walltime = None
-    singularity_options: Optional[SingularityOptions] = None
-    docker_options: Optional[DockerOptions] = None
-    log_directory: Optional[str] = None
-    modules: List[str] = field(default_factory=list)
-    exclusive: bool = False
-    partition: Optional[str] = None
-    extra_directives: List[str] = field(default_factory=list)
-    skip_directives: List[str] = field(default_factory=list)
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    max_parallel_tasks: Optional[int] = None
-    cluster: Optional[str] = None
-
-    def __post_init__(self):
+    def __init__(
+        self,
+        requirements: Optional[xm.JobRequirements] = None,
+        resources: Optional[Dict[str, Any]] = None,
+        walltime: Walltime = None,
+        singularity_options: Optional[SingularityOptions] = None,
+        docker_options: Optional[DockerOptions] = None,
+        log_directory: Optional[str] = None,
+        modules: Optional[List[str]] = None,
+        exclusive: bool = False,
+        partition: Optional[str] = None,
+        extra_directives: Optional[List[str]] = None,
+        skip_directives: Optional[List[str]] = None,
+        account: Optional[str] = None,
+        qos: Optional[str] = None,
+        max_parallel_tasks: Optional[int] = None,
+        cluster: Optional[str] = None,
+    ):
+        self.requirements = xm.JobRequirements() if requirements is None else requirements
+        self.resources = {} if resources is None else resources
+        self.walltime = walltime
+        self.singularity_options = singularity_options
+        self.docker_options = docker_options
+        self.log_directory = log_directory
+        self.modules = [] if modules is None else modules
+        self.exclusive = exclusive
+        self.partition = partition
+        self.extra_directives = [] if extra_directives is None else extra_directives
+        self.skip_directives = [] if skip_directives is None else skip_directives
+        self.account = account
+        self.qos = qos
+        self.max_parallel_tasks = max_parallel_tasks
+        self.cluster = cluster
         _check_cluster_executor(self)
 
     @classmethod
@@ -811,39 +846,56 @@ class Slurm(xm.Executor):
         return SlurmSpec()
 
 
-@dataclass
-class GridEngineSpec(xm.ExecutorSpec):
+class GridEngineSpec(xm.ExecutorSpec, ValueObject):
     pass
 
 
-@dataclass
-class GridEngine(xm.Executor):
+class GridEngine(xm.Executor, ValueObject):
     """Submit work units as (Son of / Sun) Grid Engine array jobs.
 
     The positional order is lxm3 0.4.2's; ``cluster`` (a name from the
     config) is new.
     """
 
-    requirements: xm.JobRequirements = field(default_factory=xm.JobRequirements)
-    resources: Dict[str, Any] = field(default_factory=dict)
-    parallel_environments: Dict[str, int] = field(default_factory=dict)
-    walltime: Walltime = None
-    queue: Optional[str] = None
-    reserved: Optional[bool] = None
-    log_directory: Optional[str] = None
-    merge_output: bool = True
-    shell: str = "/bin/bash"
-    project: Optional[str] = None
-    account: Optional[str] = None
-    modules: List[str] = field(default_factory=list)
-    max_parallel_tasks: Optional[int] = None
-    extra_directives: List[str] = field(default_factory=list)
-    skip_directives: List[str] = field(default_factory=list)
-    singularity_options: Optional[SingularityOptions] = None
-    docker_options: Optional[DockerOptions] = None
-    cluster: Optional[str] = None
-
-    def __post_init__(self):
+    def __init__(
+        self,
+        requirements: Optional[xm.JobRequirements] = None,
+        resources: Optional[Dict[str, Any]] = None,
+        parallel_environments: Optional[Dict[str, int]] = None,
+        walltime: Walltime = None,
+        queue: Optional[str] = None,
+        reserved: Optional[bool] = None,
+        log_directory: Optional[str] = None,
+        merge_output: bool = True,
+        shell: str = "/bin/bash",
+        project: Optional[str] = None,
+        account: Optional[str] = None,
+        modules: Optional[List[str]] = None,
+        max_parallel_tasks: Optional[int] = None,
+        extra_directives: Optional[List[str]] = None,
+        skip_directives: Optional[List[str]] = None,
+        singularity_options: Optional[SingularityOptions] = None,
+        docker_options: Optional[DockerOptions] = None,
+        cluster: Optional[str] = None,
+    ):
+        self.requirements = xm.JobRequirements() if requirements is None else requirements
+        self.resources = {} if resources is None else resources
+        self.parallel_environments = {} if parallel_environments is None else parallel_environments
+        self.walltime = walltime
+        self.queue = queue
+        self.reserved = reserved
+        self.log_directory = log_directory
+        self.merge_output = merge_output
+        self.shell = shell
+        self.project = project
+        self.account = account
+        self.modules = [] if modules is None else modules
+        self.max_parallel_tasks = max_parallel_tasks
+        self.extra_directives = [] if extra_directives is None else extra_directives
+        self.skip_directives = [] if skip_directives is None else skip_directives
+        self.singularity_options = singularity_options
+        self.docker_options = docker_options
+        self.cluster = cluster
         _check_cluster_executor(self)
 
     @classmethod
@@ -869,27 +921,36 @@ def _check_cluster_executor(executor: Union[Slurm, GridEngine]) -> None:
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class Archive:
+class Archive(ValueObject):
     """A built archive on the local disk, named after its content hash."""
 
-    path: str
-    digest: str  # sha256 of the zip's bytes
+    def __init__(self, path: str, digest: str):
+        self.path = path
+        self.digest = digest  # sha256 of the zip's bytes
 
     @property
     def name(self) -> str:
         return os.path.basename(self.path)
 
 
-@dataclass
 class ClusterExecutable(xm.Executable):
     """What packaging produces: an archive whose ``entrypoint.sh`` runs the program."""
 
-    archive: Optional[Archive] = None
-    args: xm.SequentialArgs = field(default_factory=xm.SequentialArgs)
-    env_vars: Dict[str, str] = field(default_factory=dict)
-    image: Optional[str] = None  # Singularity image path/URI, or Docker image
-    container: Optional[str] = None  # "singularity" or "docker"
+    def __init__(
+        self,
+        name: str,
+        archive: Optional[Archive] = None,
+        args: Optional[xm.SequentialArgs] = None,
+        env_vars: Optional[Dict[str, str]] = None,
+        image: Optional[str] = None,  # Singularity image path/URI, or Docker image
+        container: Optional[str] = None,  # "singularity" or "docker"
+    ):
+        super().__init__(name)
+        self.archive = archive
+        self.args = xm.SequentialArgs() if args is None else args
+        self.env_vars = {} if env_vars is None else env_vars
+        self.image = image
+        self.container = container
 
 
 class BuildError(LaunchError):
@@ -1228,19 +1289,48 @@ class ClusterError(LaunchError):
     pass
 
 
+SSH_KEEP_SECONDS = 300  # an idle connection is kept this long for the next command
+
+
+def _kept_connections_dir() -> Optional[str]:
+    """Where control sockets that outlive one command live, or None if nowhere safe.
+
+    ``$XDG_RUNTIME_DIR/lxm3`` (the per-user runtime directory), else
+    ``/tmp/lxm3-<uid>``. Anyone who can reach a socket can use the
+    connection, so the directory must be ours and closed to everyone else.
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = os.path.join(runtime, "lxm3") if runtime and os.path.isabs(runtime) else f"/tmp/lxm3-{os.getuid()}"
+    if len(base) > 60:  # a socket's path may not exceed ~100 bytes; ssh adds a suffix while binding
+        return None
+    try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        st = os.lstat(base)
+    except OSError:
+        return None
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None
+    return base
+
+
 class Connection:
     """Runs shell scripts and copies files on a cluster.
 
     A cluster with a ``server`` is reached with the system ``ssh`` over one
     multiplexed connection (an OpenSSH control master with a private socket),
     so ``~/.ssh/config``, ProxyJump, agents and 2FA work and the password or
-    code is asked once. A cluster without a server is this machine.
+    code is asked once. The connection is kept for ``SSH_KEEP_SECONDS`` after
+    the command, so the next launch, ``status`` or ``logs`` starts at once.
+    A cluster without a server is this machine.
     """
 
     def __init__(self, cluster: ClusterConfig):
         self.cluster = cluster
         self.remote = bool(cluster.server)
-        self._control_dir: Optional[str] = None
+        self._socket: Optional[str] = None
+        self._private_dir: Optional[str] = None  # set when the socket is only this command's
         self.bytes_sent = 0
 
     @property
@@ -1248,7 +1338,7 @@ class Connection:
         return self.cluster.server or "this machine"
 
     def _ssh_options(self) -> List[str]:
-        options = ["-o", f"ControlPath={os.path.join(self._control_dir, 'master')}"]
+        options = ["-o", f"ControlPath={self._socket}"]
         if self.cluster.user:
             options += ["-l", self.cluster.user]
         if self.cluster.port:
@@ -1260,21 +1350,54 @@ class Connection:
         return options
 
     def open(self) -> None:
-        """Start the control master: the launch's one SSH connection."""
-        if not self.remote or self._control_dir:
+        """Reuse the kept control master, or start one: the only SSH login."""
+        if not self.remote or self._socket:
             return
-        import subprocess
+        shared = _kept_connections_dir()
+        if shared is None:
+            self._open_private()
+            return
+        import fcntl
+
+        self._socket = os.path.join(shared, "ssh-" + self._identity())
+        # Locked, so that two launches at once share one master rather than race.
+        with open(self._socket + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.exists(self._socket):
+                if self._control("check"):
+                    return
+                try:
+                    os.unlink(self._socket)  # left behind by a master that was killed
+                except FileNotFoundError:
+                    pass
+            self._start_master(keep=SSH_KEEP_SECONDS)
+
+    def _identity(self) -> str:
+        """Names the kept connection: one per server, user, port and key."""
+        import hashlib
+
+        c = self.cluster
+        key = "\0".join(str(v) for v in (c.server, c.user, c.port, c.ssh_private_key))
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _open_private(self) -> None:
         import tempfile
 
         # Private (mode 0700), and short: a socket path may not exceed ~100 bytes.
         short = "/tmp" if os.access("/tmp", os.W_OK) else None
-        self._control_dir = tempfile.mkdtemp(prefix="lxm3-ssh-", dir=short)
+        self._private_dir = tempfile.mkdtemp(prefix="lxm3-ssh-", dir=short)
+        self._socket = os.path.join(self._private_dir, "master")
+        self._start_master(keep=600)  # close() ends it; this lets an abandoned one expire
+
+    def _start_master(self, keep: int) -> None:
+        import subprocess
+        import tempfile
+
         # stderr goes to a file: the master lives on in the background and
         # would hold a pipe open.
         with tempfile.TemporaryFile() as errors:
             proc = subprocess.run(
-                # close() ends it; ControlPersist lets an abandoned one expire.
-                ["ssh", *self._ssh_options(), "-o", "ControlMaster=yes", "-o", "ControlPersist=600",
+                ["ssh", *self._ssh_options(), "-o", "ControlMaster=yes", "-o", f"ControlPersist={keep}",
                  "-f", "-N", self.cluster.server],
                 stdout=subprocess.DEVNULL, stderr=errors,
             )
@@ -1285,16 +1408,23 @@ class Connection:
             raise ClusterError(f"cannot connect to {self.target} (cluster {self.cluster.name!r}) "
                                f"with ssh: {message or 'exit code ' + str(proc.returncode)}")
 
-    def close(self) -> None:
-        if not self._control_dir:
-            return
-        import shutil
+    def _control(self, command: str) -> bool:
+        """Send ``ssh -O command`` to the master; whether it answered."""
         import subprocess
 
-        subprocess.run(["ssh", *self._ssh_options(), "-O", "exit", self.cluster.server],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        shutil.rmtree(self._control_dir, ignore_errors=True)
-        self._control_dir = None
+        proc = subprocess.run(["ssh", *self._ssh_options(), "-O", command, self.cluster.server],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return proc.returncode == 0
+
+    def close(self) -> None:
+        """End this command's use; a kept master stays for the next command."""
+        if self._private_dir:
+            import shutil
+
+            self._control("exit")
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
+        self._socket = None
 
     def run_script(self, script: str, what: str) -> str:
         """Run a bash script there; its stdout, or ClusterError with its stderr."""
@@ -1425,14 +1555,20 @@ def deployed_image_name(path: str) -> str:
     return f"{stem}-{image_digest(path)[:16]}{ext}"
 
 
-@dataclass
-class ClusterInfo:
+class ClusterInfo(ValueObject):
     """What a launch needs to know about a cluster, asked once per launch."""
 
-    staging: str  # absolute path of the staging directory there
-    home: str
-    max_array_size: Optional[int] = None  # Slurm: tasks 0..N-1 per array
-    max_array_tasks: Optional[int] = None  # Grid Engine's max_aj_tasks (0: no limit)
+    def __init__(
+        self,
+        staging: str,  # absolute path of the staging directory there
+        home: str,
+        max_array_size: Optional[int] = None,  # Slurm: tasks 0..N-1 per array
+        max_array_tasks: Optional[int] = None,  # Grid Engine's max_aj_tasks (0: no limit)
+    ):
+        self.staging = staging
+        self.home = home
+        self.max_array_size = max_array_size
+        self.max_array_tasks = max_array_tasks
 
 
 def _staging_path(cluster: ClusterConfig) -> str:
@@ -1496,12 +1632,12 @@ echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= 
 # its line with one ``sed`` however large the sweep is.
 
 
-@dataclass
-class Task:
+class Task(ValueObject):
     """One task of a work unit: its command-line arguments and environment."""
 
-    args: List[str]
-    env: Dict[str, str]
+    def __init__(self, args: List[str], env: Dict[str, str]):
+        self.args = args
+        self.env = env
 
 
 _SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.,/:=+@%^")
@@ -1971,15 +2107,22 @@ def array_limit(scheduler: str, info: ClusterInfo) -> Optional[int]:
     return min(limits) if limits else None
 
 
-@dataclass
-class ArraySubmission:
+class ArraySubmission(ValueObject):
     """One scheduler call: tasks ``first_task .. first_task + count - 1`` of a work unit."""
 
-    work_unit_id: int
-    first_task: int
-    count: int
-    argv: List[str]  # the scheduler command; "{previous}" stands for the previous array's id
-    job_id: Optional[str] = None
+    def __init__(
+        self,
+        work_unit_id: int,
+        first_task: int,
+        count: int,
+        argv: List[str],  # the scheduler command; "{previous}" stands for the previous array's id
+        job_id: Optional[str] = None,
+    ):
+        self.work_unit_id = work_unit_id
+        self.first_task = first_task
+        self.count = count
+        self.argv = argv
+        self.job_id = job_id
 
     @property
     def key(self) -> str:
@@ -2224,12 +2367,12 @@ def git_state(directory: str) -> Optional[Dict[str, Any]]:
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class TaskResult:
-    work_unit_id: int
-    task_id: int
-    returncode: int
-    log_path: str
+class TaskResult(ValueObject):
+    def __init__(self, work_unit_id: int, task_id: int, returncode: int, log_path: str):
+        self.work_unit_id = work_unit_id
+        self.task_id = task_id
+        self.returncode = returncode
+        self.log_path = log_path
 
 
 class TaskFailedError(LaunchError):
@@ -2342,24 +2485,27 @@ def _signal_group(proc: Any, sig: int) -> None:
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class ArrayJob(xm.JobConfig):
+class ArrayJob(xm.JobConfig, ValueObject):
     """One work unit that runs ``executable`` once per element of ``args``/``env_vars``.
 
     A one-element list is broadcast against the other list.
     """
 
-    executable: xm.Executable
-    executor: xm.Executor
-    name: Optional[str] = None
-    args: Sequence[Any] = field(default_factory=list)
-    env_vars: Sequence[Mapping[str, str]] = field(default_factory=list)
-
-    def __post_init__(self):
-        args, env_vars = list(self.args or []), list(self.env_vars or [])
-        for what, value in (("args", self.args), ("env_vars", self.env_vars)):
+    def __init__(
+        self,
+        executable: xm.Executable,
+        executor: xm.Executor,
+        name: Optional[str] = None,
+        args: Optional[Sequence[Any]] = None,
+        env_vars: Optional[Sequence[Mapping[str, str]]] = None,
+    ):
+        self.executable = executable
+        self.executor = executor
+        self.name = name
+        for what, value in (("args", args), ("env_vars", env_vars)):
             if isinstance(value, (str, Mapping)):
                 raise ValueError(f"ArrayJob {what} must be a list with one entry per task")
+        args, env_vars = list(args or []), list(env_vars or [])
         if not args and not env_vars:
             raise ValueError("ArrayJob needs at least one task: pass args=[...] or env_vars=[...]")
         if len(args) > 1 and len(env_vars) > 1 and len(args) != len(env_vars):
@@ -2426,14 +2572,20 @@ def _ready(value: Any):
     return resolved()
 
 
-@dataclass
-class PendingLaunch:
+class PendingLaunch(ValueObject):
     """A work unit's job, waiting to be submitted with the rest of its cluster's."""
 
-    work_unit: ClusterWorkUnit
-    executable: ClusterExecutable
-    executor: Union[Slurm, GridEngine]
-    tasks: List[Task]
+    def __init__(
+        self,
+        work_unit: ClusterWorkUnit,
+        executable: ClusterExecutable,
+        executor: Union[Slurm, GridEngine],
+        tasks: List[Task],
+    ):
+        self.work_unit = work_unit
+        self.executable = executable
+        self.executor = executor
+        self.tasks = tasks
 
 
 def _scheduler_of(executor: Union[Slurm, GridEngine]) -> str:
@@ -3066,13 +3218,20 @@ def create_experiment(experiment_title: str, config: Optional[Config] = None) ->
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class TaskStatus:
-    task: int
-    state: str  # pending, running, completed, failed, cancelled, unknown
-    exit_code: Optional[int] = None
-    job: Optional[str] = None  # the scheduler's name for it, e.g. "16_3"
-    detail: str = ""
+class TaskStatus(ValueObject):
+    def __init__(
+        self,
+        task: int,
+        state: str,  # pending, running, completed, failed, cancelled, unknown
+        exit_code: Optional[int] = None,
+        job: Optional[str] = None,  # the scheduler's name for it, e.g. "16_3"
+        detail: str = "",
+    ):
+        self.task = task
+        self.state = state
+        self.exit_code = exit_code
+        self.job = job
+        self.detail = detail
 
 
 class WorkUnitStatus(xm.ExperimentUnitStatus):
@@ -3424,7 +3583,7 @@ def _exit_message(message: Any) -> int:
 def _print_json(data: Any) -> None:
     import json
 
-    json.dump(data, sys.stdout, indent=1, default=asdict)
+    json.dump(data, sys.stdout, indent=1, default=vars)
     print()
 
 

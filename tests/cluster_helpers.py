@@ -35,6 +35,7 @@ import pwd
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -782,13 +783,35 @@ def archive_files(ws: ClusterWorkspace) -> List[str]:
     return sorted(glob.glob(os.path.join(ws.staging_path, "archives", "*")))
 
 
+def kill_kept_master() -> None:
+    """SIGKILL the SSH master lxm3 kept for the next command, leaving its socket behind."""
+    [socket] = [p for p in glob.glob(os.path.join(os.environ["XDG_RUNTIME_DIR"], "lxm3", "ssh-*"))
+                if not p.endswith(".lock")]
+    check = subprocess.run(["ssh", "-o", f"ControlPath={socket}", "-O", "check", "kept"],
+                           capture_output=True, text=True)
+    pid = int(re.search(r"pid=(\d+)", check.stderr).group(1))
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    assert os.path.exists(socket), "the killed master should have left its socket"
+
+
 def scenario_second_launch(ws: ClusterWorkspace) -> Tuple[Launch, Launch]:
-    """A second launch of unchanged code reuses the archive already on the cluster."""
+    """A second launch of unchanged code reuses the archive already on the cluster,
+    and (over SSH) the connection the first launch kept; a third, after that
+    connection was killed, logs in again."""
     launches = []
     stats = []
     logins = []
     path, address = ssh_from_own_address(ws.root) if ws.mode == "ssh" else (None, "")
-    for n in range(2):
+    for n in range(3):
+        if n == 2 and ws.mode == "ssh":
+            kill_kept_master()
         out = ws.out_dir(f"out{n}")
         before = sshd_accepted_count(address) if ws.mode == "ssh" else 0
         launch = ws.launch([job_unit(ws.executor(), args={"launch": n})],
@@ -798,18 +821,19 @@ def scenario_second_launch(ws: ClusterWorkspace) -> Tuple[Launch, Launch]:
         st = os.stat(archive)
         stats.append((archive, st.st_ino, st.st_mtime_ns, st.st_size))
         launches.append((launch, out))
-    for n, (launch, out) in enumerate(launches):  # both jobs run, the second on the same archive
+    for n, (launch, out) in enumerate(launches):  # every job runs, all on the same archive
         [report] = ws.wait_for_reports(out, 1, launch).values()
         assert report["argv"] == [f"--launch={n}"]
-    assert stats[1] == stats[0], "the archive on the cluster was replaced or rewritten"
+    assert stats[1] == stats[0] == stats[2], "the archive on the cluster was replaced or rewritten"
     if ws.mode == "ssh":
-        # Exactly one ssh connection (TCP login) per launch, not one per file or
-        # command: the logins the sshd logged from this test's own source address.
-        assert logins == [1, 1], f"sshd accepted {logins} logins for the two launches"
+        # One ssh connection (TCP login) for the first launch, not one per file
+        # or command; none for the second, which finds it kept; one again once
+        # it is gone. Counted in the sshd log, from this test's own address.
+        assert logins == [1, 0, 1], f"sshd accepted {logins} logins for the three launches"
         size = stats[0][3]
-        first, second = (sum(launch.result["transfers"]) for launch, _ in launches)
+        first, second, third = (sum(launch.result["transfers"]) for launch, _ in launches)
         assert first > size, (first, size)  # the first launch sent the archive...
-        assert second < size // 4, (second, size)  # ...the second only the job files
+        assert second < size // 4 and third < size // 4, (second, third, size)  # ...the others only job files
     return launches[0][0], launches[1][0]
 
 

@@ -1,7 +1,11 @@
 """Shared fixtures: every test runs with private XDG directories and a scratch project."""
 
+import glob
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -29,6 +33,19 @@ def xdg_dirs(tmp_path, monkeypatch, session_cache):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def runtime_dir(monkeypatch):
+    """A private XDG_RUNTIME_DIR, so each test starts without kept SSH connections;
+    the connections a test kept are ended after it. Short: sockets live there."""
+    path = tempfile.mkdtemp(prefix="lxm3rt-", dir="/tmp")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
+    yield path
+    for socket in glob.glob(os.path.join(path, "lxm3", "ssh-*[!k]")):  # not the .lock files
+        subprocess.run(["ssh", "-o", f"ControlPath={socket}", "-O", "exit", "kept"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def write_files(root, files):

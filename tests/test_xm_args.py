@@ -307,16 +307,23 @@ def test_get_args_for_all_jobs():
     assert xm.get_args_for_all_jobs(job(), logdir) == {"args": logdir}
 
 
-def test_executable_is_a_dataclass_base():
-    import dataclasses
-
-    @dataclasses.dataclass
+def test_executable_is_a_value_object_base():
     class Archive(xm.Executable):
-        path: str = ""
+        def __init__(self, name, path=""):
+            super().__init__(name)
+            self.path = path
+            self._cache = object()  # private: left out of equality and repr
 
     archive = Archive(name="n", path="/p")
     assert (archive.name, archive.path) == ("n", "/p")
-    assert [f.name for f in dataclasses.fields(Archive)] == ["name", "path"]
+    assert repr(archive).endswith("Archive(name='n', path='/p')")
+    assert archive == Archive("n", "/p")
+    assert archive != Archive("n", "/q")
+    assert archive != ToyExecutable("n")  # another class, even with the same name
+    assert repr(ToyExecutable("e")) == "ToyExecutable(name='e')"
+    with pytest.raises(TypeError):
+        hash(archive)  # mutable, like the dataclass it replaces
+
 
 
 def test_executable_spec_and_executor_are_abstract():

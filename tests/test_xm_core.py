@@ -601,7 +601,7 @@ def test_package_is_thread_safe():
 # --- Roles, statuses and errors --------------------------------------------------
 
 
-def test_roles_are_keyword_only_dataclasses():
+def test_roles_are_keyword_only_value_objects():
     assert xm.WorkUnitRole() == xm.WorkUnitRole(importance=xm.Importance.NORMAL)
     assert xm.WorkUnitRole().importance is xm.Importance.NORMAL
     with pytest.raises(TypeError):

@@ -9,17 +9,15 @@ or, inside a coroutine, `async with`. Launches run as tasks on an asyncio
 event loop (a background thread for `with`, the running loop for
 `async with`); leaving the context waits for all of them.
 
-`asyncio` is imported inside functions: it is slow to import and only needed
-once an experiment is entered.
+`asyncio` and `inspect` are imported inside functions: they are slow to
+import and only needed once an experiment is entered.
 """
 
 from __future__ import annotations
 
 import abc
 import contextvars
-import dataclasses
 import enum
-import inspect
 import queue
 import threading
 from collections.abc import Coroutine
@@ -177,8 +175,7 @@ def _work_unit_arguments(
     return {}
 
 
-@dataclasses.dataclass
-class LaunchedJob:
+class LaunchedJob(utils.ValueObject):
     """A read-only view of one launched instance of a job.
 
     A job without a unique identity can be added several times, so one `Job`
@@ -191,9 +188,12 @@ class LaunchedJob:
       logs: where its logs are (path or URL), if known.
     """
 
-    name: str
-    address: Optional[str] = None
-    logs: Optional[str] = None
+    def __init__(
+        self, name: str, address: Optional[str] = None, logs: Optional[str] = None
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.logs = logs
 
 
 class Importance(enum.Enum):
@@ -208,21 +208,17 @@ class Importance(enum.Enum):
     LOW = "low"
 
 
-@dataclasses.dataclass(init=False)
-class ExperimentUnitRole(abc.ABC):  # noqa: B024 - an abstract marker, as upstream
+class ExperimentUnitRole(utils.ValueObject, abc.ABC):
     """The role of an experiment unit within the experiment (keyword-only).
 
     Attributes:
       importance: how important it is to schedule this unit among yours.
     """
 
-    importance: Importance = Importance.NORMAL
-
     def __init__(self, *, importance: Importance = Importance.NORMAL) -> None:
         self.importance = importance
 
 
-@dataclasses.dataclass(init=False)
 class WorkUnitRole(ExperimentUnitRole):
     """The role of work units: the trials of the experiment (e.g. of a sweep).
 
@@ -230,7 +226,6 @@ class WorkUnitRole(ExperimentUnitRole):
     """
 
 
-@dataclasses.dataclass(init=False)
 class AuxiliaryUnitRole(ExperimentUnitRole):
     """The role of auxiliary units, which support the trials (e.g. TensorBoard).
 
@@ -241,8 +236,6 @@ class AuxiliaryUnitRole(ExperimentUnitRole):
         experiment completes.
     """
 
-    termination_delay_secs: int
-
     def __init__(
         self, *, importance: Importance = Importance.NORMAL, termination_delay_secs: int
     ) -> None:
@@ -252,6 +245,8 @@ class AuxiliaryUnitRole(ExperimentUnitRole):
 
 def _is_coroutine_function(job_generator: Any) -> bool:
     """Async functions and objects with an async `__call__` are generators."""
+    import inspect
+
     if inspect.iscoroutinefunction(job_generator):
         return True
     return callable(job_generator) and inspect.iscoroutinefunction(job_generator.__call__)
@@ -778,6 +773,7 @@ class Experiment(abc.ABC):
         """Schedules coroutine `task` on the experiment's loop (thread-safe) and
         queues it to be waited for on exit."""
         import asyncio
+        import inspect
 
         try:
             self._check_event_loop_is_running()

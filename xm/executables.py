@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 import collections
-import dataclasses
 import os
 import re
 
@@ -12,7 +11,7 @@ from xm import job_blocks, utils
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is slow to import
 if TYPE_CHECKING:
-    from typing import List, Optional, Union
+    from typing import Iterable, List, Optional, Union
 
 
 def name_from_path(path: str) -> str:
@@ -32,8 +31,7 @@ class CommandList(collections.namedtuple("CommandList", ["commands"])):
     __slots__ = ()
 
 
-@dataclasses.dataclass
-class Dockerfile(job_blocks.ExecutableSpec):
+class Dockerfile(utils.ValueObject, job_blocks.ExecutableSpec):
     """A Docker image built from a Dockerfile.
 
     Attributes:
@@ -42,22 +40,18 @@ class Dockerfile(job_blocks.ExecutableSpec):
         `{path}/Dockerfile`. Relative paths are relative to the launcher.
     """
 
-    path: str = "."
-    dockerfile: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        self.path = utils.resolve_path_relative_to_launcher(self.path)
-        if not self.dockerfile:
-            self.dockerfile = os.path.join(self.path, "Dockerfile")
-        self.dockerfile = utils.resolve_path_relative_to_launcher(self.dockerfile)
+    def __init__(self, path: str = ".", dockerfile: Optional[str] = None) -> None:
+        self.path = utils.resolve_path_relative_to_launcher(path)
+        if not dockerfile:
+            dockerfile = os.path.join(self.path, "Dockerfile")
+        self.dockerfile = utils.resolve_path_relative_to_launcher(dockerfile)
 
     @property
     def name(self) -> str:
         return name_from_path(self.path)
 
 
-@dataclasses.dataclass
-class PythonContainer(job_blocks.ExecutableSpec):
+class PythonContainer(utils.ValueObject, job_blocks.ExecutableSpec):
     """A directory of Python code, run in a container.
 
     Attributes:
@@ -70,14 +64,19 @@ class PythonContainer(job_blocks.ExecutableSpec):
         (`from project import models`) rather than `import models`.
     """
 
-    entrypoint: Union[ModuleName, CommandList]
-    path: str = "."
-    base_image: Optional[str] = None
-    docker_instructions: Optional[List[str]] = None
-    use_deep_module: bool = False
-
-    def __post_init__(self) -> None:
-        self.path = utils.resolve_path_relative_to_launcher(self.path)
+    def __init__(
+        self,
+        entrypoint: Union[ModuleName, CommandList],
+        path: str = ".",
+        base_image: Optional[str] = None,
+        docker_instructions: Optional[List[str]] = None,
+        use_deep_module: bool = False,
+    ) -> None:
+        self.entrypoint = entrypoint
+        self.path = utils.resolve_path_relative_to_launcher(path)
+        self.base_image = base_image
+        self.docker_instructions = docker_instructions
+        self.use_deep_module = use_deep_module
 
     @property
     def name(self) -> str:
@@ -91,23 +90,22 @@ class BinaryDependency(abc.ABC):  # noqa: B024 - an abstract marker, as upstream
     """
 
 
-@dataclasses.dataclass
-class Container(job_blocks.ExecutableSpec):
+class Container(utils.ValueObject, job_blocks.ExecutableSpec):
     """A prebuilt container image, local or in a registry.
 
     Attributes:
       image_path: the image reference or path.
     """
 
-    image_path: str
+    def __init__(self, image_path: str) -> None:
+        self.image_path = image_path
 
     @property
     def name(self) -> str:
         return name_from_path(self.image_path)
 
 
-@dataclasses.dataclass
-class Binary(job_blocks.ExecutableSpec):
+class Binary(utils.ValueObject, job_blocks.ExecutableSpec):
     """A prebuilt executable program.
 
     Attributes:
@@ -115,19 +113,18 @@ class Binary(job_blocks.ExecutableSpec):
       dependencies: data packaged together with it.
     """
 
-    path: str
-    dependencies: List[BinaryDependency] = dataclasses.field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.dependencies = list(self.dependencies)
+    def __init__(
+        self, path: str, dependencies: Optional[Iterable[BinaryDependency]] = None
+    ) -> None:
+        self.path = path
+        self.dependencies = [] if dependencies is None else list(dependencies)
 
     @property
     def name(self) -> str:
         return name_from_path(self.path)
 
 
-@dataclasses.dataclass
-class BazelContainer(job_blocks.ExecutableSpec):
+class BazelContainer(utils.ValueObject, job_blocks.ExecutableSpec):
     """A Bazel target producing a `.tar` image.
 
     Attributes:
@@ -135,19 +132,16 @@ class BazelContainer(job_blocks.ExecutableSpec):
       bazel_args: extra Bazel command-line arguments.
     """
 
-    label: str
-    bazel_args: List[str] = dataclasses.field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.bazel_args = list(self.bazel_args)
+    def __init__(self, label: str, bazel_args: Optional[Iterable[str]] = None) -> None:
+        self.label = label
+        self.bazel_args = [] if bazel_args is None else list(bazel_args)
 
     @property
     def name(self) -> str:
         return name_from_path(self.label)
 
 
-@dataclasses.dataclass
-class BazelBinary(job_blocks.ExecutableSpec):
+class BazelBinary(utils.ValueObject, job_blocks.ExecutableSpec):
     """A Bazel target producing a self-contained binary.
 
     Attributes:
@@ -156,13 +150,15 @@ class BazelBinary(job_blocks.ExecutableSpec):
       bazel_args: extra Bazel command-line arguments.
     """
 
-    label: str
-    dependencies: List[BinaryDependency] = dataclasses.field(default_factory=list)
-    bazel_args: List[str] = dataclasses.field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.dependencies = list(self.dependencies)
-        self.bazel_args = list(self.bazel_args)
+    def __init__(
+        self,
+        label: str,
+        dependencies: Optional[Iterable[BinaryDependency]] = None,
+        bazel_args: Optional[Iterable[str]] = None,
+    ) -> None:
+        self.label = label
+        self.dependencies = [] if dependencies is None else list(dependencies)
+        self.bazel_args = [] if bazel_args is None else list(bazel_args)
 
     @property
     def name(self) -> str:

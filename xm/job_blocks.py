@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import dataclasses
 import functools
 import re
 from collections.abc import Mapping, Sequence
@@ -231,15 +230,19 @@ class ExecutableSpec(abc.ABC):
         raise NotImplementedError
 
 
-@dataclasses.dataclass
-class Executable(abc.ABC):
+class Executable(utils.ValueObject, abc.ABC):  # noqa: B024 - an abstract marker, as upstream
     """A packaged executable spec, ready to run on a particular backend.
+
+    Backends subclass it with their own `__init__`, which calls
+    `super().__init__(name)`; equality and repr cover the public attributes
+    set, so a subclass's fields count too.
 
     Attributes:
       name: used as the default name of jobs running it.
     """
 
-    name: str
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
 class ExecutorSpec(abc.ABC):  # noqa: B024 - an abstract marker, as upstream
@@ -272,28 +275,29 @@ def _convert_env_vars(env_vars: Optional[Mapping[str, str]]) -> Dict[str, str]:
     return result
 
 
-@dataclasses.dataclass
-class Packageable:
+class Packageable(utils.ValueObject):
     """What to build (`executable_spec`) for where (`executor_spec`), with its
     static arguments and environment.
     """
 
-    executable_spec: ExecutableSpec
-    executor_spec: ExecutorSpec
-    args: SequentialArgs = None  # type: ignore[assignment]
-    env_vars: Dict[str, str] = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.args = SequentialArgs.from_collection(self.args)
-        self.env_vars = _convert_env_vars(self.env_vars)
+    def __init__(
+        self,
+        executable_spec: ExecutableSpec,
+        executor_spec: ExecutorSpec,
+        args: Optional[UserArgs] = None,
+        env_vars: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        self.executable_spec = executable_spec
+        self.executor_spec = executor_spec
+        self.args = SequentialArgs.from_collection(args)
+        self.env_vars = _convert_env_vars(env_vars)
 
 
 class Constraint(abc.ABC):  # noqa: B024 - an abstract marker, as upstream
     """A requirement on where the jobs of a group run (same machine, ...)."""
 
 
-@dataclasses.dataclass
-class Job:
+class Job(utils.ValueObject):
     """A unit of computation: an executable run by an executor.
 
     Attributes:
@@ -305,15 +309,19 @@ class Job:
       env_vars: environment variables to set.
     """
 
-    executable: Executable
-    executor: Executor
-    name: Optional[str] = None
-    args: SequentialArgs = None  # type: ignore[assignment]
-    env_vars: Dict[str, str] = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.args = SequentialArgs.from_collection(self.args)
-        self.env_vars = _convert_env_vars(self.env_vars)
+    def __init__(
+        self,
+        executable: Executable,
+        executor: Executor,
+        name: Optional[str] = None,
+        args: Optional[UserArgs] = None,
+        env_vars: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        self.executable = executable
+        self.executor = executor
+        self.name = name
+        self.args = SequentialArgs.from_collection(args)
+        self.env_vars = _convert_env_vars(env_vars)
 
 
 class JobGroup:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 
-from xm import job_blocks
+from xm import job_blocks, utils
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is slow to import
 if TYPE_CHECKING:
@@ -69,12 +68,12 @@ def collect_jobs_by_filter(
     raise TypeError(f"Expected xm.Job or xm.JobGroup, got {job_group!r}")
 
 
-@dataclasses.dataclass
-class ConstraintClique:
+class ConstraintClique(utils.ValueObject):
     """A constraint and the jobs it applies to."""
 
-    constraint: job_blocks.Constraint
-    jobs: List[job_blocks.Job]
+    def __init__(self, constraint: job_blocks.Constraint, jobs: List[job_blocks.Job]) -> None:
+        self.constraint = constraint
+        self.jobs = jobs
 
 
 def aggregate_constraint_cliques(job_group: job_blocks.JobGroup) -> List[ConstraintClique]:

@@ -6,7 +6,7 @@ can store.
 
 from __future__ import annotations
 
-import dataclasses
+from xm import utils
 
 
 class ContextAnnotations:
@@ -24,8 +24,7 @@ class ContextAnnotations:
         """Sets the title (ignored unless a backend stores it)."""
 
 
-@dataclasses.dataclass
-class MetadataContext:
+class MetadataContext(utils.ValueObject):
     """Metadata attached to an experiment or a work unit.
 
     Attributes:
@@ -33,5 +32,6 @@ class MetadataContext:
       annotations: the user-editable annotations.
     """
 
-    creator: str
-    annotations: ContextAnnotations
+    def __init__(self, creator: str, annotations: ContextAnnotations) -> None:
+        self.creator = creator
+        self.annotations = annotations
