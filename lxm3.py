@@ -1292,6 +1292,16 @@ class ClusterError(LaunchError):
 SSH_KEEP_SECONDS = 300  # an idle connection is kept this long for the next command
 
 
+def ssh_keep_seconds() -> int:
+    """``$LXM3_SSH_KEEP`` (seconds; 0: end each command's connection with it), else 300."""
+    value = os.environ.get("LXM3_SSH_KEEP", "").strip()
+    if not value:
+        return SSH_KEEP_SECONDS
+    if not value.isdigit():
+        raise LaunchError(f"LXM3_SSH_KEEP={value!r} is not a number of seconds (0: keep none)")
+    return int(value)
+
+
 def _kept_connections_dir() -> Optional[str]:
     """Where control sockets that outlive one command live, or None if nowhere safe.
 
@@ -1321,8 +1331,8 @@ class Connection:
     A cluster with a ``server`` is reached with the system ``ssh`` over one
     multiplexed connection (an OpenSSH control master with a private socket),
     so ``~/.ssh/config``, ProxyJump, agents and 2FA work and the password or
-    code is asked once. The connection is kept for ``SSH_KEEP_SECONDS`` after
-    the command, so the next launch, ``status`` or ``logs`` starts at once.
+    code is asked once. The connection is kept for ``ssh_keep_seconds()``
+    after the command, so the next launch, ``status`` or ``logs`` starts at once.
     A cluster without a server is this machine.
     """
 
@@ -1353,7 +1363,8 @@ class Connection:
         """Reuse the kept control master, or start one: the only SSH login."""
         if not self.remote or self._socket:
             return
-        shared = _kept_connections_dir()
+        keep = ssh_keep_seconds()
+        shared = _kept_connections_dir() if keep else None
         if shared is None:
             self._open_private()
             return
@@ -1370,7 +1381,7 @@ class Connection:
                     os.unlink(self._socket)  # left behind by a master that was killed
                 except FileNotFoundError:
                     pass
-            self._start_master(keep=SSH_KEEP_SECONDS)
+            self._start_master(keep=keep)
 
     def _identity(self) -> str:
         """Names the kept connection: one per server, user, port and key."""
@@ -2280,6 +2291,7 @@ def parse_submission_output(output: str, submissions: Sequence[ArraySubmission])
 # started in the same millisecond still get their own.
 
 RECORD_VERSION = 1
+RECORD_SAVE_INTERVAL = 1.0  # seconds between saves while local work units start
 
 
 def _utc_now() -> str:
@@ -2799,7 +2811,7 @@ class ClusterWorkUnit(xm.WorkUnit):
         self.log_paths = runner.submit(script_path, self._work_unit_id, len(tasks),
                                        self.log_directory, env)
         self.state = "running"
-        experiment.save_record()
+        experiment.save_record_soon()
         _progress(f"work unit {self._work_unit_id}: {len(tasks)} task(s) started locally; "
                   f"logs in {self.log_directory}")
 
@@ -2991,6 +3003,9 @@ class ClusterExperiment(xm.Experiment):
         self._connections: Dict[str, Connection] = {}
         self._lock = threading.Lock()
         self._submit_lock = threading.Lock()
+        self._save_lock = threading.Lock()
+        self._last_save = 0.0
+        self._save_timer: Optional[threading.Timer] = None
         launcher = xm.utils.find_launch_script_path()
         self._record: Dict[str, Any] = {
             "version": RECORD_VERSION,
@@ -3041,7 +3056,34 @@ class ClusterExperiment(xm.Experiment):
         if status:
             with self._lock:
                 self._record.update(status=status, error=error)
-        save_record(self.record())
+        with self._save_lock:  # the state is read under the lock: the last write is the newest
+            if status and self._save_timer is not None:
+                self._save_timer.cancel()  # the outcome is being saved: nothing left for it
+                self._save_timer = None
+            save_record(self.record())
+            self._last_save = time.monotonic()
+
+    def save_record_soon(self) -> None:
+        """Save now, or within RECORD_SAVE_INTERVAL of the last save.
+
+        A local work unit saves the record as it starts, so that ``status``
+        sees it running; a save per unit of a thousand would be quadratic.
+        """
+        with self._save_lock:
+            if self._save_timer is not None:
+                return  # a save is already on its way
+            wait = self._last_save + RECORD_SAVE_INTERVAL - time.monotonic()
+            if wait > 0:
+                self._save_timer = threading.Timer(wait, self._save_from_timer)
+                self._save_timer.daemon = True
+                self._save_timer.start()
+                return
+        self.save_record()
+
+    def _save_from_timer(self) -> None:
+        with self._save_lock:
+            self._save_timer = None
+        self.save_record()
 
     def local_results(self, work_unit_id: int) -> List[TaskResult]:
         with self._lock:

@@ -132,3 +132,13 @@ def test_kept_connections_need_a_short_path(monkeypatch, tmp_path):
 def test_without_xdg_runtime_dir_a_per_user_directory_in_tmp(monkeypatch):
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert lxm3._kept_connections_dir() == f"/tmp/lxm3-{os.getuid()}"
+
+
+def test_lxm3_ssh_keep_sets_how_long_a_connection_is_kept(monkeypatch):
+    monkeypatch.delenv("LXM3_SSH_KEEP", raising=False)
+    assert lxm3.ssh_keep_seconds() == 300
+    monkeypatch.setenv("LXM3_SSH_KEEP", "0")
+    assert lxm3.ssh_keep_seconds() == 0
+    monkeypatch.setenv("LXM3_SSH_KEEP", "5m")
+    with pytest.raises(lxm3.LaunchError, match="LXM3_SSH_KEEP='5m' is not a number of seconds"):
+        lxm3.ssh_keep_seconds()

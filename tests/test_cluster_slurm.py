@@ -7,7 +7,10 @@ machine itself, the login node (``mode="login"``). See cluster_helpers.py.
 
 from __future__ import annotations
 
+import glob
+import os
 import re
+import subprocess
 
 import pytest
 from cluster_helpers import (
@@ -134,6 +137,19 @@ def test_explicit_directives_win_over_derived_ones(cluster_workspaces, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_second_launch_of_unchanged_code_transfers_no_archive(cluster_workspaces, mode):
     scenario_second_launch(workspace(cluster_workspaces, mode))
+
+
+def test_lxm3_ssh_keep_0_ends_the_connection_with_the_launch(cluster_workspaces, monkeypatch,
+                                                              runtime_dir):
+    monkeypatch.setenv("LXM3_SSH_KEEP", "0")
+    ws = workspace(cluster_workspaces, "ssh")
+    out = ws.out_dir()
+    launch = ws.launch([job_unit(ws.executor())], exe_env={"ECHO_OUT": out}).check()
+    assert not glob.glob(os.path.join(runtime_dir, "lxm3", "ssh-*")), "a connection was kept"
+    masters = subprocess.run(["pgrep", "-f", "lxm3-ssh-.*ControlMaster=yes"], capture_output=True,
+                             text=True).stdout.split()
+    assert masters == [], "the launch's private master outlived it"
+    ws.wait_for_reports(out, 1, launch)
 
 
 # --- failures: exit code 1 and a message that says what happened ------------------------

@@ -619,3 +619,37 @@ def test_xm_unit_api_on_local_units(tmp_path, task_project, monkeypatch):
         asyncio.run(loaded.work_units[2].wait_until_complete())
     with pytest.raises(lxm3.LaunchError, match="no record of experiment 42"):
         lxm3.get_experiment(42)
+
+
+def test_many_local_work_units_save_the_record_a_few_times_not_once_each(
+        tmp_path, task_project, monkeypatch):
+    """A local unit saves the record as it starts, so that `status` sees it run; with
+    many units the saves are spaced out (one per unit would rewrite a growing file
+    each time), yet every unit is in the record soon after it starts."""
+    saves = []
+    real_save = lxm3.save_record
+    monkeypatch.setattr(lxm3, "save_record", lambda record: (saves.append(
+        len(record["work_units"])), real_save(record)))
+    gate = str(tmp_path / "gate")
+    units = 30
+    experiment = lxm3.create_experiment("many units", config=lxm3.Config())
+    with experiment:
+        executor = lxm3.Local()
+        spec = lxm3.PythonPackage(entrypoint=xm.ModuleName("lxmtask.main"), path=task_project)
+        [exe] = experiment.package([xm.Packageable(spec, executor_spec=executor.Spec())])
+        for i in range(units):
+            experiment.add(xm.Job(exe, executor, args={"seed": i}, env_vars={"GATE": gate}))
+        deadline = time.time() + 60
+        while time.time() < deadline:  # the units start; the record catches up within ~1 s
+            time.sleep(0.2)
+            record = read_record(experiment.experiment_id)
+            if len(record["work_units"]) == units and all(
+                    u.get("state") == "running" for u in record["work_units"]):
+                break
+        else:
+            pytest.fail(f"the record never showed {units} running units: {record}")
+        open(gate, "w").close()
+    final = read_record(experiment.experiment_id)
+    assert final["status"] == "completed" and len(final["work_units"]) == units
+    assert saves[-1] == units
+    assert len(saves) <= 6, f"the record was saved {len(saves)} times: {saves}"
