@@ -2205,12 +2205,14 @@ _SUBMIT_PRELUDE = """\
 lxm_out=$(mktemp -d) || exit 1
 trap 'rm -rf "$lxm_out"' EXIT
 lxm_previous=
-# lxm_submit KEY COMMAND...: prints "OK KEY ID", or "FAIL KEY" and the error, then
-# ends its chain (the subshell it runs in).
+# lxm_submit KEY COMMAND...: prints "OK KEY ID", or "FAIL KEY" and the error. After
+# a rejection (here or in another worker) it ends its worker, the subshell it runs in.
 lxm_submit() {
   local key=$1 out err="$lxm_out/err.$1"
   shift
+  [ -e "$lxm_out/rejected" ] && exit 0
   if ! out=$("$@" 2>"$err"); then
+    : >"$lxm_out/rejected"
     echo "FAIL $key"
     cat "$err"
     exit 0
@@ -2238,22 +2240,22 @@ def _chains(submissions: Sequence[ArraySubmission]) -> List[List[ArraySubmission
 def submission_script(log_dirs: Iterable[str], submissions: Sequence[ArraySubmission]) -> str:
     """One bash script that makes the log directories and submits every array.
 
-    Independent arrays are submitted several at a time (in batches, so bash
-    4.2 will do); after a batch with a rejection, nothing more is submitted.
+    Independent arrays are submitted by SUBMIT_PARALLELISM workers at once,
+    each taking every n-th chain; after a rejection no worker starts another
+    submission. (Workers rather than ``wait -n``, which bash 4.2 lacks.)
     """
     lines = [_SUBMIT_PRELUDE, "umask 077"]
     lines += [f"mkdir -p -- {shell_quote(d)} || exit 1" for d in sorted(set(log_dirs))]
     chains = _chains(submissions)
-    for start in range(0, len(chains), SUBMIT_PARALLELISM):
-        outputs = []
-        for n, chain in enumerate(chains[start:start + SUBMIT_PARALLELISM], start):
-            calls = []
+    workers = min(SUBMIT_PARALLELISM, len(chains))
+    for worker in range(workers):
+        calls = []
+        for chain in chains[worker::workers]:
             for sub in chain:
                 words = [shell_quote(a).replace("{previous}", "'\"$lxm_previous\"'") for a in sub.argv]
                 calls.append(f"lxm_submit {sub.key} {' '.join(words)}")
-            lines.append(f"( {'; '.join(calls)} ) >\"$lxm_out/{n}\" 2>&1 &")
-            outputs.append(f'"$lxm_out/{n}"')
-        lines += ["wait", f"cat {' '.join(outputs)}", f"! grep -q '^FAIL' {' '.join(outputs)} || exit 0"]
+        lines.append("(\n" + "\n".join(calls) + f"\n) >\"$lxm_out/{worker}\" 2>&1 &")
+    lines += ["wait", 'cat "$lxm_out"/[0-9]*' if workers else ":"]
     return "\n".join(lines) + "\n"
 
 
@@ -2353,6 +2355,21 @@ def list_records(limit: Optional[int] = None) -> List[Dict[str, Any]]:
             if limit and len(records) >= limit:
                 break
     return records
+
+
+def _in_background(function: Callable[..., Any], *args: Any) -> Callable[..., Any]:
+    """Call ``function(*args)`` on a thread; returns ``result(wait)``: its value,
+    or None while it is still running and ``wait`` is false."""
+    box: List[Any] = []
+    thread = threading.Thread(target=lambda: box.append(function(*args)), daemon=True)
+    thread.start()
+
+    def result(wait: bool = True) -> Any:
+        if wait:
+            thread.join()
+        return box[0] if box else None
+
+    return result
 
 
 def git_state(directory: str) -> Optional[Dict[str, Any]]:
@@ -3015,11 +3032,12 @@ class ClusterExperiment(xm.Experiment):
             "launcher": launcher,
             "argv": sys.argv[1:],
             "cwd": os.getcwd(),
-            "git": git_state(os.path.dirname(launcher) if launcher else os.getcwd()),
+            "git": None,  # filled in when git has answered (it runs while the launch goes on)
             "config": self.config.path,
             "status": "launching",
             "error": None,
         }
+        self._git = _in_background(git_state, os.path.dirname(launcher) if launcher else os.getcwd())
         self.save_record()
 
     @property
@@ -3045,9 +3063,15 @@ class ClusterExperiment(xm.Experiment):
             root = os.path.join(self.dry_run_directory, "local")
         return os.path.join(root, "experiments", str(self._id))
 
-    def record(self) -> Dict[str, Any]:
-        """What was launched, as ``lxm3 list``/``status`` read it back."""
+    def record(self, final: bool = False) -> Dict[str, Any]:
+        """What was launched, as ``lxm3 list``/``status`` read it back.
+
+        ``final``: wait for git's answer rather than record it later.
+        """
+        git = self._git(wait=final)
         with self._lock:
+            if git is not None:
+                self._record["git"] = git
             return {**self._record, "work_units": [wu.to_record() for wu in self._work_units]}
 
     def save_record(self, status: Optional[str] = None, error: Optional[str] = None) -> None:
@@ -3060,14 +3084,14 @@ class ClusterExperiment(xm.Experiment):
             if status and self._save_timer is not None:
                 self._save_timer.cancel()  # the outcome is being saved: nothing left for it
                 self._save_timer = None
-            save_record(self.record())
-            self._last_save = time.monotonic()
+            save_record(self.record(final=bool(status)))
 
     def save_record_soon(self) -> None:
-        """Save now, or within RECORD_SAVE_INTERVAL of the last save.
+        """Save now, or RECORD_SAVE_INTERVAL after the last such save.
 
         A local work unit saves the record as it starts, so that ``status``
         sees it running; a save per unit of a thousand would be quadratic.
+        The first unit's save is immediate.
         """
         with self._save_lock:
             if self._save_timer is not None:
@@ -3078,11 +3102,13 @@ class ClusterExperiment(xm.Experiment):
                 self._save_timer.daemon = True
                 self._save_timer.start()
                 return
+            self._last_save = time.monotonic()
         self.save_record()
 
     def _save_from_timer(self) -> None:
         with self._save_lock:
             self._save_timer = None
+            self._last_save = time.monotonic()
         self.save_record()
 
     def local_results(self, work_unit_id: int) -> List[TaskResult]:

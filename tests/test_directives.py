@@ -581,13 +581,16 @@ def test_rejected_submission_stops_and_quotes_the_scheduler(tmp_path):
     assert len((tmp_path / "calls").read_text().splitlines()) == 3
 
 
-def test_nothing_is_submitted_after_a_batch_with_a_rejection(tmp_path):
+def test_no_submission_starts_after_a_rejection(tmp_path):
+    # The rejection comes at once; accepted calls take 0.3 s, so every worker's
+    # next call starts after the rejection is known.
     bindir = fake_scheduler(tmp_path, "sbatch", """\
         echo "$*" >> "$CALLS"
         if [[ $* == *nosuch* ]]; then
           echo "sbatch: error: invalid partition specified: nosuch" >&2
           exit 1
         fi
+        sleep 0.3
         echo 7
     """)
     batch = lxm3.SUBMIT_PARALLELISM
