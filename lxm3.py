@@ -1310,7 +1310,10 @@ def _kept_connections_dir() -> Optional[str]:
     connection, so the directory must be ours and closed to everyone else.
     """
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = os.path.join(runtime, "lxm3") if runtime and os.path.isabs(runtime) else f"/tmp/lxm3-{os.getuid()}"
+    if runtime and os.path.isabs(runtime) and os.path.isdir(runtime):  # not ours to create
+        base = os.path.join(runtime, "lxm3")
+    else:
+        base = f"/tmp/lxm3-{os.getuid()}"
     if len(base) > 60:  # a socket's path may not exceed ~100 bytes; ssh adds a suffix while binding
         return None
     try:
@@ -3750,7 +3753,9 @@ def _parser():
     parser = argparse.ArgumentParser(
         prog="lxm3",
         description="Launch experiments on Slurm, Grid Engine or this machine, and follow them.",
-        epilog="Run 'lxm3 COMMAND --help' for the options of a command.",
+        epilog="Run 'lxm3 COMMAND --help' for the options of a command. Clusters are reached "
+               "over one SSH connection, kept for the next command for 5 minutes "
+               "($LXM3_SSH_KEEP seconds; 0: not kept).",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     launch = commands.add_parser(

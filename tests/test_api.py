@@ -142,3 +142,9 @@ def test_lxm3_ssh_keep_sets_how_long_a_connection_is_kept(monkeypatch):
     monkeypatch.setenv("LXM3_SSH_KEEP", "5m")
     with pytest.raises(lxm3.LaunchError, match="LXM3_SSH_KEEP='5m' is not a number of seconds"):
         lxm3.ssh_keep_seconds()
+
+
+def test_a_missing_xdg_runtime_dir_is_not_created(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run" / "user" / "1000"))
+    assert lxm3._kept_connections_dir() == f"/tmp/lxm3-{os.getuid()}"
+    assert not (tmp_path / "run").exists()
