@@ -1132,8 +1132,8 @@ def build_report(data: Dict[str, Any]) -> Tuple[str, List[Tuple[str, str, str, s
       "again; ours reuses the connection the previous launch kept. **warm-new** (ours only): "
       "the same code, with the kept connection ended first: a re-launch after a break. 0.4.2 "
       "opens new connections on every launch, so its warm runs are the comparison for both.")
-    w("- Each round: new code, cold launch of each tool, then warm launch of each; the order of "
-      "the tools alternates between rounds. One unmeasured launch per tool comes first (pip "
+    w("- Each round: new code, cold launch of each tool, then warm launch of each, then ours' "
+      "warm-new; the order of the tools alternates between rounds. One unmeasured launch per tool comes first (pip "
       "caches, ours' one-time build environment, remote directories).")
     w("- Wall time: fork to exit of `lxm3 launch ...` on the client (packaging, connecting, "
       "copying, submitting).\n")

@@ -582,26 +582,31 @@ def test_rejected_submission_stops_and_quotes_the_scheduler(tmp_path):
 
 
 def test_no_submission_starts_after_a_rejection(tmp_path):
-    # The rejection comes at once; accepted calls take 0.3 s, so every worker's
-    # next call starts after the rejection is known.
+    # The rejection comes after 0.2 s, an accepted call after 0.6 s: a worker's
+    # second call starts after the rejection is known, so none is made.
     bindir = fake_scheduler(tmp_path, "sbatch", """\
         echo "$*" >> "$CALLS"
         if [[ $* == *nosuch* ]]; then
+          sleep 0.2
           echo "sbatch: error: invalid partition specified: nosuch" >&2
           exit 1
         fi
-        sleep 0.3
+        sleep 0.6
         echo 7
     """)
     batch = lxm3.SUBMIT_PARALLELISM
     subs = []
-    for wid in range(1, 2 * batch + 1):
+    for wid in range(1, 2 * batch + 1):  # each worker gets two work units
         script = "/s/nosuch/job.sh" if wid == 2 else f"/s/{wid}/job.sh"
         subs += lxm3.plan_submissions(wid, lxm3.Slurm(), script, 1, "/tmp/l", None)
     error = run_submission(tmp_path, bindir, subs)
     assert "invalid partition specified: nosuch" in error
-    assert [s.job_id is not None for s in subs] == [True, False] + [True] * (batch - 2) + [False] * batch
-    assert len((tmp_path / "calls").read_text().splitlines()) == batch
+    calls = (tmp_path / "calls").read_text()
+    called = {wid for wid in range(1, 2 * batch + 1) if f"/s/{wid}/job.sh" in calls}
+    submitted = {s.work_unit_id for s in subs if s.job_id is not None}
+    assert submitted == called  # what is reported as submitted is exactly what was
+    assert not any(s.job_id for s in subs[batch:]), "a submission started after the rejection"
+    assert "/s/nosuch/job.sh" in calls and subs[1].job_id is None
 
 
 def test_independent_arrays_are_submitted_at_once_and_chains_in_order(tmp_path):
