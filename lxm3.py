@@ -1373,9 +1373,10 @@ class Connection:
             return
         import fcntl
 
-        self._socket = os.path.join(shared, "ssh-" + self._identity())
+        identity = self._identity()
+        self._socket = os.path.join(shared, "ssh-" + identity)
         # Locked, so that two launches at once share one master rather than race.
-        with open(self._socket + ".lock", "w") as lock:
+        with open(os.path.join(shared, "lock-" + identity), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if os.path.exists(self._socket):
                 if self._control("check"):

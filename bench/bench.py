@@ -417,8 +417,7 @@ def runtime_dir() -> str:
 
 def end_kept_connections() -> int:
     """End the SSH masters ours kept from earlier launches, so the next one logs in anew."""
-    sockets = [p for p in glob.glob(os.path.join(runtime_dir(), "lxm3", "ssh-*"))
-               if not p.endswith(".lock")]
+    sockets = glob.glob(os.path.join(runtime_dir(), "lxm3", "ssh-*"))
     for socket in sockets:
         subprocess.run(["ssh", "-o", f"ControlPath={socket}", "-O", "exit", "kept"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -544,7 +543,7 @@ class Launcher:
                 # lives on after the launch: end this one's with the launch.
                 env["LXM3_SSH_KEEP"] = "0"
         elif side == "ours" and (trace or timeline) and not glob.glob(
-                os.path.join(runtime_dir(), "lxm3", "ssh-*[!k]")):
+                os.path.join(runtime_dir(), "lxm3", "ssh-*")):
             # A warm launch under strace must find a kept master, or it would
             # start one and strace would wait for it: an untraced launch keeps one.
             self.count += 1

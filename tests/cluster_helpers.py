@@ -785,8 +785,7 @@ def archive_files(ws: ClusterWorkspace) -> List[str]:
 
 def kill_kept_master() -> None:
     """SIGKILL the SSH master lxm3 kept for the next command, leaving its socket behind."""
-    [socket] = [p for p in glob.glob(os.path.join(os.environ["XDG_RUNTIME_DIR"], "lxm3", "ssh-*"))
-                if not p.endswith(".lock")]
+    [socket] = glob.glob(os.path.join(os.environ["XDG_RUNTIME_DIR"], "lxm3", "ssh-*"))
     check = subprocess.run(["ssh", "-o", f"ControlPath={socket}", "-O", "check", "kept"],
                            capture_output=True, text=True)
     pid = int(re.search(r"pid=(\d+)", check.stderr).group(1))

@@ -42,7 +42,7 @@ def runtime_dir(monkeypatch):
     path = tempfile.mkdtemp(prefix="lxm3rt-", dir="/tmp")
     monkeypatch.setenv("XDG_RUNTIME_DIR", path)
     yield path
-    for socket in glob.glob(os.path.join(path, "lxm3", "ssh-*[!k]")):  # not the .lock files
+    for socket in glob.glob(os.path.join(path, "lxm3", "ssh-*")):
         subprocess.run(["ssh", "-o", f"ControlPath={socket}", "-O", "exit", "kept"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shutil.rmtree(path, ignore_errors=True)
