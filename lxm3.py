@@ -1002,11 +1002,18 @@ def _write_json_atomic(path: str, data: Any) -> None:
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        # dumps without indent uses the C encoder: a 100,000-task record in
-        # 0.1 s instead of 0.8 s.
-        f.write(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            # dumps without indent uses the C encoder: a 100,000-task record in
+            # 0.1 s instead of 0.8 s.
+            f.write(json.dumps(data, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: the previous version stays whole
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _read_json(path: str) -> Optional[Any]:
@@ -1289,6 +1296,10 @@ class ClusterError(LaunchError):
     pass
 
 
+class ConnectionLost(ClusterError):
+    """The SSH connection ended while a command ran: it may have run, in part or whole."""
+
+
 SSH_KEEP_SECONDS = 300  # an idle connection is kept this long for the next command
 
 
@@ -1441,6 +1452,15 @@ class Connection:
             self._private_dir = None
         self._socket = None
 
+    def reconnect(self) -> None:
+        """After a lost connection: end the old master, which may be stale, and start anew."""
+        if not self.remote:
+            return
+        if self._socket:
+            self._control("exit")
+        self.close()
+        self.open()
+
     def run_script(self, script: str, what: str) -> str:
         """Run a bash script there; its stdout, or ClusterError with its stderr."""
         import subprocess
@@ -1454,8 +1474,9 @@ class Connection:
         stdout = proc.stdout.decode(errors="replace")
         if proc.returncode != 0:
             stderr = proc.stderr.decode(errors="replace").strip()
-            if self.remote and proc.returncode == 255:
-                raise ClusterError(f"lost the ssh connection to {self.target} while {what}: {stderr}")
+            if self.remote and (proc.returncode == 255 or proc.returncode < 0):  # or ssh was killed
+                raise ConnectionLost(f"lost the ssh connection to {self.target} while {what}"
+                                     f"{': ' + stderr if stderr else ''}")
             raise ClusterError(f"{what} on {self.target} failed: {stderr or stdout.strip()}")
         return stdout
 
@@ -2205,16 +2226,45 @@ def plan_submissions(work_unit_id: int, executor: Union[Slurm, GridEngine], scri
     ]
 
 
+# The submission script runs on the cluster (or the login node) and must not
+# lose a job whatever happens to the client: the connection may drop or the
+# user press Ctrl-C while it runs, and it then goes on by itself. So every job
+# id is appended to the experiment's submission log (SUBMISSION_LOG) as soon as
+# the scheduler returns it, before anything else; a run of the script skips
+# the arrays its log already holds (a retry submits only what is missing); runs
+# for one experiment take turns under a lock; and a stop file ends a run
+# between two submissions. The whole script is one function, called on its
+# last line: bash runs nothing of a script cut short in transit.
+SUBMISSION_LOG = "submitted"  # in the experiment's directory: "KEY JOB_ID" lines
+SUBMISSION_LOCK = "submit.lock"
+SUBMISSION_STOP = "submit.stop"
+SUBMISSION_LOCK_WAIT = 60  # seconds a reader of the log waits for a running submission
+
 _SUBMIT_PRELUDE = """\
+lxm_main() {
+trap '' HUP PIPE  # a dropped connection must not stop a submission half way
 lxm_out=$(mktemp -d) || exit 1
 trap 'rm -rf "$lxm_out"' EXIT
+mkdir -p -- "$lxm_dir" || exit 1
+exec 9>>"$lxm_dir/@@{lock}" || exit 1
+if command -v flock >/dev/null 2>&1; then flock 9; fi
+declare -A lxm_known=()
+if [ -f "$lxm_dir/@@{log}" ]; then
+  while read -r lxm_key lxm_id; do lxm_known[$lxm_key]=$lxm_id; done <"$lxm_dir/@@{log}"
+fi
 lxm_previous=
-# lxm_submit KEY COMMAND...: prints "OK KEY ID", or "FAIL KEY" and the error. After
-# a rejection (here or in another worker) it ends its worker, the subshell it runs in.
+# lxm_submit KEY COMMAND...: prints "OK KEY ID", or "FAIL KEY" and the error. An
+# array the log holds is not submitted again. After a rejection (here or in
+# another worker) or a stop request, it ends its worker, the subshell it runs in.
 lxm_submit() {
   local key=$1 out err="$lxm_out/err.$1"
   shift
-  [ -e "$lxm_out/rejected" ] && exit 0
+  if [ -n "${lxm_known[$key]:-}" ]; then
+    lxm_previous=${lxm_known[$key]}
+    echo "OK $key $lxm_previous"
+    return
+  fi
+  [ -e "$lxm_out/rejected" ] || [ -e "$lxm_dir/@@{stop}" ] && exit 0
   if ! out=$("$@" 2>"$err"); then
     : >"$lxm_out/rejected"
     echo "FAIL $key"
@@ -2223,6 +2273,8 @@ lxm_submit() {
   fi
   out=${out%%$'\\n'*}
   lxm_previous=${out%%[;.]*}  # sbatch: ID[;CLUSTER], qsub -terse: ID[.1-N:1]
+  printf '%s %s\\n' "$key" "$lxm_previous" >>"$lxm_dir/@@{log}" ||
+    echo "WARN could not write $lxm_dir/@@{log}"
   echo "OK $key $lxm_previous"
 }
 """
@@ -2241,14 +2293,18 @@ def _chains(submissions: Sequence[ArraySubmission]) -> List[List[ArraySubmission
     return chains
 
 
-def submission_script(log_dirs: Iterable[str], submissions: Sequence[ArraySubmission]) -> str:
+def submission_script(log_dirs: Iterable[str], submissions: Sequence[ArraySubmission],
+                      experiment_dir: str) -> str:
     """One bash script that makes the log directories and submits every array.
 
     Independent arrays are submitted by SUBMIT_PARALLELISM workers at once,
     each taking every n-th chain; after a rejection no worker starts another
     submission. (Workers rather than ``wait -n``, which bash 4.2 lacks.)
+    Job ids go to ``experiment_dir``'s submission log as they come.
     """
-    lines = [_SUBMIT_PRELUDE, "umask 077"]
+    prelude = _ScriptTemplate(_SUBMIT_PRELUDE).substitute(
+        lock=SUBMISSION_LOCK, log=SUBMISSION_LOG, stop=SUBMISSION_STOP)
+    lines = [f"lxm_dir={shell_quote(experiment_dir)}", prelude, "umask 077"]
     lines += [f"mkdir -p -- {shell_quote(d)} || exit 1" for d in sorted(set(log_dirs))]
     chains = _chains(submissions)
     workers = min(SUBMIT_PARALLELISM, len(chains))
@@ -2259,8 +2315,26 @@ def submission_script(log_dirs: Iterable[str], submissions: Sequence[ArraySubmis
                 words = [shell_quote(a).replace("{previous}", "'\"$lxm_previous\"'") for a in sub.argv]
                 calls.append(f"lxm_submit {sub.key} {' '.join(words)}")
         lines.append("(\n" + "\n".join(calls) + f"\n) >\"$lxm_out/{worker}\" 2>&1 &")
-    lines += ["wait", 'cat "$lxm_out"/[0-9]*' if workers else ":"]
+    lines += ["wait", 'cat "$lxm_out"/[0-9]*' if workers else ":", "}", "lxm_main"]
     return "\n".join(lines) + "\n"
+
+
+def submission_log_script(experiment_dir: str, stop: bool = False) -> str:
+    """Read an experiment's submission log, after any submission still running.
+
+    ``stop``: ask a running submission to start no more arrays first (the
+    user pressed Ctrl-C). Prints the log as ``OK KEY ID`` lines.
+    """
+    d = shell_quote(experiment_dir)
+    return "\n".join([
+        f"[ -d {d} ] || exit 0",
+        f": >{d}/{SUBMISSION_STOP}" if stop else ":",
+        f"if command -v flock >/dev/null 2>&1 && [ -e {d}/{SUBMISSION_LOCK} ]; then",
+        f"  flock -w {SUBMISSION_LOCK_WAIT} {d}/{SUBMISSION_LOCK} true || echo 'WARN a submission is still running'",
+        "fi",
+        f"rm -f {d}/{SUBMISSION_STOP}" if stop else ":",
+        f"[ ! -f {d}/{SUBMISSION_LOG} ] || sed 's/^/OK /' {d}/{SUBMISSION_LOG}",
+    ]) + "\n"
 
 
 def parse_submission_output(output: str, submissions: Sequence[ArraySubmission]) -> Optional[str]:
@@ -2286,6 +2360,13 @@ def parse_submission_output(output: str, submissions: Sequence[ArraySubmission])
     if missing:
         return f"no job id was printed for {missing[0].task_range} (output: {output.strip()!r})"
     return None
+
+
+def unit_submission_state(num_tasks: int, arrays: Sequence[Any]) -> str:
+    """``submitted``, ``partially submitted`` or ``not submitted``, by the tasks the arrays hold."""
+    if not arrays:
+        return "not submitted"
+    return "partially submitted" if _unsubmitted_tasks(num_tasks, arrays) else "submitted"
 
 
 # ---------------------------------------------------------------------------
@@ -2696,6 +2777,7 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
     import tempfile
 
     info = probe_cluster(connection, scheduler)
+    remember_cluster_info(cluster, scheduler, info)
     with tempfile.TemporaryDirectory(prefix="lxm3-deploy-") as tree:
         submissions, log_dirs = prepare_cluster_launch(experiment, cluster, scheduler, launches, info, tree)
         archives = len(os.listdir(os.path.join(tree, "archives")))
@@ -2704,45 +2786,170 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
                   f"(only those not there yet) and {len(launches)} job script(s) to "
                   f"{connection.target}:{info.staging}")
         connection.copy_tree(tree, info.staging)
-    output = connection.run_script(submission_script(log_dirs, submissions), "submitting jobs")
+    experiment_dir = f"{info.staging}/experiments/{experiment.experiment_id}"
+    for launch in launches:
+        wid = launch.work_unit.work_unit_id
+        launch.work_unit._submitting([s for s in submissions if s.work_unit_id == wid],
+                                     f"{experiment_dir}/{SUBMISSION_LOG}")
+    try:  # what is about to be submitted, and where its log will be, is on disk first
+        experiment.save_record()
+    except OSError as e:
+        raise LaunchError(f"cannot save the record of experiment {experiment.experiment_id} "
+                          f"({e.strerror}: {e.filename}), so nothing was submitted; free some "
+                          "space and launch again") from None
+    output, interrupted = _run_submission(
+        connection, submission_script(log_dirs, submissions, experiment_dir), experiment_dir)
     error = parse_submission_output(output, submissions)
     for launch in launches:
         launch.work_unit._submitted([s for s in submissions if s.job_id is not None
                                      and s.work_unit_id == launch.work_unit.work_unit_id])
-    experiment.save_record()
+    done = [s for s in submissions if s.job_id is not None]
+    submitted = ("Submitted: " + ", ".join(
+        f"work unit {s.work_unit_id} {s.task_range} (job {s.job_id})" for s in done) + "."
+        if done else "Nothing was submitted.")
+    missing = _not_submitted_summary(launches)
+    try:
+        experiment.save_record()
+    except OSError as e:
+        raise LaunchError(
+            f"the jobs were submitted, but the record of experiment {experiment.experiment_id} "
+            f"could not be saved ({e.strerror}: {e.filename}). {submitted} The cluster keeps "
+            f"them in {connection.target}:{experiment_dir}/{SUBMISSION_LOG}: once there is "
+            f"space, 'lxm3 status {experiment.experiment_id}' reads them from it") from None
+    if interrupted:
+        _progress(f"{cluster.name}: submission interrupted. {submitted}"
+                  + (f" Not submitted: {missing}." if missing else "")
+                  + f" See 'lxm3 status {experiment.experiment_id}'.")
+        raise KeyboardInterrupt
     if error:
         failed = next(s for s in submissions if s.job_id is None)
-        done = [s for s in submissions if s.job_id is not None]
         command = "sbatch" if scheduler == "slurm" else "qsub"
-        summary = ("Already submitted: " + ", ".join(
-            f"work unit {s.work_unit_id} {s.task_range} (job {s.job_id})" for s in done)
-            if done else "Nothing was submitted.")
+        summary = submitted.replace("Submitted:", "Already submitted:")
         raise ClusterError(f"{command} on {cluster.name} rejected work unit {failed.work_unit_id} "
-                           f"({failed.task_range}): {error}\n{summary}")
+                           f"({failed.task_range}): {error}\n{summary}\nNot submitted: {missing}.")
+
+
+def _run_submission(connection: Connection, script: str, experiment_dir: str) -> Tuple[str, bool]:
+    """Run the submission script; returns its output and whether the user interrupted it.
+
+    Ctrl-C (or SIGTERM) leaves the script running there: it is asked to start
+    no more arrays, and the submission log says what it did submit. A lost
+    connection is made again and the script run again: it submits only what
+    its log does not hold, after the first run has ended.
+    """
+    try:
+        return connection.run_script(script, "submitting jobs"), False
+    except KeyboardInterrupt:
+        _progress("interrupted: stopping the submission and reading what was submitted "
+                  "(press Ctrl-C again to leave that to 'lxm3 status')")
+        return connection.run_script(submission_log_script(experiment_dir, stop=True),
+                                     "reading the submission log"), True
+    except ConnectionLost as e:
+        _progress(f"{e}; connecting again to finish the submission (arrays already "
+                  "submitted are not submitted twice)")
+        connection.reconnect()
+        return connection.run_script(script, "finishing the submission"), False
+
+
+def _task_ranges(tasks: Iterable[int]) -> str:
+    """``0-10, 12, 14-20``: task indices as ranges."""
+    ranges: List[List[int]] = []
+    for task in sorted(tasks):
+        if ranges and task == ranges[-1][1] + 1:
+            ranges[-1][1] = task
+        else:
+            ranges.append([task, task])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def _unsubmitted_tasks(num_tasks: int, arrays: Iterable[Any]) -> List[int]:
+    """Tasks of a work unit that no submitted array holds (arrays: records or submissions)."""
+    covered = set()
+    for a in arrays:
+        first, count = (a["first_task"], a["count"]) if isinstance(a, Mapping) else (a.first_task, a.count)
+        covered.update(range(first, first + count))
+    return [t for t in range(num_tasks) if t not in covered]
+
+
+def _not_submitted_summary(launches: Sequence[PendingLaunch]) -> str:
+    parts = []
+    for launch in launches:
+        unit = launch.work_unit
+        missing = _unsubmitted_tasks(len(launch.tasks), unit.arrays)
+        if missing:
+            parts.append(f"work unit {unit.work_unit_id} task{'s' if len(missing) > 1 else ''} "
+                         f"{_task_ranges(missing)}")
+    return ", ".join(parts)
 
 
 def dry_run_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, scheduler: str,
                     launches: Sequence[PendingLaunch], directory: str) -> None:
     """Write what a launch would copy into ``directory`` and print what it would run.
 
-    Nothing is copied or submitted and the cluster is not contacted, so its
-    home directory is written ``~`` and arrays are not split by its limit.
+    Nothing is copied or submitted and the cluster is not contacted: its
+    paths and array limit are those it reported at the last launch from this
+    machine, if any; otherwise its home directory is written ``~`` and arrays
+    are not split.
     """
-    home = ClusterInfo(staging="", home="~")
-    info = ClusterInfo(staging=_path_there(home, _staging_path(cluster)), home="~")
+    known = known_cluster_info(cluster, scheduler)
+    if known:
+        info, when = known
+        note = f"paths and array limit as {cluster.name} reported them at the last launch ({when})"
+    else:
+        info = ClusterInfo(staging=_path_there(ClusterInfo(staging="", home="~"), _staging_path(cluster)),
+                           home="~")
+        note = (f"{cluster.name} was not asked: ~ is its home directory, and arrays larger than "
+                "its limit are split at launch (a launch remembers the limit for the next dry run)")
     tree = os.path.join(directory, cluster.name)
     submissions, log_dirs = prepare_cluster_launch(experiment, cluster, scheduler, launches, info, tree)
     for launch in launches:
         launch.work_unit.state = "dry run"
     target = f"{cluster.user + '@' if cluster.user else ''}{cluster.server or 'this machine'}"
+    print(f"[dry run] {cluster.name}: {note}")
     print(f"[dry run] {cluster.name}: would copy {tree}/ to {target}:{info.staging}/ "
           "(archives that are there already are not sent)")
     for name in sorted(os.listdir(os.path.join(tree, "archives"))):
         print(f"[dry run]   archives/{name} ({os.path.getsize(os.path.join(tree, 'archives', name)) // 1024} KiB)")
-    print(f"[dry run] {cluster.name}: would create {', '.join(sorted(set(log_dirs)))} and run "
-          "(arrays larger than the cluster's limit are split when it is known):")
+    print(f"[dry run] {cluster.name}: would create "
+          f"{', '.join(_shell_word(d) for d in sorted(set(log_dirs)))} and run:")
     for sub in submissions:
-        print("[dry run]   " + " ".join(shell_quote(a) for a in sub.argv).replace("{previous}", "<previous job>"))
+        print("[dry run]   " + " ".join(_shell_word(a) for a in sub.argv).replace("{previous}", "<previous job>"))
+
+
+def _shell_word(word: str) -> str:
+    """``word`` quoted for a shell, a ``~/`` in it still the home directory."""
+    if "~/" not in word:
+        return shell_quote(word)
+    before, _, after = word.partition("~/")
+    home = '"$HOME"/' if before else "~/"  # bash expands ~ only at the start of a word
+    return (shell_quote(before) if before else "") + home + (shell_quote(after) if after else "")
+
+
+def _cluster_info_file() -> str:
+    return os.path.join(cache_dir(), "clusters.json")
+
+
+def _cluster_info_key(cluster: ClusterConfig, scheduler: str) -> str:
+    return "|".join(str(v) for v in (cluster.name, cluster.server, cluster.user, cluster.port,
+                                     _staging_path(cluster), scheduler))
+
+
+def remember_cluster_info(cluster: ClusterConfig, scheduler: str, info: ClusterInfo) -> None:
+    """Keep what a launch's probe learnt, for dry runs that do not contact the cluster."""
+    try:
+        known = _read_json(_cluster_info_file()) or {}
+        known[_cluster_info_key(cluster, scheduler)] = {"info": vars(info), "when": _utc_now()}
+        _write_json_atomic(_cluster_info_file(), known)
+    except OSError:
+        pass  # a convenience for dry runs: never a reason for a launch to fail
+
+
+def known_cluster_info(cluster: ClusterConfig, scheduler: str) -> Optional[Tuple[ClusterInfo, str]]:
+    entry = (_read_json(_cluster_info_file()) or {}).get(_cluster_info_key(cluster, scheduler))
+    try:
+        return ClusterInfo(**entry["info"]), entry["when"]
+    except (TypeError, KeyError):  # none, or written by another version of lxm3
+        return None
 
 
 class ClusterWorkUnit(xm.WorkUnit):
@@ -2755,7 +2962,8 @@ class ClusterWorkUnit(xm.WorkUnit):
         self._executor: Optional[xm.Executor] = None
         self._executable: Optional[ClusterExecutable] = None
         self._tasks: List[Task] = []
-        # adding, then: queued, submitted or not submitted (clusters);
+        # adding, then: queued, submitting, then submitted, partially submitted or
+        # not submitted (clusters);
         # running, then completed, failed or stopped (local); dry run
         self.state = "adding"
         self.job_directory: Optional[str] = None
@@ -2766,6 +2974,8 @@ class ClusterWorkUnit(xm.WorkUnit):
         self.archive_path: Optional[str] = None
         self.image_path: Optional[str] = None  # as the node sees it
         self.arrays: List[ArraySubmission] = []  # on a cluster: the submitted arrays
+        self.planned: List[ArraySubmission] = []  # on a cluster: every array to submit
+        self.submission_log: Optional[str] = None  # where the cluster logs the job ids
         self.exit_codes: Dict[int, int] = {}  # local tasks that ended
         self.cancelled = False
         self._launch_done = threading.Event()  # add() returns before the launch has run
@@ -2841,10 +3051,13 @@ class ClusterWorkUnit(xm.WorkUnit):
         self.job_name, self.job_directory, self.log_directory = job_name, job_directory, log_directory
         self.archive_path, self.image_path = archive, image
 
+    def _submitting(self, planned: List[ArraySubmission], submission_log: str) -> None:
+        """About to submit: until the outcome is known, the cluster's log is the truth."""
+        self.planned, self.submission_log, self.state = planned, submission_log, "submitting"
+
     def _submitted(self, arrays: List[ArraySubmission]) -> None:
         self.arrays = arrays
-        complete = sum(s.count for s in arrays) == len(self._tasks)
-        self.state = "submitted" if complete else "not submitted"
+        self.state = unit_submission_state(len(self._tasks), arrays)
         if arrays:
             jobs = ", ".join(f"{s.job_id} ({s.task_range})" for s in arrays)
             _progress(f"work unit {self._work_unit_id}: submitted to {self.cluster} as job {jobs}; "
@@ -2871,6 +3084,9 @@ class ClusterWorkUnit(xm.WorkUnit):
             "image": self.image_path or (self._executable.image if self._executable else None),
             "arrays": [{"job_id": s.job_id, "first_task": s.first_task, "count": s.count}
                        for s in self.arrays],
+            "planned": [{"key": s.key, "first_task": s.first_task, "count": s.count}
+                        for s in self.planned],
+            "submission_log": self.submission_log,
             "num_tasks": len(self._tasks),
             "cancelled": self.cancelled,
             "tasks": [{"args": t.args, "env": t.env} for t in self._tasks],
@@ -2915,8 +3131,8 @@ class ClusterWorkUnit(xm.WorkUnit):
         if isinstance(self._executor, Local):
             self.experiment._stop_local()
         elif self.arrays:
-            cancel(self.experiment.record(), [self._work_unit_id])
-            self.cancelled = True
+            result = cancel(self.experiment.record(), [self._work_unit_id])
+            self.cancelled = self.cancelled or bool(result.cancelled)
 
     @property
     def launched_jobs(self) -> List[xm.LaunchedJob]:
@@ -2973,6 +3189,7 @@ class LoadedWorkUnit:
         return _launched_jobs(self.record)
 
     def get_status(self) -> WorkUnitStatus:
+        reconcile_submissions(self.experiment.record)
         return query_status(self.experiment.record, [self.work_unit_id])[self.work_unit_id]
 
     def stop(self) -> None:
@@ -3208,7 +3425,14 @@ class ClusterExperiment(xm.Experiment):
             raise
         finally:
             self._close_connections()
-            self.save_record(*self._outcome(error))
+            try:
+                self.save_record(*self._outcome(error))
+            except OSError as e:
+                message = (f"could not save the record of experiment {self._id} "
+                           f"({e.strerror}: {e.filename})")
+                if error is None:
+                    raise LaunchError(message) from None
+                _progress(message)
 
     def _outcome(self, error: Optional[BaseException]) -> Tuple[str, Optional[str]]:
         units = self._work_units
@@ -3216,7 +3440,9 @@ class ClusterExperiment(xm.Experiment):
             on_clusters = any(wu.cluster for wu in units)
             return ("launched" if on_clusters else "completed"), None
         if isinstance(error, KeyboardInterrupt):
-            return "interrupted", "interrupted by the user"
+            jobs = [j for wu in units for j in wu.job_ids]
+            return "interrupted", "interrupted by the user" + (
+                f"; jobs submitted before that: {', '.join(jobs)}" if jobs else "")
         if isinstance(error, TaskFailedError):
             return "failed", str(error)
         submitted = any(wu.arrays for wu in units)
@@ -3338,7 +3564,7 @@ class WorkUnitStatus(xm.ExperimentUnitStatus):
         return f"{len(self.tasks)} task(s): " + ", ".join(parts)
 
 
-_STATES = ("completed", "running", "pending", "failed", "cancelled", "unknown")
+_STATES = ("completed", "running", "pending", "failed", "cancelled", "unknown", "not submitted")
 _SLURM_STATES = {
     "PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending",
     "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "STAGE_OUT": "running",
@@ -3488,7 +3714,7 @@ def query_status(record: Mapping[str, Any],
         elif unit["arrays"]:
             groups.setdefault((unit["cluster"], unit["scheduler"]), []).append(unit)
         else:
-            result[unit["id"]] = WorkUnitStatus([])
+            result[unit["id"]] = WorkUnitStatus(_unsubmitted_statuses(unit))
     for (_, scheduler), group in groups.items():
         connection = _unit_connection(group[0])
         try:
@@ -3496,9 +3722,57 @@ def query_status(record: Mapping[str, Any],
         finally:
             connection.close()
         for unit in group:
-            result[unit["id"]] = WorkUnitStatus(
-                _parse_status(output, unit, scheduler, bool(unit.get("cancelled"))))
+            statuses = _parse_status(output, unit, scheduler, bool(unit.get("cancelled")))
+            statuses += _unsubmitted_statuses(unit)
+            result[unit["id"]] = WorkUnitStatus(sorted(statuses, key=lambda t: t.task))
     return result
+
+
+def _unsubmitted_statuses(unit: Mapping[str, Any]) -> List[TaskStatus]:
+    """Tasks no submitted array holds: never submitted, or not known to be."""
+    if unit.get("state") == "submitting":  # the cluster could not be asked
+        state, detail = "unknown", "not known to be submitted; the cluster's submission log was not read"
+    elif unit.get("state") in ("queued", "adding"):
+        state, detail = "pending", "not submitted yet"
+    else:
+        state, detail = "not submitted", ""
+    return [TaskStatus(t, state, detail=detail)
+            for t in _unsubmitted_tasks(unit["num_tasks"], unit["arrays"])]
+
+
+def reconcile_submissions(record: Dict[str, Any]) -> bool:
+    """Complete a record whose submission's outcome was never seen, from the cluster.
+
+    A launch interrupted, cut off or crashed while it submitted leaves units
+    in state ``submitting``; the submission log on the cluster names every job
+    that was submitted. Reads it (one round trip per cluster, after any
+    submission still running), fills in the arrays and saves the record.
+    Returns whether the record changed.
+    """
+    units = [u for u in record["work_units"] if u.get("state") == "submitting" and u.get("submission_log")]
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for unit in units:
+        groups.setdefault(unit["cluster"], []).append(unit)
+    for group in groups.values():
+        directories = sorted({os.path.dirname(u["submission_log"]) for u in group})
+        connection = _unit_connection(group[0])
+        try:
+            output = connection.run_script("".join(submission_log_script(d) for d in directories),
+                                           "reading the submission log")
+        finally:
+            connection.close()
+        known = {}
+        for line in output.splitlines():
+            word, key, job_id = (line.split() + ["", "", ""])[:3]
+            if word == "OK" and job_id.isdigit():
+                known[key] = job_id
+        for unit in group:
+            unit["arrays"] = [{"job_id": known[p["key"]], "first_task": p["first_task"], "count": p["count"]}
+                              for p in unit.get("planned", []) if p["key"] in known]
+            unit["state"] = unit_submission_state(unit["num_tasks"], unit["arrays"])
+    if units:
+        save_record(record)
+    return bool(units)
 
 
 def _local_statuses(unit: Mapping[str, Any], record: Mapping[str, Any]) -> List[TaskStatus]:
@@ -3522,34 +3796,95 @@ def _local_statuses(unit: Mapping[str, Any], record: Mapping[str, Any]) -> List[
 
 _BENIGN_CANCEL = re.compile(r"does not exist|registered the job|has deleted|Invalid job id", re.I)
 
+# The user's jobs still in the queue (pending or running), one job id a line.
+_ACTIVE_JOBS = {
+    "slurm": 'squeue -h -u "$(id -un)" -o %F',
+    "sge": 'qstat -u "$(id -un)" | awk \'NR > 2 {print $1}\'',
+}
+_CANCEL_COMMAND = {"slurm": "scancel", "sge": "qdel"}
 
-def cancel(record: Dict[str, Any], work_unit_ids: Optional[Sequence[int]] = None) -> List[str]:
-    """Cancel the recorded jobs: one ``scancel``/``qdel`` call per cluster. Returns the job ids."""
+
+def _cancel_script(scheduler: str, job_ids: Sequence[str]) -> str:
+    """Cancel those of ``job_ids`` still queued; say which were and which had ended.
+
+    Prints ``ACTIVE ID`` / ``ENDED ID`` lines (``UNKNOWN`` for all when the
+    queue cannot be read: they are then all cancelled), the command's output,
+    and ``lxm3-status N``.
+    """
+    return f"""set -o pipefail
+lxm_ids=({' '.join(job_ids)})
+lxm_cancel=()
+if lxm_queue=$({{ {_ACTIVE_JOBS[scheduler]}; }} 2>/dev/null); then
+  lxm_queue=" $(echo $lxm_queue) "
+  for lxm_id in "${{lxm_ids[@]}}"; do
+    case $lxm_queue in
+      *" $lxm_id "*) lxm_cancel+=("$lxm_id"); echo "ACTIVE $lxm_id" ;;
+      *) echo "ENDED $lxm_id" ;;
+    esac
+  done
+else
+  lxm_cancel=("${{lxm_ids[@]}}")
+  printf 'UNKNOWN %s\\n' "${{lxm_ids[@]}}"
+fi
+if [ ${{#lxm_cancel[@]}} -gt 0 ]; then
+  {_CANCEL_COMMAND[scheduler]} "${{lxm_cancel[@]}}" 2>&1
+  echo "lxm3-status $?"
+else
+  echo "lxm3-status 0"
+fi
+"""
+
+
+class CancelResult(ValueObject):
+    """What ``cancel`` did: jobs it cancelled, and jobs that had already ended."""
+
+    def __init__(self, cancelled: List[str], ended: List[str]):
+        self.cancelled = cancelled
+        self.ended = ended
+
+
+def cancel(record: Dict[str, Any], work_unit_ids: Optional[Sequence[int]] = None) -> CancelResult:
+    """Cancel the recorded jobs still queued: one ``scancel``/``qdel`` call per cluster.
+
+    Jobs that had ended are left alone and reported as such; a unit is
+    marked cancelled only if one of its jobs was.
+    """
+    reconcile_submissions(record)
     units = [u for u in record["work_units"] if u["arrays"]
              and (work_unit_ids is None or u["id"] in work_unit_ids)]
     groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for unit in units:
         groups.setdefault((unit["cluster"], unit["scheduler"]), []).append(unit)
-    cancelled = []
+    result = CancelResult([], [])
     for (_, scheduler), group in groups.items():
-        job_ids = [a["job_id"] for u in group for a in u["arrays"]]
-        command = "scancel" if scheduler == "slurm" else "qdel"
+        job_ids = list(dict.fromkeys(a["job_id"] for u in group for a in u["arrays"]))
+        command = _CANCEL_COMMAND[scheduler]
         connection = _unit_connection(group[0])
         try:
-            output = connection.run_script(f"{command} {' '.join(job_ids)} 2>&1; echo \"lxm3-status $?\"",
+            output = connection.run_script(_cancel_script(scheduler, job_ids),
                                            f"cancelling jobs with {command}")
         finally:
             connection.close()
-        *lines, last = output.strip().splitlines() or ["lxm3-status 0"]
-        # Jobs that ended already are not an error (qdel: "does not exist").
+        active, lines = [], []
+        for line in output.strip().splitlines():
+            word, _, job_id = line.partition(" ")
+            if word in ("ACTIVE", "UNKNOWN"):
+                active.append(job_id)
+            elif word == "ENDED":
+                result.ended.append(job_id)
+            else:
+                lines.append(line)
+        last = lines.pop() if lines else "lxm3-status 0"
+        # A job that ended since the queue was read is not an error (qdel: "does not exist").
         problems = [line for line in lines if not _BENIGN_CANCEL.search(line)]
         if last != "lxm3-status 0" and problems:
             raise ClusterError(f"{command} on {group[0]['cluster']} failed: " + "\n".join(problems))
         for unit in group:
-            unit["cancelled"] = True
-        cancelled += job_ids
+            if any(a["job_id"] in active for a in unit["arrays"]):
+                unit["cancelled"] = True
+        result.cancelled += active
     save_record(record)
-    return cancelled
+    return result
 
 
 def follow_log(unit: Mapping[str, Any], task: int, lines: int, follow: bool) -> int:
@@ -3699,9 +4034,24 @@ def _selected_units(record: Mapping[str, Any], work_unit: Optional[int]) -> Opti
     return [work_unit]
 
 
+def _concluded_status(statuses: Mapping[int, WorkUnitStatus]) -> Optional[str]:
+    """How a launched experiment ended, once no task is pending or running."""
+    states = {t.state for s in statuses.values() for t in s.tasks}
+    if not states or states & {"pending", "running"}:
+        return None
+    if states & {"failed", "unknown"}:
+        return "failed"
+    return "cancelled" if "cancelled" in states else "completed" if states == {"completed"} else None
+
+
 def _cmd_status(args) -> int:
     record = load_record(args.experiment)
+    reconcile_submissions(record)
     statuses = query_status(record, _selected_units(record, args.work_unit))
+    concluded = _concluded_status(statuses) if args.work_unit is None else None
+    if concluded and record["status"] == "launched":  # so that 'lxm3 list' tells it too
+        record["status"] = concluded
+        save_record(record)
     if args.json:
         _print_json({"experiment_id": record["experiment_id"], "title": record["title"],
                      "status": record["status"], "work_units": {
@@ -3721,7 +4071,11 @@ def _cmd_status(args) -> int:
                       "" if t.exit_code is None else str(t.exit_code)] for t in status.tasks]
             _print_table(rows)
         else:
-            for t in [t for t in status.tasks if t.state not in ("completed", "running", "pending")][:10]:
+            missing = [t.task for t in status.tasks if t.state == "not submitted"]
+            if missing:
+                print(f"  not submitted: task{'s' if len(missing) > 1 else ''} {_task_ranges(missing)}")
+            for t in [t for t in status.tasks
+                      if t.state not in ("completed", "running", "pending", "not submitted")][:10]:
                 exit_code = "" if t.exit_code is None else f" exit {t.exit_code}"
                 print(f"  task {t.task}: {t.state}{exit_code}{' (' + t.detail + ')' if t.detail else ''}")
     return 0
@@ -3729,6 +4083,7 @@ def _cmd_status(args) -> int:
 
 def _cmd_logs(args) -> int:
     record = load_record(args.experiment)
+    reconcile_submissions(record)
     units = record["work_units"]
     if args.work_unit is None and len(units) != 1:
         raise LaunchError(f"experiment {record['experiment_id']} has {len(units)} work units: "
@@ -3743,8 +4098,14 @@ def _cmd_logs(args) -> int:
 
 def _cmd_cancel(args) -> int:
     record = load_record(args.experiment)
-    job_ids = cancel(record, _selected_units(record, args.work_unit))
-    print(f"cancelled job(s) {', '.join(job_ids)}" if job_ids else "nothing to cancel: no submitted jobs")
+    result = cancel(record, _selected_units(record, args.work_unit))
+    if result.cancelled:
+        print(f"cancelled job(s) {', '.join(result.cancelled)}")
+    if result.ended:
+        print(f"{'nothing to cancel: ' if not result.cancelled else ''}"
+              f"job(s) {', '.join(result.ended)} had already ended")
+    if not result.cancelled and not result.ended:
+        print("nothing to cancel: no submitted jobs")
     return 0
 
 

@@ -392,6 +392,35 @@ class ClusterWorkspace:
                exe_env: Optional[Dict[str, str]] = None, record_transfers: bool = False,
                path: Optional[str] = None, timeout: float = 300) -> Launch:
         """Run ``python -m lxm3 launch`` on a launcher adding ``units``."""
+        argv, env, directory = self.launch_command(
+            units, config=config, exe_args=exe_args, exe_env=exe_env,
+            record_transfers=record_transfers, path=path)
+        started = time.monotonic()
+        proc = subprocess.run(argv, env=env, cwd=directory, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+        return self.launched(proc.returncode, proc.stdout, proc.stderr, directory,
+                             time.monotonic() - started)
+
+    def launched(self, returncode: int, stdout: str, stderr: str, directory: str,
+                 seconds: float) -> Launch:
+        """What a launch in ``directory`` reported; its jobs are cancelled at teardown."""
+        result = None
+        result_path = os.path.join(directory, "result.json")
+        if os.path.exists(result_path):
+            with open(result_path, encoding="utf-8") as f:
+                result = json.load(f)
+        launch = Launch(returncode, stdout, stderr, result, self.title, seconds)
+        # Everything this launch may have queued is cancelled at teardown:
+        # what it reported, and job ids named in an error message.
+        self.job_ids += launch.job_ids()
+        self.job_ids += re.findall(r"\(job (\d+)\)", stderr)
+        return launch
+
+    def launch_command(self, units: Sequence[Dict[str, Any]], *, config: Optional[str] = None,
+                       exe_args: Optional[Dict[str, Any]] = None,
+                       exe_env: Optional[Dict[str, str]] = None, record_transfers: bool = False,
+                       path: Optional[str] = None) -> Tuple[List[str], Optional[Dict[str, str]], str]:
+        """(argv, env, directory) of a launch of ``units``, to run as the test wishes."""
         self._launches += 1
         directory = os.path.join(self.root, f"launch-{self._launches}")
         os.mkdir(directory)
@@ -428,21 +457,7 @@ class ClusterWorkspace:
             argv = ["runuser", "-u", self.tb.ssh_user, "--", "env", "-i", *env_vars,
                     LOGIN_PYTHON, *command]
             env = None
-        started = time.monotonic()
-        proc = subprocess.run(argv, env=env, cwd=directory, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout)
-        seconds = time.monotonic() - started
-        result = None
-        result_path = os.path.join(directory, "result.json")
-        if os.path.exists(result_path):
-            with open(result_path, encoding="utf-8") as f:
-                result = json.load(f)
-        launch = Launch(proc.returncode, proc.stdout, proc.stderr, result, self.title, seconds)
-        # Everything this launch may have queued is cancelled at teardown:
-        # what it reported, and job ids named in an error message.
-        self.job_ids += launch.job_ids()
-        self.job_ids += re.findall(r"\(job (\d+)\)", proc.stderr)
-        return launch
+        return argv, env, directory
 
     # -- the scheduler's view ------------------------------------------------
 

@@ -524,7 +524,7 @@ def fake_scheduler(tmp_path, name, script):
 
 
 def run_submission(tmp_path, bindir, submissions):
-    script = lxm3.submission_script([str(tmp_path / "logs")], submissions)
+    script = lxm3.submission_script([str(tmp_path / "logs")], submissions, str(tmp_path / "exp"))
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
     proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -268,15 +268,16 @@ def test_status_while_running_and_after_completion(workspace, scheduler):
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 2 and "task 2 argv" not in proc.stdout
 
-    # list: where it ran, how much, in what state.
+    # list: where it ran, how much, in what state: status found every task ended,
+    # one of them failed, so the experiment no longer reads "launched".
     listing = lxm3_cli("list").stdout.splitlines()
     [row] = [line for line in listing if line.startswith(str(xid))]
-    assert re.search(rf"{re.escape(ws.title)}\s+{ws.cluster} \({ws.executor}\)\s+1\s+3\s+launched$",
+    assert re.search(rf"{re.escape(ws.title)}\s+{ws.cluster} \({ws.executor}\)\s+1\s+3\s+failed$",
                      row), row
     [entry] = [e for e in json.loads(lxm3_cli("list", "--json").stdout)
                if e["experiment_id"] == xid]
     assert (entry["title"], entry["work_units"], entry["tasks"], entry["status"]) == (
-        ws.title, 1, 3, "launched")
+        ws.title, 1, 3, "failed")
     assert ws.cluster in json.dumps(entry), f"list --json does not say where it ran: {entry}"
 
 
