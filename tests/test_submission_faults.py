@@ -377,3 +377,39 @@ def test_a_submission_script_cut_short_runs_nothing(tmp_path):
         proc = run_script(script[:cut], bindir, tmp_path)
         assert not (tmp_path / "calls").exists(), (cut, proc.stdout)
         assert not (tmp_path / "exp").exists() and not (tmp_path / "logs").exists()
+
+
+def dry_run(ws, units) -> subprocess.CompletedProcess:
+    argv, env, directory = ws.launch_command(units)
+    argv.insert(argv.index("launch") + 1, "--dry-run")
+    return subprocess.run(argv, env=env, cwd=directory, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+def test_dry_run_splits_as_the_launch_will(cluster_workspaces, scheduler):
+    tb = require_testbed(scheduler)
+    ws = cluster_workspaces(tb, scheduler, "ssh")
+    limit = array_limit(tb, scheduler)
+    units = [sweep(ws, limit + 2)]
+
+    # Before any launch, the cluster is not asked: its home is ~, unquoted.
+    before = dry_run(ws, units)
+    assert before.returncode == 0, before.stderr
+    assert "was not asked: ~ is its home directory" in before.stdout, before.stdout
+    submit = [line for line in before.stdout.splitlines() if "job.sh" in line]
+    assert len(submit) == 1 and f" ~/{ws.staging}/experiments/" in submit[0], submit
+    assert "'~" not in before.stdout and "'$HOME" not in before.stdout, before.stdout
+
+    ws.launch([sweep(ws, 1)]).check()  # a launch tells lxm3 the cluster's paths and limit
+
+    after = dry_run(ws, units)
+    assert after.returncode == 0, after.stderr
+    assert "as testbed-ssh reported them at the last launch" in after.stdout, after.stdout
+    submit = [line for line in after.stdout.splitlines() if "job.sh" in line]
+    expected = ([f"--array=0-{limit - 1} ", "--array=0-1 "] if scheduler == "slurm"
+                else [f"-t 1-{limit} ", "-t 1-2 "])
+    assert [e in line for e, line in zip(expected, submit)] == [True, True], submit
+    assert len(submit) == 2
+    assert all(f"{ws.staging_path}/experiments/" in line for line in submit), submit
+    assert "~" not in after.stdout.split("would create", 1)[1], after.stdout
