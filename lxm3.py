@@ -997,12 +997,48 @@ def _cache_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def make_private_dirs(path: str) -> None:
+    """Make ``path`` and its missing parents 0700, whatever the umask.
+
+    What lxm3 keeps (records with task environments such as API keys, logs,
+    archives) is the user's alone. Directories that exist are left as they are.
+    """
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:  # made meanwhile by another launch
+            continue
+        os.chmod(directory, 0o700)  # an unusual umask may have taken bits from 0700
+
+
+def create_private(path: str, mode: int = 0o600) -> int:
+    """A descriptor for writing a new file ``path`` made with ``mode`` from the start
+    (never readable by others, even for a moment); a file left there by an
+    interrupted run is replaced."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError:
+        os.unlink(path)
+        fd = os.open(path, flags, mode)
+    os.fchmod(fd, mode)  # the umask may have taken the owner's bits; it never adds any
+    return fd
+
+
 def _write_json_atomic(path: str, data: Any) -> None:
+    """Replace ``path`` (0600) with ``data``: readers see the old or the new file, whole."""
     import json
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    make_private_dirs(os.path.dirname(path))
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(create_private(tmp), "w", encoding="utf-8") as f:
         # dumps without indent uses the C encoder: a 100,000-task record in
         # 0.1 s instead of 0.8 s.
         f.write(json.dumps(data, sort_keys=True))
@@ -1139,23 +1175,29 @@ def _build_environment(requires: List[str]) -> str:
     """
     if any(re.match(r"^setuptools\b", r) for r in requires):
         requires = [*requires, "wheel"]
+    import shutil
+    import tempfile
+
     key = _cache_key(sys.version, sorted(requires))[:20]
-    env_dir = os.path.join(cache_dir(), "build-env", key)
+    parent = os.path.join(cache_dir(), "build-env")
+    env_dir = os.path.join(parent, key)
     if os.path.isdir(env_dir):
         return env_dir
-    tmp = f"{env_dir}.{os.getpid()}.tmp"
+    # Made beside its final name, so that the rename below never crosses filesystems.
+    make_private_dirs(parent)
+    tmp = tempfile.mkdtemp(prefix=f".{key}-", suffix=".tmp", dir=parent)
     _progress(f"preparing a build environment ({', '.join(requires)}); this is done once")
-    _run_build_step(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "--no-input", "--target", tmp, *requires],
-        "installing the build requirements",
-    )
     try:
+        _run_build_step(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+             "--no-input", "--target", tmp, *requires],
+            "installing the build requirements",
+        )
         os.replace(tmp, env_dir)
     except OSError:  # another launch made it first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already, unless something failed
     return env_dir
 
 
@@ -1232,20 +1274,26 @@ def build_archive(spec: Union[PythonPackage, UniversalPackage], use_cache: bool 
 
     start = time.monotonic()
     _progress(f"{spec.name}: packaging {spec.path}")
-    os.makedirs(archives, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="lxm3-build-")
+    make_private_dirs(archives)
+    workdir = tempfile.mkdtemp(prefix="lxm3-build-")  # in $TMPDIR: may be another filesystem
+    tmp_zip = None
     try:
         if isinstance(spec, PythonPackage):
             files = _package_python(spec, workdir)
         else:
             files = _package_universal(spec, workdir)
-        tmp_zip = os.path.join(workdir, "archive.zip")
+        # The zip is written beside its final name (a rename never crosses
+        # filesystems, and no reader sees half an archive under that name).
+        fd, tmp_zip = tempfile.mkstemp(prefix=f".{spec.name}-", suffix=".zip.tmp", dir=archives)
+        os.close(fd)
         digest = write_reproducible_zip(tmp_zip, files)
         path = os.path.join(archives, f"{spec.name}-{digest[:16]}.zip")
         if not os.path.exists(path):  # same digest, same bytes: keep the first
             os.replace(tmp_zip, path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if tmp_zip is not None and os.path.exists(tmp_zip):
+            os.unlink(tmp_zip)
     _write_json_atomic(key_file, {"path": path, "digest": digest})
     size = os.path.getsize(path)
     _progress(f"{spec.name}: built {os.path.basename(path)} ({size / 1024:.0f} KiB) "
@@ -1816,15 +1864,16 @@ def render_job_script(
 
 def write_job_files(directory: str, script: str, tasks: Sequence[Task],
                     common_env: Mapping[str, str]) -> Tuple[str, str]:
-    """Write ``job.sh`` and ``tasks`` into ``directory`` (made private), atomically."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    """Write ``job.sh`` (0700) and ``tasks`` (0600: task environments may hold
+    secrets) into ``directory`` (made private), atomically."""
+    make_private_dirs(directory)
     script_path = os.path.join(directory, "job.sh")
     tasks_path = os.path.join(directory, "tasks")
     for path, lines in ((tasks_path, tasks_file_lines(tasks, common_env)), (script_path, [script])):
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="ascii" if path == tasks_path else "utf-8") as f:
+        fd = create_private(tmp, 0o700 if path == script_path else 0o600)
+        with open(fd, "w", encoding="ascii" if path == tasks_path else "utf-8") as f:
             f.writelines(lines)
-        os.chmod(tmp, 0o755 if path == script_path else 0o644)
         os.replace(tmp, path)
     return script_path, tasks_path
 
@@ -2316,7 +2365,7 @@ def _record_path(experiment_id: int) -> str:
 
 def claim_experiment_id() -> int:
     """A new id (milliseconds since the epoch, as lxm3 0.4.2), unique on this machine."""
-    os.makedirs(os.path.dirname(_record_path(0)), exist_ok=True)
+    make_private_dirs(os.path.dirname(_record_path(0)))
     experiment_id = int(time.time() * 1000)
     while True:
         try:
@@ -2432,7 +2481,7 @@ class LocalRunner:
     def submit(self, script: str, work_unit_id: int, num_tasks: int, log_dir: str,
                env: Optional[Mapping[str, str]] = None) -> List[str]:
         """Queue every task of a work unit; returns their log paths."""
-        os.makedirs(log_dir, exist_ok=True)
+        make_private_dirs(log_dir)
         logs = []
         for task_id in range(num_tasks):
             log_path = os.path.join(log_dir, f"task-{task_id}.log")
@@ -2452,7 +2501,7 @@ class LocalRunner:
 
         with self._slots:
             full_env = {**os.environ, **env, "LXM_TASK_ID": str(task_id)}
-            with open(log_path, "wb") as log:
+            with open(create_private(log_path), "wb") as log:  # 0600: output may hold secrets
                 with self._lock:  # stop() must see every process it has to stop
                     if self._stopping:
                         return
