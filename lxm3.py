@@ -467,15 +467,19 @@ class Config(ValueObject):
             path=path,
         )
 
-    def cluster(self, name: Optional[str] = None) -> ClusterConfig:
-        """Pick a cluster: by name, else ``$LXM_CLUSTER``, else the first one."""
-        name = name or os.environ.get("LXM_CLUSTER")
+    def require_clusters(self) -> None:
+        """Refuse to go on without a cluster: Slurm and GridEngine need one."""
         if not self.clusters:
             where = self.path or "no config file was found"
             raise ConfigError(
                 f"no [[clusters]] in the lxm3 config ({where}); add one, or see "
                 "'lxm3 launch --help' for where the config is looked for"
             )
+
+    def cluster(self, name: Optional[str] = None) -> ClusterConfig:
+        """Pick a cluster: by name, else ``$LXM_CLUSTER``, else the first one."""
+        name = name or os.environ.get("LXM_CLUSTER")
+        self.require_clusters()
         if name is None:
             return self.clusters[0]
         for cluster in self.clusters:
@@ -1325,6 +1329,11 @@ def package(packageable: xm.Packageable) -> ClusterExecutable:
 
 
 def _package_all(packageables: Sequence[xm.Packageable]) -> List[ClusterExecutable]:
+    if any(isinstance(p.executor_spec, (SlurmSpec, GridEngineSpec)) for p in packageables):
+        # Before anything is built: without a cluster to run on, the build is wasted.
+        experiment = xm.core._current_experiment.get(None)
+        config = experiment.config if isinstance(experiment, ClusterExperiment) else load_config()
+        config.require_clusters()
     return [package(p) for p in packageables]
 
 
