@@ -1237,7 +1237,97 @@ def _package_python(spec: PythonPackage, workdir: str) -> List[Tuple[str, str]]:
         )
     target = os.path.join(workdir, "site")
     _pip_install(spec, target)
-    return _archive_files_from(target, spec.resources, spec.entrypoint)
+    files = _archive_files_from(target, spec.resources, spec.entrypoint)
+    if isinstance(spec.entrypoint, xm.ModuleName):
+        check_entrypoint_module(spec.entrypoint.module_name, files, spec.name)
+    return files
+
+
+def _is_module_file(base: str, paths: Set[str]) -> bool:
+    """Whether ``base`` (``pkg/mod``) is a module in the archive: source, bytecode or extension."""
+    if f"{base}.py" in paths or f"{base}.pyc" in paths:
+        return True
+    return any(p.startswith(f"{base}.") and p.endswith((".so", ".pyd")) and "/" not in p[len(base):]
+               for p in paths)
+
+
+def check_entrypoint_module(module: str, files: Sequence[Tuple[str, str]], name: str) -> None:
+    """Find the entrypoint ``python -m module`` will run in the archive's files,
+    so that a typo fails the build, not every task on the cluster.
+
+    A top-level package that is not in the archive may come from the node's
+    Python or the container image (``torch.distributed.run``): only a warning.
+    """
+    sources = {arcname.replace(os.sep, "/"): src for src, arcname in files}
+    paths = set(sources)
+    dirs: Set[str] = set()
+    for path in paths:
+        end = path.rfind("/")
+        while end > 0 and path[:end] not in dirs:
+            dirs.add(path[:end])
+            end = path.rfind("/", 0, end)
+    parts = module.split(".")
+    if parts[0] not in dirs and not _is_module_file(parts[0], paths):
+        _progress(f"{name}: warning: the entrypoint module {module} is not in the archive "
+                  f"(it has no {parts[0]}/ or {parts[0]}.py); tasks will look for it in the "
+                  "Python or container image that runs them")
+        return
+    package = ""  # the directory of the package reached so far
+    for depth, part in enumerate(parts):
+        base = f"{package}/{part}" if package else part
+        last = depth == len(parts) - 1
+        if last and (_is_module_file(base, paths)
+                     or base in dirs and _is_module_file(f"{base}/__main__", paths)):
+            return
+        if last and base in dirs:
+            raise BuildError(
+                f"{name}: the entrypoint {module} is a package without a __main__.py, which "
+                f"python -m cannot run; name the module to run: {_contents(base, part, paths, dirs)}")
+        if not last and base in dirs:
+            package = base
+            continue
+        if not last and _is_module_file(base, paths):
+            raise BuildError(f"{name}: the entrypoint {module} cannot exist: "
+                             f"{'.'.join(parts[:depth + 1])} is a module, not a package")
+        if _is_namespace_package(package, sources):
+            _progress(f"{name}: warning: the entrypoint module {module} is not in the archive "
+                      f"({package}/ has no {part}); it must come from another part of the "
+                      f"namespace package {package.replace('/', '.')} on the node")
+            return
+        raise BuildError(
+            f"{name}: the entrypoint module {module} is not in the archive: {package}/ has no "
+            f"{part}.py or {part}/. {_contents(package, part, paths, dirs)}")
+
+
+def _contents(package: str, missing: str, paths: Set[str], dirs: Set[str]) -> str:
+    """What ``package`` holds, with the names closest to ``missing`` first."""
+    import difflib
+
+    names = set()
+    for path in paths | dirs:
+        parent, _, child = path.rpartition("/")
+        if parent == package and not child.startswith((".", "__")):
+            stem = child.split(".")[0]
+            if path in dirs or child.endswith((".py", ".pyc", ".so", ".pyd")):
+                names.add(stem)
+    dotted = package.replace("/", ".")
+    close = difflib.get_close_matches(missing, sorted(names), n=3)
+    hint = f"did you mean {' or '.join(f'{dotted}.{c}' for c in close)}? " if close else ""
+    listed = ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "")
+    return f"{hint}{dotted} contains: {listed or 'nothing'}"
+
+
+def _is_namespace_package(package: str, sources: Mapping[str, str]) -> bool:
+    """A package other directories may add to: no __init__.py, or a pkgutil/pkg_resources one."""
+    init = sources.get(f"{package}/__init__.py")
+    if init is None:
+        return True
+    try:
+        with open(init, encoding="utf-8", errors="replace") as f:
+            text = f.read(65536)
+    except OSError:
+        return False
+    return "extend_path" in text or "declare_namespace" in text
 
 
 def _package_universal(spec: UniversalPackage, workdir: str) -> List[Tuple[str, str]]:
