@@ -918,6 +918,23 @@ def _check_cluster_executor(executor: Union[Slurm, GridEngine]) -> None:
     for what in ("modules", "extra_directives", "skip_directives"):
         if isinstance(getattr(executor, what), str):
             raise TypeError(f"{name}({what}=...) must be a list of strings")
+    # Each of these becomes (part of) a directive line or a scheduler argument:
+    # a newline would end the line and make the rest a command of the job script.
+    for what in ("partition", "account", "qos", "queue", "project", "shell", "log_directory"):
+        value = getattr(executor, what, None)
+        if value is not None:
+            _directive_value(value, f"{name}({what}=...)")
+    for what in ("modules", "extra_directives", "skip_directives"):
+        for item in getattr(executor, what):
+            _directive_value(item, f"{name}({what}=...)")
+    for key, value in executor.resources.items():
+        _directive_value(key, f"{name}(resources=...) key")
+        _directive_value(value, f"{name}(resources={{{key!r}: ...}})")
+    for pe in getattr(executor, "parallel_environments", {}):
+        _directive_value(pe, f"{name}(parallel_environments=...) name")
+    if executor.requirements.location is not None:
+        _directive_value(executor.requirements.location,
+                         f"{name}(requirements=xm.JobRequirements(location=...))")
 
 
 # ---------------------------------------------------------------------------
@@ -1984,10 +2001,18 @@ def write_job_files(directory: str, script: str, tasks: Sequence[Task],
 # set the same option, and ``skip_directives`` drops lines containing a text.
 
 
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _directive_value(value: Any, what: str) -> str:
+    """``value`` as text for a directive: one line, no control characters."""
     text = str(value)
-    if re.search(r"[\x00-\x1f\x7f]", text):
-        raise ValueError(f"{what} {text!r} contains a newline or control character")
+    match = _CONTROL_CHARACTER.search(text)
+    if match:
+        char = {"\n": "a newline", "\r": "a carriage return"}.get(
+            match.group(), f"the control character {match.group()!r}")
+        raise ValueError(f"{what}: {text!r} contains {char}; scheduler directives and "
+                         "arguments are single lines of printable text")
     return text
 
 
@@ -2003,7 +2028,7 @@ def _merge_directives(derived: List[str], explicit: List[str], key: Callable[[st
 
 
 def _header(prefix: str, directives: List[str], skip: Sequence[str]) -> str:
-    lines = [f"{prefix} {d}" for d in directives]
+    lines = [f"{prefix} {_directive_value(d, 'directive')}" for d in directives]
     return "\n".join(line for line in lines if not any(text in line for text in skip))
 
 
@@ -2072,6 +2097,8 @@ def _slurm_requirements(requirements: xm.JobRequirements, cluster: ClusterConfig
             directives.append(f"--tmp={_mebibytes(amount)}M")
         elif resource in xm.GpuType or resource == xm.ResourceType.LOCAL_GPU:
             gpu_type = _gpu_type_name(resource, gpu_names)
+            if gpu_type:
+                _directive_value(gpu_type, "[clusters.slurm] gpu_types")
             directives.append(f"--gres=gpu:{gpu_type + ':' if gpu_type else ''}{_whole(amount)}")
         else:
             raise _unsupported("Slurm", f"{resource}={amount:g}")
@@ -2119,15 +2146,17 @@ def _sge_requirements(requirements: xm.JobRequirements, cluster: ClusterConfig,
         slots = max(int(n) for n in parallel_environments.values())
     elif slots > 1:
         pe = settings.get("parallel_environment", "smp")
-        directives.append(f"-pe {_directive_value(pe, 'parallel environment')} {slots}")
+        directives.append(f"-pe {_directive_value(pe, '[clusters.sge] parallel_environment')} {slots}")
     if xm.ResourceType.MEMORY in resources:
         memory = resources.pop(xm.ResourceType.MEMORY)
-        complex_name = settings.get("memory_resource", "h_vmem")
+        complex_name = _directive_value(settings.get("memory_resource", "h_vmem"),
+                                        "[clusters.sge] memory_resource")
         # Grid Engine counts memory complexes per slot.
         directives.append(f"-l {complex_name}={_mebibytes(memory / slots)}M")
     for resource, amount in resources.items():
         if resource in xm.GpuType or resource == xm.ResourceType.LOCAL_GPU:
-            gpu_complex = settings.get("gpu_resource", "gpu")
+            gpu_complex = _directive_value(settings.get("gpu_resource", "gpu"),
+                                           "[clusters.sge] gpu_resource")
             directives.append(f"-l {gpu_complex}={_whole(amount)}")
             gpu_type = _gpu_type_name(resource, settings.get("gpu_types", {}))
             if gpu_type:
@@ -2136,6 +2165,8 @@ def _sge_requirements(requirements: xm.JobRequirements, cluster: ClusterConfig,
                     raise _unsupported("Grid Engine", f"{resource}={amount:g}",
                                        "name the GPU type complex as gpu_type_resource in the "
                                        "cluster's [clusters.sge] config, or ask for gpu=N")
+                type_complex = _directive_value(type_complex, "[clusters.sge] gpu_type_resource")
+                gpu_type = _directive_value(gpu_type, "[clusters.sge] gpu_types")
                 directives.append(f"-l {type_complex}={gpu_type}")
         else:
             raise _unsupported("Grid Engine", f"{resource}={amount:g}")
