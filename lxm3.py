@@ -413,6 +413,7 @@ class ClusterConfig(ValueObject):
         self.ssh_private_key = ssh_private_key
         self.staging = staging
         self.env = {} if env is None else env
+        check_env(self.env, f"[clusters.env] of cluster {name!r}")
         self.singularity_binds = [] if singularity_binds is None else singularity_binds
         self.raw = {} if raw is None else raw
 
@@ -431,6 +432,7 @@ class Config(ValueObject):
         self.project = project
         self.local_staging = local_staging
         self.local_env = {} if local_env is None else local_env
+        check_env(self.local_env, "[local.env]")
         self.clusters = [] if clusters is None else clusters
         self.path = path
 
@@ -1817,10 +1819,134 @@ class Task(ValueObject):
     def __init__(self, args: List[str], env: Dict[str, str]):
         self.args = args
         self.env = env
+        self._size: Optional[int] = None  # exec bytes, once checked
 
 
 _SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.,/:=+@%^")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# -- What a task may be given -------------------------------------------------
+#
+# A task's arguments and environment reach its program through execve(), so
+# they are checked where tasks are built, before anything is submitted or run:
+# a value that cannot arrive exactly is refused rather than cut or mangled.
+
+# Linux refuses (E2BIG) to exec a program one of whose argument or environment
+# strings ("NAME=value") is longer than MAX_ARG_STRLEN: 32 pages, 131072 bytes
+# counting the terminating NUL.
+MAX_ARG_STRLEN = 131072
+# All strings of one exec, with their NULs and the 8-byte pointers to them,
+# must fit in ARG_MAX, usually 2 MiB (a quarter of an 8 MiB stack limit). A
+# task may use half: the node's own environment (PATH, the scheduler's
+# SLURM_*/SGE_* variables, the module system's) needs the rest.
+TASK_INPUT_BUDGET = 1 << 20
+_POINTER_SIZE = 8
+
+# Names a task's environment may not set. The job script's own variables are
+# lxm_* and LXM_TASK_ID...: a task that set lxm_archive would run another
+# archive. Bash refuses to export its read-only variables (UID, EUID, PPID,
+# SHELLOPTS, BASHOPTS, BASH_VERSINFO) and drops or replaces its special ones
+# (PWD, SHLVL, RANDOM, ...) before the program starts; IFS would change how
+# the script reads the tasks file. LXM_PYTHON is the user's to set.
+RESERVED_ENV_PREFIX = "lxm_"
+RESERVED_ENV_NAMES = frozenset({
+    "LXM_TASK_ID", "LXM_EXPERIMENT_ID", "LXM_WORK_UNIT_ID", "LXM_NUM_TASKS",
+    "IFS", "UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS", "BASH_VERSINFO", "BASHPID",
+    "BASH", "BASH_ALIASES", "BASH_ARGC", "BASH_ARGV", "BASH_ARGV0", "BASH_CMDS",
+    "BASH_COMMAND", "BASH_LINENO", "BASH_REMATCH", "BASH_SOURCE", "BASH_SUBSHELL",
+    "BASH_VERSION", "DIRSTACK", "EPOCHREALTIME", "EPOCHSECONDS", "FUNCNAME", "GROUPS",
+    "HISTCMD", "LINENO", "OLDPWD", "OPTERR", "OPTIND", "PIPESTATUS", "PS1", "PS2", "PS4",
+    "PWD", "RANDOM", "SECONDS", "SHLVL", "SRANDOM", "_",
+})
+
+
+def check_env_name(name: Any, what: str) -> None:
+    """Refuse a name that is not a variable name, or that the job script reserves."""
+    if not isinstance(name, str) or not _ENV_NAME.match(name):
+        raise ValueError(f"{what}: {name!r} is not a valid environment variable name "
+                         "(letters, digits and _, not starting with a digit)")
+    if name.startswith(RESERVED_ENV_PREFIX) or name in RESERVED_ENV_NAMES:
+        why = ("is set by the job script" if name.startswith(("lxm_", "LXM_"))
+               else "is a variable of bash that a task cannot set")
+        raise ValueError(f"{what}: environment variable {name} {why}; choose another name "
+                         "(reserved: lxm_*, LXM_TASK_ID, LXM_EXPERIMENT_ID, LXM_WORK_UNIT_ID, "
+                         "LXM_NUM_TASKS and bash's own variables such as IFS, PWD, UID)")
+
+
+def _exec_size(text: str, what: str) -> int:
+    """Bytes ``text`` takes in an exec: its UTF-8, its NUL and the pointer to it."""
+    if "\0" in text:
+        raise ValueError(f"{what} contains a NUL byte, which no program can receive "
+                         "(the value would be cut short there)")
+    try:
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} cannot be encoded as UTF-8: {e.reason} at "
+                         f"position {e.start}") from None
+    if size + 1 > MAX_ARG_STRLEN:
+        raise ValueError(f"{what} is {size + 1} bytes; Linux passes at most MAX_ARG_STRLEN = "
+                         f"{MAX_ARG_STRLEN} bytes per argument or NAME=value: pass large data "
+                         "in a file (a Fileset, or a path to it)")
+    return size + 1 + _POINTER_SIZE
+
+
+def check_env(env: Mapping[str, Any], what: str) -> int:
+    """Check names and values of an environment; returns its exec size."""
+    total = 0
+    for name, value in env.items():
+        check_env_name(name, what)
+        total += _exec_size(f"{name}={value}", f"{what}: environment variable {name}")
+    return total
+
+
+_checked_env_names: Set[str] = set()  # names seen valid: a sweep repeats the same ones
+
+
+def _check_task(task: Task, where: str) -> Task:
+    """Refuse a task whose arguments or environment cannot reach its program exactly."""
+    for name in task.env:
+        if name not in _checked_env_names:
+            check_env_name(name, where)
+            _checked_env_names.add(name)
+    strings = [*task.args, *(f"{name}={value}" for name, value in task.env.items())]
+    joined = "".join(strings)
+    if joined.isascii() and "\0" not in joined and len(joined) < MAX_ARG_STRLEN:
+        # The common case, checked at once: no string can be too long.
+        total = len(joined) + len(strings) * (1 + _POINTER_SIZE)
+    else:  # look at each string, to say which one is wrong
+        total = check_env(task.env, where)
+        for index, arg in enumerate(task.args):
+            flag = arg.split("=", 1)[0] if arg.startswith("--") else ""
+            field = f"argument {flag}" if flag else f"argument {index + 1}"
+            total += _exec_size(arg, f"{where}: {field}")
+    if total > TASK_INPUT_BUDGET:
+        raise _over_budget(where, total, "its arguments and environment")
+    task._size = total
+    return task
+
+
+def _over_budget(where: str, total: int, what: str) -> ValueError:
+    return ValueError(
+        f"{where}: {what} take {total} bytes; a task may use at most TASK_INPUT_BUDGET = "
+        f"{TASK_INPUT_BUDGET} (half of Linux's usual 2 MiB ARG_MAX, the rest is the node's "
+        "own environment): pass large data in a file")
+
+
+def check_tasks_with_common_env(tasks: Sequence[Task], common_env: Mapping[str, str],
+                                where: str) -> None:
+    """The config's env is exported into every task too: the budget holds for both."""
+    if not common_env or not tasks:
+        return
+    sizes = [t._size if t._size is not None else _check_task(t, where)._size for t in tasks]
+    if max(sizes) + check_env(common_env, "the config's env") <= TASK_INPUT_BUDGET:
+        return
+    for index, (task, size) in enumerate(zip(tasks, sizes)):
+        size += sum(_exec_size(f"{name}={value}", name) for name, value in common_env.items()
+                    if name not in task.env)
+        if size > TASK_INPUT_BUDGET:
+            raise _over_budget(f"{where} task {index}", size,
+                               "its arguments and environment with the config's env")
 
 
 def encode_value(value: str) -> str:
@@ -1845,15 +1971,103 @@ def tasks_file_lines(tasks: Sequence[Task], common_env: Mapping[str, str]) -> It
         yield " ".join(tokens) + "\n"
 
 
+class _NoTextForm(TypeError):
+    def __init__(self, value: Any, kind: str):
+        super().__init__(kind)
+        self.value, self.kind = value, kind
+
+
+# The text Python gives objects that define none: <foo.Bar object at 0x7f...>.
+_DEFAULT_REPR = re.compile(r"<[^<>]* at 0x[0-9A-Fa-f]+>")
+
+
 def _arg_value(value: Any) -> str:
+    """The text of one argument value; raises _NoTextForm for objects that have none
+    (``--obj=<object object at 0x7f...>`` would reach the program otherwise)."""
     import enum
 
-    return value.name if isinstance(value, enum.Enum) else str(value)
+    if type(value) is str:
+        return value
+    if type(value) in (int, float):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, os.PathLike):
+        return os.fsdecode(os.fspath(value))
+    return _checked_text(value)
 
 
-def render_args(args: xm.SequentialArgs) -> List[str]:
-    """Arguments as the program receives them: ``--key=value``, unquoted."""
-    return args.to_list(escaper=_arg_value)
+def _checked_text(value: Any) -> str:
+    """``str(value)``, unless that means nothing (raises _NoTextForm)."""
+    kind = _no_text_form(value)
+    text = str(value)
+    if kind is None and _DEFAULT_REPR.search(text):
+        kind = "an object whose text is Python's default <... at 0x...>"
+    if kind is not None:
+        raise _NoTextForm(value, kind)
+    return text
+
+
+def _no_text_form(value: Any) -> Optional[str]:
+    """What ``value`` (or an item of it) is, when its text would mean nothing."""
+    import types
+
+    if isinstance(value, (str, int, float, os.PathLike)):
+        return None
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return next(filter(None, map(_no_text_form, value)), None)
+    if isinstance(value, Mapping):
+        return next(filter(None, map(_no_text_form, [*value.keys(), *value.values()])), None)
+    kinds = (
+        (type, "a class"), (types.ModuleType, "a module"),
+        ((types.FunctionType, types.BuiltinFunctionType, types.MethodType), "a function or method"),
+        ((types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType), "a generator"),
+    )
+    for types_of_kind, kind in kinds:
+        if isinstance(value, types_of_kind):
+            return kind
+    cls = type(value)
+    if cls.__str__ is object.__str__ and cls.__repr__ is object.__repr__:
+        return f"an instance of {cls.__qualname__}, which defines neither __str__ nor __repr__"
+    return None
+
+
+def render_args(args: xm.SequentialArgs, where: str = "an argument") -> List[str]:
+    """Arguments as the program receives them: ``--key=value``, unquoted.
+
+    Values are str, numbers, bools, enums (their name), paths, or objects with
+    their own ``__str__``/``__repr__``; anything else is refused, naming its flag.
+    """
+    try:
+        return args.to_list(escaper=_arg_value)
+    except _NoTextForm as e:
+        field, verb = "a positional argument", "is"
+        for name, value in args.to_dict(kwargs_only=True).items():
+            if _holds(value, e.value):
+                field, verb = f"argument --{name}", "is" if value is e.value else "holds"
+                break
+        if isinstance(e.value, (list, tuple, set, frozenset, Mapping)):
+            verb = "holds"
+        raise TypeError(
+            f"{where}: {field} {verb} {e.kind}: it has no text form to pass on the command line "
+            f"(it would arrive as {_short_repr(e.value)}); pass a str, number, bool, enum or "
+            "path, or an object whose class defines __str__") from None
+
+
+def _holds(container: Any, item: Any) -> bool:
+    """Whether ``item`` is ``container`` or inside it (lists, tuples, sets, dicts)."""
+    if container is item:
+        return True
+    if isinstance(container, (list, tuple, set, frozenset)):
+        return any(_holds(c, item) for c in container)
+    if isinstance(container, Mapping):
+        return any(_holds(c, item) for c in [*container.keys(), *container.values()])
+    return False
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _ScriptTemplate(string.Template):
@@ -1876,17 +2090,18 @@ lxm_tasks=@@{tasks_file}
 lxm_fail() { printf 'lxm3: %s\\n' "$*" >&2; exit 125; }
 
 # Apply line $1 of the tasks file: export its variables, collect its arguments.
+# (Its locals are lxm_* too: exporting a task's "value=..." would set a local.)
 lxm_load() {
-  local line value token
-  local -a tokens
-  line=$(sed -n "$1{p;q;}" "$lxm_tasks") || lxm_fail "cannot read $lxm_tasks"
-  read -r -a tokens <<<"$line"
-  [[ ${tokens[0]:-} == "$2" ]] || lxm_fail "line $1 of $lxm_tasks is not for task $2"
-  for token in "${tokens[@]:1}"; do
-    printf -v value '%b' "${token:1}"
-    case $token in
-      a*) lxm_args+=("$value") ;;
-      e*) export "$value"; lxm_env_names+=("${value%%=*}") ;;
+  local lxm_line lxm_value lxm_token
+  local -a lxm_tokens
+  lxm_line=$(sed -n "$1{p;q;}" "$lxm_tasks") || lxm_fail "cannot read $lxm_tasks"
+  read -r -a lxm_tokens <<<"$lxm_line"
+  [[ ${lxm_tokens[0]:-} == "$2" ]] || lxm_fail "line $1 of $lxm_tasks is not for task $2"
+  for lxm_token in "${lxm_tokens[@]:1}"; do
+    printf -v lxm_value '%b' "${lxm_token:1}"
+    case $lxm_token in
+      a*) lxm_args+=("$lxm_value") ;;
+      e*) export "$lxm_value"; lxm_env_names+=("${lxm_value%%=*}") ;;
     esac
   done
 }
@@ -2728,17 +2943,40 @@ class ArrayJob(xm.JobConfig, ValueObject):
         count = max(len(args), len(env_vars))
         self.args = args * count if len(args) == 1 else (args or [{}] * count)
         self.env_vars = env_vars * count if len(env_vars) == 1 else (env_vars or [{}] * count)
-        # Convert now so a bad entry is reported where the sweep is written.
+        # Convert and check now so a bad entry is reported where the sweep is written.
         self._task_args = [xm.SequentialArgs.from_collection(a) for a in self.args]
         self._task_env = [dict(e) for e in self.env_vars]
+        self._tasks: Optional[List[Task]] = None
+        if isinstance(executable, ClusterExecutable):
+            where = f"ArrayJob {name!r}" if name else "ArrayJob"
+            self._tasks = _tasks_for(executable, self._task_args, self._task_env, where)
 
 
 def _tasks_for(executable: ClusterExecutable, job_args: Sequence[xm.SequentialArgs],
-               job_env: Sequence[Mapping[str, str]]) -> List[Task]:
-    return [
-        Task(render_args(xm.merge_args(executable.args, a)), {**executable.env_vars, **e})
-        for a, e in zip(job_args, job_env)
-    ]
+               job_env: Sequence[Mapping[str, Any]], where: str) -> List[Task]:
+    """The tasks of a work unit, each checked (see MAX_ARG_STRLEN); ``where``
+    ("work unit 3", "ArrayJob") starts the message of a refused one."""
+    tasks = []
+    for index, (args, env) in enumerate(zip(job_args, job_env)):
+        at = f"{where} task {index}"
+        env = _env_text({**executable.env_vars, **env}, at)
+        tasks.append(_check_task(Task(render_args(xm.merge_args(executable.args, args), at), env), at))
+    return tasks
+
+
+def _env_text(env: Mapping[str, Any], where: str) -> Dict[str, str]:
+    """Environment values as text: numbers and the like are written with str()."""
+    if all(type(value) is str for value in env.values()):
+        return dict(env)
+    text = {}
+    for name, value in env.items():
+        try:
+            text[name] = value if isinstance(value, str) else _checked_text(value)
+        except _NoTextForm as e:
+            verb = "is" if value is e.value else "holds"
+            raise TypeError(f"{where}: environment variable {name} {verb} {e.kind}: it has no text "
+                            f"form (it would arrive as {_short_repr(value)}); pass a str") from None
+    return text
 
 
 def _check_launchable(executable: Any, executor: Any) -> None:
@@ -2961,7 +3199,7 @@ class ClusterWorkUnit(xm.WorkUnit):
         del args_view, identity
         _check_job_shape(job_group)  # again: generators add jobs without experiment.add
         [job] = job_group.jobs.values()
-        tasks = _tasks_for(job.executable, [job.args], [job.env_vars])
+        tasks = _tasks_for(job.executable, [job.args], [job.env_vars], f"work unit {self._work_unit_id}")
         self._start_tasks(job.executable, job.executor, tasks)
 
     async def _launch_job_config(self, job_config, args, identity) -> None:
@@ -2969,7 +3207,10 @@ class ClusterWorkUnit(xm.WorkUnit):
         if not isinstance(job_config, ArrayJob):
             raise TypeError(f"lxm3 cannot launch {type(job_config).__name__}: use ArrayJob or xm.Job")
         _check_job_shape(job_config)
-        tasks = _tasks_for(job_config.executable, job_config._task_args, job_config._task_env)
+        tasks = job_config._tasks  # made and checked with the ArrayJob
+        if tasks is None:
+            tasks = _tasks_for(job_config.executable, job_config._task_args, job_config._task_env,
+                               f"work unit {self._work_unit_id}")
         self._start_tasks(job_config.executable, job_config.executor, tasks)
 
     def _start_tasks(self, executable: ClusterExecutable, executor: xm.Executor,
@@ -2977,10 +3218,13 @@ class ClusterWorkUnit(xm.WorkUnit):
         if self._executor is not None:
             raise ValueError("lxm3 launches one job per work unit; this one already has a job")
         self._executor, self._executable, self._tasks = executor, executable, tasks
+        where = f"work unit {self._work_unit_id}"
         if isinstance(executor, Local):
+            check_tasks_with_common_env(tasks, self.experiment.config.local_env, where)
             self._start_locally(executable, executor, tasks)
         else:  # submitted in one batch per cluster when the experiment ends
             cluster = self.experiment.config.cluster(executor.cluster)
+            check_tasks_with_common_env(tasks, cluster.env, where)
             _cluster_header(executor, cluster, "check")  # an impossible request fails here
             self.cluster, self.state = cluster.name, "queued"
             self.experiment._queue(PendingLaunch(self, executable, executor, tasks))
@@ -3308,6 +3552,11 @@ class ClusterExperiment(xm.Experiment):
     def add(self, job, args=None, *, role=xm.WorkUnitRole(), identity: str = ""):  # noqa: B008
         """As ``xm.Experiment.add``; a job lxm3 cannot launch is refused here, at the call."""
         _check_job_shape(job)
+        if isinstance(job, xm.Job):  # its task is checked again as it starts: cheap, one task
+            overrides = args if isinstance(args, Mapping) else {}
+            _tasks_for(job.executable, [xm.merge_args(job.args, overrides.get("args") or {})],
+                       [{**job.env_vars, **(overrides.get("env_vars") or {})}],
+                       f"work unit {self.work_unit_count + 1}")
         future = super().add(job, args, role=role, identity=identity)
         unit = self._work_units[-1]  # created synchronously by the call above
         self._event_loop.call_soon_threadsafe(future.add_done_callback,
