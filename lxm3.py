@@ -413,6 +413,7 @@ class ClusterConfig(ValueObject):
         self.ssh_private_key = ssh_private_key
         self.staging = staging
         self.env = {} if env is None else env
+        check_env(self.env, f"[clusters.env] of cluster {name!r}")
         self.singularity_binds = [] if singularity_binds is None else singularity_binds
         self.raw = {} if raw is None else raw
 
@@ -431,6 +432,7 @@ class Config(ValueObject):
         self.project = project
         self.local_staging = local_staging
         self.local_env = {} if local_env is None else local_env
+        check_env(self.local_env, "[local.env]")
         self.clusters = [] if clusters is None else clusters
         self.path = path
 
@@ -467,15 +469,19 @@ class Config(ValueObject):
             path=path,
         )
 
-    def cluster(self, name: Optional[str] = None) -> ClusterConfig:
-        """Pick a cluster: by name, else ``$LXM_CLUSTER``, else the first one."""
-        name = name or os.environ.get("LXM_CLUSTER")
+    def require_clusters(self) -> None:
+        """Refuse to go on without a cluster: Slurm and GridEngine need one."""
         if not self.clusters:
             where = self.path or "no config file was found"
             raise ConfigError(
                 f"no [[clusters]] in the lxm3 config ({where}); add one, or see "
                 "'lxm3 launch --help' for where the config is looked for"
             )
+
+    def cluster(self, name: Optional[str] = None) -> ClusterConfig:
+        """Pick a cluster: by name, else ``$LXM_CLUSTER``, else the first one."""
+        name = name or os.environ.get("LXM_CLUSTER")
+        self.require_clusters()
         if name is None:
             return self.clusters[0]
         for cluster in self.clusters:
@@ -914,6 +920,23 @@ def _check_cluster_executor(executor: Union[Slurm, GridEngine]) -> None:
     for what in ("modules", "extra_directives", "skip_directives"):
         if isinstance(getattr(executor, what), str):
             raise TypeError(f"{name}({what}=...) must be a list of strings")
+    # Each of these becomes (part of) a directive line or a scheduler argument:
+    # a newline would end the line and make the rest a command of the job script.
+    for what in ("partition", "account", "qos", "queue", "project", "shell", "log_directory"):
+        value = getattr(executor, what, None)
+        if value is not None:
+            _directive_value(value, f"{name}({what}=...)")
+    for what in ("modules", "extra_directives", "skip_directives"):
+        for item in getattr(executor, what):
+            _directive_value(item, f"{name}({what}=...)")
+    for key, value in executor.resources.items():
+        _directive_value(key, f"{name}(resources=...) key")
+        _directive_value(value, f"{name}(resources={{{key!r}: ...}})")
+    for pe in getattr(executor, "parallel_environments", {}):
+        _directive_value(pe, f"{name}(parallel_environments=...) name")
+    if executor.requirements.location is not None:
+        _directive_value(executor.requirements.location,
+                         f"{name}(requirements=xm.JobRequirements(location=...))")
 
 
 # ---------------------------------------------------------------------------
@@ -997,13 +1020,49 @@ def _cache_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def make_private_dirs(path: str) -> None:
+    """Make ``path`` and its missing parents 0700, whatever the umask.
+
+    What lxm3 keeps (records with task environments such as API keys, logs,
+    archives) is the user's alone. Directories that exist are left as they are.
+    """
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:  # made meanwhile by another launch
+            continue
+        os.chmod(directory, 0o700)  # an unusual umask may have taken bits from 0700
+
+
+def create_private(path: str, mode: int = 0o600) -> int:
+    """A descriptor for writing a new file ``path`` made with ``mode`` from the start
+    (never readable by others, even for a moment); a file left there by an
+    interrupted run is replaced."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError:
+        os.unlink(path)
+        fd = os.open(path, flags, mode)
+    os.fchmod(fd, mode)  # the umask may have taken the owner's bits; it never adds any
+    return fd
+
+
 def _write_json_atomic(path: str, data: Any) -> None:
+    """Replace ``path`` (0600) with ``data``: readers see the old or the new file, whole."""
     import json
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    make_private_dirs(os.path.dirname(path))
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(create_private(tmp), "w", encoding="utf-8") as f:
             # dumps without indent uses the C encoder: a 100,000-task record in
             # 0.1 s instead of 0.8 s.
             f.write(json.dumps(data, sort_keys=True))
@@ -1146,23 +1205,29 @@ def _build_environment(requires: List[str]) -> str:
     """
     if any(re.match(r"^setuptools\b", r) for r in requires):
         requires = [*requires, "wheel"]
+    import shutil
+    import tempfile
+
     key = _cache_key(sys.version, sorted(requires))[:20]
-    env_dir = os.path.join(cache_dir(), "build-env", key)
+    parent = os.path.join(cache_dir(), "build-env")
+    env_dir = os.path.join(parent, key)
     if os.path.isdir(env_dir):
         return env_dir
-    tmp = f"{env_dir}.{os.getpid()}.tmp"
+    # Made beside its final name, so that the rename below never crosses filesystems.
+    make_private_dirs(parent)
+    tmp = tempfile.mkdtemp(prefix=f".{key}-", suffix=".tmp", dir=parent)
     _progress(f"preparing a build environment ({', '.join(requires)}); this is done once")
-    _run_build_step(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "--no-input", "--target", tmp, *requires],
-        "installing the build requirements",
-    )
     try:
+        _run_build_step(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+             "--no-input", "--target", tmp, *requires],
+            "installing the build requirements",
+        )
         os.replace(tmp, env_dir)
     except OSError:  # another launch made it first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already, unless something failed
     return env_dir
 
 
@@ -1198,7 +1263,97 @@ def _package_python(spec: PythonPackage, workdir: str) -> List[Tuple[str, str]]:
         )
     target = os.path.join(workdir, "site")
     _pip_install(spec, target)
-    return _archive_files_from(target, spec.resources, spec.entrypoint)
+    files = _archive_files_from(target, spec.resources, spec.entrypoint)
+    if isinstance(spec.entrypoint, xm.ModuleName):
+        check_entrypoint_module(spec.entrypoint.module_name, files, spec.name)
+    return files
+
+
+def _is_module_file(base: str, paths: Set[str]) -> bool:
+    """Whether ``base`` (``pkg/mod``) is a module in the archive: source, bytecode or extension."""
+    if f"{base}.py" in paths or f"{base}.pyc" in paths:
+        return True
+    return any(p.startswith(f"{base}.") and p.endswith((".so", ".pyd")) and "/" not in p[len(base):]
+               for p in paths)
+
+
+def check_entrypoint_module(module: str, files: Sequence[Tuple[str, str]], name: str) -> None:
+    """Find the entrypoint ``python -m module`` will run in the archive's files,
+    so that a typo fails the build, not every task on the cluster.
+
+    A top-level package that is not in the archive may come from the node's
+    Python or the container image (``torch.distributed.run``): only a warning.
+    """
+    sources = {arcname.replace(os.sep, "/"): src for src, arcname in files}
+    paths = set(sources)
+    dirs: Set[str] = set()
+    for path in paths:
+        end = path.rfind("/")
+        while end > 0 and path[:end] not in dirs:
+            dirs.add(path[:end])
+            end = path.rfind("/", 0, end)
+    parts = module.split(".")
+    if parts[0] not in dirs and not _is_module_file(parts[0], paths):
+        _progress(f"{name}: warning: the entrypoint module {module} is not in the archive "
+                  f"(it has no {parts[0]}/ or {parts[0]}.py); tasks will look for it in the "
+                  "Python or container image that runs them")
+        return
+    package = ""  # the directory of the package reached so far
+    for depth, part in enumerate(parts):
+        base = f"{package}/{part}" if package else part
+        last = depth == len(parts) - 1
+        if last and (_is_module_file(base, paths)
+                     or base in dirs and _is_module_file(f"{base}/__main__", paths)):
+            return
+        if last and base in dirs:
+            raise BuildError(
+                f"{name}: the entrypoint {module} is a package without a __main__.py, which "
+                f"python -m cannot run; name the module to run: {_contents(base, part, paths, dirs)}")
+        if not last and base in dirs:
+            package = base
+            continue
+        if not last and _is_module_file(base, paths):
+            raise BuildError(f"{name}: the entrypoint {module} cannot exist: "
+                             f"{'.'.join(parts[:depth + 1])} is a module, not a package")
+        if _is_namespace_package(package, sources):
+            _progress(f"{name}: warning: the entrypoint module {module} is not in the archive "
+                      f"({package}/ has no {part}); it must come from another part of the "
+                      f"namespace package {package.replace('/', '.')} on the node")
+            return
+        raise BuildError(
+            f"{name}: the entrypoint module {module} is not in the archive: {package}/ has no "
+            f"{part}.py or {part}/. {_contents(package, part, paths, dirs)}")
+
+
+def _contents(package: str, missing: str, paths: Set[str], dirs: Set[str]) -> str:
+    """What ``package`` holds, with the names closest to ``missing`` first."""
+    import difflib
+
+    names = set()
+    for path in paths | dirs:
+        parent, _, child = path.rpartition("/")
+        if parent == package and not child.startswith((".", "__")):
+            stem = child.split(".")[0]
+            if path in dirs or child.endswith((".py", ".pyc", ".so", ".pyd")):
+                names.add(stem)
+    dotted = package.replace("/", ".")
+    close = difflib.get_close_matches(missing, sorted(names), n=3)
+    hint = f"did you mean {' or '.join(f'{dotted}.{c}' for c in close)}? " if close else ""
+    listed = ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "")
+    return f"{hint}{dotted} contains: {listed or 'nothing'}"
+
+
+def _is_namespace_package(package: str, sources: Mapping[str, str]) -> bool:
+    """A package other directories may add to: no __init__.py, or a pkgutil/pkg_resources one."""
+    init = sources.get(f"{package}/__init__.py")
+    if init is None:
+        return True
+    try:
+        with open(init, encoding="utf-8", errors="replace") as f:
+            text = f.read(65536)
+    except OSError:
+        return False
+    return "extend_path" in text or "declare_namespace" in text
 
 
 def _package_universal(spec: UniversalPackage, workdir: str) -> List[Tuple[str, str]]:
@@ -1239,20 +1394,26 @@ def build_archive(spec: Union[PythonPackage, UniversalPackage], use_cache: bool 
 
     start = time.monotonic()
     _progress(f"{spec.name}: packaging {spec.path}")
-    os.makedirs(archives, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="lxm3-build-")
+    make_private_dirs(archives)
+    workdir = tempfile.mkdtemp(prefix="lxm3-build-")  # in $TMPDIR: may be another filesystem
+    tmp_zip = None
     try:
         if isinstance(spec, PythonPackage):
             files = _package_python(spec, workdir)
         else:
             files = _package_universal(spec, workdir)
-        tmp_zip = os.path.join(workdir, "archive.zip")
+        # The zip is written beside its final name (a rename never crosses
+        # filesystems, and no reader sees half an archive under that name).
+        fd, tmp_zip = tempfile.mkstemp(prefix=f".{spec.name}-", suffix=".zip.tmp", dir=archives)
+        os.close(fd)
         digest = write_reproducible_zip(tmp_zip, files)
         path = os.path.join(archives, f"{spec.name}-{digest[:16]}.zip")
         if not os.path.exists(path):  # same digest, same bytes: keep the first
             os.replace(tmp_zip, path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if tmp_zip is not None and os.path.exists(tmp_zip):
+            os.unlink(tmp_zip)
     _write_json_atomic(key_file, {"path": path, "digest": digest})
     size = os.path.getsize(path)
     _progress(f"{spec.name}: built {os.path.basename(path)} ({size / 1024:.0f} KiB) "
@@ -1284,6 +1445,11 @@ def package(packageable: xm.Packageable) -> ClusterExecutable:
 
 
 def _package_all(packageables: Sequence[xm.Packageable]) -> List[ClusterExecutable]:
+    if any(isinstance(p.executor_spec, (SlurmSpec, GridEngineSpec)) for p in packageables):
+        # Before anything is built: without a cluster to run on, the build is wasted.
+        experiment = xm.core._current_experiment.get(None)
+        config = experiment.config if isinstance(experiment, ClusterExperiment) else load_config()
+        config.require_clusters()
     return [package(p) for p in packageables]
 
 
@@ -1674,10 +1840,134 @@ class Task(ValueObject):
     def __init__(self, args: List[str], env: Dict[str, str]):
         self.args = args
         self.env = env
+        self._size: Optional[int] = None  # exec bytes, once checked
 
 
 _SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.,/:=+@%^")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# -- What a task may be given -------------------------------------------------
+#
+# A task's arguments and environment reach its program through execve(), so
+# they are checked where tasks are built, before anything is submitted or run:
+# a value that cannot arrive exactly is refused rather than cut or mangled.
+
+# Linux refuses (E2BIG) to exec a program one of whose argument or environment
+# strings ("NAME=value") is longer than MAX_ARG_STRLEN: 32 pages, 131072 bytes
+# counting the terminating NUL.
+MAX_ARG_STRLEN = 131072
+# All strings of one exec, with their NULs and the 8-byte pointers to them,
+# must fit in ARG_MAX, usually 2 MiB (a quarter of an 8 MiB stack limit). A
+# task may use half: the node's own environment (PATH, the scheduler's
+# SLURM_*/SGE_* variables, the module system's) needs the rest.
+TASK_INPUT_BUDGET = 1 << 20
+_POINTER_SIZE = 8
+
+# Names a task's environment may not set. The job script's own variables are
+# lxm_* and LXM_TASK_ID...: a task that set lxm_archive would run another
+# archive. Bash refuses to export its read-only variables (UID, EUID, PPID,
+# SHELLOPTS, BASHOPTS, BASH_VERSINFO) and drops or replaces its special ones
+# (PWD, SHLVL, RANDOM, ...) before the program starts; IFS would change how
+# the script reads the tasks file. LXM_PYTHON is the user's to set.
+RESERVED_ENV_PREFIX = "lxm_"
+RESERVED_ENV_NAMES = frozenset({
+    "LXM_TASK_ID", "LXM_EXPERIMENT_ID", "LXM_WORK_UNIT_ID", "LXM_NUM_TASKS",
+    "IFS", "UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS", "BASH_VERSINFO", "BASHPID",
+    "BASH", "BASH_ALIASES", "BASH_ARGC", "BASH_ARGV", "BASH_ARGV0", "BASH_CMDS",
+    "BASH_COMMAND", "BASH_LINENO", "BASH_REMATCH", "BASH_SOURCE", "BASH_SUBSHELL",
+    "BASH_VERSION", "DIRSTACK", "EPOCHREALTIME", "EPOCHSECONDS", "FUNCNAME", "GROUPS",
+    "HISTCMD", "LINENO", "OLDPWD", "OPTERR", "OPTIND", "PIPESTATUS", "PS1", "PS2", "PS4",
+    "PWD", "RANDOM", "SECONDS", "SHLVL", "SRANDOM", "_",
+})
+
+
+def check_env_name(name: Any, what: str) -> None:
+    """Refuse a name that is not a variable name, or that the job script reserves."""
+    if not isinstance(name, str) or not _ENV_NAME.match(name):
+        raise ValueError(f"{what}: {name!r} is not a valid environment variable name "
+                         "(letters, digits and _, not starting with a digit)")
+    if name.startswith(RESERVED_ENV_PREFIX) or name in RESERVED_ENV_NAMES:
+        why = ("is set by the job script" if name.startswith(("lxm_", "LXM_"))
+               else "is a variable of bash that a task cannot set")
+        raise ValueError(f"{what}: environment variable {name} {why}; choose another name "
+                         "(reserved: lxm_*, LXM_TASK_ID, LXM_EXPERIMENT_ID, LXM_WORK_UNIT_ID, "
+                         "LXM_NUM_TASKS and bash's own variables such as IFS, PWD, UID)")
+
+
+def _exec_size(text: str, what: str) -> int:
+    """Bytes ``text`` takes in an exec: its UTF-8, its NUL and the pointer to it."""
+    if "\0" in text:
+        raise ValueError(f"{what} contains a NUL byte, which no program can receive "
+                         "(the value would be cut short there)")
+    try:
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} cannot be encoded as UTF-8: {e.reason} at "
+                         f"position {e.start}") from None
+    if size + 1 > MAX_ARG_STRLEN:
+        raise ValueError(f"{what} is {size + 1} bytes; Linux passes at most MAX_ARG_STRLEN = "
+                         f"{MAX_ARG_STRLEN} bytes per argument or NAME=value: pass large data "
+                         "in a file (a Fileset, or a path to it)")
+    return size + 1 + _POINTER_SIZE
+
+
+def check_env(env: Mapping[str, Any], what: str) -> int:
+    """Check names and values of an environment; returns its exec size."""
+    total = 0
+    for name, value in env.items():
+        check_env_name(name, what)
+        total += _exec_size(f"{name}={value}", f"{what}: environment variable {name}")
+    return total
+
+
+_checked_env_names: Set[str] = set()  # names seen valid: a sweep repeats the same ones
+
+
+def _check_task(task: Task, where: str) -> Task:
+    """Refuse a task whose arguments or environment cannot reach its program exactly."""
+    for name in task.env:
+        if name not in _checked_env_names:
+            check_env_name(name, where)
+            _checked_env_names.add(name)
+    strings = [*task.args, *(f"{name}={value}" for name, value in task.env.items())]
+    joined = "".join(strings)
+    if joined.isascii() and "\0" not in joined and len(joined) < MAX_ARG_STRLEN:
+        # The common case, checked at once: no string can be too long.
+        total = len(joined) + len(strings) * (1 + _POINTER_SIZE)
+    else:  # look at each string, to say which one is wrong
+        total = check_env(task.env, where)
+        for index, arg in enumerate(task.args):
+            flag = arg.split("=", 1)[0] if arg.startswith("--") else ""
+            field = f"argument {flag}" if flag else f"argument {index + 1}"
+            total += _exec_size(arg, f"{where}: {field}")
+    if total > TASK_INPUT_BUDGET:
+        raise _over_budget(where, total, "its arguments and environment")
+    task._size = total
+    return task
+
+
+def _over_budget(where: str, total: int, what: str) -> ValueError:
+    return ValueError(
+        f"{where}: {what} take {total} bytes; a task may use at most TASK_INPUT_BUDGET = "
+        f"{TASK_INPUT_BUDGET} (half of Linux's usual 2 MiB ARG_MAX, the rest is the node's "
+        "own environment): pass large data in a file")
+
+
+def check_tasks_with_common_env(tasks: Sequence[Task], common_env: Mapping[str, str],
+                                where: str) -> None:
+    """The config's env is exported into every task too: the budget holds for both."""
+    if not common_env or not tasks:
+        return
+    sizes = [t._size if t._size is not None else _check_task(t, where)._size for t in tasks]
+    if max(sizes) + check_env(common_env, "the config's env") <= TASK_INPUT_BUDGET:
+        return
+    for index, (task, size) in enumerate(zip(tasks, sizes)):
+        size += sum(_exec_size(f"{name}={value}", name) for name, value in common_env.items()
+                    if name not in task.env)
+        if size > TASK_INPUT_BUDGET:
+            raise _over_budget(f"{where} task {index}", size,
+                               "its arguments and environment with the config's env")
 
 
 def encode_value(value: str) -> str:
@@ -1702,15 +1992,103 @@ def tasks_file_lines(tasks: Sequence[Task], common_env: Mapping[str, str]) -> It
         yield " ".join(tokens) + "\n"
 
 
+class _NoTextForm(TypeError):
+    def __init__(self, value: Any, kind: str):
+        super().__init__(kind)
+        self.value, self.kind = value, kind
+
+
+# The text Python gives objects that define none: <foo.Bar object at 0x7f...>.
+_DEFAULT_REPR = re.compile(r"<[^<>]* at 0x[0-9A-Fa-f]+>")
+
+
 def _arg_value(value: Any) -> str:
+    """The text of one argument value; raises _NoTextForm for objects that have none
+    (``--obj=<object object at 0x7f...>`` would reach the program otherwise)."""
     import enum
 
-    return value.name if isinstance(value, enum.Enum) else str(value)
+    if type(value) is str:
+        return value
+    if type(value) in (int, float):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, os.PathLike):
+        return os.fsdecode(os.fspath(value))
+    return _checked_text(value)
 
 
-def render_args(args: xm.SequentialArgs) -> List[str]:
-    """Arguments as the program receives them: ``--key=value``, unquoted."""
-    return args.to_list(escaper=_arg_value)
+def _checked_text(value: Any) -> str:
+    """``str(value)``, unless that means nothing (raises _NoTextForm)."""
+    kind = _no_text_form(value)
+    text = str(value)
+    if kind is None and _DEFAULT_REPR.search(text):
+        kind = "an object whose text is Python's default <... at 0x...>"
+    if kind is not None:
+        raise _NoTextForm(value, kind)
+    return text
+
+
+def _no_text_form(value: Any) -> Optional[str]:
+    """What ``value`` (or an item of it) is, when its text would mean nothing."""
+    import types
+
+    if isinstance(value, (str, int, float, os.PathLike)):
+        return None
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return next(filter(None, map(_no_text_form, value)), None)
+    if isinstance(value, Mapping):
+        return next(filter(None, map(_no_text_form, [*value.keys(), *value.values()])), None)
+    kinds = (
+        (type, "a class"), (types.ModuleType, "a module"),
+        ((types.FunctionType, types.BuiltinFunctionType, types.MethodType), "a function or method"),
+        ((types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType), "a generator"),
+    )
+    for types_of_kind, kind in kinds:
+        if isinstance(value, types_of_kind):
+            return kind
+    cls = type(value)
+    if cls.__str__ is object.__str__ and cls.__repr__ is object.__repr__:
+        return f"an instance of {cls.__qualname__}, which defines neither __str__ nor __repr__"
+    return None
+
+
+def render_args(args: xm.SequentialArgs, where: str = "an argument") -> List[str]:
+    """Arguments as the program receives them: ``--key=value``, unquoted.
+
+    Values are str, numbers, bools, enums (their name), paths, or objects with
+    their own ``__str__``/``__repr__``; anything else is refused, naming its flag.
+    """
+    try:
+        return args.to_list(escaper=_arg_value)
+    except _NoTextForm as e:
+        field, verb = "a positional argument", "is"
+        for name, value in args.to_dict(kwargs_only=True).items():
+            if _holds(value, e.value):
+                field, verb = f"argument --{name}", "is" if value is e.value else "holds"
+                break
+        if isinstance(e.value, (list, tuple, set, frozenset, Mapping)):
+            verb = "holds"
+        raise TypeError(
+            f"{where}: {field} {verb} {e.kind}: it has no text form to pass on the command line "
+            f"(it would arrive as {_short_repr(e.value)}); pass a str, number, bool, enum or "
+            "path, or an object whose class defines __str__") from None
+
+
+def _holds(container: Any, item: Any) -> bool:
+    """Whether ``item`` is ``container`` or inside it (lists, tuples, sets, dicts)."""
+    if container is item:
+        return True
+    if isinstance(container, (list, tuple, set, frozenset)):
+        return any(_holds(c, item) for c in container)
+    if isinstance(container, Mapping):
+        return any(_holds(c, item) for c in [*container.keys(), *container.values()])
+    return False
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _ScriptTemplate(string.Template):
@@ -1733,17 +2111,18 @@ lxm_tasks=@@{tasks_file}
 lxm_fail() { printf 'lxm3: %s\\n' "$*" >&2; exit 125; }
 
 # Apply line $1 of the tasks file: export its variables, collect its arguments.
+# (Its locals are lxm_* too: exporting a task's "value=..." would set a local.)
 lxm_load() {
-  local line value token
-  local -a tokens
-  line=$(sed -n "$1{p;q;}" "$lxm_tasks") || lxm_fail "cannot read $lxm_tasks"
-  read -r -a tokens <<<"$line"
-  [[ ${tokens[0]:-} == "$2" ]] || lxm_fail "line $1 of $lxm_tasks is not for task $2"
-  for token in "${tokens[@]:1}"; do
-    printf -v value '%b' "${token:1}"
-    case $token in
-      a*) lxm_args+=("$value") ;;
-      e*) export "$value"; lxm_env_names+=("${value%%=*}") ;;
+  local lxm_line lxm_value lxm_token
+  local -a lxm_tokens
+  lxm_line=$(sed -n "$1{p;q;}" "$lxm_tasks") || lxm_fail "cannot read $lxm_tasks"
+  read -r -a lxm_tokens <<<"$lxm_line"
+  [[ ${lxm_tokens[0]:-} == "$2" ]] || lxm_fail "line $1 of $lxm_tasks is not for task $2"
+  for lxm_token in "${lxm_tokens[@]:1}"; do
+    printf -v lxm_value '%b' "${lxm_token:1}"
+    case $lxm_token in
+      a*) lxm_args+=("$lxm_value") ;;
+      e*) export "$lxm_value"; lxm_env_names+=("${lxm_value%%=*}") ;;
     esac
   done
 }
@@ -1837,15 +2216,16 @@ def render_job_script(
 
 def write_job_files(directory: str, script: str, tasks: Sequence[Task],
                     common_env: Mapping[str, str]) -> Tuple[str, str]:
-    """Write ``job.sh`` and ``tasks`` into ``directory`` (made private), atomically."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    """Write ``job.sh`` (0700) and ``tasks`` (0600: task environments may hold
+    secrets) into ``directory`` (made private), atomically."""
+    make_private_dirs(directory)
     script_path = os.path.join(directory, "job.sh")
     tasks_path = os.path.join(directory, "tasks")
     for path, lines in ((tasks_path, tasks_file_lines(tasks, common_env)), (script_path, [script])):
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="ascii" if path == tasks_path else "utf-8") as f:
+        fd = create_private(tmp, 0o700 if path == script_path else 0o600)
+        with open(fd, "w", encoding="ascii" if path == tasks_path else "utf-8") as f:
             f.writelines(lines)
-        os.chmod(tmp, 0o755 if path == script_path else 0o644)
         os.replace(tmp, path)
     return script_path, tasks_path
 
@@ -1857,10 +2237,18 @@ def write_job_files(directory: str, script: str, tasks: Sequence[Task],
 # set the same option, and ``skip_directives`` drops lines containing a text.
 
 
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _directive_value(value: Any, what: str) -> str:
+    """``value`` as text for a directive: one line, no control characters."""
     text = str(value)
-    if re.search(r"[\x00-\x1f\x7f]", text):
-        raise ValueError(f"{what} {text!r} contains a newline or control character")
+    match = _CONTROL_CHARACTER.search(text)
+    if match:
+        char = {"\n": "a newline", "\r": "a carriage return"}.get(
+            match.group(), f"the control character {match.group()!r}")
+        raise ValueError(f"{what}: {text!r} contains {char}; scheduler directives and "
+                         "arguments are single lines of printable text")
     return text
 
 
@@ -1876,7 +2264,7 @@ def _merge_directives(derived: List[str], explicit: List[str], key: Callable[[st
 
 
 def _header(prefix: str, directives: List[str], skip: Sequence[str]) -> str:
-    lines = [f"{prefix} {d}" for d in directives]
+    lines = [f"{prefix} {_directive_value(d, 'directive')}" for d in directives]
     return "\n".join(line for line in lines if not any(text in line for text in skip))
 
 
@@ -1945,6 +2333,8 @@ def _slurm_requirements(requirements: xm.JobRequirements, cluster: ClusterConfig
             directives.append(f"--tmp={_mebibytes(amount)}M")
         elif resource in xm.GpuType or resource == xm.ResourceType.LOCAL_GPU:
             gpu_type = _gpu_type_name(resource, gpu_names)
+            if gpu_type:
+                _directive_value(gpu_type, "[clusters.slurm] gpu_types")
             directives.append(f"--gres=gpu:{gpu_type + ':' if gpu_type else ''}{_whole(amount)}")
         else:
             raise _unsupported("Slurm", f"{resource}={amount:g}")
@@ -1992,15 +2382,17 @@ def _sge_requirements(requirements: xm.JobRequirements, cluster: ClusterConfig,
         slots = max(int(n) for n in parallel_environments.values())
     elif slots > 1:
         pe = settings.get("parallel_environment", "smp")
-        directives.append(f"-pe {_directive_value(pe, 'parallel environment')} {slots}")
+        directives.append(f"-pe {_directive_value(pe, '[clusters.sge] parallel_environment')} {slots}")
     if xm.ResourceType.MEMORY in resources:
         memory = resources.pop(xm.ResourceType.MEMORY)
-        complex_name = settings.get("memory_resource", "h_vmem")
+        complex_name = _directive_value(settings.get("memory_resource", "h_vmem"),
+                                        "[clusters.sge] memory_resource")
         # Grid Engine counts memory complexes per slot.
         directives.append(f"-l {complex_name}={_mebibytes(memory / slots)}M")
     for resource, amount in resources.items():
         if resource in xm.GpuType or resource == xm.ResourceType.LOCAL_GPU:
-            gpu_complex = settings.get("gpu_resource", "gpu")
+            gpu_complex = _directive_value(settings.get("gpu_resource", "gpu"),
+                                           "[clusters.sge] gpu_resource")
             directives.append(f"-l {gpu_complex}={_whole(amount)}")
             gpu_type = _gpu_type_name(resource, settings.get("gpu_types", {}))
             if gpu_type:
@@ -2009,6 +2401,8 @@ def _sge_requirements(requirements: xm.JobRequirements, cluster: ClusterConfig,
                     raise _unsupported("Grid Engine", f"{resource}={amount:g}",
                                        "name the GPU type complex as gpu_type_resource in the "
                                        "cluster's [clusters.sge] config, or ask for gpu=N")
+                type_complex = _directive_value(type_complex, "[clusters.sge] gpu_type_resource")
+                gpu_type = _directive_value(gpu_type, "[clusters.sge] gpu_types")
                 directives.append(f"-l {type_complex}={gpu_type}")
         else:
             raise _unsupported("Grid Engine", f"{resource}={amount:g}")
@@ -2397,7 +2791,7 @@ def _record_path(experiment_id: int) -> str:
 
 def claim_experiment_id() -> int:
     """A new id (milliseconds since the epoch, as lxm3 0.4.2), unique on this machine."""
-    os.makedirs(os.path.dirname(_record_path(0)), exist_ok=True)
+    make_private_dirs(os.path.dirname(_record_path(0)))
     experiment_id = int(time.time() * 1000)
     while True:
         try:
@@ -2513,7 +2907,7 @@ class LocalRunner:
     def submit(self, script: str, work_unit_id: int, num_tasks: int, log_dir: str,
                env: Optional[Mapping[str, str]] = None) -> List[str]:
         """Queue every task of a work unit; returns their log paths."""
-        os.makedirs(log_dir, exist_ok=True)
+        make_private_dirs(log_dir)
         logs = []
         for task_id in range(num_tasks):
             log_path = os.path.join(log_dir, f"task-{task_id}.log")
@@ -2533,7 +2927,7 @@ class LocalRunner:
 
         with self._slots:
             full_env = {**os.environ, **env, "LXM_TASK_ID": str(task_id)}
-            with open(log_path, "wb") as log:
+            with open(create_private(log_path), "wb") as log:  # 0600: output may hold secrets
                 with self._lock:  # stop() must see every process it has to stop
                     if self._stopping:
                         return
@@ -2630,17 +3024,40 @@ class ArrayJob(xm.JobConfig, ValueObject):
         count = max(len(args), len(env_vars))
         self.args = args * count if len(args) == 1 else (args or [{}] * count)
         self.env_vars = env_vars * count if len(env_vars) == 1 else (env_vars or [{}] * count)
-        # Convert now so a bad entry is reported where the sweep is written.
+        # Convert and check now so a bad entry is reported where the sweep is written.
         self._task_args = [xm.SequentialArgs.from_collection(a) for a in self.args]
         self._task_env = [dict(e) for e in self.env_vars]
+        self._tasks: Optional[List[Task]] = None
+        if isinstance(executable, ClusterExecutable):
+            where = f"ArrayJob {name!r}" if name else "ArrayJob"
+            self._tasks = _tasks_for(executable, self._task_args, self._task_env, where)
 
 
 def _tasks_for(executable: ClusterExecutable, job_args: Sequence[xm.SequentialArgs],
-               job_env: Sequence[Mapping[str, str]]) -> List[Task]:
-    return [
-        Task(render_args(xm.merge_args(executable.args, a)), {**executable.env_vars, **e})
-        for a, e in zip(job_args, job_env)
-    ]
+               job_env: Sequence[Mapping[str, Any]], where: str) -> List[Task]:
+    """The tasks of a work unit, each checked (see MAX_ARG_STRLEN); ``where``
+    ("work unit 3", "ArrayJob") starts the message of a refused one."""
+    tasks = []
+    for index, (args, env) in enumerate(zip(job_args, job_env)):
+        at = f"{where} task {index}"
+        env = _env_text({**executable.env_vars, **env}, at)
+        tasks.append(_check_task(Task(render_args(xm.merge_args(executable.args, args), at), env), at))
+    return tasks
+
+
+def _env_text(env: Mapping[str, Any], where: str) -> Dict[str, str]:
+    """Environment values as text: numbers and the like are written with str()."""
+    if all(type(value) is str for value in env.values()):
+        return dict(env)
+    text = {}
+    for name, value in env.items():
+        try:
+            text[name] = value if isinstance(value, str) else _checked_text(value)
+        except _NoTextForm as e:
+            verb = "is" if value is e.value else "holds"
+            raise TypeError(f"{where}: environment variable {name} {verb} {e.kind}: it has no text "
+                            f"form (it would arrive as {_short_repr(value)}); pass a str") from None
+    return text
 
 
 def _check_launchable(executable: Any, executor: Any) -> None:
@@ -2992,7 +3409,7 @@ class ClusterWorkUnit(xm.WorkUnit):
         del args_view, identity
         _check_job_shape(job_group)  # again: generators add jobs without experiment.add
         [job] = job_group.jobs.values()
-        tasks = _tasks_for(job.executable, [job.args], [job.env_vars])
+        tasks = _tasks_for(job.executable, [job.args], [job.env_vars], f"work unit {self._work_unit_id}")
         self._start_tasks(job.executable, job.executor, tasks)
 
     async def _launch_job_config(self, job_config, args, identity) -> None:
@@ -3000,7 +3417,10 @@ class ClusterWorkUnit(xm.WorkUnit):
         if not isinstance(job_config, ArrayJob):
             raise TypeError(f"lxm3 cannot launch {type(job_config).__name__}: use ArrayJob or xm.Job")
         _check_job_shape(job_config)
-        tasks = _tasks_for(job_config.executable, job_config._task_args, job_config._task_env)
+        tasks = job_config._tasks  # made and checked with the ArrayJob
+        if tasks is None:
+            tasks = _tasks_for(job_config.executable, job_config._task_args, job_config._task_env,
+                               f"work unit {self._work_unit_id}")
         self._start_tasks(job_config.executable, job_config.executor, tasks)
 
     def _start_tasks(self, executable: ClusterExecutable, executor: xm.Executor,
@@ -3008,10 +3428,13 @@ class ClusterWorkUnit(xm.WorkUnit):
         if self._executor is not None:
             raise ValueError("lxm3 launches one job per work unit; this one already has a job")
         self._executor, self._executable, self._tasks = executor, executable, tasks
+        where = f"work unit {self._work_unit_id}"
         if isinstance(executor, Local):
+            check_tasks_with_common_env(tasks, self.experiment.config.local_env, where)
             self._start_locally(executable, executor, tasks)
         else:  # submitted in one batch per cluster when the experiment ends
             cluster = self.experiment.config.cluster(executor.cluster)
+            check_tasks_with_common_env(tasks, cluster.env, where)
             _cluster_header(executor, cluster, "check")  # an impossible request fails here
             self.cluster, self.state = cluster.name, "queued"
             self.experiment._queue(PendingLaunch(self, executable, executor, tasks))
@@ -3346,6 +3769,11 @@ class ClusterExperiment(xm.Experiment):
     def add(self, job, args=None, *, role=xm.WorkUnitRole(), identity: str = ""):  # noqa: B008
         """As ``xm.Experiment.add``; a job lxm3 cannot launch is refused here, at the call."""
         _check_job_shape(job)
+        if isinstance(job, xm.Job):  # its task is checked again as it starts: cheap, one task
+            overrides = args if isinstance(args, Mapping) else {}
+            _tasks_for(job.executable, [xm.merge_args(job.args, overrides.get("args") or {})],
+                       [{**job.env_vars, **(overrides.get("env_vars") or {})}],
+                       f"work unit {self.work_unit_count + 1}")
         future = super().add(job, args, role=role, identity=identity)
         unit = self._work_units[-1]  # created synchronously by the call above
         self._event_loop.call_soon_threadsafe(future.add_done_callback,
