@@ -405,6 +405,8 @@ class ClusterConfig(ValueObject):
         env: Optional[Dict[str, str]] = None,
         singularity_binds: Optional[List[Tuple[str, str]]] = None,
         raw: Optional[Dict[str, Any]] = None,
+        ssh_connect_timeout: Optional[float] = None,  # seconds; None: SSH_CONNECT_TIMEOUT
+        ssh_keepalive_interval: Optional[float] = None,  # seconds; None: SSH_KEEPALIVE_INTERVAL
     ):
         self.name = name
         self.server = server
@@ -415,6 +417,8 @@ class ClusterConfig(ValueObject):
         self.env = {} if env is None else env
         self.singularity_binds = [] if singularity_binds is None else singularity_binds
         self.raw = {} if raw is None else raw
+        self.ssh_connect_timeout = ssh_connect_timeout
+        self.ssh_keepalive_interval = ssh_keepalive_interval
 
 
 class Config(ValueObject):
@@ -514,7 +518,19 @@ def _cluster_config(data: Any, index: int) -> ClusterConfig:
         env=_str_dict(_table(data, "env", "clusters")),
         singularity_binds=[(str(b["src"]), str(b.get("dest", b["src"]))) for b in binds],
         raw=dict(data),
+        ssh_connect_timeout=_seconds(data, "ssh_connect_timeout", index),
+        ssh_keepalive_interval=_seconds(data, "ssh_keepalive_interval", index),
     )
+
+
+def _seconds(data: Mapping[str, Any], key: str, index: int) -> Optional[float]:
+    """An optional number of seconds > 0."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+        raise ValueError(f"clusters[{index}].{key} must be a number of seconds > 0, not {value!r}")
+    return value
 
 
 _config_path_override: Optional[str] = None
@@ -1290,6 +1306,13 @@ class ClusterError(LaunchError):
 
 
 SSH_KEEP_SECONDS = 300  # an idle connection is kept this long for the next command
+# A server that accepts the connection but never answers must not hang a
+# command: ssh gives up after SSH_CONNECT_TIMEOUT seconds without an answer
+# (OpenSSH counts the banner exchange in), and a connection whose server stops
+# answering ends after SSH_KEEPALIVE_INTERVAL x SSH_KEEPALIVE_COUNT seconds.
+SSH_CONNECT_TIMEOUT = 20
+SSH_KEEPALIVE_INTERVAL = 15
+SSH_KEEPALIVE_COUNT = 3
 
 
 def ssh_keep_seconds() -> int:
@@ -1300,6 +1323,20 @@ def ssh_keep_seconds() -> int:
     if not value.isdigit():
         raise LaunchError(f"LXM3_SSH_KEEP={value!r} is not a number of seconds (0: keep none)")
     return int(value)
+
+
+def _ssh_seconds(variable: str, configured: Optional[float], default: int) -> int:
+    """``$variable``, else the cluster's setting, else ``default``; whole seconds, as ssh takes them."""
+    value = os.environ.get(variable, "").strip()
+    seconds = configured if isinstance(configured, (int, float)) and 0 < configured < 1e9 else None
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = 0
+        if not 0 < seconds < 1e9:
+            raise LaunchError(f"{variable}={value!r} is not a number of seconds > 0")
+    return max(1, int(-(-(seconds or default) // 1)))
 
 
 def _kept_connections_dir() -> Optional[str]:
@@ -1350,8 +1387,22 @@ class Connection:
     def target(self) -> str:
         return self.cluster.server or "this machine"
 
+    @property
+    def connect_timeout(self) -> int:
+        return _ssh_seconds("LXM3_SSH_CONNECT_TIMEOUT", self.cluster.ssh_connect_timeout, SSH_CONNECT_TIMEOUT)
+
+    @property
+    def keepalive_interval(self) -> int:
+        return _ssh_seconds("LXM3_SSH_KEEPALIVE_INTERVAL", self.cluster.ssh_keepalive_interval,
+                            SSH_KEEPALIVE_INTERVAL)
+
     def _ssh_options(self) -> List[str]:
-        options = ["-o", f"ControlPath={self._socket}"]
+        # Only what lxm3 needs; everything else comes from the user's ssh config.
+        # Options given with -o win over ssh_config, so the timeouts are lxm3's
+        # settings (ssh_connect_timeout, ssh_keepalive_interval), not ssh's.
+        options = ["-o", f"ControlPath={self._socket}", "-o", f"ConnectTimeout={self.connect_timeout}",
+                   "-o", f"ServerAliveInterval={self.keepalive_interval}",
+                   "-o", f"ServerAliveCountMax={SSH_KEEPALIVE_COUNT}"]
         if self.cluster.user:
             options += ["-l", self.cluster.user]
         if self.cluster.port:
@@ -1408,6 +1459,7 @@ class Connection:
         import subprocess
         import tempfile
 
+        _progress(f"connecting to {self.target} (cluster {self.cluster.name!r}) ...")
         # stderr goes to a file: the master lives on in the background and
         # would hold a pipe open.
         with tempfile.TemporaryFile() as errors:
@@ -1420,8 +1472,21 @@ class Connection:
             message = errors.read().decode(errors="replace").strip()
         if proc.returncode != 0:
             self.close()
-            raise ClusterError(f"cannot connect to {self.target} (cluster {self.cluster.name!r}) "
-                               f"with ssh: {message or 'exit code ' + str(proc.returncode)}")
+            by_hand = " ".join(shell_quote(a) for a in [
+                "ssh", *(["-p", str(self.cluster.port)] if self.cluster.port else []),
+                *(["-i", self.cluster.ssh_private_key] if self.cluster.ssh_private_key else []),
+                f"{self.cluster.user + '@' if self.cluster.user else ''}{self.cluster.server}"])
+            where = f"{self.target} (cluster {self.cluster.name!r})"
+            if "timed out" in message:
+                raise ClusterError(
+                    f"cannot connect to {where}: no answer within {self.connect_timeout} s "
+                    f"(ssh: {'; '.join(message.splitlines())}). Check that the server is up and reachable "
+                    f"from here (a VPN?), and try `{by_hand}` by hand; if it is only slow to answer, "
+                    "raise ssh_connect_timeout for this cluster in the lxm3 config "
+                    "(or set LXM3_SSH_CONNECT_TIMEOUT)")
+            raise ClusterError(f"cannot connect to {where} with ssh: "
+                               f"{message or 'exit code ' + str(proc.returncode)}\n"
+                               f"Try `{by_hand}` by hand to see why.")
 
     def _control(self, command: str) -> bool:
         """Send ``ssh -O command`` to the master; whether it answered."""
@@ -2881,7 +2946,9 @@ class ClusterWorkUnit(xm.WorkUnit):
         elif executor is not None:
             cluster = self.experiment.config.cluster(self.cluster)
             record["connection"] = {"server": cluster.server, "user": cluster.user,
-                                    "port": cluster.port, "ssh_private_key": cluster.ssh_private_key}
+                                    "port": cluster.port, "ssh_private_key": cluster.ssh_private_key,
+                                    "ssh_connect_timeout": cluster.ssh_connect_timeout,
+                                    "ssh_keepalive_interval": cluster.ssh_keepalive_interval}
             record["custom_output"] = _user_sets(executor, ["--output", "-o"])
         return record
 
@@ -3362,7 +3429,9 @@ def _sge_state(code: str) -> str:
 def _unit_connection(unit: Mapping[str, Any]) -> Connection:
     info = unit.get("connection") or {}
     return Connection(ClusterConfig(name=unit["cluster"], server=info.get("server"), user=info.get("user"),
-                                    port=info.get("port"), ssh_private_key=info.get("ssh_private_key")))
+                                    port=info.get("port"), ssh_private_key=info.get("ssh_private_key"),
+                                    ssh_connect_timeout=info.get("ssh_connect_timeout"),
+                                    ssh_keepalive_interval=info.get("ssh_keepalive_interval")))
 
 
 def task_log_path(unit: Mapping[str, Any], task: int) -> Optional[str]:
@@ -3756,7 +3825,12 @@ def _parser():
         description="Launch experiments on Slurm, Grid Engine or this machine, and follow them.",
         epilog="Run 'lxm3 COMMAND --help' for the options of a command. Clusters are reached "
                "over one SSH connection, kept for the next command for 5 minutes "
-               "($LXM3_SSH_KEEP seconds; 0: not kept).",
+               "($LXM3_SSH_KEEP seconds; 0: not kept). A server that does not answer within "
+               f"{SSH_CONNECT_TIMEOUT} s is given up on, and a connection whose server stops "
+               f"answering ends after {SSH_KEEPALIVE_COUNT} keep-alives {SSH_KEEPALIVE_INTERVAL} s "
+               "apart: set ssh_connect_timeout and ssh_keepalive_interval (seconds) for a cluster "
+               "in the config, or $LXM3_SSH_CONNECT_TIMEOUT and $LXM3_SSH_KEEPALIVE_INTERVAL "
+               "for every cluster (these win).",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     launch = commands.add_parser(
