@@ -1558,12 +1558,21 @@ class Connection:
                 "-e", ssh, local_dir.rstrip("/") + "/", f"{self.cluster.server}:{remote_dir}/"]
         with tempfile.TemporaryFile() as errors:
             try:
-                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors)
+                # Its own process group, so that an interrupted launch ends rsync
+                # and its ssh together (SIGTERM reaches lxm3 alone).
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors,
+                                        start_new_session=True)
             except FileNotFoundError:
                 raise ClusterError("rsync is not installed on this machine; install it "
                                    "(e.g. apt install rsync) to launch on remote clusters") from None
-            output = _relay_progress(proc.stdout) if show_progress else proc.stdout.read().decode()
-            returncode = proc.wait()
+            try:
+                output = _relay_progress(proc.stdout) if show_progress else proc.stdout.read().decode()
+                returncode = proc.wait()
+            except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: leave no transfer running
+                _end_process_group(proc)
+                raise
+            finally:
+                proc.stdout.close()
             errors.seek(0)
             message = errors.read().decode(errors="replace").strip()
         if returncode != 0:
@@ -1571,6 +1580,19 @@ class Connection:
                                f"(rsync exit code {returncode}): {message}")
         sent = re.search(r"Total bytes sent: ([\d,.]+)", output)
         self.bytes_sent += int(re.sub(r"[,.]", "", sent.group(1))) if sent else 0
+
+
+def _end_process_group(proc: Any, grace: float = 5.0) -> None:
+    """Terminate a child started with ``start_new_session`` and all it started, and reap it."""
+    import signal
+    import subprocess
+
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
 
 
 def _relay_progress(stream) -> str:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from typing import Iterator, List, Tuple
@@ -25,6 +28,7 @@ from cluster_helpers import job_unit, workspace_factory
 from test_records import (
     experiments_dir,
     lxm3_cli,
+    lxm3_popen,
     new_record_id,
     read_record,
     record_files,
@@ -219,3 +223,84 @@ def test_the_record_keeps_the_cluster_timeouts_for_status(cluster_workspaces, si
     check_timeout_error(proc, tb.ssh_host, port, ws.cluster_name)
     assert accepted
     ws.wait_for_reports(out, 1, launch)
+
+
+# --- a launch interrupted while copying ---------------------------------------------
+
+# An ``ssh`` first on PATH that, when rsync runs it, waits a long time before
+# becoming the real ssh: the copy is under way for as long as the test needs.
+SLOW_SSH = """\
+#!{python}
+import os, sys, time
+if "rsync" in sys.argv and "--server" in sys.argv:
+    time.sleep(300)
+os.execv({ssh!r}, ["ssh"] + sys.argv[1:])
+"""
+
+
+def processes_mentioning(*needles: str) -> List[Tuple[int, str]]:
+    """(pid, command line) of every process whose command line contains a needle."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(needle in cmdline for needle in needles):
+            found.append((int(name), cmdline))
+    return found
+
+
+@pytest.mark.testbed
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGHUP])
+def test_an_interrupted_launch_leaves_no_rsync_or_ssh_running(cluster_workspaces,
+                                                              task_project, how):  # noqa: F811
+    tb = require_testbed("slurm")
+    ws = cluster_workspaces(tb, "slurm", "ssh")
+    bindir = os.path.join(ws.root, "slow-ssh-bin")
+    os.mkdir(bindir)
+    wrapper = os.path.join(bindir, "ssh")
+    with open(wrapper, "w") as f:
+        f.write(SLOW_SSH.format(python=sys.executable, ssh=shutil.which("ssh")))
+    os.chmod(wrapper, 0o755)
+    launcher = write_launcher(os.path.join(ws.root, "launch"), {
+        "title": ws.title, "project": task_project, "units": [slurm_unit()]})
+    proc = lxm3_popen("launch", launcher, "--lxm_config", ws.write_config(),
+                      env={"PATH": f"{bindir}:{os.environ['PATH']}"}, cwd=ws.root,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr: List[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
+    reader.start()
+    needles = (bindir, ws.staging_path)
+    try:
+        deadline = time.monotonic() + OUTER_TIMEOUT
+        # The copy is under way: the line before it was printed and rsync runs the slow ssh.
+        while not (any(re.search(r": (sending|copying) ", line) for line in stderr)
+                   and any("rsync" in cmd for _, cmd in processes_mentioning(wrapper))):
+            assert proc.poll() is None, "".join(stderr)
+            assert time.monotonic() < deadline, "".join(stderr)
+            time.sleep(0.1)
+        proc.send_signal(how)
+        proc.wait(OUTER_TIMEOUT)
+        reader.join(10)
+        output = "".join(stderr)
+        assert proc.returncode != 0, output
+        assert "interrupted" in output, output
+        assert "submitted to" not in output, output
+        deadline = time.monotonic() + 30
+        while processes_mentioning(*needles) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = processes_mentioning(*needles)
+        assert left == [], f"left running after the launch ended: {left}\n{output}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid, _ in processes_mentioning(*needles):  # what this test started, if it failed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
