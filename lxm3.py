@@ -1533,19 +1533,19 @@ class Connection:
         self.open()
         return subprocess.call(["ssh", *self._ssh_options(), self.cluster.server, command])
 
-    def copy_tree(self, local_dir: str, remote_dir: str) -> None:
+    def copy_tree(self, local_dir: str, remote_dir: str) -> List[Tuple[str, int]]:
         """Copy ``local_dir``'s contents into ``remote_dir``; existing files are kept.
 
         Only content-addressed archives and new job files are sent, so a file
-        that exists already is identical and costs nothing.
+        that exists already is identical (``verify_staged_files`` makes sure)
+        and costs nothing. Returns (relative path, size) of each file copied.
         """
         if not self.remote:
             try:
-                _copy_tree_locally(local_dir, remote_dir)
+                return _copy_tree_locally(local_dir, remote_dir)
             except OSError as e:
                 raise ClusterError(f"copying files to {remote_dir} on this machine failed: "
                                    f"{e.strerror}: {e.filename}") from None
-            return
         import subprocess
         import tempfile
 
@@ -1554,6 +1554,7 @@ class Connection:
         show_progress = sys.stderr.isatty()  # images are gigabytes: show how it goes
         argv = ["rsync", "--recursive", "--copy-links", "--times", "--ignore-existing",
                 "--protect-args", "--perms", "--chmod=D700,F600", "--stats",
+                "--out-format=lxm3-sent %i %l %n",  # a line per item rsync really sends
                 *(["--info=progress2"] if show_progress else []),
                 "-e", ssh, local_dir.rstrip("/") + "/", f"{self.cluster.server}:{remote_dir}/"]
         with tempfile.TemporaryFile() as errors:
@@ -1580,6 +1581,7 @@ class Connection:
                                f"(rsync exit code {returncode}): {message}")
         sent = re.search(r"Total bytes sent: ([\d,.]+)", output)
         self.bytes_sent += int(re.sub(r"[,.]", "", sent.group(1))) if sent else 0
+        return [(name, int(size)) for size, name in re.findall(r"lxm3-sent [<>]f\S* (\d+) ([^\r\n]+)", output)]
 
 
 def _end_process_group(proc: Any, grace: float = 5.0) -> None:
@@ -1601,7 +1603,7 @@ def _relay_progress(stream) -> str:
     for chunk in iter(lambda: stream.read1(4096), b""):
         output.append(chunk)
         *pieces, pending = re.split(rb"[\r\n]", pending + chunk)
-        progress = [p for p in pieces if b"%" in p]
+        progress = [p for p in pieces if b"%" in p and b"lxm3-sent " not in p]
         if progress:
             sys.stderr.write("\r" + progress[-1].decode(errors="replace").strip().ljust(60))
             sys.stderr.flush()
@@ -1609,12 +1611,15 @@ def _relay_progress(stream) -> str:
     return b"".join(output).decode(errors="replace")
 
 
-def _copy_tree_locally(src: str, dst: str) -> None:
-    """The login-node version of ``rsync --ignore-existing --copy-links``."""
+def _copy_tree_locally(src: str, dst: str) -> List[Tuple[str, int]]:
+    """The login-node version of ``rsync --ignore-existing --copy-links``; returns
+    (relative path, size) of each file it copied."""
     import shutil
 
+    copied = []
     for dirpath, _, filenames in os.walk(src, followlinks=True):
-        target_dir = os.path.join(dst, os.path.relpath(dirpath, src))
+        relative_dir = os.path.relpath(dirpath, src)
+        target_dir = os.path.join(dst, relative_dir)
         os.makedirs(target_dir, mode=0o700, exist_ok=True)
         for name in filenames:
             target = os.path.join(target_dir, name)
@@ -1623,6 +1628,8 @@ def _copy_tree_locally(src: str, dst: str) -> None:
                 shutil.copyfile(os.path.join(dirpath, name), tmp)
                 os.chmod(tmp, 0o600)
                 os.replace(tmp, target)
+                copied.append((os.path.normpath(os.path.join(relative_dir, name)), os.path.getsize(target)))
+    return copied
 
 
 def _hash_file(path: str) -> str:
@@ -1720,6 +1727,160 @@ echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= 
     limits = {key: int(values[key]) for key in ("max_array_size", "max_array_tasks")
               if values.get(key, "").isdigit()}
     return ClusterInfo(staging=values["staging"], home=values["home"], **limits)
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.{1 if size < 10 * scale else 0}f} {unit}"
+    return f"{size} B"
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _copied_text(copied: Sequence[Tuple[str, int]], tree: str) -> str:
+    """What a copy really sent, as rsync (or the local copy) reported it."""
+    sent, there = [], []
+    for noun, folder in (("archive", "archives"), ("image", "images")):
+        sizes = [size for path, size in copied if path.startswith(folder + "/")]
+        if sizes:
+            sent.append(f"{_counted(len(sizes), noun)} ({_size_text(sum(sizes))})")
+        elif os.path.isdir(os.path.join(tree, folder)) and os.listdir(os.path.join(tree, folder)):
+            there.append(folder)
+    scripts = sum(1 for path, _ in copied if path.startswith("experiments/") and path.endswith("/job.sh"))
+    if scripts:
+        sent.append(_counted(scripts, "job script"))
+    text = f"{' and '.join(there)} already there" if there else ""
+    if sent:
+        listed = sent[0] if len(sent) == 1 else ", ".join(sent[:-1]) + " and " + sent[-1]
+        text += f"{'; ' if text else ''}copied {listed}"
+    return text or "nothing to copy: everything was there already"
+
+
+def send_staging_tree(connection: Connection, info: ClusterInfo, tree: str) -> List[Tuple[str, int]]:
+    """Copy ``tree`` into the staging directory, saying what is sent and what was."""
+    images = " and images" if os.path.isdir(os.path.join(tree, "images")) else ""
+    _progress(f"{connection.cluster.name}: sending job scripts and any archives{images} not there yet "
+              f"to {connection.target}:{info.staging} ...")
+    copied = connection.copy_tree(tree, info.staging)
+    _progress(f"{connection.cluster.name}: {_copied_text(copied, tree)}")
+    return copied
+
+
+def staged_digests(launches: Sequence[PendingLaunch]) -> Dict[str, str]:
+    """{path in the staging directory: full sha256} of the content-named files the launches use."""
+    digests = {}
+    for launch in launches:
+        executable = launch.executable
+        digests[f"archives/{executable.archive.name}"] = executable.archive.digest
+        if executable.container == "singularity" and not is_image_uri(executable.image):
+            digests[f"images/{deployed_image_name(executable.image)}"] = image_digest(executable.image)
+    return digests
+
+
+# Checks each file against its sha256 there, in one round trip. A file whose
+# stamp (.<file>.verified beside it: digest, size, inode, mtime, ctime) still
+# describes it is not hashed again: images are gigabytes. Any write changes the
+# ctime, which no one can set back. A file that does not match is deleted, so
+# that the next copy replaces it.
+_VERIFY_SCRIPT = """
+umask 077
+cd -- {staging} || exit 1
+if command -v sha256sum >/dev/null 2>&1; then
+    digest_of() {{ sha256sum < "$1" | cut -c1-64; }}
+elif command -v python3 >/dev/null 2>&1; then
+    digest_of() {{ python3 -c 'import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+print(h.hexdigest())' "$1"; }}
+else
+    echo lxm3-cannot-hash
+    exit 0
+fi
+stat_of() {{  # size, inode, mtime and ctime (to the nanosecond where the file system keeps it)
+    stat -c '%s %i %y %z' -- "$1" 2>/dev/null || python3 -c 'import os, sys
+s = os.stat(sys.argv[1])
+print(s.st_size, s.st_ino, s.st_mtime_ns, s.st_ctime_ns)' "$1"
+}}
+check() {{  # index, folder, name, expected digest
+    file="$2/$3" verified="$2/.$3.verified"
+    if [ ! -f "$file" ]; then echo "missing $1"; return; fi
+    stamp="$4 $(stat_of "$file")"
+    if [ -f "$verified" ] && [ "$(cat -- "$verified" 2>/dev/null)" = "$stamp" ]; then
+        echo "ok $1"
+        return
+    fi
+    actual=$(digest_of "$file")
+    if [ "$actual" = "$4" ]; then
+        printf '%s\\n' "$stamp" > "$verified.$$" && mv -f -- "$verified.$$" "$verified"
+        echo "hashed $1"
+    else
+        rm -f -- "$file" "$verified"
+        echo "bad $1 $actual"
+    fi
+}}
+"""
+
+
+def _check_staged_files(connection: Connection, staging: str, digests: Mapping[str, str]) -> Dict[str, str]:
+    """{path: what its sha256 is there ("" if missing)} of the files that do not match; deletes them."""
+    paths = sorted(digests)
+    script = _VERIFY_SCRIPT.format(staging=shell_quote(staging)) + "".join(
+        f"check {i} {' '.join(shell_quote(part) for part in path.split('/', 1))} {digests[path]}\n"
+        for i, path in enumerate(paths))
+    output = connection.run_script(script, "checking the staged archives and images")
+    if "lxm3-cannot-hash" in output.split():
+        _progress(f"{connection.cluster.name}: cannot check the staged files on {connection.target}: "
+                  "neither sha256sum nor python3 is there; they are trusted by their names")
+        return {}
+    seen, bad = set(), {}
+    for line in output.splitlines():
+        word, _, rest = line.partition(" ")
+        index, _, actual = rest.partition(" ")
+        if word in ("ok", "hashed", "bad", "missing") and index.isdigit() and int(index) < len(paths):
+            seen.add(int(index))
+            if word in ("bad", "missing"):
+                bad[paths[int(index)]] = actual.strip()
+    for index in set(range(len(paths))) - seen:
+        bad[paths[index]] = "?"  # not checked: treat as not there
+    return bad
+
+
+def verify_staged_files(connection: Connection, info: ClusterInfo, tree: str,
+                        digests: Mapping[str, str]) -> None:
+    """Make sure each content-named file (``staged_digests``) there has the content its name says.
+
+    Files are sent with ``--ignore-existing``, so a truncated or substituted
+    archive would otherwise be trusted for good: jobs would fail at unzip, or
+    run the wrong code. A bad file is deleted and sent again, then checked again.
+    """
+    if not digests:
+        return
+    bad = _check_staged_files(connection, info.staging, digests)
+    if not bad:
+        return
+    for path, actual in sorted(bad.items()):
+        found = f"its sha256 is {actual[:16]}..." if len(actual) == 64 else "it was missing"
+        _progress(f"{connection.cluster.name}: {info.staging}/{path} did not match its content hash "
+                  f"({found}); sending it again")
+    send_staging_tree(connection, info, tree)
+    still_bad = _check_staged_files(connection, info.staging, {p: digests[p] for p in bad})
+    if still_bad:
+        path = sorted(still_bad)[0]
+        local = os.path.join(tree, path)
+        if os.path.exists(local) and _hash_file(local) != digests[path]:
+            hint = (f"the local file {os.path.realpath(local)} does not match its digest either: "
+                    "delete it and launch again")
+        else:
+            hint = (f"check the disk there (full? quota?) and that nothing else writes to "
+                    f"{info.staging}")
+        raise ClusterError(f"{info.staging}/{path} on {connection.target} (cluster "
+                           f"{connection.cluster.name!r}) still does not match its sha256 "
+                           f"{digests[path]} after sending it again; {hint}")
 
 
 # ---------------------------------------------------------------------------
@@ -2777,20 +2938,17 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
                       launches: Sequence[PendingLaunch], connection: Connection) -> None:
     """Deploy and submit every queued work unit of one cluster.
 
-    One probe, one rsync with every new archive and all job files, one
-    submission script: three sessions over the launch's one connection.
+    One probe, one rsync with every new archive and all job files, one check
+    of the staged archives and images, one submission script: four sessions
+    over the launch's one connection.
     """
     import tempfile
 
     info = probe_cluster(connection, scheduler)
     with tempfile.TemporaryDirectory(prefix="lxm3-deploy-") as tree:
         submissions, log_dirs = prepare_cluster_launch(experiment, cluster, scheduler, launches, info, tree)
-        archives = len(os.listdir(os.path.join(tree, "archives")))
-        images = len(os.listdir(os.path.join(tree, "images"))) if os.path.isdir(os.path.join(tree, "images")) else 0
-        _progress(f"{cluster.name}: copying {archives} archive(s){f' and {images} image(s)' if images else ''} "
-                  f"(only those not there yet) and {len(launches)} job script(s) to "
-                  f"{connection.target}:{info.staging}")
-        connection.copy_tree(tree, info.staging)
+        send_staging_tree(connection, info, tree)
+        verify_staged_files(connection, info, tree, staged_digests(launches))
     output = connection.run_script(submission_script(log_dirs, submissions), "submitting jobs")
     error = parse_submission_output(output, submissions)
     for launch in launches:
