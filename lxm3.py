@@ -1381,6 +1381,8 @@ class Connection:
         self.remote = bool(cluster.server)
         self._socket: Optional[str] = None
         self._private_dir: Optional[str] = None  # set when the socket is only this command's
+        self._copying: Any = None  # the rsync under way
+        self._interrupted = False
         self.bytes_sent = 0
 
     @property
@@ -1506,10 +1508,24 @@ class Connection:
             self._private_dir = None
         self._socket = None
 
+    def interrupt(self) -> None:
+        """Stop the copy under way and start nothing more: for a launch interrupted
+        while it deploys on another thread (``async with``)."""
+        import signal
+
+        self._interrupted = True
+        if self._copying is not None:
+            _signal_group(self._copying, signal.SIGTERM)
+
+    def _check_interrupted(self) -> None:
+        if self._interrupted:
+            raise KeyboardInterrupt
+
     def run_script(self, script: str, what: str) -> str:
         """Run a bash script there; its stdout, or ClusterError with its stderr."""
         import subprocess
 
+        self._check_interrupted()
         if self.remote:
             self.open()
             argv = ["ssh", *self._ssh_options(), self.cluster.server, "bash -s"]
@@ -1540,6 +1556,7 @@ class Connection:
         that exists already is identical (``verify_staged_files`` makes sure)
         and costs nothing. Returns (relative path, size) of each file copied.
         """
+        self._check_interrupted()
         if not self.remote:
             try:
                 return _copy_tree_locally(local_dir, remote_dir)
@@ -1566,6 +1583,7 @@ class Connection:
             except FileNotFoundError:
                 raise ClusterError("rsync is not installed on this machine; install it "
                                    "(e.g. apt install rsync) to launch on remote clusters") from None
+            self._copying = proc
             try:
                 output = _relay_progress(proc.stdout) if show_progress else proc.stdout.read().decode()
                 returncode = proc.wait()
@@ -1573,7 +1591,9 @@ class Connection:
                 _end_process_group(proc)
                 raise
             finally:
+                self._copying = None
                 proc.stdout.close()
+            self._check_interrupted()
             errors.seek(0)
             message = errors.read().decode(errors="replace").strip()
         if returncode != 0:
@@ -3482,11 +3502,16 @@ class ClusterExperiment(xm.Experiment):
 
         conclude = asyncio.get_running_loop().run_in_executor
         try:
-            await super().__aexit__(exc_type, exc_value, traceback)
-        except BaseException as error:
-            await conclude(None, self._conclude, error)
+            try:
+                await super().__aexit__(exc_type, exc_value, traceback)
+            except BaseException as error:
+                await conclude(None, self._conclude, error)
+                raise
+            await conclude(None, self._conclude, _failure(exc_value))
+        except (KeyboardInterrupt, asyncio.CancelledError):  # the deployment's thread goes on unless stopped
+            for connection in list(self._connections.values()):
+                connection.interrupt()
             raise
-        await conclude(None, self._conclude, _failure(exc_value))
 
     def _stop_local(self) -> None:
         """Terminate local tasks (Ctrl-C, or the launcher failed) and record how they ended."""

@@ -24,7 +24,7 @@ import time
 from typing import Iterator, List, Tuple
 
 import pytest
-from cluster_helpers import job_unit, workspace_factory
+from cluster_helpers import Launch, job_unit, workspace_factory
 from test_records import (
     experiments_dir,
     lxm3_cli,
@@ -254,10 +254,31 @@ def processes_mentioning(*needles: str) -> List[Tuple[int, str]]:
     return found
 
 
+# The same launch in an ``async with`` block, whose deployment runs on a worker thread.
+ASYNC_LAUNCHER = """\
+import asyncio, json, os
+from lxm3 import xm, xm_cluster
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(HERE, "spec.json")) as f:
+    SPEC = json.load(f)
+
+async def main():
+    async with xm_cluster.create_experiment(SPEC["title"]) as experiment:
+        [executable] = experiment.package([xm.Packageable(
+            xm_cluster.PythonPackage(path=SPEC["project"], entrypoint=xm_cluster.ModuleName("lxmtask.main")),
+            executor_spec=xm_cluster.Slurm.Spec())])
+        await experiment.add(xm.Job(executable, xm_cluster.Slurm()))
+
+asyncio.run(main())
+"""
+
+
 @pytest.mark.testbed
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("how, block", [(signal.SIGTERM, "with"), (signal.SIGHUP, "with"),
+                                        (signal.SIGTERM, "async with")])
 def test_an_interrupted_launch_leaves_no_rsync_or_ssh_running(cluster_workspaces,
-                                                              task_project, how):  # noqa: F811
+                                                              task_project, how, block):  # noqa: F811
     tb = require_testbed("slurm")
     ws = cluster_workspaces(tb, "slurm", "ssh")
     bindir = os.path.join(ws.root, "slow-ssh-bin")
@@ -268,6 +289,9 @@ def test_an_interrupted_launch_leaves_no_rsync_or_ssh_running(cluster_workspaces
     os.chmod(wrapper, 0o755)
     launcher = write_launcher(os.path.join(ws.root, "launch"), {
         "title": ws.title, "project": task_project, "units": [slurm_unit()]})
+    if block == "async with":
+        with open(launcher, "w") as f:
+            f.write(ASYNC_LAUNCHER)
     proc = lxm3_popen("launch", launcher, "--lxm_config", ws.write_config(),
                       env={"PATH": f"{bindir}:{os.environ['PATH']}"}, cwd=ws.root,
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -290,6 +314,7 @@ def test_an_interrupted_launch_leaves_no_rsync_or_ssh_running(cluster_workspaces
         assert proc.returncode != 0, output
         assert "interrupted" in output, output
         assert "submitted to" not in output, output
+        ws.assert_nothing_submitted(Launch(proc.returncode, "", output, None, ws.title, 0))
         deadline = time.monotonic() + 30
         while processes_mentioning(*needles) and time.monotonic() < deadline:
             time.sleep(0.2)
