@@ -405,6 +405,8 @@ class ClusterConfig(ValueObject):
         env: Optional[Dict[str, str]] = None,
         singularity_binds: Optional[List[Tuple[str, str]]] = None,
         raw: Optional[Dict[str, Any]] = None,
+        ssh_connect_timeout: Optional[float] = None,  # seconds; None: SSH_CONNECT_TIMEOUT
+        ssh_keepalive_interval: Optional[float] = None,  # seconds; None: SSH_KEEPALIVE_INTERVAL
     ):
         self.name = name
         self.server = server
@@ -416,6 +418,8 @@ class ClusterConfig(ValueObject):
         check_env(self.env, f"[clusters.env] of cluster {name!r}")
         self.singularity_binds = [] if singularity_binds is None else singularity_binds
         self.raw = {} if raw is None else raw
+        self.ssh_connect_timeout = ssh_connect_timeout
+        self.ssh_keepalive_interval = ssh_keepalive_interval
 
 
 class Config(ValueObject):
@@ -520,7 +524,19 @@ def _cluster_config(data: Any, index: int) -> ClusterConfig:
         env=_str_dict(_table(data, "env", "clusters")),
         singularity_binds=[(str(b["src"]), str(b.get("dest", b["src"]))) for b in binds],
         raw=dict(data),
+        ssh_connect_timeout=_seconds(data, "ssh_connect_timeout", index),
+        ssh_keepalive_interval=_seconds(data, "ssh_keepalive_interval", index),
     )
+
+
+def _seconds(data: Mapping[str, Any], key: str, index: int) -> Optional[float]:
+    """An optional number of seconds > 0."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+        raise ValueError(f"clusters[{index}].{key} must be a number of seconds > 0, not {value!r}")
+    return value
 
 
 _config_path_override: Optional[str] = None
@@ -1467,6 +1483,13 @@ class ConnectionLost(ClusterError):
 
 
 SSH_KEEP_SECONDS = 300  # an idle connection is kept this long for the next command
+# A server that accepts the connection but never answers must not hang a
+# command: ssh gives up after SSH_CONNECT_TIMEOUT seconds without an answer
+# (OpenSSH counts the banner exchange in), and a connection whose server stops
+# answering ends after SSH_KEEPALIVE_INTERVAL x SSH_KEEPALIVE_COUNT seconds.
+SSH_CONNECT_TIMEOUT = 20
+SSH_KEEPALIVE_INTERVAL = 15
+SSH_KEEPALIVE_COUNT = 3
 
 
 def ssh_keep_seconds() -> int:
@@ -1477,6 +1500,20 @@ def ssh_keep_seconds() -> int:
     if not value.isdigit():
         raise LaunchError(f"LXM3_SSH_KEEP={value!r} is not a number of seconds (0: keep none)")
     return int(value)
+
+
+def _ssh_seconds(variable: str, configured: Optional[float], default: int) -> int:
+    """``$variable``, else the cluster's setting, else ``default``; whole seconds, as ssh takes them."""
+    value = os.environ.get(variable, "").strip()
+    seconds = configured if isinstance(configured, (int, float)) and 0 < configured < 1e9 else None
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = 0
+        if not 0 < seconds < 1e9:
+            raise LaunchError(f"{variable}={value!r} is not a number of seconds > 0")
+    return max(1, int(-(-(seconds or default) // 1)))
 
 
 def _kept_connections_dir() -> Optional[str]:
@@ -1521,14 +1558,30 @@ class Connection:
         self.remote = bool(cluster.server)
         self._socket: Optional[str] = None
         self._private_dir: Optional[str] = None  # set when the socket is only this command's
+        self._copying: Any = None  # the rsync under way
+        self._interrupted = False
         self.bytes_sent = 0
 
     @property
     def target(self) -> str:
         return self.cluster.server or "this machine"
 
+    @property
+    def connect_timeout(self) -> int:
+        return _ssh_seconds("LXM3_SSH_CONNECT_TIMEOUT", self.cluster.ssh_connect_timeout, SSH_CONNECT_TIMEOUT)
+
+    @property
+    def keepalive_interval(self) -> int:
+        return _ssh_seconds("LXM3_SSH_KEEPALIVE_INTERVAL", self.cluster.ssh_keepalive_interval,
+                            SSH_KEEPALIVE_INTERVAL)
+
     def _ssh_options(self) -> List[str]:
-        options = ["-o", f"ControlPath={self._socket}"]
+        # Only what lxm3 needs; everything else comes from the user's ssh config.
+        # Options given with -o win over ssh_config, so the timeouts are lxm3's
+        # settings (ssh_connect_timeout, ssh_keepalive_interval), not ssh's.
+        options = ["-o", f"ControlPath={self._socket}", "-o", f"ConnectTimeout={self.connect_timeout}",
+                   "-o", f"ServerAliveInterval={self.keepalive_interval}",
+                   "-o", f"ServerAliveCountMax={SSH_KEEPALIVE_COUNT}"]
         if self.cluster.user:
             options += ["-l", self.cluster.user]
         if self.cluster.port:
@@ -1585,6 +1638,7 @@ class Connection:
         import subprocess
         import tempfile
 
+        _progress(f"connecting to {self.target} (cluster {self.cluster.name!r}) ...")
         # stderr goes to a file: the master lives on in the background and
         # would hold a pipe open.
         with tempfile.TemporaryFile() as errors:
@@ -1597,8 +1651,21 @@ class Connection:
             message = errors.read().decode(errors="replace").strip()
         if proc.returncode != 0:
             self.close()
-            raise ClusterError(f"cannot connect to {self.target} (cluster {self.cluster.name!r}) "
-                               f"with ssh: {message or 'exit code ' + str(proc.returncode)}")
+            by_hand = " ".join(shell_quote(a) for a in [
+                "ssh", *(["-p", str(self.cluster.port)] if self.cluster.port else []),
+                *(["-i", self.cluster.ssh_private_key] if self.cluster.ssh_private_key else []),
+                f"{self.cluster.user + '@' if self.cluster.user else ''}{self.cluster.server}"])
+            where = f"{self.target} (cluster {self.cluster.name!r})"
+            if "timed out" in message:
+                raise ClusterError(
+                    f"cannot connect to {where}: no answer within {self.connect_timeout} s "
+                    f"(ssh: {'; '.join(message.splitlines())}). Check that the server is up and reachable "
+                    f"from here (a VPN?), and try `{by_hand}` by hand; if it is only slow to answer, "
+                    "raise ssh_connect_timeout for this cluster in the lxm3 config "
+                    "(or set LXM3_SSH_CONNECT_TIMEOUT)")
+            raise ClusterError(f"cannot connect to {where} with ssh: "
+                               f"{message or 'exit code ' + str(proc.returncode)}\n"
+                               f"Try `{by_hand}` by hand to see why.")
 
     def _control(self, command: str) -> bool:
         """Send ``ssh -O command`` to the master; whether it answered."""
@@ -1627,10 +1694,24 @@ class Connection:
         self.close()
         self.open()
 
+    def interrupt(self) -> None:
+        """Stop the copy under way and start nothing more: for a launch interrupted
+        while it deploys on another thread (``async with``)."""
+        import signal
+
+        self._interrupted = True
+        if self._copying is not None:
+            _signal_group(self._copying, signal.SIGTERM)
+
+    def _check_interrupted(self) -> None:
+        if self._interrupted:
+            raise KeyboardInterrupt
+
     def run_script(self, script: str, what: str) -> str:
         """Run a bash script there; its stdout, or ClusterError with its stderr."""
         import subprocess
 
+        self._check_interrupted()
         if self.remote:
             self.open()
             argv = ["ssh", *self._ssh_options(), self.cluster.server, "bash -s"]
@@ -1655,19 +1736,20 @@ class Connection:
         self.open()
         return subprocess.call(["ssh", *self._ssh_options(), self.cluster.server, command])
 
-    def copy_tree(self, local_dir: str, remote_dir: str) -> None:
+    def copy_tree(self, local_dir: str, remote_dir: str) -> List[Tuple[str, int]]:
         """Copy ``local_dir``'s contents into ``remote_dir``; existing files are kept.
 
         Only content-addressed archives and new job files are sent, so a file
-        that exists already is identical and costs nothing.
+        that exists already is identical (``verify_staged_files`` makes sure)
+        and costs nothing. Returns (relative path, size) of each file copied.
         """
+        self._check_interrupted()
         if not self.remote:
             try:
-                _copy_tree_locally(local_dir, remote_dir)
+                return _copy_tree_locally(local_dir, remote_dir)
             except OSError as e:
                 raise ClusterError(f"copying files to {remote_dir} on this machine failed: "
                                    f"{e.strerror}: {e.filename}") from None
-            return
         import subprocess
         import tempfile
 
@@ -1676,16 +1758,29 @@ class Connection:
         show_progress = sys.stderr.isatty()  # images are gigabytes: show how it goes
         argv = ["rsync", "--recursive", "--copy-links", "--times", "--ignore-existing",
                 "--protect-args", "--perms", "--chmod=D700,F600", "--stats",
+                "--out-format=lxm3-sent %i %l %n",  # a line per item rsync really sends
                 *(["--info=progress2"] if show_progress else []),
                 "-e", ssh, local_dir.rstrip("/") + "/", f"{self.cluster.server}:{remote_dir}/"]
         with tempfile.TemporaryFile() as errors:
             try:
-                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors)
+                # Its own process group, so that an interrupted launch ends rsync
+                # and its ssh together (SIGTERM reaches lxm3 alone).
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors,
+                                        start_new_session=True)
             except FileNotFoundError:
                 raise ClusterError("rsync is not installed on this machine; install it "
                                    "(e.g. apt install rsync) to launch on remote clusters") from None
-            output = _relay_progress(proc.stdout) if show_progress else proc.stdout.read().decode()
-            returncode = proc.wait()
+            self._copying = proc
+            try:
+                output = _relay_progress(proc.stdout) if show_progress else proc.stdout.read().decode()
+                returncode = proc.wait()
+            except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: leave no transfer running
+                _end_process_group(proc)
+                raise
+            finally:
+                self._copying = None
+                proc.stdout.close()
+            self._check_interrupted()
             errors.seek(0)
             message = errors.read().decode(errors="replace").strip()
         if returncode != 0:
@@ -1693,6 +1788,20 @@ class Connection:
                                f"(rsync exit code {returncode}): {message}")
         sent = re.search(r"Total bytes sent: ([\d,.]+)", output)
         self.bytes_sent += int(re.sub(r"[,.]", "", sent.group(1))) if sent else 0
+        return [(name, int(size)) for size, name in re.findall(r"lxm3-sent [<>]f\S* (\d+) ([^\r\n]+)", output)]
+
+
+def _end_process_group(proc: Any, grace: float = 5.0) -> None:
+    """Terminate a child started with ``start_new_session`` and all it started, and reap it."""
+    import signal
+    import subprocess
+
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
 
 
 def _relay_progress(stream) -> str:
@@ -1701,7 +1810,7 @@ def _relay_progress(stream) -> str:
     for chunk in iter(lambda: stream.read1(4096), b""):
         output.append(chunk)
         *pieces, pending = re.split(rb"[\r\n]", pending + chunk)
-        progress = [p for p in pieces if b"%" in p]
+        progress = [p for p in pieces if b"%" in p and b"lxm3-sent " not in p]
         if progress:
             sys.stderr.write("\r" + progress[-1].decode(errors="replace").strip().ljust(60))
             sys.stderr.flush()
@@ -1709,12 +1818,15 @@ def _relay_progress(stream) -> str:
     return b"".join(output).decode(errors="replace")
 
 
-def _copy_tree_locally(src: str, dst: str) -> None:
-    """The login-node version of ``rsync --ignore-existing --copy-links``."""
+def _copy_tree_locally(src: str, dst: str) -> List[Tuple[str, int]]:
+    """The login-node version of ``rsync --ignore-existing --copy-links``; returns
+    (relative path, size) of each file it copied."""
     import shutil
 
+    copied = []
     for dirpath, _, filenames in os.walk(src, followlinks=True):
-        target_dir = os.path.join(dst, os.path.relpath(dirpath, src))
+        relative_dir = os.path.relpath(dirpath, src)
+        target_dir = os.path.join(dst, relative_dir)
         os.makedirs(target_dir, mode=0o700, exist_ok=True)
         for name in filenames:
             target = os.path.join(target_dir, name)
@@ -1723,6 +1835,8 @@ def _copy_tree_locally(src: str, dst: str) -> None:
                 shutil.copyfile(os.path.join(dirpath, name), tmp)
                 os.chmod(tmp, 0o600)
                 os.replace(tmp, target)
+                copied.append((os.path.normpath(os.path.join(relative_dir, name)), os.path.getsize(target)))
+    return copied
 
 
 def _hash_file(path: str) -> str:
@@ -1820,6 +1934,160 @@ echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= 
     limits = {key: int(values[key]) for key in ("max_array_size", "max_array_tasks")
               if values.get(key, "").isdigit()}
     return ClusterInfo(staging=values["staging"], home=values["home"], **limits)
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.{1 if size < 10 * scale else 0}f} {unit}"
+    return f"{size} B"
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _copied_text(copied: Sequence[Tuple[str, int]], tree: str) -> str:
+    """What a copy really sent, as rsync (or the local copy) reported it."""
+    sent, there = [], []
+    for noun, folder in (("archive", "archives"), ("image", "images")):
+        sizes = [size for path, size in copied if path.startswith(folder + "/")]
+        if sizes:
+            sent.append(f"{_counted(len(sizes), noun)} ({_size_text(sum(sizes))})")
+        elif os.path.isdir(os.path.join(tree, folder)) and os.listdir(os.path.join(tree, folder)):
+            there.append(folder)
+    scripts = sum(1 for path, _ in copied if path.startswith("experiments/") and path.endswith("/job.sh"))
+    if scripts:
+        sent.append(_counted(scripts, "job script"))
+    text = f"{' and '.join(there)} already there" if there else ""
+    if sent:
+        listed = sent[0] if len(sent) == 1 else ", ".join(sent[:-1]) + " and " + sent[-1]
+        text += f"{'; ' if text else ''}copied {listed}"
+    return text or "nothing to copy: everything was there already"
+
+
+def send_staging_tree(connection: Connection, info: ClusterInfo, tree: str) -> List[Tuple[str, int]]:
+    """Copy ``tree`` into the staging directory, saying what is sent and what was."""
+    images = " and images" if os.path.isdir(os.path.join(tree, "images")) else ""
+    _progress(f"{connection.cluster.name}: sending job scripts and any archives{images} not there yet "
+              f"to {connection.target}:{info.staging} ...")
+    copied = connection.copy_tree(tree, info.staging)
+    _progress(f"{connection.cluster.name}: {_copied_text(copied, tree)}")
+    return copied
+
+
+def staged_digests(launches: Sequence[PendingLaunch]) -> Dict[str, str]:
+    """{path in the staging directory: full sha256} of the content-named files the launches use."""
+    digests = {}
+    for launch in launches:
+        executable = launch.executable
+        digests[f"archives/{executable.archive.name}"] = executable.archive.digest
+        if executable.container == "singularity" and not is_image_uri(executable.image):
+            digests[f"images/{deployed_image_name(executable.image)}"] = image_digest(executable.image)
+    return digests
+
+
+# Checks each file against its sha256 there, in one round trip. A file whose
+# stamp (.<file>.verified beside it: digest, size, inode, mtime, ctime) still
+# describes it is not hashed again: images are gigabytes. Any write changes the
+# ctime, which no one can set back. A file that does not match is deleted, so
+# that the next copy replaces it.
+_VERIFY_SCRIPT = """
+umask 077
+cd -- {staging} || exit 1
+if command -v sha256sum >/dev/null 2>&1; then
+    digest_of() {{ sha256sum < "$1" | cut -c1-64; }}
+elif command -v python3 >/dev/null 2>&1; then
+    digest_of() {{ python3 -c 'import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+print(h.hexdigest())' "$1"; }}
+else
+    echo lxm3-cannot-hash
+    exit 0
+fi
+stat_of() {{  # size, inode, mtime and ctime (to the nanosecond where the file system keeps it)
+    stat -c '%s %i %y %z' -- "$1" 2>/dev/null || python3 -c 'import os, sys
+s = os.stat(sys.argv[1])
+print(s.st_size, s.st_ino, s.st_mtime_ns, s.st_ctime_ns)' "$1"
+}}
+check() {{  # index, folder, name, expected digest
+    file="$2/$3" verified="$2/.$3.verified"
+    if [ ! -f "$file" ]; then echo "missing $1"; return; fi
+    stamp="$4 $(stat_of "$file")"
+    if [ -f "$verified" ] && [ "$(cat -- "$verified" 2>/dev/null)" = "$stamp" ]; then
+        echo "ok $1"
+        return
+    fi
+    actual=$(digest_of "$file")
+    if [ "$actual" = "$4" ]; then
+        printf '%s\\n' "$stamp" > "$verified.$$" && mv -f -- "$verified.$$" "$verified"
+        echo "hashed $1"
+    else
+        rm -f -- "$file" "$verified"
+        echo "bad $1 $actual"
+    fi
+}}
+"""
+
+
+def _check_staged_files(connection: Connection, staging: str, digests: Mapping[str, str]) -> Dict[str, str]:
+    """{path: what its sha256 is there ("" if missing)} of the files that do not match; deletes them."""
+    paths = sorted(digests)
+    script = _VERIFY_SCRIPT.format(staging=shell_quote(staging)) + "".join(
+        f"check {i} {' '.join(shell_quote(part) for part in path.split('/', 1))} {digests[path]}\n"
+        for i, path in enumerate(paths))
+    output = connection.run_script(script, "checking the staged archives and images")
+    if "lxm3-cannot-hash" in output.split():
+        _progress(f"{connection.cluster.name}: cannot check the staged files on {connection.target}: "
+                  "neither sha256sum nor python3 is there; they are trusted by their names")
+        return {}
+    seen, bad = set(), {}
+    for line in output.splitlines():
+        word, _, rest = line.partition(" ")
+        index, _, actual = rest.partition(" ")
+        if word in ("ok", "hashed", "bad", "missing") and index.isdigit() and int(index) < len(paths):
+            seen.add(int(index))
+            if word in ("bad", "missing"):
+                bad[paths[int(index)]] = actual.strip()
+    for index in set(range(len(paths))) - seen:
+        bad[paths[index]] = "?"  # not checked: treat as not there
+    return bad
+
+
+def verify_staged_files(connection: Connection, info: ClusterInfo, tree: str,
+                        digests: Mapping[str, str]) -> None:
+    """Make sure each content-named file (``staged_digests``) there has the content its name says.
+
+    Files are sent with ``--ignore-existing``, so a truncated or substituted
+    archive would otherwise be trusted for good: jobs would fail at unzip, or
+    run the wrong code. A bad file is deleted and sent again, then checked again.
+    """
+    if not digests:
+        return
+    bad = _check_staged_files(connection, info.staging, digests)
+    if not bad:
+        return
+    for path, actual in sorted(bad.items()):
+        found = f"its sha256 is {actual[:16]}..." if len(actual) == 64 else "it was missing"
+        _progress(f"{connection.cluster.name}: {info.staging}/{path} did not match its content hash "
+                  f"({found}); sending it again")
+    send_staging_tree(connection, info, tree)
+    still_bad = _check_staged_files(connection, info.staging, {p: digests[p] for p in bad})
+    if still_bad:
+        path = sorted(still_bad)[0]
+        local = os.path.join(tree, path)
+        if os.path.exists(local) and _hash_file(local) != digests[path]:
+            hint = (f"the local file {os.path.realpath(local)} does not match its digest either: "
+                    "delete it and launch again")
+        else:
+            hint = (f"check the disk there (full? quota?) and that nothing else writes to "
+                    f"{info.staging}")
+        raise ClusterError(f"{info.staging}/{path} on {connection.target} (cluster "
+                           f"{connection.cluster.name!r}) still does not match its sha256 "
+                           f"{digests[path]} after sending it again; {hint}")
 
 
 # ---------------------------------------------------------------------------
@@ -3188,8 +3456,9 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
                       launches: Sequence[PendingLaunch], connection: Connection) -> None:
     """Deploy and submit every queued work unit of one cluster.
 
-    One probe, one rsync with every new archive and all job files, one
-    submission script: three sessions over the launch's one connection.
+    One probe, one rsync with every new archive and all job files, one check
+    of the staged archives and images, one submission script: four sessions
+    over the launch's one connection.
     """
     import tempfile
 
@@ -3197,12 +3466,8 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
     remember_cluster_info(cluster, scheduler, info)
     with tempfile.TemporaryDirectory(prefix="lxm3-deploy-") as tree:
         submissions, log_dirs = prepare_cluster_launch(experiment, cluster, scheduler, launches, info, tree)
-        archives = len(os.listdir(os.path.join(tree, "archives")))
-        images = len(os.listdir(os.path.join(tree, "images"))) if os.path.isdir(os.path.join(tree, "images")) else 0
-        _progress(f"{cluster.name}: copying {archives} archive(s){f' and {images} image(s)' if images else ''} "
-                  f"(only those not there yet) and {len(launches)} job script(s) to "
-                  f"{connection.target}:{info.staging}")
-        connection.copy_tree(tree, info.staging)
+        send_staging_tree(connection, info, tree)
+        verify_staged_files(connection, info, tree, staged_digests(launches))
     experiment_dir = f"{info.staging}/experiments/{experiment.experiment_id}"
     for launch in launches:
         wid = launch.work_unit.work_unit_id
@@ -3520,7 +3785,9 @@ class ClusterWorkUnit(xm.WorkUnit):
         elif executor is not None:
             cluster = self.experiment.config.cluster(self.cluster)
             record["connection"] = {"server": cluster.server, "user": cluster.user,
-                                    "port": cluster.port, "ssh_private_key": cluster.ssh_private_key}
+                                    "port": cluster.port, "ssh_private_key": cluster.ssh_private_key,
+                                    "ssh_connect_timeout": cluster.ssh_connect_timeout,
+                                    "ssh_keepalive_interval": cluster.ssh_keepalive_interval}
             record["custom_output"] = _user_sets(executor, ["--output", "-o"])
         return record
 
@@ -3889,11 +4156,16 @@ class ClusterExperiment(xm.Experiment):
 
         conclude = asyncio.get_running_loop().run_in_executor
         try:
-            await super().__aexit__(exc_type, exc_value, traceback)
-        except BaseException as error:
-            await conclude(None, self._conclude, error)
+            try:
+                await super().__aexit__(exc_type, exc_value, traceback)
+            except BaseException as error:
+                await conclude(None, self._conclude, error)
+                raise
+            await conclude(None, self._conclude, _failure(exc_value))
+        except (KeyboardInterrupt, asyncio.CancelledError):  # the deployment's thread goes on unless stopped
+            for connection in list(self._connections.values()):
+                connection.interrupt()
             raise
-        await conclude(None, self._conclude, _failure(exc_value))
 
     def _stop_local(self) -> None:
         """Terminate local tasks (Ctrl-C, or the launcher failed) and record how they ended."""
@@ -4016,7 +4288,9 @@ def _sge_state(code: str) -> str:
 def _unit_connection(unit: Mapping[str, Any]) -> Connection:
     info = unit.get("connection") or {}
     return Connection(ClusterConfig(name=unit["cluster"], server=info.get("server"), user=info.get("user"),
-                                    port=info.get("port"), ssh_private_key=info.get("ssh_private_key")))
+                                    port=info.get("port"), ssh_private_key=info.get("ssh_private_key"),
+                                    ssh_connect_timeout=info.get("ssh_connect_timeout"),
+                                    ssh_keepalive_interval=info.get("ssh_keepalive_interval")))
 
 
 def task_log_path(unit: Mapping[str, Any], task: int) -> Optional[str]:
@@ -4545,7 +4819,12 @@ def _parser():
         description="Launch experiments on Slurm, Grid Engine or this machine, and follow them.",
         epilog="Run 'lxm3 COMMAND --help' for the options of a command. Clusters are reached "
                "over one SSH connection, kept for the next command for 5 minutes "
-               "($LXM3_SSH_KEEP seconds; 0: not kept).",
+               "($LXM3_SSH_KEEP seconds; 0: not kept). A server that does not answer within "
+               f"{SSH_CONNECT_TIMEOUT} s is given up on, and a connection whose server stops "
+               f"answering ends after {SSH_KEEPALIVE_COUNT} keep-alives {SSH_KEEPALIVE_INTERVAL} s "
+               "apart: set ssh_connect_timeout and ssh_keepalive_interval (seconds) for a cluster "
+               "in the config, or $LXM3_SSH_CONNECT_TIMEOUT and $LXM3_SSH_KEEPALIVE_INTERVAL "
+               "for every cluster (these win).",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     launch = commands.add_parser(

@@ -103,8 +103,9 @@ LAUNCHER = """\
 
         def copy_tree(self, local_dir, remote_dir):
             before = self.bytes_sent
-            original_copy_tree(self, local_dir, remote_dir)
+            copied = original_copy_tree(self, local_dir, remote_dir)
             transfers.append(self.bytes_sent - before)
+            return copied
 
         lxm3.Connection.copy_tree = copy_tree
 

@@ -258,8 +258,9 @@ def test_cluster_job_runs_in_a_deployed_image_sent_once(kind, echo_project, tmp_
 
     def counting_copy(self, local_dir, remote_dir):
         before = self.bytes_sent
-        real_copy(self, local_dir, remote_dir)
+        copied = real_copy(self, local_dir, remote_dir)
         sent.append(self.bytes_sent - before)
+        return copied
 
     monkeypatch.setattr(lxm3.Connection, "copy_tree", counting_copy)
     try:
