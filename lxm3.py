@@ -405,6 +405,8 @@ class ClusterConfig(ValueObject):
         env: Optional[Dict[str, str]] = None,
         singularity_binds: Optional[List[Tuple[str, str]]] = None,
         raw: Optional[Dict[str, Any]] = None,
+        ssh_connect_timeout: Optional[float] = None,  # seconds
+        ssh_keepalive_interval: Optional[float] = None,  # seconds
     ):
         self.name = name
         self.server = server
@@ -415,6 +417,8 @@ class ClusterConfig(ValueObject):
         self.env = {} if env is None else env
         self.singularity_binds = [] if singularity_binds is None else singularity_binds
         self.raw = {} if raw is None else raw
+        self.ssh_connect_timeout = ssh_connect_timeout
+        self.ssh_keepalive_interval = ssh_keepalive_interval
 
 
 class Config(ValueObject):
@@ -427,12 +431,14 @@ class Config(ValueObject):
         local_env: Optional[Dict[str, str]] = None,
         clusters: Optional[List[ClusterConfig]] = None,
         path: Optional[str] = None,
+        local_singularity_binds: Optional[List[Tuple[str, str]]] = None,
     ):
         self.project = project
         self.local_staging = local_staging
         self.local_env = {} if local_env is None else local_env
         self.clusters = [] if clusters is None else clusters
         self.path = path
+        self.local_singularity_binds = [] if local_singularity_binds is None else local_singularity_binds
 
     @classmethod
     def from_file(cls, path: str) -> Config:
@@ -445,26 +451,28 @@ class Config(ValueObject):
             data = _toml_loads(text)
         except ValueError as e:  # tomllib, tomli and our reader all raise ValueError subclasses
             raise ConfigError(f"{path}: {e}") from None
-        try:
-            return cls.from_dict(data, path=path)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{path}: {e}") from None
+        return cls.from_dict(data, path=path)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], path: Optional[str] = None) -> Config:
-        local = _table(data, "local")
-        staging = _table(local, "storage", "local").get("staging")
-        clusters = data.get("clusters", [])
-        if not isinstance(clusters, list):
-            raise ValueError("'clusters' must be an array of tables: write [[clusters]]")
+        """Check ``data`` against CONFIG_SCHEMA, then read it; ConfigError names
+        ``path``, the key and what it may be."""
+        try:
+            _check_table(data, CONFIG_SCHEMA, "")
+            _check_required(data)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        local = data.get("local", {})
+        staging = local.get("storage", {}).get("staging")
         return cls(
             project=os.environ.get("LXM_PROJECT") or data.get("project") or None,
             # lxm3 0.4.2 resolved a relative local staging path against the
             # current directory; keep that so existing configs mean the same.
             local_staging=os.path.abspath(os.path.expanduser(staging)) if staging else None,
-            local_env=_str_dict(_table(local, "env", "local")),
-            clusters=[_cluster_config(c, i) for i, c in enumerate(clusters)],
+            local_env=_str_dict(local.get("env", {})),
+            clusters=[_cluster_config(c) for c in data.get("clusters", [])],
             path=path,
+            local_singularity_binds=_binds(local),
         )
 
     def cluster(self, name: Optional[str] = None) -> ClusterConfig:
@@ -485,35 +493,176 @@ class Config(ValueObject):
         raise ConfigError(f"no cluster named {name!r} in {self.path}; known: {known}")
 
 
-def _table(data: Mapping[str, Any], key: str, parent: str = "") -> Mapping[str, Any]:
-    value = data.get(key, {})
-    if not isinstance(value, Mapping):
-        raise ValueError(f"'{parent + '.' if parent else ''}{key}' must be a table")
-    return value
+# -- What a config may hold ---------------------------------------------------
+#
+# One schema per table: key -> what its value must be: str, a check that
+# returns what is wrong, a dict (a table of its own; key "*" stands for any
+# name), or a one-item list (an array of such tables). Every other key is
+# refused, with the valid ones: a misspelt key read as absent could send a
+# launch elsewhere (``servr``: to this machine). Keys of lxm3 0.4.2 that lxm3
+# does not honour are refused (_Refused) with what to do instead.
+
+
+def _text(value: Any) -> Optional[str]:
+    """An env value: a string; numbers and booleans are written as text."""
+    return None if isinstance(value, (str, int, float)) else "must be a string"
+
+
+def _port(value: Any) -> Optional[str]:
+    ok = type(value) is int and 1 <= value <= 65535
+    return None if ok else "must be a port number from 1 to 65535"
+
+
+def _seconds(value: Any) -> Optional[str]:
+    ok = type(value) in (int, float) and value > 0
+    return None if ok else "must be a number of seconds above 0"
+
+
+class _Refused:
+    """A key lxm3 0.4.2 read that lxm3 does not: refused, with what to do instead."""
+
+    def __init__(self, advice: str):
+        self.advice = advice
+
+
+_SSH_CONFIG_ADVICE = (
+    "lxm3 runs the system ssh, which reads ~/.ssh/config: remove the key and give the "
+    "server a Host entry there, e.g.\n"
+    "    Host login.hpc.example\n"
+    "        ProxyJump gateway.example     # or: ProxyCommand ssh -W %h:%p gateway.example\n"
+    "so that ssh, rsync and lxm3 all reach it the same way"
+)
+_SINGULARITY = {
+    "binds": [{"src": str, "dest": str}],
+    "env": _Refused("lxm3 does not read singularity.env (lxm3 0.4.2 ignored it too): put the "
+                    "variables in the env table beside it; tasks get them in containers too"),
+}
+CLUSTER_SCHEMA = {
+    "name": str,
+    "server": str,
+    "user": str,
+    "port": _port,
+    "ssh_private_key": str,
+    "ssh_connect_timeout": _seconds,
+    "ssh_keepalive_interval": _seconds,
+    "storage": {"staging": str},
+    "env": {"*": _text},
+    "singularity": _SINGULARITY,
+    "slurm": {"gpu_types": {"*": str}},
+    "sge": {"gpu_types": {"*": str}, "parallel_environment": str, "memory_resource": str,
+            "gpu_resource": str, "gpu_type_resource": str},
+    "password": _Refused(
+        "lxm3 takes no passwords: it logs in with your ssh keys or ssh-agent, and when a "
+        "password or 2FA code is needed ssh asks for it itself, once per kept connection; "
+        "remove the key (ssh-copy-id installs a key for logins without one)"),
+    "proxycommand": _Refused(_SSH_CONFIG_ADVICE),
+    "ssh_config": _Refused(_SSH_CONFIG_ADVICE + " (an 'Include FILE' line there reads another file)"),
+}
+CONFIG_SCHEMA = {
+    "project": str,
+    "local": {"storage": {"staging": str}, "env": {"*": _text}, "singularity": _SINGULARITY},
+    "clusters": [CLUSTER_SCHEMA],
+}
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    kind = {str: "a string", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    return f"{kind} ({value!r})"
+
+
+def _toml_header(where: str) -> str:
+    """``clusters[0].storage`` -> ``[clusters.storage]``; ``clusters[0]`` -> ``[[clusters]]``."""
+    name = re.sub(r"\[\d+\]", "", where)
+    return f"[[{name}]]" if where.endswith("]") else f"[{name}]" if where else "the top level"
+
+
+def _check_table(data: Mapping[str, Any], schema: Mapping[str, Any], where: str,
+                 cluster: str = "") -> None:
+    """Raise ValueError for the first value of ``data`` that ``schema`` does not allow.
+
+    ``where`` is the table's dotted path; ``cluster`` names the cluster it belongs to.
+    """
+    of_cluster = f" (cluster {cluster!r})" if cluster else ""
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        rule = schema.get(key, schema.get("*"))
+        if rule is None:
+            import difflib
+
+            valid = [k for k, r in schema.items() if not isinstance(r, _Refused)]
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) or [
+                f"{k}.{key}" for k, r in schema.items() if isinstance(r, dict) and key in r]
+            raise ValueError(f"unknown key '{path}'{of_cluster}"
+                             f"{f'; did you mean {close[0]!r}?' if close else '.'} "
+                             f"The keys of {_toml_header(where)} are: {', '.join(valid)}")
+        problem = None
+        if isinstance(rule, _Refused):
+            problem = f"is not supported: {rule.advice}"
+        elif isinstance(rule, dict):
+            if isinstance(value, Mapping):
+                _check_table(value, rule, path, cluster)
+            else:
+                problem = f"must be a table ({_toml_header(path)})"
+        elif isinstance(rule, list):
+            if isinstance(value, list) and all(isinstance(v, Mapping) for v in value):
+                for i, item in enumerate(value):
+                    name = item.get("name") if path == "clusters" else cluster
+                    _check_table(item, rule[0], f"{path}[{i}]", name if isinstance(name, str) else "")
+            else:
+                problem = f"must be an array of tables: write [[{_toml_header(path)[1:-1]}]]"
+        elif rule is str:
+            problem = None if isinstance(value, str) else "must be a string"
+        else:
+            problem = rule(value)
+        if problem:
+            raise ValueError(f"'{path}'{of_cluster} {problem}"
+                             f"{'' if isinstance(rule, _Refused) else ', not ' + _kind(value)}")
+
+
+def _check_required(data: Mapping[str, Any]) -> None:
+    """Every cluster has a name, every bind a ``src``."""
+    sections = [("local", "", data.get("local", {}))]
+    for i, cluster in enumerate(data.get("clusters", [])):
+        if not cluster.get("name"):
+            raise ValueError(f"clusters[{i}] has no 'name': add name = \"...\" to that [[clusters]] table")
+        sections.append((f"clusters[{i}]", f" (cluster {cluster['name']!r})", cluster))
+    for where, of_cluster, section in sections:
+        for j, bind in enumerate(section.get("singularity", {}).get("binds", [])):
+            if "src" not in bind:
+                raise ValueError(f"'{where}.singularity.binds[{j}]'{of_cluster} has no 'src' "
+                                 "(the path on the host)")
 
 
 def _str_dict(data: Mapping[str, Any]) -> Dict[str, str]:
     return {str(k): str(v) for k, v in data.items()}
 
 
-def _cluster_config(data: Any, index: int) -> ClusterConfig:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"clusters[{index}] must be a table")
-    name = data.get("name")
-    if not name:
-        raise ValueError(f"clusters[{index}] has no 'name'")
-    binds = _table(data, "singularity", "clusters").get("binds", [])
-    port = data.get("port")
+def _binds(section: Mapping[str, Any]) -> List[Tuple[str, str]]:
+    """``[[...singularity.binds]]``: (host path, container path); ``dest`` defaults to ``src``."""
+    binds = section.get("singularity", {}).get("binds", [])
+    return [(b["src"], b.get("dest", b["src"])) for b in binds]
+
+
+def _cluster_config(data: Mapping[str, Any]) -> ClusterConfig:
+    """A checked ``[[clusters]]`` table."""
     return ClusterConfig(
-        name=str(name),
+        name=data["name"],
         server=data.get("server") or None,
         user=data.get("user") or None,
-        port=int(port) if port else None,
+        port=data.get("port"),
         ssh_private_key=data.get("ssh_private_key") or None,
-        staging=_table(data, "storage", "clusters").get("staging"),
-        env=_str_dict(_table(data, "env", "clusters")),
-        singularity_binds=[(str(b["src"]), str(b.get("dest", b["src"]))) for b in binds],
+        staging=data.get("storage", {}).get("staging"),
+        env=_str_dict(data.get("env", {})),
+        singularity_binds=_binds(data),
         raw=dict(data),
+        ssh_connect_timeout=data.get("ssh_connect_timeout"),
+        ssh_keepalive_interval=data.get("ssh_keepalive_interval"),
     )
 
 
@@ -2818,7 +2967,8 @@ class ClusterWorkUnit(xm.WorkUnit):
             header=LOCAL_HEADER, task_id=LOCAL_TASK_ID,
             experiment_id=experiment.experiment_id, work_unit_id=self._work_unit_id,
             num_tasks=len(tasks), archive=executable.archive.path,
-            tasks_file=os.path.join(directory, "tasks"), run=run_line(executable, executor, executable.image),
+            tasks_file=os.path.join(directory, "tasks"),
+            run=run_line(executable, executor, executable.image, experiment.config.local_singularity_binds),
         )
         script_path, _ = write_job_files(directory, script, tasks, experiment.config.local_env)
         if experiment.dry_run_directory:
