@@ -1728,11 +1728,13 @@ class ClusterInfo(ValueObject):
         home: str,
         max_array_size: Optional[int] = None,  # Slurm: tasks 0..N-1 per array
         max_array_tasks: Optional[int] = None,  # Grid Engine's max_aj_tasks (0: no limit)
+        umask: Optional[str] = None,  # of the user's own commands there, e.g. "0022"
     ):
         self.staging = staging
         self.home = home
         self.max_array_size = max_array_size
         self.max_array_tasks = max_array_tasks
+        self.umask = umask
 
 
 def _staging_path(cluster: ClusterConfig) -> str:
@@ -1744,9 +1746,11 @@ def _staging_path(cluster: ClusterConfig) -> str:
 
 
 def probe_cluster(connection: Connection, scheduler: str) -> ClusterInfo:
-    """Create the private staging directory and read the scheduler's array limit.
+    """Create the private staging directory, read the user's umask and the
+    scheduler's array limit.
 
-    One round trip. ``scheduler`` is ``"slurm"`` or ``"sge"``.
+    One round trip. ``scheduler`` is ``"slurm"`` or ``"sge"``. The umask is
+    read before lxm3 sets its own: tasks get it (see render_job_script).
     """
     command = "sbatch" if scheduler == "slurm" else "qsub"
     staging = _staging_path(connection.cluster)
@@ -1754,6 +1758,7 @@ def probe_cluster(connection: Connection, scheduler: str) -> ClusterInfo:
 set -e
 command -v {command} >/dev/null 2>&1 || {{ echo "lxm3-missing {command}"; exit 0; }}
 cd "$HOME"
+echo "umask $(umask)"
 umask 077
 mkdir -p -- {shell_quote(staging)}
 cd -- {shell_quote(staging)}
@@ -1781,7 +1786,29 @@ echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= 
         )
     limits = {key: int(values[key]) for key in ("max_array_size", "max_array_tasks")
               if values.get(key, "").isdigit()}
-    return ClusterInfo(staging=values["staging"], home=values["home"], **limits)
+    umask = values.get("umask", "")
+    if not UMASK_PATTERN.match(umask):
+        raise ClusterError(f"'umask' in a shell on {connection.target} (cluster {connection.cluster.name!r}) "
+                           f"printed {umask!r}, not an octal mask such as 0022; tasks would not know "
+                           "which permissions their files should get")
+    return ClusterInfo(staging=values["staging"], home=values["home"], umask=umask, **limits)
+
+
+UMASK_PATTERN = re.compile(r"^[0-7]{3,4}$")
+
+
+def process_umask() -> str:
+    """This process's umask as ``umask`` prints it, e.g. ``0022``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:  # reading it changes nothing
+            for line in f:
+                if line.startswith("Umask:"):
+                    return line.split()[1]
+    except (OSError, IndexError):
+        pass
+    mask = os.umask(0o077)  # elsewhere: set and restore (the stricter value meanwhile)
+    os.umask(mask)
+    return f"{mask:04o}"
 
 
 # ---------------------------------------------------------------------------
@@ -1910,6 +1937,7 @@ PY
 fi || lxm_fail "cannot unpack $lxm_archive"
 cd "$lxm_workdir" || lxm_fail "cannot enter $lxm_workdir"
 export PYTHONPATH="$lxm_workdir${PYTHONPATH:+:$PYTHONPATH}"
+umask @@{umask}  # @@{umask_note}
 @@{setup}
 @@{run} ${lxm_args[@]+"${lxm_args[@]}"}
 exit $?
@@ -1938,6 +1966,8 @@ def render_job_script(
     setup: str = "",
     run: str = "bash ./entrypoint.sh",
     exit_record: bool = False,
+    umask: Optional[str] = None,
+    umask_note: str = "the umask lxm3 was launched with",
 ) -> str:
     """The job script of one work unit; executors supply ``header`` and ``task_id``.
 
@@ -1945,8 +1975,17 @@ def render_job_script(
     own task variable; ``setup`` runs before the program (``module load``);
     ``run`` is the command line that runs the entrypoint. With ``exit_record``
     the task's last log line is ``lxm3-exit: task I status S``: the truth of
-    last resort for ``lxm3 status`` on clusters without accounting.
+    last resort for ``lxm3 status`` and ``lxm3 logs -f``.
+
+    The program runs with ``umask`` (the user's own commands' umask on the
+    cluster; None: this process's), whatever the scheduler would give it
+    (sbatch passes on the submitting shell's, Grid Engine its daemon's), so
+    a task makes files as the user would by running it there themselves.
+    ``umask_note`` says where the value came from, in a comment.
     """
+    umask = umask or process_umask()
+    if not UMASK_PATTERN.match(umask):
+        raise ValueError(f"umask {umask!r} is not an octal mask such as 0022")
     return JOB_SCRIPT.substitute(
         header=header,
         version=__version__,
@@ -1960,6 +1999,8 @@ def render_job_script(
         run=run,
         exit_record=EXIT_RECORD if exit_record else ":",
         exit_record_comment=", and say how the task ended" if exit_record else "",
+        umask=umask,
+        umask_note=umask_note,
     )
 
 
@@ -2824,6 +2865,8 @@ def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig
             archive=f"{info.staging}/archives/{archive.name}", tasks_file=f"{unit_dir}/tasks",
             setup=module_lines(launch.executor.modules), exit_record=True,
             run=run_line(launch.executable, launch.executor, image, cluster.singularity_binds),
+            umask=info.umask, umask_note="the umask of your own commands on the cluster"
+            if info.umask else "this machine's umask: a dry run does not ask the cluster for its own",
         )
         write_job_files(os.path.join(tree, "experiments", str(xid), f"wu{wid}"), script,
                         launch.tasks, cluster.env)
