@@ -1921,7 +1921,12 @@ lxm_load 1 '#common'
 lxm_load $((LXM_TASK_ID + 2)) "#$LXM_TASK_ID"
 export LXM_EXPERIMENT_ID LXM_WORK_UNIT_ID LXM_NUM_TASKS LXM_TASK_ID
 
-lxm_workdir=$(mktemp -d "${TMPDIR:-/tmp}/lxm3-XXXXXXXX") || lxm_fail "cannot create a temporary directory"
+# Named before it is made, so that the EXIT trap knows it whenever a signal lands.
+lxm_workdir=${TMPDIR:-/tmp}/lxm3-$LXM_EXPERIMENT_ID-$LXM_WORK_UNIT_ID-$LXM_TASK_ID-$$-$RANDOM$RANDOM
+mkdir -m 700 -- "$lxm_workdir" || {
+  lxm_workdir=  # not ours to remove
+  lxm_fail "cannot create a temporary directory in ${TMPDIR:-/tmp}"
+}
 if command -v unzip >/dev/null 2>&1; then
   unzip -q "$lxm_archive" -d "$lxm_workdir"
 else  # Python's zipfile drops file modes: restore them
