@@ -2612,58 +2612,99 @@ LOCAL_TASK_ID = 'LXM_TASK_ID=${LXM_TASK_ID:?"is set by the lxm3 local runner"}'
 
 
 class LocalRunner:
-    """Runs local tasks in a bounded pool, streaming their output with a prefix."""
+    """Runs local tasks in a bounded pool, streaming their output with a prefix.
+
+    ``max_parallel`` worker threads take tasks from one queue, so a sweep of
+    thousands of tasks costs that many threads, not one per task.
+    """
 
     def __init__(self, max_parallel: Optional[int] = None, out=None):
+        import collections
+
         self.max_parallel = max_parallel or os.cpu_count() or 1
         self._out = out or sys.stdout
         self._lock = threading.Lock()
-        self._threads: List[threading.Thread] = []
-        self._slots = threading.BoundedSemaphore(self.max_parallel)
+        self._queue: Any = collections.deque()  # (script, work unit, task, log, prefix, env)
+        self._workers: List[threading.Thread] = []
         self._procs: Dict[Tuple[int, int], Any] = {}
         self._stopping = False
         self.results: List[TaskResult] = []
+        self.not_started: List[Tuple[int, int]] = []  # (work unit, task) dropped by stop()
 
     def submit(self, script: str, work_unit_id: int, num_tasks: int, log_dir: str,
                env: Optional[Mapping[str, str]] = None) -> List[str]:
         """Queue every task of a work unit; returns their log paths."""
         os.makedirs(log_dir, exist_ok=True)
-        logs = []
-        for task_id in range(num_tasks):
-            log_path = os.path.join(log_dir, f"task-{task_id}.log")
-            prefix = f"[{work_unit_id}]" if num_tasks == 1 else f"[{work_unit_id}:{task_id}]"
-            thread = threading.Thread(
-                target=self._run_task,
-                args=(script, work_unit_id, task_id, log_path, prefix, dict(env or {})),
-                name=f"lxm3-task-{work_unit_id}-{task_id}", daemon=True,
-            )
-            self._threads.append(thread)
-            thread.start()
-            logs.append(log_path)
+        logs = [os.path.join(log_dir, f"task-{task_id}.log") for task_id in range(num_tasks)]
+        env = dict(env or {})
+        with self._lock:
+            if self._stopping:
+                self.not_started += [(work_unit_id, t) for t in range(num_tasks)]
+                return logs
+            for task_id, log_path in enumerate(logs):
+                prefix = f"[{work_unit_id}]" if num_tasks == 1 else f"[{work_unit_id}:{task_id}]"
+                self._queue.append((script, work_unit_id, task_id, log_path, prefix, env))
+            for _ in range(min(self.max_parallel - len(self._workers), len(self._queue))):
+                worker = threading.Thread(target=self._work, name="lxm3-local-worker", daemon=True)
+                self._workers.append(worker)
+                worker.start()
         return logs
+
+    def _work(self) -> None:
+        """Run queued tasks until the queue is empty (or stop() emptied it)."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._workers.remove(threading.current_thread())
+                    return
+                task = self._queue.popleft()
+            self._run_task(*task)
 
     def _run_task(self, script, work_unit_id, task_id, log_path, prefix, env) -> None:
         import subprocess
 
-        with self._slots:
-            full_env = {**os.environ, **env, "LXM_TASK_ID": str(task_id)}
-            with open(log_path, "wb") as log:
-                with self._lock:  # stop() must see every process it has to stop
-                    if self._stopping:
-                        return
-                    proc = subprocess.Popen(
-                        ["bash", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
-                    )
-                    self._procs[(work_unit_id, task_id)] = proc
-                for line in proc.stdout:
-                    log.write(line)
-                    log.flush()
-                    self._echo(prefix, line)
-                returncode = proc.wait()
-            self._procs.pop((work_unit_id, task_id), None)
+        full_env = {**os.environ, **env, "LXM_TASK_ID": str(task_id)}
+        with open(log_path, "wb") as log:
+            with self._lock:  # stop() must see every process it has to stop
+                if self._stopping:
+                    self.not_started.append((work_unit_id, task_id))
+                    return
+                proc = subprocess.Popen(
+                    ["bash", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+                )
+                self._procs[(work_unit_id, task_id)] = proc
+            ended = self._stream(proc.stdout, log, prefix, task_id)
+            returncode = proc.wait()
+            if not ended:  # killed before its EXIT trap could say so: say it for it
+                status = returncode if returncode >= 0 else 128 - returncode
+                log.write(f"\nlxm3-exit: task {task_id} status {status}\n".encode())
         with self._lock:
+            self._procs.pop((work_unit_id, task_id), None)
             self.results.append(TaskResult(work_unit_id, task_id, returncode, log_path))
+
+    def _stream(self, stream, log, prefix: str, task_id: int) -> bool:
+        """Copy a task's output to its log and, with ``prefix``, to the terminal;
+        whether it ended with its exit record, which is kept out of the terminal
+        (with the blank line the job script writes before it)."""
+        held = b""  # a blank line, shown unless the exit record follows it
+        ended = False
+        for line in stream:
+            log.write(line)
+            log.flush()
+            record = EXIT_RECORD_PATTERN.match(line.decode("utf-8", "replace"))
+            ended = bool(record) and record.group(1) == str(task_id)
+            if ended:
+                held = b""
+                continue
+            if held:
+                self._echo(prefix, held)
+            held = b"" if line.strip() else line
+            if not held:
+                self._echo(prefix, line)
+        if held:
+            self._echo(prefix, held)
+        return ended
 
     def _echo(self, prefix: str, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip("\n")
@@ -2671,23 +2712,34 @@ class LocalRunner:
             self._out.write(f"{prefix} {text}\n")
             self._out.flush()
 
+    def _join_workers(self, timeout: Optional[float] = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                workers = list(self._workers)
+            if not workers or (deadline is not None and time.monotonic() > deadline):
+                return
+            for worker in workers:
+                worker.join(0.2)
+
     def wait(self) -> List[TaskResult]:
         """Wait for every task; Ctrl-C stops them all and is re-raised."""
         try:
-            for thread in self._threads:
-                while thread.is_alive():
-                    thread.join(0.2)
+            self._join_workers()
         except KeyboardInterrupt:
             self.stop()
             raise
         return sorted(self.results, key=lambda r: (r.work_unit_id, r.task_id))
 
     def stop(self, grace: float = 5.0) -> None:
-        """Terminate every running task's process group, then kill what is left."""
+        """Drop the queued tasks (they never start), terminate every running
+        task's process group, then kill what is left."""
         import signal
 
         with self._lock:
             self._stopping = True
+            self.not_started += [(task[1], task[2]) for task in self._queue]
+            self._queue.clear()
             procs = list(self._procs.values())
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
@@ -2697,8 +2749,7 @@ class LocalRunner:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except Exception:
                 _signal_group(proc, signal.SIGKILL)
-        for thread in self._threads:
-            thread.join(1.0)
+        self._join_workers(timeout=grace)
 
 
 def _signal_group(proc: Any, sig: int) -> None:
@@ -3014,7 +3065,7 @@ class ClusterWorkUnit(xm.WorkUnit):
         script = render_job_script(
             header=LOCAL_HEADER, task_id=LOCAL_TASK_ID,
             experiment_id=experiment.experiment_id, work_unit_id=self._work_unit_id,
-            num_tasks=len(tasks), archive=executable.archive.path,
+            num_tasks=len(tasks), archive=executable.archive.path, exit_record=True,
             tasks_file=os.path.join(directory, "tasks"),
             run=run_line(executable, executor, executable.image, experiment.config.local_singularity_binds),
         )
