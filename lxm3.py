@@ -2630,6 +2630,7 @@ class LocalRunner:
         self._stopping = False
         self.results: List[TaskResult] = []
         self.not_started: List[Tuple[int, int]] = []  # (work unit, task) dropped by stop()
+        self._writing: List[int] = []  # locks on the log directories (see follow_log)
 
     def submit(self, script: str, work_unit_id: int, num_tasks: int, log_dir: str,
                env: Optional[Mapping[str, str]] = None) -> List[str]:
@@ -2637,6 +2638,7 @@ class LocalRunner:
         os.makedirs(log_dir, exist_ok=True)
         logs = [os.path.join(log_dir, f"task-{task_id}.log") for task_id in range(num_tasks)]
         env = dict(env or {})
+        self._writing += _hold_writer_lock(log_dir)
         with self._lock:
             if self._stopping:
                 self.not_started += [(work_unit_id, t) for t in range(num_tasks)]
@@ -2729,7 +2731,14 @@ class LocalRunner:
         except KeyboardInterrupt:
             self.stop()
             raise
+        self._release_logs()
         return sorted(self.results, key=lambda r: (r.work_unit_id, r.task_id))
+
+    def _release_logs(self) -> None:
+        """No task writes its log any more: followers may stop."""
+        for fd in self._writing:
+            os.close(fd)
+        self._writing = []
 
     def stop(self, grace: float = 5.0) -> None:
         """Drop the queued tasks (they never start), terminate every running
@@ -2750,6 +2759,44 @@ class LocalRunner:
             except Exception:
                 _signal_group(proc, signal.SIGKILL)
         self._join_workers(timeout=grace)
+        self._release_logs()
+
+
+LOG_WRITER_LOCK = ".lxm3-writing"  # in a local log directory: held while tasks may write there
+
+
+def _hold_writer_lock(log_dir: str) -> List[int]:
+    """Lock LOG_WRITER_LOCK for as long as this process may write logs there
+    (the kernel lets go if it dies): ``lxm3 logs -f`` stops following when
+    nobody holds it. Returns the descriptor to keep open, if locking works here."""
+    import fcntl
+
+    fd = os.open(os.path.join(log_dir, LOG_WRITER_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # already ours, or no locks on this filesystem
+        os.close(fd)
+        return []
+    return [fd]
+
+
+def _log_writer_alive(log_dir: str) -> bool:
+    """Whether an lxm3 process may still write the logs in ``log_dir``."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(log_dir, LOG_WRITER_LOCK), os.O_RDONLY)
+    except OSError:
+        return False  # launched before there were such locks, or never started
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True  # cannot tell: keep following
+    finally:
+        os.close(fd)
 
 
 def _signal_group(proc: Any, sig: int) -> None:
@@ -3429,27 +3476,31 @@ class ClusterExperiment(xm.Experiment):
             connection.close()
         self._connections.clear()
 
-    def _abandon_pending(self) -> None:
+    def _abandon_pending(self, error: BaseException) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
         for launch in pending:
             launch.work_unit.state = "not submitted"
         if pending:
-            _progress(f"{len(pending)} work unit(s) for clusters were not submitted "
-                      "because the launcher failed")
+            why = "the launch was interrupted" if isinstance(error, KeyboardInterrupt) else "the launcher failed"
+            _progress(f"{len(pending)} work unit(s) for clusters were not submitted because {why}")
 
     def _conclude(self, error: Optional[BaseException]) -> None:
         """End the launch: submit what is queued, wait for local tasks, record the outcome.
 
         After a failure in the launcher nothing more is submitted and local
-        tasks are stopped.
+        tasks are stopped. A KeyboardInterrupt leaves with ``lxm3_outcome``:
+        what had been launched when it came, for the message the user sees.
         """
+        submitting = False
         try:
             if error is None:
+                submitting = True
                 self.submit_pending()
+                submitting = False
                 self._finish_local()
             else:
-                self._abandon_pending()
+                self._abandon_pending(error)
                 self._stop_local()
         except BaseException as e:
             error = e
@@ -3458,6 +3509,27 @@ class ClusterExperiment(xm.Experiment):
         finally:
             self._close_connections()
             self.save_record(*self._outcome(error))
+            if isinstance(error, KeyboardInterrupt):
+                error.lxm3_outcome = self._interrupted_outcome(submitting)
+
+    def _interrupted_outcome(self, submitting: bool) -> str:
+        """What an interruption left (nothing launched, jobs submitted, local tasks
+        stopped), worded to follow "lxm3: interrupted"."""
+        submitted = ", ".join(str(wu.work_unit_id) for wu in self._work_units if wu.arrays)
+        parts = []
+        if submitting:
+            parts.append(" while submitting to clusters: " + (
+                f"work unit(s) {submitted} were submitted" if submitted else "no job was recorded as submitted")
+                + "; a submission under way at that moment may have reached the scheduler all the same "
+                  "(squeue/qstat show it)")
+        elif submitted:
+            parts.append(f"; work unit(s) {submitted} were submitted to clusters and keep running "
+                         f"(lxm3 cancel {self._id} stops them)")
+        if self._runner is not None:
+            parts.append("; local tasks were stopped")
+        if not parts:
+            return " before anything was launched: nothing was submitted or run"
+        return "".join(parts) + ("" if self.dry_run_directory else f" (lxm3 status {self._id})")
 
     def _outcome(self, error: Optional[BaseException]) -> Tuple[str, Optional[str]]:
         units = self._work_units
@@ -3761,12 +3833,27 @@ def _local_statuses(unit: Mapping[str, Any], record: Mapping[str, Any]) -> List[
             statuses.append(TaskStatus(task, "completed" if code == 0 else "failed", code))
         elif unit["state"] == "stopped":
             statuses.append(TaskStatus(task, "cancelled", detail="stopped before it started"))
-        elif record.get("status") == "launching":
-            statuses.append(TaskStatus(task, "running"))
+        elif record.get("status") == "launching":  # the launch runs: has the task ended?
+            paths = unit.get("log_paths") or []
+            code = _logged_exit(paths[task]) if task < len(paths) else None
+            statuses.append(TaskStatus(task, "running") if code is None else
+                            TaskStatus(task, "completed" if code == 0 else "failed", code))
         else:
             state = "cancelled" if record.get("status") == "interrupted" else "unknown"
             statuses.append(TaskStatus(task, state))
     return statuses
+
+
+def _logged_exit(log_path: str) -> Optional[int]:
+    """The status in a local task's exit record, if its log ends with one."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 128))
+            last = f.read().decode("utf-8", "replace").splitlines()[-1:]
+    except OSError:
+        return None
+    match = EXIT_RECORD_PATTERN.match(last[0]) if last else None
+    return int(match.group(2)) if match else None
 
 
 _BENIGN_CANCEL = re.compile(r"does not exist|registered the job|has deleted|Invalid job id", re.I)
@@ -3802,21 +3889,111 @@ def cancel(record: Dict[str, Any], work_unit_ids: Optional[Sequence[int]] = None
 
 
 def follow_log(unit: Mapping[str, Any], task: int, lines: int, follow: bool) -> int:
-    """Show (or follow) a task's log with ``tail``, there or here."""
+    """Show a task's log, there or here; with ``follow``, print what is added
+    until the task's exit record (``lxm3-exit: task I status S``)."""
     import subprocess
 
     path = task_log_path(unit, task)
     if path is None:
         raise LaunchError(f"lxm3 does not know where task {task} of work unit {unit['id']} writes its "
                           "log (not submitted, or its output option was set by the launcher)")
-    argv = ["tail", "-n", str(lines), *(["-F"] if follow else []), path]
     if unit["scheduler"] == "local":
-        return subprocess.call(argv)
+        if follow:
+            return _follow_local(path, lines)
+        return _exit_status(subprocess.call(["tail", "-n", str(lines), "--", path]))
     connection = _unit_connection(unit)
     try:
-        return connection.run_streaming(" ".join(shell_quote(a) for a in argv))
+        return _exit_status(connection.run_streaming(_follow_command(path, lines, follow)))
     finally:
         connection.close()
+
+
+def _exit_status(returncode: int) -> int:
+    """A child's return code as a shell reports it: 128 + N when signal N ended it."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+_EXIT_LINE = r"^lxm3-exit: task [0-9]+ status [0-9]+"  # EXIT_RECORD_PATTERN, for grep and bash
+
+
+def _follow_command(path: str, lines: int, follow: bool) -> str:
+    """One shell line for the cluster: ``tail``, or ``tail -F`` read until the exit
+    record, then ended. ``bash -c``, whatever the user's login shell is."""
+    quoted = shell_quote(path)
+    if not follow:
+        return f"tail -n {int(lines)} -- {quoted}"
+    script = (
+        # Ended already: show its end and stop (also with -n 0).
+        f"if tail -n 1 -- {quoted} 2>/dev/null | grep -qE '{_EXIT_LINE}'; then "
+        f"tail -n {int(lines)} -- {quoted}; exit; fi; "
+        f"coproc lxm_tail {{ exec tail -n {int(lines)} -F -- {quoted}; }}; "
+        'while IFS= read -r lxm_line <&"${lxm_tail[0]}" || [[ -n $lxm_line ]]; do '
+        'printf "%s\\n" "$lxm_line"; '
+        f"[[ $lxm_line =~ {_EXIT_LINE.replace(' ', '[[:space:]]')} ]] && break; done; "
+        'kill "$lxm_tail_PID" 2>/dev/null; exit 0'
+    )
+    return "bash -c " + shell_quote(script)
+
+
+FOLLOW_POLL_SECONDS = 0.2
+
+
+def _follow_local(path: str, lines: int) -> int:
+    """``tail -n LINES -F`` for a local task, which ends after the task's exit
+    record, or once no lxm3 process writes its log any more (the task, or the
+    launch that ran it, was killed: nothing more will be written)."""
+    out = sys.stdout.buffer
+    log_dir = os.path.dirname(path)
+    position, partial, waiting = 0, b"", False
+    while True:
+        writing = _log_writer_alive(log_dir)  # asked first: a last write lands before we read
+        try:
+            with open(path, "rb") as f:
+                if position == 0:
+                    position = _start_of_last_lines(f, lines)
+                f.seek(position)
+                data = f.read()
+        except FileNotFoundError:
+            if not writing:
+                raise LaunchError(f"{path} does not exist: the task never started") from None
+            if not waiting:
+                _progress(f"waiting for the task to start ({path} does not exist yet)")
+                waiting = True
+            data = b""
+        position += len(data)
+        chunk = partial + data
+        complete, _, partial = chunk.rpartition(b"\n")
+        if complete:
+            out.write(complete + b"\n")
+            out.flush()
+            if any(EXIT_RECORD_PATTERN.match(line.decode("utf-8", "replace"))
+                   for line in complete.split(b"\n")):
+                return 0
+        if not writing:
+            if partial:
+                out.write(partial + b"\n")
+                out.flush()
+            return 0
+        time.sleep(FOLLOW_POLL_SECONDS)
+
+
+def _start_of_last_lines(f, lines: int) -> int:
+    """The offset where the last ``lines`` lines of the open file ``f`` begin."""
+    end = position = f.seek(0, os.SEEK_END)
+    if lines <= 0:
+        return end
+    data = b""
+    while position > 0 and data.count(b"\n", 0, len(data) - 1) < lines:
+        size = min(65536, position)
+        position -= size
+        f.seek(position)
+        data = f.read(size) + data
+    index = len(data) - 1 if data.endswith(b"\n") else len(data)  # the last line's own newline
+    for _ in range(lines):
+        index = data.rfind(b"\n", 0, index)
+        if index < 0:
+            return position  # the whole file has fewer lines
+    return position + index + 1
 
 
 # ---------------------------------------------------------------------------
@@ -3887,8 +4064,8 @@ def _launch(launcher: str, args: List[str], dry_run: bool = False) -> int:
     except LaunchError as e:
         print(f"lxm3: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("lxm3: interrupted; local tasks were stopped", file=sys.stderr)
+    except KeyboardInterrupt as e:  # the experiment says what had been launched
+        print(f"lxm3: interrupted{getattr(e, 'lxm3_outcome', '')}", file=sys.stderr)
         return 130
     except Exception as e:  # the user's error: show where in their launcher it happened
         _user_traceback(e)
@@ -4007,6 +4184,7 @@ def _parser():
                "over one SSH connection, kept for the next command for 5 minutes "
                "($LXM3_SSH_KEEP seconds; 0: not kept).",
     )
+    parser.add_argument("--version", action="version", version=f"lxm3 {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     launch = commands.add_parser(
         "launch",
@@ -4046,7 +4224,8 @@ def _parser():
     logs.add_argument("work_unit", metavar="WID", type=int, nargs="?",
                       help="work unit (needed when there are several)")
     logs.add_argument("--task", type=int, default=0, help="task index, from 0 (default 0)")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing new lines until the task ends")
     logs.add_argument("-n", type=int, default=50, help="lines to show (default 50)")
 
     cancel_command = commands.add_parser("cancel", help="cancel an experiment's jobs",
@@ -4094,16 +4273,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _launch(args.launcher, list(args.args), dry_run=args.dry_run)
         if args.command == "version":
             print(f"lxm3 {__version__}")
+            sys.stdout.flush()
             return 0
         if args.command in handlers:
-            return handlers[args.command](args)
+            code = handlers[args.command](args)
+            sys.stdout.flush()  # here, so that a closed pipe is caught below, not at exit
+            return code
     except LaunchError as e:
         print(f"lxm3: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_left()
     parser.print_help()
     return 2
+
+
+def _reader_left() -> int:
+    """Whoever read our output stopped (``lxm3 status X | head -1``): end quietly.
+
+    Python's recipe: point stdout at /dev/null, so that flushing it at exit
+    does not fail again. The exit code is 141 (128 + SIGPIPE), what a shell
+    reports for cat or grep in the same place, so that ``set -o pipefail``
+    treats lxm3 like them; ``head`` already has what it asked for.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
 
 
 if __name__ == "__main__":
