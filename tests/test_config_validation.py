@@ -210,6 +210,7 @@ LAUNCHER = """\
 """
 
 
+@pytest.mark.testbed
 def test_misspelt_server_stops_the_launch_before_anything_happens(tmp_path):
     """Read as absent, ``servr`` would make this machine the login node: sbatch would
     run here (the test bed's Slurm is on this machine) with lxm3's files in the

@@ -30,8 +30,6 @@ from cluster_helpers import (
 from conftest import PYPROJECT, ROOT, write_files
 from testbed_env import require_testbed
 
-pytestmark = pytest.mark.testbed
-
 UMASK_MAIN = textwrap.dedent(TASK_MAIN).replace(
     "start = time.time()\n",
     "start = time.time()\numask = os.umask(0)\nos.umask(umask)\n",
@@ -81,6 +79,7 @@ def workspaces(umask_projects):
         ws.cleanup()
 
 
+@pytest.mark.testbed
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_tasks_get_the_umask_of_the_users_own_commands(workspaces, scheduler, mode):
@@ -153,3 +152,27 @@ def test_local_tasks_and_dry_runs_use_the_launching_umask(tmp_path):
     assert (f"umask {LOGIN_UMASK:04o}  # this machine's umask: a dry run does not ask the cluster "
             "for its own") in open(script).read()
     shutil.rmtree(directory)
+
+
+def test_a_umask_that_is_not_an_octal_mask_is_refused(monkeypatch):
+    """A real shell's ``umask`` always prints a mask; what the probe would do with
+    anything else is checked with a connection whose output is given (a stand-in:
+    no real shell prints a wrong one), and the job script refuses one too."""
+    import lxm3
+
+    for printed in ("0022", "022", "0777"):
+        script = lxm3.render_job_script(header="", task_id="LXM_TASK_ID=0", experiment_id=1,
+                                        work_unit_id=1, num_tasks=1, archive="a.zip",
+                                        tasks_file="tasks", umask=printed, umask_note="n")
+        assert f"\numask {printed}  # n\n" in script
+    for bad in ("22", "00022", "u=rwx", "0022; rm -rf ~", "0089"):
+        with pytest.raises(ValueError, match="is not an octal mask such as 0022"):
+            lxm3.render_job_script(header="", task_id="LXM_TASK_ID=0", experiment_id=1,
+                                   work_unit_id=1, num_tasks=1, archive="a.zip",
+                                   tasks_file="tasks", umask=bad)
+    connection = lxm3.Connection(lxm3.ClusterConfig(name="c", server="login.example"))
+    monkeypatch.setattr(connection, "run_script", lambda script, what: (
+        "umask u=rwx,g=rx,o=rx\nstaging /home/a/lxm3-staging\nhome /home/a\n"))
+    with pytest.raises(lxm3.ClusterError, match=r"'umask' in a shell on login\.example \(cluster 'c'\) "
+                                                r"printed 'u=rwx,g=rx,o=rx', not an octal mask such as 0022"):
+        lxm3.probe_cluster(connection, "slurm")
