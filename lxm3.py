@@ -3944,13 +3944,13 @@ def _follow_local(path: str, lines: int) -> int:
     launch that ran it, was killed: nothing more will be written)."""
     out = sys.stdout.buffer
     log_dir = os.path.dirname(path)
-    position, partial, waiting = 0, b"", False
+    position, partial, opened, waiting = 0, b"", False, False
     while True:
         writing = _log_writer_alive(log_dir)  # asked first: a last write lands before we read
         try:
             with open(path, "rb") as f:
-                if position == 0:
-                    position = _start_of_last_lines(f, lines)
+                if not opened:  # the last lines of what is there; then everything added
+                    position, opened = _start_of_last_lines(f, lines), True
                 f.seek(position)
                 data = f.read()
         except FileNotFoundError:
@@ -3958,7 +3958,7 @@ def _follow_local(path: str, lines: int) -> int:
                 raise LaunchError(f"{path} does not exist: the task never started") from None
             if not waiting:
                 _progress(f"waiting for the task to start ({path} does not exist yet)")
-                waiting = True
+                waiting = opened = True  # all it writes is new: shown from its start
             data = b""
         position += len(data)
         chunk = partial + data

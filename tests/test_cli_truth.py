@@ -195,6 +195,15 @@ def test_logs_follow_of_a_finished_local_task_prints_its_end_and_returns(tmp_pat
     assert (proc.returncode, proc.stdout) == (0, "")
 
 
+def recorded_units(new_records):
+    """The work units of the new launch's record; [] until it has been written
+    (the id is claimed with an empty file first)."""
+    try:
+        return read_record(new_records[0][:-5])["work_units"] if new_records else []
+    except ValueError:
+        return []
+
+
 def follow_gated_local_task(tmp_path, task_project, name, env):  # noqa: F811
     """Launch one local task that waits for a gate; follow its log. Returns
     (launch, follower, gate) once the follower has shown the task's first line."""
@@ -208,7 +217,7 @@ def follow_gated_local_task(tmp_path, task_project, name, env):  # noqa: F811
     deadline = time.monotonic() + 120
     while True:  # the record names the log once the task is started
         new = [n for n in record_files() if n not in before]
-        units = read_record(new[0][:-5])["work_units"] if new else []
+        units = recorded_units(new)
         if units and units[0].get("log_paths") and os.path.exists(units[0]["log_paths"][0]):
             break
         assert launch.poll() is None, launch.communicate()
@@ -224,13 +233,13 @@ def test_logs_follow_of_a_running_local_task_ends_with_the_task(tmp_path, task_p
     launch, follower, gate = follow_gated_local_task(tmp_path, task_project, "run", {})
     try:
         time.sleep(1)
-        assert follower.poll() is None, "stopped following a running task"
+        assert follower.poll() is None, ("stopped following a running task", follower.communicate())
         gate.touch()
         stdout, stderr = follower.communicate(timeout=120)
         assert follower.returncode == 0, stderr
         assert stdout.splitlines()[-4:] == ["line 1 of task 0", "task 0 done", "",
-                                            "lxm3-exit: task 0 status 0"]
-        assert launch.wait(120) == 0
+                                            "lxm3-exit: task 0 status 0"], stdout
+        assert launch.wait(120) == 0, launch.communicate()
     finally:
         gate.touch()
         for proc in (follower, launch):
@@ -246,7 +255,7 @@ def test_logs_follow_of_a_task_killed_outright_ends(tmp_path, task_project):  # 
         gate.touch()
         stdout, stderr = follower.communicate(timeout=120)
         assert follower.returncode == 0, stderr
-        assert stdout.splitlines()[-1] == "lxm3-exit: task 0 status 137"
+        assert stdout.splitlines()[-1] == "lxm3-exit: task 0 status 137", stdout
         launch.wait(120)
     finally:
         for proc in (follower, launch):
@@ -260,7 +269,7 @@ def test_logs_follow_ends_when_the_launch_running_the_task_is_killed(tmp_path, t
     launch, follower, gate = follow_gated_local_task(tmp_path, task_project, "gone", {})
     try:
         time.sleep(1)
-        assert follower.poll() is None, "stopped following a running task"
+        assert follower.poll() is None, ("stopped following a running task", follower.communicate())
         launch.kill()
         launch.wait(60)
         stdout, stderr = follower.communicate(timeout=60)
@@ -287,7 +296,7 @@ def test_logs_follow_on_slurm_ends_with_the_task(tmp_path, task_project):  # noq
         try:
             read_lines(follower, 1, r"task 0 argv=.*", timeout=60)
             time.sleep(1)
-            assert follower.poll() is None, "stopped following a running task"
+            assert follower.poll() is None, ("stopped following a running task", follower.communicate())
             ws.open_gate("follow")
             stdout, stderr = follower.communicate(timeout=120)
         finally:
@@ -323,7 +332,7 @@ def test_status_of_a_running_local_launch_shows_tasks_that_ended(tmp_path, task_
         deadline = time.monotonic() + 120
         while True:
             new = [n for n in record_files() if n not in before]
-            status = status_json(new[0][:-5]) if new else {"work_units": {}}
+            status = status_json(new[0][:-5]) if recorded_units(new) else {"work_units": {}}
             got = states(status) if "1" in status["work_units"] else None
             if got == [("failed", 4), ("running", None)]:
                 break
@@ -332,6 +341,44 @@ def test_status_of_a_running_local_launch_shows_tasks_that_ended(tmp_path, task_
             time.sleep(0.5)
         gate.touch()
         assert launch.wait(120) == 1
+    finally:
+        gate.touch()
+        if launch.poll() is None:
+            launch.kill()
+
+
+def test_logs_follow_of_a_queued_local_task_shows_all_it_writes(tmp_path, task_project):  # noqa: F811
+    """Followed before it starts (one task at a time; task 0 holds the slot), task 1's
+    log appears later and is shown from its first line, as ``tail -F`` does."""
+    gate = tmp_path / "gate"
+    spec = {"title": "queued", "project": task_project,
+            "units": [local_unit(2, task_env=lambda i: {"GATE": str(gate)} if i == 0 else
+                                 {"LINES": "40", "EVERY": "0"})]}
+    spec["units"][0]["options"] = {"max_parallel_tasks": 1}
+    launcher = write_launcher(tmp_path / "queued", spec)
+    before = record_files()
+    launch = lxm3_popen("launch", launcher, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # task 0 runs, task 1 waits in the queue
+            new = [n for n in record_files() if n not in before]
+            units = recorded_units(new)
+            if units and units[0].get("log_paths") and os.path.exists(units[0]["log_paths"][0]):
+                break
+            assert launch.poll() is None and time.monotonic() < deadline, "task 0 did not start"
+            time.sleep(0.2)
+        assert not os.path.exists(units[0]["log_paths"][1])
+        follower = lxm3_popen("logs", new[0][:-5], "--task", "1", "-f", "-n", "2",
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
+        gate.touch()
+        stdout, stderr = follower.communicate(timeout=120)
+        assert follower.returncode == 0, stderr
+        assert "waiting for the task to start" in stderr
+        assert stdout.splitlines() == ['task 1 argv=["--seed=1"]', *[f"line {i} of task 1" for i in range(40)],
+                                       "task 1 done", "", "lxm3-exit: task 1 status 0"]
+        assert launch.wait(120) == 0
     finally:
         gate.touch()
         if launch.poll() is None:
