@@ -432,6 +432,7 @@ class Config(ValueObject):
         local_env: Optional[Dict[str, str]] = None,
         clusters: Optional[List[ClusterConfig]] = None,
         path: Optional[str] = None,
+        local_singularity_binds: Optional[List[Tuple[str, str]]] = None,
     ):
         self.project = project
         self.local_staging = local_staging
@@ -439,6 +440,7 @@ class Config(ValueObject):
         check_env(self.local_env, "[local.env]")
         self.clusters = [] if clusters is None else clusters
         self.path = path
+        self.local_singularity_binds = [] if local_singularity_binds is None else local_singularity_binds
 
     @classmethod
     def from_file(cls, path: str) -> Config:
@@ -451,26 +453,28 @@ class Config(ValueObject):
             data = _toml_loads(text)
         except ValueError as e:  # tomllib, tomli and our reader all raise ValueError subclasses
             raise ConfigError(f"{path}: {e}") from None
-        try:
-            return cls.from_dict(data, path=path)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{path}: {e}") from None
+        return cls.from_dict(data, path=path)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], path: Optional[str] = None) -> Config:
-        local = _table(data, "local")
-        staging = _table(local, "storage", "local").get("staging")
-        clusters = data.get("clusters", [])
-        if not isinstance(clusters, list):
-            raise ValueError("'clusters' must be an array of tables: write [[clusters]]")
+        """Check ``data`` against CONFIG_SCHEMA, then read it; ConfigError names
+        ``path``, the key and what it may be."""
+        try:
+            _check_table(data, CONFIG_SCHEMA, "")
+            _check_required(data)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        local = data.get("local", {})
+        staging = local.get("storage", {}).get("staging")
         return cls(
             project=os.environ.get("LXM_PROJECT") or data.get("project") or None,
             # lxm3 0.4.2 resolved a relative local staging path against the
             # current directory; keep that so existing configs mean the same.
             local_staging=os.path.abspath(os.path.expanduser(staging)) if staging else None,
-            local_env=_str_dict(_table(local, "env", "local")),
-            clusters=[_cluster_config(c, i) for i, c in enumerate(clusters)],
+            local_env=_str_dict(local.get("env", {})),
+            clusters=[_cluster_config(c) for c in data.get("clusters", [])],
             path=path,
+            local_singularity_binds=_binds(local),
         )
 
     def require_clusters(self) -> None:
@@ -495,48 +499,177 @@ class Config(ValueObject):
         raise ConfigError(f"no cluster named {name!r} in {self.path}; known: {known}")
 
 
-def _table(data: Mapping[str, Any], key: str, parent: str = "") -> Mapping[str, Any]:
-    value = data.get(key, {})
-    if not isinstance(value, Mapping):
-        raise ValueError(f"'{parent + '.' if parent else ''}{key}' must be a table")
-    return value
+# -- What a config may hold ---------------------------------------------------
+#
+# One schema per table: key -> what its value must be: str, a check that
+# returns what is wrong, a dict (a table of its own; key "*" stands for any
+# name), or a one-item list (an array of such tables). Every other key is
+# refused, with the valid ones: a misspelt key read as absent could send a
+# launch elsewhere (``servr``: to this machine). Keys of lxm3 0.4.2 that lxm3
+# does not honour are refused (_Refused) with what to do instead.
+
+
+def _text(value: Any) -> Optional[str]:
+    """An env value: a string; numbers and booleans are written as text."""
+    return None if isinstance(value, (str, int, float)) else "must be a string"
+
+
+def _port(value: Any) -> Optional[str]:
+    ok = type(value) is int and 1 <= value <= 65535
+    return None if ok else "must be a port number from 1 to 65535"
+
+
+def _seconds(value: Any) -> Optional[str]:
+    ok = type(value) in (int, float) and value > 0
+    return None if ok else "must be a number of seconds above 0"
+
+
+class _Refused:
+    """A key lxm3 0.4.2 read that lxm3 does not: refused, with what to do instead."""
+
+    def __init__(self, advice: str):
+        self.advice = advice
+
+
+_SSH_CONFIG_ADVICE = (
+    "lxm3 runs the system ssh, which reads ~/.ssh/config: remove the key and give the "
+    "server a Host entry there, e.g.\n"
+    "    Host login.hpc.example\n"
+    "        ProxyJump gateway.example     # or: ProxyCommand ssh -W %h:%p gateway.example\n"
+    "so that ssh, rsync and lxm3 all reach it the same way"
+)
+_SINGULARITY = {
+    "binds": [{"src": str, "dest": str}],
+    "env": _Refused("lxm3 does not read singularity.env (lxm3 0.4.2 ignored it too): put the "
+                    "variables in the env table beside it; tasks get them in containers too"),
+}
+CLUSTER_SCHEMA = {
+    "name": str,
+    "server": str,
+    "user": str,
+    "port": _port,
+    "ssh_private_key": str,
+    "ssh_connect_timeout": _seconds,
+    "ssh_keepalive_interval": _seconds,
+    "storage": {"staging": str},
+    "env": {"*": _text},
+    "singularity": _SINGULARITY,
+    "slurm": {"gpu_types": {"*": str}},
+    "sge": {"gpu_types": {"*": str}, "parallel_environment": str, "memory_resource": str,
+            "gpu_resource": str, "gpu_type_resource": str},
+    "password": _Refused(
+        "lxm3 takes no passwords: it logs in with your ssh keys or ssh-agent, and when a "
+        "password or 2FA code is needed ssh asks for it itself, once per kept connection; "
+        "remove the key (ssh-copy-id installs a key for logins without one)"),
+    "proxycommand": _Refused(_SSH_CONFIG_ADVICE),
+    "ssh_config": _Refused(_SSH_CONFIG_ADVICE + " (an 'Include FILE' line there reads another file)"),
+}
+CONFIG_SCHEMA = {
+    "project": str,
+    "local": {"storage": {"staging": str}, "env": {"*": _text}, "singularity": _SINGULARITY},
+    "clusters": [CLUSTER_SCHEMA],
+}
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    kind = {str: "a string", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    return f"{kind} ({value!r})"
+
+
+def _toml_header(where: str) -> str:
+    """``clusters[0].storage`` -> ``[clusters.storage]``; ``clusters[0]`` -> ``[[clusters]]``."""
+    name = re.sub(r"\[\d+\]", "", where)
+    return f"[[{name}]]" if where.endswith("]") else f"[{name}]" if where else "the top level"
+
+
+def _check_table(data: Mapping[str, Any], schema: Mapping[str, Any], where: str,
+                 cluster: str = "") -> None:
+    """Raise ValueError for the first value of ``data`` that ``schema`` does not allow.
+
+    ``where`` is the table's dotted path; ``cluster`` names the cluster it belongs to.
+    """
+    of_cluster = f" (cluster {cluster!r})" if cluster else ""
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        rule = schema.get(key, schema.get("*"))
+        if rule is None:
+            import difflib
+
+            valid = [k for k, r in schema.items() if not isinstance(r, _Refused)]
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) or [
+                f"{k}.{key}" for k, r in schema.items() if isinstance(r, dict) and key in r]
+            raise ValueError(f"unknown key '{path}'{of_cluster}"
+                             f"{f'; did you mean {close[0]!r}?' if close else '.'} "
+                             f"The keys of {_toml_header(where)} are: {', '.join(valid)}")
+        problem = None
+        if isinstance(rule, _Refused):
+            problem = f"is not supported: {rule.advice}"
+        elif isinstance(rule, dict):
+            if isinstance(value, Mapping):
+                _check_table(value, rule, path, cluster)
+            else:
+                problem = f"must be a table ({_toml_header(path)})"
+        elif isinstance(rule, list):
+            if isinstance(value, list) and all(isinstance(v, Mapping) for v in value):
+                for i, item in enumerate(value):
+                    name = item.get("name") if path == "clusters" else cluster
+                    _check_table(item, rule[0], f"{path}[{i}]", name if isinstance(name, str) else "")
+            else:
+                problem = f"must be an array of tables: write [[{_toml_header(path)[1:-1]}]]"
+        elif rule is str:
+            problem = None if isinstance(value, str) else "must be a string"
+        else:
+            problem = rule(value)
+        if problem:
+            raise ValueError(f"'{path}'{of_cluster} {problem}"
+                             f"{'' if isinstance(rule, _Refused) else ', not ' + _kind(value)}")
+
+
+def _check_required(data: Mapping[str, Any]) -> None:
+    """Every cluster has a name, every bind a ``src``."""
+    sections = [("local", "", data.get("local", {}))]
+    for i, cluster in enumerate(data.get("clusters", [])):
+        if not cluster.get("name"):
+            raise ValueError(f"clusters[{i}] has no 'name': add name = \"...\" to that [[clusters]] table")
+        sections.append((f"clusters[{i}]", f" (cluster {cluster['name']!r})", cluster))
+    for where, of_cluster, section in sections:
+        for j, bind in enumerate(section.get("singularity", {}).get("binds", [])):
+            if "src" not in bind:
+                raise ValueError(f"'{where}.singularity.binds[{j}]'{of_cluster} has no 'src' "
+                                 "(the path on the host)")
 
 
 def _str_dict(data: Mapping[str, Any]) -> Dict[str, str]:
     return {str(k): str(v) for k, v in data.items()}
 
 
-def _cluster_config(data: Any, index: int) -> ClusterConfig:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"clusters[{index}] must be a table")
-    name = data.get("name")
-    if not name:
-        raise ValueError(f"clusters[{index}] has no 'name'")
-    binds = _table(data, "singularity", "clusters").get("binds", [])
-    port = data.get("port")
+def _binds(section: Mapping[str, Any]) -> List[Tuple[str, str]]:
+    """``[[...singularity.binds]]``: (host path, container path); ``dest`` defaults to ``src``."""
+    binds = section.get("singularity", {}).get("binds", [])
+    return [(b["src"], b.get("dest", b["src"])) for b in binds]
+
+
+def _cluster_config(data: Mapping[str, Any]) -> ClusterConfig:
+    """A checked ``[[clusters]]`` table."""
     return ClusterConfig(
-        name=str(name),
+        name=data["name"],
         server=data.get("server") or None,
         user=data.get("user") or None,
-        port=int(port) if port else None,
+        port=data.get("port"),
         ssh_private_key=data.get("ssh_private_key") or None,
-        staging=_table(data, "storage", "clusters").get("staging"),
-        env=_str_dict(_table(data, "env", "clusters")),
-        singularity_binds=[(str(b["src"]), str(b.get("dest", b["src"]))) for b in binds],
+        staging=data.get("storage", {}).get("staging"),
+        env=_str_dict(data.get("env", {})),
+        singularity_binds=_binds(data),
         raw=dict(data),
-        ssh_connect_timeout=_seconds(data, "ssh_connect_timeout", index),
-        ssh_keepalive_interval=_seconds(data, "ssh_keepalive_interval", index),
+        ssh_connect_timeout=data.get("ssh_connect_timeout"),
+        ssh_keepalive_interval=data.get("ssh_keepalive_interval"),
     )
-
-
-def _seconds(data: Mapping[str, Any], key: str, index: int) -> Optional[float]:
-    """An optional number of seconds > 0."""
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
-        raise ValueError(f"clusters[{index}].{key} must be a number of seconds > 0, not {value!r}")
-    return value
 
 
 _config_path_override: Optional[str] = None
@@ -1880,11 +2013,13 @@ class ClusterInfo(ValueObject):
         home: str,
         max_array_size: Optional[int] = None,  # Slurm: tasks 0..N-1 per array
         max_array_tasks: Optional[int] = None,  # Grid Engine's max_aj_tasks (0: no limit)
+        umask: Optional[str] = None,  # of the user's own commands there, e.g. "0022"
     ):
         self.staging = staging
         self.home = home
         self.max_array_size = max_array_size
         self.max_array_tasks = max_array_tasks
+        self.umask = umask
 
 
 def _staging_path(cluster: ClusterConfig) -> str:
@@ -1896,9 +2031,11 @@ def _staging_path(cluster: ClusterConfig) -> str:
 
 
 def probe_cluster(connection: Connection, scheduler: str) -> ClusterInfo:
-    """Create the private staging directory and read the scheduler's array limit.
+    """Create the private staging directory, read the user's umask and the
+    scheduler's array limit.
 
-    One round trip. ``scheduler`` is ``"slurm"`` or ``"sge"``.
+    One round trip. ``scheduler`` is ``"slurm"`` or ``"sge"``. The umask is
+    read before lxm3 sets its own: tasks get it (see render_job_script).
     """
     command = "sbatch" if scheduler == "slurm" else "qsub"
     staging = _staging_path(connection.cluster)
@@ -1906,6 +2043,7 @@ def probe_cluster(connection: Connection, scheduler: str) -> ClusterInfo:
 set -e
 command -v {command} >/dev/null 2>&1 || {{ echo "lxm3-missing {command}"; exit 0; }}
 cd "$HOME"
+echo "umask $(umask)"
 umask 077
 mkdir -p -- {shell_quote(staging)}
 cd -- {shell_quote(staging)}
@@ -1933,7 +2071,29 @@ echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= 
         )
     limits = {key: int(values[key]) for key in ("max_array_size", "max_array_tasks")
               if values.get(key, "").isdigit()}
-    return ClusterInfo(staging=values["staging"], home=values["home"], **limits)
+    umask = values.get("umask", "")
+    if not UMASK_PATTERN.match(umask):
+        raise ClusterError(f"'umask' in a shell on {connection.target} (cluster {connection.cluster.name!r}) "
+                           f"printed {umask!r}, not an octal mask such as 0022; tasks would not know "
+                           "which permissions their files should get")
+    return ClusterInfo(staging=values["staging"], home=values["home"], umask=umask, **limits)
+
+
+UMASK_PATTERN = re.compile(r"^[0-7]{3,4}$")
+
+
+def process_umask() -> str:
+    """This process's umask as ``umask`` prints it, e.g. ``0022``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:  # reading it changes nothing
+            for line in f:
+                if line.startswith("Umask:"):
+                    return line.split()[1]
+    except (OSError, IndexError):
+        pass
+    mask = os.umask(0o077)  # elsewhere: set and restore (the stricter value meanwhile)
+    os.umask(mask)
+    return f"{mask:04o}"
 
 
 def _size_text(size: int) -> str:
@@ -2413,7 +2573,12 @@ lxm_load 1 '#common'
 lxm_load $((LXM_TASK_ID + 2)) "#$LXM_TASK_ID"
 export LXM_EXPERIMENT_ID LXM_WORK_UNIT_ID LXM_NUM_TASKS LXM_TASK_ID
 
-lxm_workdir=$(mktemp -d "${TMPDIR:-/tmp}/lxm3-XXXXXXXX") || lxm_fail "cannot create a temporary directory"
+# Named before it is made, so that the EXIT trap knows it whenever a signal lands.
+lxm_workdir=${TMPDIR:-/tmp}/lxm3-$LXM_EXPERIMENT_ID-$LXM_WORK_UNIT_ID-$LXM_TASK_ID-$$-$RANDOM$RANDOM
+mkdir -m 700 -- "$lxm_workdir" || {
+  lxm_workdir=  # not ours to remove
+  lxm_fail "cannot create a temporary directory in ${TMPDIR:-/tmp}"
+}
 if command -v unzip >/dev/null 2>&1; then
   unzip -q "$lxm_archive" -d "$lxm_workdir"
 else  # Python's zipfile drops file modes: restore them
@@ -2429,6 +2594,7 @@ PY
 fi || lxm_fail "cannot unpack $lxm_archive"
 cd "$lxm_workdir" || lxm_fail "cannot enter $lxm_workdir"
 export PYTHONPATH="$lxm_workdir${PYTHONPATH:+:$PYTHONPATH}"
+umask @@{umask}  # @@{umask_note}
 @@{setup}
 @@{run} ${lxm_args[@]+"${lxm_args[@]}"}
 exit $?
@@ -2457,6 +2623,8 @@ def render_job_script(
     setup: str = "",
     run: str = "bash ./entrypoint.sh",
     exit_record: bool = False,
+    umask: Optional[str] = None,
+    umask_note: str = "the umask lxm3 was launched with",
 ) -> str:
     """The job script of one work unit; executors supply ``header`` and ``task_id``.
 
@@ -2464,8 +2632,17 @@ def render_job_script(
     own task variable; ``setup`` runs before the program (``module load``);
     ``run`` is the command line that runs the entrypoint. With ``exit_record``
     the task's last log line is ``lxm3-exit: task I status S``: the truth of
-    last resort for ``lxm3 status`` on clusters without accounting.
+    last resort for ``lxm3 status`` and ``lxm3 logs -f``.
+
+    The program runs with ``umask`` (the user's own commands' umask on the
+    cluster; None: this process's), whatever the scheduler would give it
+    (sbatch passes on the submitting shell's, Grid Engine its daemon's), so
+    a task makes files as the user would by running it there themselves.
+    ``umask_note`` says where the value came from, in a comment.
     """
+    umask = umask or process_umask()
+    if not UMASK_PATTERN.match(umask):
+        raise ValueError(f"umask {umask!r} is not an octal mask such as 0022")
     return JOB_SCRIPT.substitute(
         header=header,
         version=__version__,
@@ -2479,6 +2656,8 @@ def render_job_script(
         run=run,
         exit_record=EXIT_RECORD if exit_record else ":",
         exit_record_comment=", and say how the task ended" if exit_record else "",
+        umask=umask,
+        umask_note=umask_note,
     )
 
 
@@ -3160,58 +3339,101 @@ LOCAL_TASK_ID = 'LXM_TASK_ID=${LXM_TASK_ID:?"is set by the lxm3 local runner"}'
 
 
 class LocalRunner:
-    """Runs local tasks in a bounded pool, streaming their output with a prefix."""
+    """Runs local tasks in a bounded pool, streaming their output with a prefix.
+
+    ``max_parallel`` worker threads take tasks from one queue, so a sweep of
+    thousands of tasks costs that many threads, not one per task.
+    """
 
     def __init__(self, max_parallel: Optional[int] = None, out=None):
+        import collections
+
         self.max_parallel = max_parallel or os.cpu_count() or 1
         self._out = out or sys.stdout
         self._lock = threading.Lock()
-        self._threads: List[threading.Thread] = []
-        self._slots = threading.BoundedSemaphore(self.max_parallel)
+        self._queue: Any = collections.deque()  # (script, work unit, task, log, prefix, env)
+        self._workers: List[threading.Thread] = []
         self._procs: Dict[Tuple[int, int], Any] = {}
         self._stopping = False
         self.results: List[TaskResult] = []
+        self.not_started: List[Tuple[int, int]] = []  # (work unit, task) dropped by stop()
+        self._writing: List[int] = []  # locks on the log directories (see follow_log)
 
     def submit(self, script: str, work_unit_id: int, num_tasks: int, log_dir: str,
                env: Optional[Mapping[str, str]] = None) -> List[str]:
         """Queue every task of a work unit; returns their log paths."""
         make_private_dirs(log_dir)
-        logs = []
-        for task_id in range(num_tasks):
-            log_path = os.path.join(log_dir, f"task-{task_id}.log")
-            prefix = f"[{work_unit_id}]" if num_tasks == 1 else f"[{work_unit_id}:{task_id}]"
-            thread = threading.Thread(
-                target=self._run_task,
-                args=(script, work_unit_id, task_id, log_path, prefix, dict(env or {})),
-                name=f"lxm3-task-{work_unit_id}-{task_id}", daemon=True,
-            )
-            self._threads.append(thread)
-            thread.start()
-            logs.append(log_path)
+        logs = [os.path.join(log_dir, f"task-{task_id}.log") for task_id in range(num_tasks)]
+        env = dict(env or {})
+        self._writing += _hold_writer_lock(log_dir)
+        with self._lock:
+            if self._stopping:
+                self.not_started += [(work_unit_id, t) for t in range(num_tasks)]
+                return logs
+            for task_id, log_path in enumerate(logs):
+                prefix = f"[{work_unit_id}]" if num_tasks == 1 else f"[{work_unit_id}:{task_id}]"
+                self._queue.append((script, work_unit_id, task_id, log_path, prefix, env))
+            for _ in range(min(self.max_parallel - len(self._workers), len(self._queue))):
+                worker = threading.Thread(target=self._work, name="lxm3-local-worker", daemon=True)
+                self._workers.append(worker)
+                worker.start()
         return logs
+
+    def _work(self) -> None:
+        """Run queued tasks until the queue is empty (or stop() emptied it)."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._workers.remove(threading.current_thread())
+                    return
+                task = self._queue.popleft()
+            self._run_task(*task)
 
     def _run_task(self, script, work_unit_id, task_id, log_path, prefix, env) -> None:
         import subprocess
 
-        with self._slots:
-            full_env = {**os.environ, **env, "LXM_TASK_ID": str(task_id)}
-            with open(create_private(log_path), "wb") as log:  # 0600: output may hold secrets
-                with self._lock:  # stop() must see every process it has to stop
-                    if self._stopping:
-                        return
-                    proc = subprocess.Popen(
-                        ["bash", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
-                    )
-                    self._procs[(work_unit_id, task_id)] = proc
-                for line in proc.stdout:
-                    log.write(line)
-                    log.flush()
-                    self._echo(prefix, line)
-                returncode = proc.wait()
-            self._procs.pop((work_unit_id, task_id), None)
+        full_env = {**os.environ, **env, "LXM_TASK_ID": str(task_id)}
+        with open(create_private(log_path), "wb") as log:  # 0600: output may hold secrets
+            with self._lock:  # stop() must see every process it has to stop
+                if self._stopping:
+                    self.not_started.append((work_unit_id, task_id))
+                    return
+                proc = subprocess.Popen(
+                    ["bash", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+                )
+                self._procs[(work_unit_id, task_id)] = proc
+            ended = self._stream(proc.stdout, log, prefix, task_id)
+            returncode = proc.wait()
+            if not ended:  # killed before its EXIT trap could say so: say it for it
+                status = returncode if returncode >= 0 else 128 - returncode
+                log.write(f"\nlxm3-exit: task {task_id} status {status}\n".encode())
         with self._lock:
+            self._procs.pop((work_unit_id, task_id), None)
             self.results.append(TaskResult(work_unit_id, task_id, returncode, log_path))
+
+    def _stream(self, stream, log, prefix: str, task_id: int) -> bool:
+        """Copy a task's output to its log and, with ``prefix``, to the terminal;
+        whether it ended with its exit record, which is kept out of the terminal
+        (with the blank line the job script writes before it)."""
+        held = b""  # a blank line, shown unless the exit record follows it
+        ended = False
+        for line in stream:
+            log.write(line)
+            log.flush()
+            record = EXIT_RECORD_PATTERN.match(line.decode("utf-8", "replace"))
+            ended = bool(record) and record.group(1) == str(task_id)
+            if ended:
+                held = b""
+                continue
+            if held:
+                self._echo(prefix, held)
+            held = b"" if line.strip() else line
+            if not held:
+                self._echo(prefix, line)
+        if held:
+            self._echo(prefix, held)
+        return ended
 
     def _echo(self, prefix: str, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip("\n")
@@ -3219,23 +3441,41 @@ class LocalRunner:
             self._out.write(f"{prefix} {text}\n")
             self._out.flush()
 
+    def _join_workers(self, timeout: Optional[float] = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                workers = list(self._workers)
+            if not workers or (deadline is not None and time.monotonic() > deadline):
+                return
+            for worker in workers:
+                worker.join(0.2)
+
     def wait(self) -> List[TaskResult]:
         """Wait for every task; Ctrl-C stops them all and is re-raised."""
         try:
-            for thread in self._threads:
-                while thread.is_alive():
-                    thread.join(0.2)
+            self._join_workers()
         except KeyboardInterrupt:
             self.stop()
             raise
+        self._release_logs()
         return sorted(self.results, key=lambda r: (r.work_unit_id, r.task_id))
 
+    def _release_logs(self) -> None:
+        """No task writes its log any more: followers may stop."""
+        for fd in self._writing:
+            os.close(fd)
+        self._writing = []
+
     def stop(self, grace: float = 5.0) -> None:
-        """Terminate every running task's process group, then kill what is left."""
+        """Drop the queued tasks (they never start), terminate every running
+        task's process group, then kill what is left."""
         import signal
 
         with self._lock:
             self._stopping = True
+            self.not_started += [(task[1], task[2]) for task in self._queue]
+            self._queue.clear()
             procs = list(self._procs.values())
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
@@ -3245,8 +3485,45 @@ class LocalRunner:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except Exception:
                 _signal_group(proc, signal.SIGKILL)
-        for thread in self._threads:
-            thread.join(1.0)
+        self._join_workers(timeout=grace)
+        self._release_logs()
+
+
+LOG_WRITER_LOCK = ".lxm3-writing"  # in a local log directory: held while tasks may write there
+
+
+def _hold_writer_lock(log_dir: str) -> List[int]:
+    """Lock LOG_WRITER_LOCK for as long as this process may write logs there
+    (the kernel lets go if it dies): ``lxm3 logs -f`` stops following when
+    nobody holds it. Returns the descriptor to keep open, if locking works here."""
+    import fcntl
+
+    fd = os.open(os.path.join(log_dir, LOG_WRITER_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # already ours, or no locks on this filesystem
+        os.close(fd)
+        return []
+    return [fd]
+
+
+def _log_writer_alive(log_dir: str) -> bool:
+    """Whether an lxm3 process may still write the logs in ``log_dir``."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(log_dir, LOG_WRITER_LOCK), os.O_RDONLY)
+    except OSError:
+        return False  # launched before there were such locks, or never started
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True  # cannot tell: keep following
+    finally:
+        os.close(fd)
 
 
 def _signal_group(proc: Any, sig: int) -> None:
@@ -3441,6 +3718,8 @@ def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig
             archive=f"{info.staging}/archives/{archive.name}", tasks_file=f"{unit_dir}/tasks",
             setup=module_lines(launch.executor.modules), exit_record=True,
             run=run_line(launch.executable, launch.executor, image, cluster.singularity_binds),
+            umask=info.umask, umask_note="the umask of your own commands on the cluster"
+            if info.umask else "this machine's umask: a dry run does not ask the cluster for its own",
         )
         write_job_files(os.path.join(tree, "experiments", str(xid), f"wu{wid}"), script,
                         launch.tasks, cluster.env)
@@ -3715,8 +3994,9 @@ class ClusterWorkUnit(xm.WorkUnit):
         script = render_job_script(
             header=LOCAL_HEADER, task_id=LOCAL_TASK_ID,
             experiment_id=experiment.experiment_id, work_unit_id=self._work_unit_id,
-            num_tasks=len(tasks), archive=executable.archive.path,
-            tasks_file=os.path.join(directory, "tasks"), run=run_line(executable, executor, executable.image),
+            num_tasks=len(tasks), archive=executable.archive.path, exit_record=True,
+            tasks_file=os.path.join(directory, "tasks"),
+            run=run_line(executable, executor, executable.image, experiment.config.local_singularity_binds),
         )
         script_path, _ = write_job_files(directory, script, tasks, experiment.config.local_env)
         if experiment.dry_run_directory:
@@ -4092,27 +4372,31 @@ class ClusterExperiment(xm.Experiment):
             connection.close()
         self._connections.clear()
 
-    def _abandon_pending(self) -> None:
+    def _abandon_pending(self, error: BaseException) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
         for launch in pending:
             launch.work_unit.state = "not submitted"
         if pending:
-            _progress(f"{len(pending)} work unit(s) for clusters were not submitted "
-                      "because the launcher failed")
+            why = "the launch was interrupted" if isinstance(error, KeyboardInterrupt) else "the launcher failed"
+            _progress(f"{len(pending)} work unit(s) for clusters were not submitted because {why}")
 
     def _conclude(self, error: Optional[BaseException]) -> None:
         """End the launch: submit what is queued, wait for local tasks, record the outcome.
 
         After a failure in the launcher nothing more is submitted and local
-        tasks are stopped.
+        tasks are stopped. A KeyboardInterrupt leaves with ``lxm3_outcome``:
+        what had been launched when it came, for the message the user sees.
         """
+        submitting = False
         try:
             if error is None:
+                submitting = True
                 self.submit_pending()
+                submitting = False
                 self._finish_local()
             else:
-                self._abandon_pending()
+                self._abandon_pending(error)
                 self._stop_local()
         except BaseException as e:
             error = e
@@ -4128,6 +4412,29 @@ class ClusterExperiment(xm.Experiment):
                 if error is None:
                     raise LaunchError(message) from None
                 _progress(message)
+            if isinstance(error, KeyboardInterrupt):
+                error.lxm3_outcome = self._interrupted_outcome(submitting)
+
+    def _interrupted_outcome(self, submitting: bool) -> str:
+        """What an interruption left (nothing launched, jobs submitted, local tasks
+        stopped), worded to follow "lxm3: interrupted"."""
+        submitted = ", ".join(str(wu.work_unit_id) for wu in self._work_units if wu.arrays)
+        parts = []
+        unread = any(wu.state == "submitting" for wu in self._work_units)
+        if submitting:
+            parts.append(" while submitting to clusters: " + (
+                "which arrays were submitted is in the cluster's submission log, which "
+                "'lxm3 status' reads" if unread else
+                f"work unit(s) {submitted} were submitted, in whole or in part" if submitted
+                else "nothing was submitted"))
+        elif submitted:
+            parts.append(f"; work unit(s) {submitted} were submitted to clusters and keep running "
+                         f"(lxm3 cancel {self._id} stops them)")
+        if self._runner is not None:
+            parts.append("; local tasks were stopped")
+        if not parts:
+            return " before anything was launched: nothing was submitted or run"
+        return "".join(parts) + ("" if self.dry_run_directory else f" (lxm3 status {self._id})")
 
     def _outcome(self, error: Optional[BaseException]) -> Tuple[str, Optional[str]]:
         units = self._work_units
@@ -4488,12 +4795,27 @@ def _local_statuses(unit: Mapping[str, Any], record: Mapping[str, Any]) -> List[
             statuses.append(TaskStatus(task, "completed" if code == 0 else "failed", code))
         elif unit["state"] == "stopped":
             statuses.append(TaskStatus(task, "cancelled", detail="stopped before it started"))
-        elif record.get("status") == "launching":
-            statuses.append(TaskStatus(task, "running"))
+        elif record.get("status") == "launching":  # the launch runs: has the task ended?
+            paths = unit.get("log_paths") or []
+            code = _logged_exit(paths[task]) if task < len(paths) else None
+            statuses.append(TaskStatus(task, "running") if code is None else
+                            TaskStatus(task, "completed" if code == 0 else "failed", code))
         else:
             state = "cancelled" if record.get("status") == "interrupted" else "unknown"
             statuses.append(TaskStatus(task, state))
     return statuses
+
+
+def _logged_exit(log_path: str) -> Optional[int]:
+    """The status in a local task's exit record, if its log ends with one."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 128))
+            last = f.read().decode("utf-8", "replace").splitlines()[-1:]
+    except OSError:
+        return None
+    match = EXIT_RECORD_PATTERN.match(last[0]) if last else None
+    return int(match.group(2)) if match else None
 
 
 _BENIGN_CANCEL = re.compile(r"does not exist|registered the job|has deleted|Invalid job id", re.I)
@@ -4590,21 +4912,111 @@ def cancel(record: Dict[str, Any], work_unit_ids: Optional[Sequence[int]] = None
 
 
 def follow_log(unit: Mapping[str, Any], task: int, lines: int, follow: bool) -> int:
-    """Show (or follow) a task's log with ``tail``, there or here."""
+    """Show a task's log, there or here; with ``follow``, print what is added
+    until the task's exit record (``lxm3-exit: task I status S``)."""
     import subprocess
 
     path = task_log_path(unit, task)
     if path is None:
         raise LaunchError(f"lxm3 does not know where task {task} of work unit {unit['id']} writes its "
                           "log (not submitted, or its output option was set by the launcher)")
-    argv = ["tail", "-n", str(lines), *(["-F"] if follow else []), path]
     if unit["scheduler"] == "local":
-        return subprocess.call(argv)
+        if follow:
+            return _follow_local(path, lines)
+        return _exit_status(subprocess.call(["tail", "-n", str(lines), "--", path]))
     connection = _unit_connection(unit)
     try:
-        return connection.run_streaming(" ".join(shell_quote(a) for a in argv))
+        return _exit_status(connection.run_streaming(_follow_command(path, lines, follow)))
     finally:
         connection.close()
+
+
+def _exit_status(returncode: int) -> int:
+    """A child's return code as a shell reports it: 128 + N when signal N ended it."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+_EXIT_LINE = r"^lxm3-exit: task [0-9]+ status [0-9]+"  # EXIT_RECORD_PATTERN, for grep and bash
+
+
+def _follow_command(path: str, lines: int, follow: bool) -> str:
+    """One shell line for the cluster: ``tail``, or ``tail -F`` read until the exit
+    record, then ended. ``bash -c``, whatever the user's login shell is."""
+    quoted = shell_quote(path)
+    if not follow:
+        return f"tail -n {int(lines)} -- {quoted}"
+    script = (
+        # Ended already: show its end and stop (also with -n 0).
+        f"if tail -n 1 -- {quoted} 2>/dev/null | grep -qE '{_EXIT_LINE}'; then "
+        f"tail -n {int(lines)} -- {quoted}; exit; fi; "
+        f"coproc lxm_tail {{ exec tail -n {int(lines)} -F -- {quoted}; }}; "
+        'while IFS= read -r lxm_line <&"${lxm_tail[0]}" || [[ -n $lxm_line ]]; do '
+        'printf "%s\\n" "$lxm_line"; '
+        f"[[ $lxm_line =~ {_EXIT_LINE.replace(' ', '[[:space:]]')} ]] && break; done; "
+        'kill "$lxm_tail_PID" 2>/dev/null; exit 0'
+    )
+    return "bash -c " + shell_quote(script)
+
+
+FOLLOW_POLL_SECONDS = 0.2
+
+
+def _follow_local(path: str, lines: int) -> int:
+    """``tail -n LINES -F`` for a local task, which ends after the task's exit
+    record, or once no lxm3 process writes its log any more (the task, or the
+    launch that ran it, was killed: nothing more will be written)."""
+    out = sys.stdout.buffer
+    log_dir = os.path.dirname(path)
+    position, partial, opened, waiting = 0, b"", False, False
+    while True:
+        writing = _log_writer_alive(log_dir)  # asked first: a last write lands before we read
+        try:
+            with open(path, "rb") as f:
+                if not opened:  # the last lines of what is there; then everything added
+                    position, opened = _start_of_last_lines(f, lines), True
+                f.seek(position)
+                data = f.read()
+        except FileNotFoundError:
+            if not writing:
+                raise LaunchError(f"{path} does not exist: the task never started") from None
+            if not waiting:
+                _progress(f"waiting for the task to start ({path} does not exist yet)")
+                waiting = opened = True  # all it writes is new: shown from its start
+            data = b""
+        position += len(data)
+        chunk = partial + data
+        complete, _, partial = chunk.rpartition(b"\n")
+        if complete:
+            out.write(complete + b"\n")
+            out.flush()
+            if any(EXIT_RECORD_PATTERN.match(line.decode("utf-8", "replace"))
+                   for line in complete.split(b"\n")):
+                return 0
+        if not writing:
+            if partial:
+                out.write(partial + b"\n")
+                out.flush()
+            return 0
+        time.sleep(FOLLOW_POLL_SECONDS)
+
+
+def _start_of_last_lines(f, lines: int) -> int:
+    """The offset where the last ``lines`` lines of the open file ``f`` begin."""
+    end = position = f.seek(0, os.SEEK_END)
+    if lines <= 0:
+        return end
+    data = b""
+    while position > 0 and data.count(b"\n", 0, len(data) - 1) < lines:
+        size = min(65536, position)
+        position -= size
+        f.seek(position)
+        data = f.read(size) + data
+    index = len(data) - 1 if data.endswith(b"\n") else len(data)  # the last line's own newline
+    for _ in range(lines):
+        index = data.rfind(b"\n", 0, index)
+        if index < 0:
+            return position  # the whole file has fewer lines
+    return position + index + 1
 
 
 # ---------------------------------------------------------------------------
@@ -4675,8 +5087,8 @@ def _launch(launcher: str, args: List[str], dry_run: bool = False) -> int:
     except LaunchError as e:
         print(f"lxm3: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("lxm3: interrupted; local tasks were stopped", file=sys.stderr)
+    except KeyboardInterrupt as e:  # the experiment says what had been launched
+        print(f"lxm3: interrupted{getattr(e, 'lxm3_outcome', '')}", file=sys.stderr)
         return 130
     except Exception as e:  # the user's error: show where in their launcher it happened
         _user_traceback(e)
@@ -4826,6 +5238,7 @@ def _parser():
                "in the config, or $LXM3_SSH_CONNECT_TIMEOUT and $LXM3_SSH_KEEPALIVE_INTERVAL "
                "for every cluster (these win).",
     )
+    parser.add_argument("--version", action="version", version=f"lxm3 {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     launch = commands.add_parser(
         "launch",
@@ -4865,7 +5278,8 @@ def _parser():
     logs.add_argument("work_unit", metavar="WID", type=int, nargs="?",
                       help="work unit (needed when there are several)")
     logs.add_argument("--task", type=int, default=0, help="task index, from 0 (default 0)")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing new lines until the task ends")
     logs.add_argument("-n", type=int, default=50, help="lines to show (default 50)")
 
     cancel_command = commands.add_parser("cancel", help="cancel an experiment's jobs",
@@ -4913,16 +5327,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _launch(args.launcher, list(args.args), dry_run=args.dry_run)
         if args.command == "version":
             print(f"lxm3 {__version__}")
+            sys.stdout.flush()
             return 0
         if args.command in handlers:
-            return handlers[args.command](args)
+            code = handlers[args.command](args)
+            sys.stdout.flush()  # here, so that a closed pipe is caught below, not at exit
+            return code
     except LaunchError as e:
         print(f"lxm3: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_left()
     parser.print_help()
     return 2
+
+
+def _reader_left() -> int:
+    """Whoever read our output stopped (``lxm3 status X | head -1``): end quietly.
+
+    Python's recipe: point stdout at /dev/null, so that flushing it at exit
+    does not fail again. The exit code is 141 (128 + SIGPIPE), what a shell
+    reports for cat or grep in the same place, so that ``set -o pipefail``
+    treats lxm3 like them; ``head`` already has what it asked for.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
 
 
 if __name__ == "__main__":

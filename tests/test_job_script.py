@@ -186,7 +186,7 @@ def test_workdir_removed_when_the_task_is_terminated(tmp_path):
 def test_unpacks_with_python_when_unzip_is_missing(tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    for tool in ("bash", "sed", "mktemp", "rm", "cat", "env"):
+    for tool in ("bash", "sed", "mkdir", "rm", "cat", "env"):
         found = shutil.which(tool)
         assert found, tool
         os.symlink(found, bindir / tool)

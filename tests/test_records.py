@@ -445,14 +445,16 @@ def test_logs_shows_the_end_of_the_right_tasks_log(tmp_path, task_project):
         "title": "local logs", "project": task_project,
         "units": [local_unit(3, env={"LINES": "4", "EVERY": "0"})]})
     xid = str(record["experiment_id"])
-    proc = lxm3_cli("logs", xid, "--task", "1", "-n", "2")
+    # The log ends as on clusters: a blank line and the task's exit record.
+    proc = lxm3_cli("logs", xid, "--task", "1", "-n", "4")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["line 3 of task 1", "task 1 done"]
+    assert proc.stdout.splitlines() == ["line 3 of task 1", "task 1 done", "",
+                                        "lxm3-exit: task 1 status 0"]
 
     proc = lxm3_cli("logs", xid, "1", "--task", "2")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ['task 2 argv=["--seed=2"]', *[
-        f"line {i} of task 2" for i in range(4)], "task 2 done"]
+        f"line {i} of task 2" for i in range(4)], "task 2 done", "", "lxm3-exit: task 2 status 0"]
 
     proc = lxm3_cli("logs", xid)  # task 0 by default
     assert proc.returncode == 0, proc.stderr
