@@ -3079,7 +3079,8 @@ def plan_submissions(work_unit_id: int, executor: Union[Slurm, GridEngine], scri
 SUBMISSION_LOG = "submitted"  # in the experiment's directory: "KEY JOB_ID" lines
 SUBMISSION_LOCK = "submit.lock"
 SUBMISSION_STOP = "submit.stop"
-SUBMISSION_LOCK_WAIT = 60  # seconds a reader of the log waits for a running submission
+SUBMISSION_LOCK_WAIT = 20  # seconds a reader of the log waits for a running submission
+SUBMISSION_STILL_RUNNING = "WARN a submission is still running"
 
 _SUBMIT_PRELUDE = """\
 lxm_main() {
@@ -3106,7 +3107,7 @@ lxm_submit() {
     return
   fi
   [ -e "$lxm_out/rejected" ] || [ -e "$lxm_dir/@@{stop}" ] && exit 0
-  if ! out=$("$@" 2>"$err"); then
+  if ! out=$("$@" 9>&- 2>"$err"); then  # the lock is this script's, not the scheduler's
     : >"$lxm_out/rejected"
     echo "FAIL $key"
     cat "$err"
@@ -3171,7 +3172,7 @@ def submission_log_script(experiment_dir: str, stop: bool = False) -> str:
         f"[ -d {d} ] || exit 0",
         f": >{d}/{SUBMISSION_STOP}" if stop else ":",
         f"if command -v flock >/dev/null 2>&1 && [ -e {d}/{SUBMISSION_LOCK} ]; then",
-        f"  flock -w {SUBMISSION_LOCK_WAIT} {d}/{SUBMISSION_LOCK} true || echo 'WARN a submission is still running'",
+        f"  flock -w {SUBMISSION_LOCK_WAIT} {d}/{SUBMISSION_LOCK} true || echo {shell_quote(SUBMISSION_STILL_RUNNING)}",
         "fi",
         f"rm -f {d}/{SUBMISSION_STOP}" if stop else ":",
         f"[ ! -f {d}/{SUBMISSION_LOG} ] || sed 's/^/OK /' {d}/{SUBMISSION_LOG}",
@@ -3761,9 +3762,11 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
     output, interrupted = _run_submission(
         connection, submission_script(log_dirs, submissions, experiment_dir), experiment_dir)
     error = parse_submission_output(output, submissions)
+    still_running = SUBMISSION_STILL_RUNNING in output  # (after Ctrl-C) the log may yet grow
     for launch in launches:
         launch.work_unit._submitted([s for s in submissions if s.job_id is not None
-                                     and s.work_unit_id == launch.work_unit.work_unit_id])
+                                     and s.work_unit_id == launch.work_unit.work_unit_id],
+                                    confirmed=not still_running)
     done = [s for s in submissions if s.job_id is not None]
     submitted = ("Submitted: " + ", ".join(
         f"work unit {s.work_unit_id} {s.task_range} (job {s.job_id})" for s in done) + "."
@@ -3777,10 +3780,16 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
             f"could not be saved ({e.strerror}: {e.filename}). {submitted} The cluster keeps "
             f"them in {connection.target}:{experiment_dir}/{SUBMISSION_LOG}: once there is "
             f"space, 'lxm3 status {experiment.experiment_id}' reads them from it") from None
-    if interrupted:
+    if interrupted and still_running:
+        command = "sbatch" if scheduler == "slurm" else "qsub"
+        _progress(f"{cluster.name}: submission interrupted, but a {command} call was still under way "
+                  f"after {SUBMISSION_LOCK_WAIT} s. {submitted} 'lxm3 status {experiment.experiment_id}' "
+                  "reads what else it submitted from the cluster's submission log.")
+    elif interrupted:
         _progress(f"{cluster.name}: submission interrupted. {submitted}"
                   + (f" Not submitted: {missing}." if missing else "")
                   + f" See 'lxm3 status {experiment.experiment_id}'.")
+    if interrupted:
         raise KeyboardInterrupt
     if error:
         failed = next(s for s in submissions if s.job_id is None)
@@ -4023,9 +4032,10 @@ class ClusterWorkUnit(xm.WorkUnit):
         """About to submit: until the outcome is known, the cluster's log is the truth."""
         self.planned, self.submission_log, self.state = planned, submission_log, "submitting"
 
-    def _submitted(self, arrays: List[ArraySubmission]) -> None:
+    def _submitted(self, arrays: List[ArraySubmission], confirmed: bool = True) -> None:
+        """``confirmed``: the arrays are all there will be (else the log is read again later)."""
         self.arrays = arrays
-        self.state = unit_submission_state(len(self._tasks), arrays)
+        self.state = unit_submission_state(len(self._tasks), arrays) if confirmed else "submitting"
         if arrays:
             jobs = ", ".join(f"{s.job_id} ({s.task_range})" for s in arrays)
             _progress(f"work unit {self._work_unit_id}: submitted to {self.cluster} as job {jobs}; "

@@ -173,10 +173,11 @@ def test_ctrl_c_while_submitting_says_so(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the stand-in, if it outlived the launch
     xid = new_record_id(before)
     assert proc.returncode == 130, stderr
+    # The stand-in still runs: what it may yet submit is left to the cluster's submission log.
     assert stderr.splitlines()[-1] == (
-        "lxm3: interrupted while submitting to clusters: no job was recorded as submitted; a "
-        "submission under way at that moment may have reached the scheduler all the same "
-        f"(squeue/qstat show it) (lxm3 status {xid})"), stderr
+        "lxm3: interrupted while submitting to clusters: which arrays were submitted is in the "
+        f"cluster's submission log, which 'lxm3 status' reads (lxm3 status {xid})"), stderr
+    assert "sbatch call was still under way after" in stderr
     assert "local task" not in stderr
 
 
