@@ -462,20 +462,20 @@ class Config(ValueObject):
         try:
             _check_table(data, CONFIG_SCHEMA, "")
             _check_required(data)
-        except ValueError as e:
+            local = data.get("local", {})
+            staging = local.get("storage", {}).get("staging")
+            return cls(
+                project=os.environ.get("LXM_PROJECT") or data.get("project") or None,
+                # lxm3 0.4.2 resolved a relative local staging path against the
+                # current directory; keep that so existing configs mean the same.
+                local_staging=os.path.abspath(os.path.expanduser(staging)) if staging else None,
+                local_env=_str_dict(local.get("env", {})),
+                clusters=[_cluster_config(c) for c in data.get("clusters", [])],
+                path=path,
+                local_singularity_binds=_binds(local),
+            )
+        except ValueError as e:  # the schema, or an env the job script cannot deliver
             raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-        local = data.get("local", {})
-        staging = local.get("storage", {}).get("staging")
-        return cls(
-            project=os.environ.get("LXM_PROJECT") or data.get("project") or None,
-            # lxm3 0.4.2 resolved a relative local staging path against the
-            # current directory; keep that so existing configs mean the same.
-            local_staging=os.path.abspath(os.path.expanduser(staging)) if staging else None,
-            local_env=_str_dict(local.get("env", {})),
-            clusters=[_cluster_config(c) for c in data.get("clusters", [])],
-            path=path,
-            local_singularity_binds=_binds(local),
-        )
 
     def require_clusters(self) -> None:
         """Refuse to go on without a cluster: Slurm and GridEngine need one."""

@@ -91,7 +91,7 @@ def test_a_local_launch_writes_private_files(echo_project, tmp_path, mask):
         expected = 0o700 if name == "job.sh" else 0o600
         assert mode == expected, f"{path} is {mode:o}, not {expected:o}"
     assert kinds == {"record": 1, "tasks": 1, "job.sh": 1, "log": 2, "archive": 1,
-                     "cache key": 1}, kinds
+                     "cache key": 1, lxm3.LOG_WRITER_LOCK: 1}, kinds
 
 
 def test_a_record_is_never_readable_by_others_even_while_it_is_written(tmp_path, monkeypatch,

@@ -179,7 +179,8 @@ def test_a_bad_connect_timeout_in_the_config_is_an_error(tmp_path, value, silent
                                                      "units": [slurm_unit()]})
     proc = lxm3_cli("launch", launcher, "--lxm_config", path, cwd=str(tmp_path), timeout=OUTER_TIMEOUT)
     assert proc.returncode == 1, proc.stderr
-    assert "ssh_connect_timeout must be a number of seconds > 0" in proc.stderr, proc.stderr
+    assert "'clusters[0].ssh_connect_timeout' (cluster 'silent') must be a number of seconds above 0" \
+        in proc.stderr, proc.stderr
     assert not accepted
 
 
