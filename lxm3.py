@@ -4215,7 +4215,9 @@ class ClusterExperiment(xm.Experiment):
 
     def __init__(self, experiment_title: str, config: Optional[Config] = None,
                  project: Optional[str] = None):
+        global _experiments_created
         super().__init__()
+        _experiments_created += 1
         self._title = experiment_title
         self.config = config if config is not None else load_config()
         # As upstream lxm3: $LXM_PROJECT, else the project given here, else the config's.
@@ -4529,6 +4531,7 @@ def _failure(error: Optional[BaseException]) -> Optional[BaseException]:
 
 
 _dry_run_directory: Optional[str] = None  # set by ``lxm3 launch --dry-run``
+_experiments_created = 0  # by this process: tells ``lxm3 launch`` that a launcher ran its main
 
 
 def create_experiment(experiment_title: str, project: Optional[str] = None,
@@ -5432,6 +5435,84 @@ def _user_traceback(error: BaseException) -> None:
     sys.stderr.write("".join(lines))
 
 
+def _main_left_to_run(launcher_path: str, namespace: Mapping[str, Any]) -> bool:
+    """Whether the launcher, having run as ``__main__``, left its ``main`` for
+    ``lxm3 launch`` to run, as lxm3 0.4.2's did: that one imported the launcher
+    and ran ``main`` itself, so launchers without ``if __name__ == "__main__":``
+    worked there. A launcher left it if it defines a callable ``main`` and its
+    top-level code has no ``__name__ == "__main__"`` test and never names
+    ``main`` (as ``main()`` or ``app.run(main)`` do); a launcher that ran it
+    has created an experiment (checked by the caller) or exited.
+    """
+    if not callable(namespace.get("main")):
+        return False
+    import ast
+
+    with open(launcher_path, "rb") as f:
+        tree = ast.parse(f.read(), launcher_path)
+    nodes = list(tree.body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            nodes.extend(node.decorator_list)  # the body runs only when called
+            continue
+        if isinstance(node, ast.Lambda):
+            continue
+        if isinstance(node, ast.Name) and node.id == "main" and isinstance(node.ctx, ast.Load):
+            return False
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if (any(isinstance(o, ast.Name) and o.id == "__name__" for o in operands)
+                    and any(isinstance(o, ast.Constant) and o.value == "__main__" for o in operands)):
+                return False
+        nodes.extend(ast.iter_child_nodes(node))
+    return True
+
+
+def _uses_absl(namespace: Mapping[str, Any]) -> bool:
+    """Whether the launcher holds absl's modules, flags or functions."""
+    for value in namespace.values():
+        try:
+            module = value.__name__ if isinstance(value, type(sys)) else (
+                getattr(value, "__module__", None) if callable(value) else type(value).__module__)
+        except Exception:  # an object with an odd __getattr__ is not absl's
+            continue
+        if isinstance(module, str) and (module == "absl" or module.startswith("absl.")):
+            return True
+    return False
+
+
+def _takes_argv(function: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: give it argv, as 0.4.2 did
+        return True
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+               for p in parameters)
+
+
+def _run_launcher_main(namespace: Mapping[str, Any], launcher_path: str, args: List[str]) -> None:
+    """Run the launcher's ``main`` as lxm3 0.4.2's ``lxm3 launch`` did: through
+    absl's ``app.run`` with ``--xm_launch_script=LAUNCHER`` (XManager's flag) when
+    the launcher uses absl, else as ``main(argv)``; exits with what it returns."""
+    main = namespace["main"]
+    takes_argv = _takes_argv(main)
+
+    def run(argv: List[str]) -> Any:
+        return main(argv) if takes_argv else main()
+
+    if _uses_absl(namespace):
+        from absl import app, flags
+
+        if "xm_launch_script" not in flags.FLAGS:
+            flags.DEFINE_string("xm_launch_script", None,
+                                "Path to the launcher (set by lxm3 launch, as in XManager)")
+        app.run(run, argv=[launcher_path, f"--xm_launch_script={launcher_path}", *args])
+    sys.exit(run([launcher_path, *args]))
+
+
 def _launch(launcher: str, args: List[str], dry_run: bool = False) -> int:
     import runpy
 
@@ -5452,7 +5533,10 @@ def _launch(launcher: str, args: List[str], dry_run: bool = False) -> int:
     sys.argv = [launcher_path, *args]
     sys.path.insert(0, os.path.dirname(launcher_path))
     try:
-        runpy.run_path(launcher_path, run_name="__main__")
+        created = _experiments_created
+        namespace = runpy.run_path(launcher_path, run_name="__main__")
+        if _experiments_created == created and _main_left_to_run(launcher_path, namespace):
+            _run_launcher_main(namespace, launcher_path, args)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else _exit_message(e.code))
     except LaunchError as e:
@@ -5616,7 +5700,9 @@ def _parser():
         help="run a launcher script",
         description=(
             "Run LAUNCHER as __main__ with sys.argv = [LAUNCHER, ARGS...]. Plain scripts, "
-            "argparse scripts and absl launchers (app.run(main)) all work."
+            "argparse scripts and absl launchers (app.run(main)) all work. A launcher that "
+            "only defines main (as lxm3 0.4.2 allowed) has it run once, as 0.4.2 did: "
+            "app.run(main) with --xm_launch_script=LAUNCHER if it uses absl, else main(argv)."
         ),
         epilog=(
             "The config is the first found of: --lxm_config PATH (taken out of ARGS wherever "
