@@ -498,6 +498,10 @@ class Config(ValueObject):
         known = ", ".join(repr(c.name) for c in self.clusters)
         raise ConfigError(f"no cluster named {name!r} in {self.path}; known: {known}")
 
+    def default_cluster(self) -> str:
+        """The name of the cluster launches go to (lxm3 0.4.2's method)."""
+        return self.cluster().name
+
 
 # -- What a config may hold ---------------------------------------------------
 #
@@ -4209,10 +4213,15 @@ class ClusterExperiment(xm.Experiment):
 
     _async_packager = xm.async_packager.AsyncPackager(_package_all)
 
-    def __init__(self, experiment_title: str, config: Optional[Config] = None):
+    def __init__(self, experiment_title: str, config: Optional[Config] = None,
+                 project: Optional[str] = None):
+        global _experiments_created
         super().__init__()
+        _experiments_created += 1
         self._title = experiment_title
         self.config = config if config is not None else load_config()
+        # As upstream lxm3: $LXM_PROJECT, else the project given here, else the config's.
+        self.project = os.environ.get("LXM_PROJECT") or project or self.config.project
         self.dry_run_directory = _dry_run_directory
         self._id = int(time.time() * 1000) if self.dry_run_directory else claim_experiment_id()
         self._work_units: List[ClusterWorkUnit] = []
@@ -4229,6 +4238,7 @@ class ClusterExperiment(xm.Experiment):
             "version": RECORD_VERSION,
             "experiment_id": self._id,
             "title": experiment_title,
+            "project": self.project,
             "created": _utc_now(),
             "launcher": launcher,
             "argv": sys.argv[1:],
@@ -4521,11 +4531,32 @@ def _failure(error: Optional[BaseException]) -> Optional[BaseException]:
 
 
 _dry_run_directory: Optional[str] = None  # set by ``lxm3 launch --dry-run``
+_experiments_created = 0  # by this process: tells ``lxm3 launch`` that a launcher ran its main
 
 
-def create_experiment(experiment_title: str, config: Optional[Config] = None) -> ClusterExperiment:
-    """Create an experiment; use it as ``with create_experiment(...) as experiment:``."""
-    return ClusterExperiment(experiment_title, config=config)
+def create_experiment(experiment_title: str, project: Optional[str] = None,
+                      config: Optional[Config] = None) -> ClusterExperiment:
+    """Create an experiment; use it as ``with create_experiment(...) as experiment:``.
+
+    ``project`` (upstream lxm3's argument, in its place) is kept in the record
+    instead of the config's; ``$LXM_PROJECT`` still wins, as upstream.
+    """
+    if project is not None and not isinstance(project, str):
+        raise TypeError(f"create_experiment(project=...) is the project's name, not a "
+                        f"{type(project).__name__}; pass a Config as config=...")
+    return ClusterExperiment(experiment_title, config=config, project=project)
+
+
+def get_current_experiment() -> ClusterExperiment:
+    """The experiment whose ``with`` block is running (upstream lxm3's helper)."""
+    try:
+        return xm.core._current_experiment.get()
+    except LookupError:
+        raise RuntimeError(
+            "get_current_experiment() is called outside an experiment: call it inside "
+            "'with xm_cluster.create_experiment(...) as experiment:' (or a job generator "
+            "that experiment runs)"
+        ) from None
 
 
 # ---------------------------------------------------------------------------
@@ -5030,6 +5061,339 @@ def _start_of_last_lines(f, lines: int) -> int:
 
 
 # ---------------------------------------------------------------------------
+# lxm3 0.4.2's modules: xm_cluster.executors, contrib.ucl, contrib.wandb, ...
+# ---------------------------------------------------------------------------
+#
+# Launchers written for lxm3 0.4.2 import its submodules (``from lxm3.contrib
+# import ucl``, ``from lxm3.xm_cluster.executors import Slurm``). This one file
+# serves them the way ``six`` serves ``six.moves``: ``__path__`` lets Python
+# import submodules of ``lxm3``, and a finder on ``sys.meta_path`` makes each
+# module the first time it is imported. Their names are looked up here when
+# used, so ``lxm3.xm_cluster.executors.Slurm is lxm3.Slurm``.
+
+Command = ClusterExecutable  # lxm3 0.4.2's name for a packaged executable
+
+
+def flatten_array_job(job: ArrayJob) -> List[xm.Job]:
+    """One ``xm.Job`` per task of ``job`` (lxm3 0.4.2's helper)."""
+    return [xm.Job(job.executable, job.executor, args=args, env_vars=env)
+            for args, env in zip(job.args, job.env_vars)]
+
+
+# -- contrib.ucl: GridEngine for UCL's clusters --------------------------------
+
+UCL_CLUSTERS = ("cs", "myriad")
+
+
+def _ucl_resources(requirements: xm.JobRequirements, cluster: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The ``-l`` resources and ``-pe`` parallel environments that ``cluster``
+    wants for cpu, ram and gpu requirements, by lxm3 0.4.2's rules."""
+    resources: Dict[str, Any] = {}
+    parallel_environments: Dict[str, Any] = {}
+    for resource, amount in requirements.task_requirements.items():
+        # Amounts are kept as floats; Grid Engine reads 8000000000, not 8000000000.0.
+        amount = int(amount) if float(amount).is_integer() else amount
+        if resource == xm.ResourceType.RAM:
+            if cluster == "cs":
+                resources.update(h_vmem=amount, tmem=amount)
+            else:
+                resources["mem"] = amount
+        elif resource == xm.ResourceType.GPU:
+            if amount > 0 and cluster == "cs":
+                resources["gpu"] = "true"  # a GPU node; several GPUs are a parallel environment
+                if amount > 1:
+                    parallel_environments["gpu"] = amount
+            elif amount > 0:
+                resources["gpu"] = amount
+        elif resource == xm.ResourceType.CPU:
+            if amount > 1:
+                parallel_environments["smp"] = amount
+        else:
+            raise ValueError(
+                f"UclGridEngine turns cpu, ram and gpu into UCL's resources; {resource}={amount} "
+                "has no rule: ask for gpu=N, or pass resources={...} for what else you need"
+            )
+    if cluster == "cs" and "gpu" in resources:
+        resources.pop("h_vmem", None)  # GPU jobs on cs ask for tmem only
+    return resources, parallel_environments
+
+
+def UclGridEngine(requirements: xm.JobRequirements, walltime: Walltime = None,  # noqa: N802
+                  **kwargs: Any) -> GridEngine:
+    """A GridEngine for UCL's clusters "cs" and "myriad", from cpu, ram and gpu
+    requirements (lxm3 0.4.2's ``lxm3.contrib.ucl``).
+
+    On cs, ram is ``tmem`` (and ``h_vmem`` without a GPU), a GPU is
+    ``gpu=true`` and more than one a ``gpu`` parallel environment; on myriad,
+    ram is ``mem``, GPUs are ``gpu=N`` and the ``singularity-env`` module is
+    loaded. More than one CPU is the ``smp`` parallel environment on both.
+    The cluster is ``cluster=...``, else ``$LXM_CLUSTER``, else the config's
+    first; other keyword arguments are GridEngine's (``resources`` and
+    ``parallel_environments`` given here are added to the derived ones).
+    """
+    if requirements.location is not None:
+        raise ValueError("UclGridEngine does not take requirements.location: the cluster is "
+                         "cluster=..., else $LXM_CLUSTER, else the first in the config")
+    cluster = kwargs.get("cluster") or load_config().default_cluster()
+    if cluster not in UCL_CLUSTERS:
+        raise ConfigError(
+            f"UclGridEngine has rules for UCL's clusters 'cs' and 'myriad', not {cluster!r}: "
+            "name your UCL cluster cs or myriad in the config, or use GridEngine"
+        )
+    resources, parallel_environments = _ucl_resources(requirements, cluster)
+    resources.update(kwargs.pop("resources", None) or {})
+    parallel_environments.update(kwargs.pop("parallel_environments", None) or {})
+    if cluster == "myriad":
+        kwargs["modules"] = ["singularity-env", *(kwargs.get("modules") or [])]
+    return GridEngine(resources=resources, parallel_environments=parallel_environments,
+                      walltime=walltime, **kwargs)
+
+
+# -- contrib.wandb: Weights & Biases settings per work unit --------------------
+
+
+def _git_env_for_wandb() -> Dict[str, str]:
+    """The launcher's repository as W&B records it: origin's URL and HEAD."""
+    import subprocess
+
+    launcher = xm.utils.find_launch_script_path()
+    directory = os.path.dirname(launcher) if launcher else os.getcwd()
+    env = {}
+    for name, command in (("WANDB_GIT_REMOTE_URL", ["config", "--get", "remote.origin.url"]),
+                          ("WANDB_GIT_COMMIT", ["rev-parse", "HEAD"])):
+        try:
+            proc = subprocess.run(["git", "-C", directory, *command], capture_output=True, text=True)
+        except OSError:  # no git here
+            return {}
+        if proc.returncode == 0 and proc.stdout.strip():
+            env[name] = proc.stdout.strip()
+    return env
+
+
+def configure_wandb(project: str, entity: str, group: str = "{title}_{xid}_{wid}",
+                    mode: str = "online") -> Callable[[Any], Any]:
+    """Weights & Biases variables for every work unit (lxm3 0.4.2's ``lxm3.contrib.wandb``).
+
+    ``log_to_wandb = configure_wandb("project", "entity")``, then
+    ``experiment.add(log_to_wandb(job))`` for an ``xm.Job`` or an ``ArrayJob``:
+    its tasks get WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE, WANDB_RUN_GROUP
+    (``group`` with the title, experiment id and work unit id), WANDB_NAME
+    (``{title}_{xid}_{wid}``; ``_{task + 1}`` is added for each ArrayJob task)
+    and, from the launcher's git repository, WANDB_GIT_REMOTE_URL and
+    WANDB_GIT_COMMIT. wandb itself is not needed: the tasks' wandb reads these.
+    """
+    shared = {"WANDB_PROJECT": project, "WANDB_ENTITY": entity, "WANDB_MODE": mode,
+              **_git_env_for_wandb()}
+
+    def add_wandb_env_vars(job: Union[xm.Job, ArrayJob]) -> Callable[..., Any]:
+        if not isinstance(job, (xm.Job, ArrayJob)):
+            raise TypeError(f"configure_wandb's wrapper takes an xm.Job or an ArrayJob, "
+                            f"not {type(job).__name__}")
+
+        async def add_with_wandb_env(work_unit: ClusterWorkUnit, **args: Any) -> None:
+            title, xid, wid = (work_unit.experiment.experiment_title, work_unit.experiment_id,
+                               work_unit.work_unit_id)
+            run = {**shared, "WANDB_RUN_GROUP": group.format(title=title, xid=xid, wid=wid)}
+            name = f"{title}_{xid}_{wid}"
+            if isinstance(job, ArrayJob):
+                if args:
+                    raise ValueError("an ArrayJob takes its tasks' arguments as ArrayJob(args=[...]), "
+                                     "not experiment.add(..., args=...)")
+                env = [{**task_env, **run, "WANDB_NAME": f"{name}_{task + 1}"}
+                       for task, task_env in enumerate(job.env_vars)]
+                await work_unit.add(ArrayJob(job.executable, job.executor, job.name, job.args, env))
+            else:
+                env = {**job.env_vars, **run, "WANDB_NAME": name}
+                await work_unit.add(xm.Job(job.executable, job.executor, job.name, job.args, env),
+                                    args=args or None)
+
+        return add_with_wandb_env
+
+    return add_wandb_env_vars
+
+
+# -- singularity: image URIs ----------------------------------------------------
+
+_IMAGE_TRANSPORTS = frozenset({"library", "shub", "docker", "docker-archive", "docker-daemon", "oci",
+                               "oci-archive", "http", "https", "oras"})
+
+
+def _image_uri_is_valid(uri: str) -> Tuple[bool, str]:
+    """``(True, "")`` for ``transport:ref`` with a transport Singularity knows."""
+    parts = uri.split(":")
+    if len(parts) == 2 and parts[0] in _IMAGE_TRANSPORTS:
+        return True, ""
+    return False, f"invalid uri {uri}"
+
+
+def _image_uri_split(uri: str) -> Tuple[str, str]:
+    """``docker://ubuntu`` -> ``("docker", "//ubuntu")``; a file path -> ``("", path)``."""
+    transport, colon, ref = uri.partition(":")
+    if colon and (ref.startswith("//") or _image_uri_is_valid(uri)[0]):
+        return transport, ref
+    return "", uri
+
+
+def _image_uri_filename(uri: str, suffix: str) -> str:
+    """The file Singularity pulls ``uri`` into: ``docker://a/lolcow:v1`` -> ``lolcow_v1.<suffix>``;
+    "" for a file path."""
+    transport, ref = _image_uri_split(uri)
+    if not transport:
+        return ""
+    last = ref.lstrip("/").split("/")[-1]
+    if transport in ("http", "https"):
+        return last
+    image, _, tags = last.partition(":")
+    return f"{image}_{tags.split(',')[0] if tags else 'latest'}.{suffix}"
+
+
+def _build_singularity_image(image_path: str, build_spec: str, force: bool = True) -> None:
+    """``singularity build [--force] IMAGE SPEC`` (lxm3 0.4.2's helper)."""
+    import shutil
+    import subprocess
+
+    runtime = shutil.which("singularity") or shutil.which("apptainer")
+    if runtime is None:
+        raise BuildError("building a Singularity image needs singularity or apptainer on the PATH")
+    os.makedirs(os.path.dirname(os.path.abspath(image_path)), exist_ok=True)
+    subprocess.run([runtime, "build", *(["--force"] if force else []), os.fspath(image_path),
+                    build_spec], check=True)
+
+
+# -- the module names -----------------------------------------------------------
+
+# Each module of lxm3 0.4.2 that launchers import, and the public names it has:
+# "Name" is this module's Name, "name=source" another of its names (``xm.X``: the
+# xm package's X) and "name=.child" a submodule. The modules of xm_cluster are
+# also lxm3.<name>: xm_cluster is this module.
+_MODULES_042 = {
+    "xm_cluster.array_job": "ArrayJob flatten_array_job",
+    "xm_cluster.config": "Config default=load_config",
+    "xm_cluster.executable_specs": "CommandList DockerContainer Fileset ModuleName PDMProject "
+                                   "PythonContainer PythonPackage SingularityContainer "
+                                   "UniversalPackage name_from_path=_name_from_path",
+    "xm_cluster.executables": "Command",
+    "xm_cluster.executors": "DockerOptions GridEngine GridEngineSpec JobRequirements Local "
+                            "LocalSpec SingularityOptions Slurm SlurmSpec",
+    "xm_cluster.experiment": "ClusterExperiment ClusterWorkUnit create_experiment "
+                             "get_current_experiment",
+    "xm_cluster.requirements": "JobRequirements ResourceDict=xm.ResourceDict "
+                               "ResourceQuantity=xm.ResourceQuantity ResourceType=xm.ResourceType",
+    "contrib": "ucl=.ucl wandb=.wandb",
+    "contrib.ucl": "UclGridEngine",
+    "contrib.wandb": "configure_wandb",
+    "singularity": "images=.images uri=.uri",
+    "singularity.images": "build_singularity_image=_build_singularity_image",
+    "singularity.uri": "filename=_image_uri_filename is_valid=_image_uri_is_valid "
+                       "split=_image_uri_split",
+}
+
+
+def _key_042(name: str) -> Optional[str]:
+    """The entry of _MODULES_042 for ``lxm3.<name>`` (``executors``: ``xm_cluster.executors``)."""
+    for key in (name, "xm_cluster." + name):
+        if key in _MODULES_042:
+            return key
+    return None
+
+
+_modules_made_042: Dict[str, Any] = {}
+
+
+def _module_042(key: str) -> Any:
+    """The module ``lxm3.<key>``, made on first use."""
+    module = _modules_made_042.get(key)
+    if module is not None:
+        return module
+    full_name = f"{__name__}.{key}"
+    exports = {}
+    for item in _MODULES_042[key].split():
+        name, _, source = item.partition("=")
+        exports[name] = source or name
+
+    def __getattr__(name: str) -> Any:
+        source = exports.get(name)
+        if source is not None and source.startswith("."):
+            import importlib
+
+            return importlib.import_module(full_name + source)
+        head, *rest = (source or "").split(".")
+        if head not in globals():  # not one of its names, or (PDMProject...) not defined here
+            raise AttributeError(f"module {full_name!r} has no attribute {name!r}")
+        value = globals()[head]
+        for part in rest:
+            value = getattr(value, part)
+        return value
+
+    module = type(sys)(full_name, f"lxm3 0.4.2's {full_name}, served by {__name__}.py.")
+    module.__all__ = sorted(exports)
+    module.__getattr__ = __getattr__
+    module.__dir__ = lambda: sorted({*vars(module), *exports})
+    if any(source.startswith(".") for source in exports.values()):
+        module.__path__ = []  # its submodules can be imported
+    return _modules_made_042.setdefault(key, module)  # one module, imported by either name
+
+
+class _ModuleFinder042:
+    """Finds ``lxm3.xm_cluster.executors``, ``lxm3.contrib.ucl``... (the modules
+    above) and ``lxm3.xm.<module>`` (the ``xm`` package's own modules)."""
+
+    _lxm3_042 = True  # a reloaded lxm3 replaces the finder of the old one
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix  # "lxm3."
+
+    def _xm_module(self, name: str) -> Optional[str]:
+        """``xm.utils`` for ``lxm3.xm.utils`` if there is such a module; else None."""
+        if name != "xm" and not name.startswith("xm."):
+            return None
+        import importlib.util
+
+        real = "xm" + name[2:]
+        return real if name == "xm" or importlib.util.find_spec(real) is not None else None
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if not fullname.startswith(self.prefix):
+            return None
+        name = fullname[len(self.prefix):]
+        if _key_042(name) is None and self._xm_module(name) is None:
+            return None
+        import importlib.machinery
+
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec: Any) -> None:
+        return None  # a placeholder, replaced by exec_module
+
+    def exec_module(self, placeholder: Any) -> None:
+        # The import statement returns what sys.modules holds for the name once
+        # this returns: the module itself, never a copy (xm is not loaded twice).
+        name = placeholder.__name__[len(self.prefix):]
+        real = self._xm_module(name)
+        if real is not None:
+            import importlib
+
+            sys.modules[placeholder.__name__] = importlib.import_module(real)
+        else:
+            sys.modules[placeholder.__name__] = _module_042(_key_042(name))
+
+
+def __getattr__(name: str) -> Any:
+    """``xm_cluster.executors`` and lxm3 0.4.2's other modules, made on first use."""
+    if _key_042(name) is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+if __name__ != "__main__":  # ``python -m lxm3`` imports lxm3 again, which does this
+    __path__ = []  # read by the import system: lxm3 has submodules
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "_lxm3_042", False)]
+    sys.meta_path.insert(0, _ModuleFinder042(__name__ + "."))
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -5071,6 +5435,84 @@ def _user_traceback(error: BaseException) -> None:
     sys.stderr.write("".join(lines))
 
 
+def _main_left_to_run(launcher_path: str, namespace: Mapping[str, Any]) -> bool:
+    """Whether the launcher, having run as ``__main__``, left its ``main`` for
+    ``lxm3 launch`` to run, as lxm3 0.4.2's did: that one imported the launcher
+    and ran ``main`` itself, so launchers without ``if __name__ == "__main__":``
+    worked there. A launcher left it if it defines a callable ``main`` and its
+    top-level code has no ``__name__ == "__main__"`` test and never names
+    ``main`` (as ``main()`` or ``app.run(main)`` do); a launcher that ran it
+    has created an experiment (checked by the caller) or exited.
+    """
+    if not callable(namespace.get("main")):
+        return False
+    import ast
+
+    with open(launcher_path, "rb") as f:
+        tree = ast.parse(f.read(), launcher_path)
+    nodes = list(tree.body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            nodes.extend(node.decorator_list)  # the body runs only when called
+            continue
+        if isinstance(node, ast.Lambda):
+            continue
+        if isinstance(node, ast.Name) and node.id == "main" and isinstance(node.ctx, ast.Load):
+            return False
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if (any(isinstance(o, ast.Name) and o.id == "__name__" for o in operands)
+                    and any(isinstance(o, ast.Constant) and o.value == "__main__" for o in operands)):
+                return False
+        nodes.extend(ast.iter_child_nodes(node))
+    return True
+
+
+def _uses_absl(namespace: Mapping[str, Any]) -> bool:
+    """Whether the launcher holds absl's modules, flags or functions."""
+    for value in namespace.values():
+        try:
+            module = value.__name__ if isinstance(value, type(sys)) else (
+                getattr(value, "__module__", None) if callable(value) else type(value).__module__)
+        except Exception:  # an object with an odd __getattr__ is not absl's
+            continue
+        if isinstance(module, str) and (module == "absl" or module.startswith("absl.")):
+            return True
+    return False
+
+
+def _takes_argv(function: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: give it argv, as 0.4.2 did
+        return True
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+               for p in parameters)
+
+
+def _run_launcher_main(namespace: Mapping[str, Any], launcher_path: str, args: List[str]) -> None:
+    """Run the launcher's ``main`` as lxm3 0.4.2's ``lxm3 launch`` did: through
+    absl's ``app.run`` with ``--xm_launch_script=LAUNCHER`` (XManager's flag) when
+    the launcher uses absl, else as ``main(argv)``; exits with what it returns."""
+    main = namespace["main"]
+    takes_argv = _takes_argv(main)
+
+    def run(argv: List[str]) -> Any:
+        return main(argv) if takes_argv else main()
+
+    if _uses_absl(namespace):
+        from absl import app, flags
+
+        if "xm_launch_script" not in flags.FLAGS:
+            flags.DEFINE_string("xm_launch_script", None,
+                                "Path to the launcher (set by lxm3 launch, as in XManager)")
+        app.run(run, argv=[launcher_path, f"--xm_launch_script={launcher_path}", *args])
+    sys.exit(run([launcher_path, *args]))
+
+
 def _launch(launcher: str, args: List[str], dry_run: bool = False) -> int:
     import runpy
 
@@ -5091,7 +5533,10 @@ def _launch(launcher: str, args: List[str], dry_run: bool = False) -> int:
     sys.argv = [launcher_path, *args]
     sys.path.insert(0, os.path.dirname(launcher_path))
     try:
-        runpy.run_path(launcher_path, run_name="__main__")
+        created = _experiments_created
+        namespace = runpy.run_path(launcher_path, run_name="__main__")
+        if _experiments_created == created and _main_left_to_run(launcher_path, namespace):
+            _run_launcher_main(namespace, launcher_path, args)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else _exit_message(e.code))
     except LaunchError as e:
@@ -5255,7 +5700,9 @@ def _parser():
         help="run a launcher script",
         description=(
             "Run LAUNCHER as __main__ with sys.argv = [LAUNCHER, ARGS...]. Plain scripts, "
-            "argparse scripts and absl launchers (app.run(main)) all work."
+            "argparse scripts and absl launchers (app.run(main)) all work. A launcher that "
+            "only defines main (as lxm3 0.4.2 allowed) has it run once, as 0.4.2 did: "
+            "app.run(main) with --xm_launch_script=LAUNCHER if it uses absl, else main(argv)."
         ),
         epilog=(
             "The config is the first found of: --lxm_config PATH (taken out of ARGS wherever "
