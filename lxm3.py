@@ -3767,6 +3767,9 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
         connection, submission_script(log_dirs, submissions, experiment_dir), experiment_dir)
     error = parse_submission_output(output, submissions)
     still_running = SUBMISSION_STILL_RUNNING in output  # (after Ctrl-C) the log may yet grow
+    for line in sorted({line[5:] for line in output.splitlines() if line.startswith("WARN ")}):
+        if line != SUBMISSION_STILL_RUNNING[5:]:
+            _progress(f"{cluster.name}: warning: {line} (the job ids are in the record all the same)")
     for launch in launches:
         launch.work_unit._submitted([s for s in submissions if s.job_id is not None
                                      and s.work_unit_id == launch.work_unit.work_unit_id],

@@ -413,3 +413,56 @@ def test_dry_run_splits_as_the_launch_will(cluster_workspaces, scheduler):
     assert len(submit) == 2
     assert all(f"{ws.staging_path}/experiments/" in line for line in submit), submit
     assert "~" not in after.stdout.split("would create", 1)[1], after.stdout
+
+
+def test_a_full_staging_directory_is_a_clear_error_and_leaves_nothing_half_written(
+        cluster_workspaces):
+    """The cluster's disk fills up: the copy fails with the reason, nothing is
+    submitted, and once there is space the next launch runs the right code."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs as the staging directory needs root")
+    tb = require_testbed("slurm")
+    ws = cluster_workspaces(tb, "slurm", "ssh")
+    staging = ws.staging_path
+    os.makedirs(staging)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=700", "tmpfs", staging], check=True)
+    try:
+        shutil.chown(staging, tb.ssh_user, tb.ssh_user)
+        filler = os.path.join(staging, "filler")
+        with open(filler, "wb", buffering=0) as f:  # leaves less than the archive needs
+            try:
+                while True:
+                    f.write(b"x" * 65536)
+            except OSError:
+                pass
+        os.truncate(filler, os.path.getsize(filler) - 64 * 1024)
+        out = ws.out_dir()
+        units = [{"kind": "array", "executor": ws.executor(), "args": [{"seed": 0}, {"seed": 1}],
+                  "env_vars": [{"ECHO_OUT": out}]}]
+        full = ws.launch(units)
+        assert full.returncode == 1, full.describe()
+        assert "No space left on device" in full.stderr and "rsync" in full.stderr, full.describe()
+        ws.assert_nothing_submitted(full)
+        archives = os.path.join(staging, "archives")
+        assert not os.path.isdir(archives) or [n for n in os.listdir(archives)
+                                               if n.endswith(".zip")] == [], os.listdir(archives)
+
+        os.unlink(filler)
+        launch = ws.launch(units).check()
+        reports = ws.wait_for_reports(out, 2, launch)
+        assert [reports[i]["argv"] for i in range(2)] == [["--seed=0"], ["--seed=1"]]
+    finally:
+        subprocess.run(["umount", "-l", staging], check=False)
+
+
+def test_a_submission_log_that_cannot_be_written_does_not_lose_the_job_ids(tmp_path):
+    import lxm3
+
+    bindir = fake_sbatch(tmp_path)
+    subs = plan(12, 11)
+    (tmp_path / "exp" / lxm3.SUBMISSION_LOG).mkdir(parents=True)  # appending to it fails
+    proc = run_script(lxm3.submission_script([str(tmp_path / "logs")], subs, str(tmp_path / "exp")),
+                      bindir, tmp_path)
+    assert lxm3.parse_submission_output(proc.stdout, subs) is None, proc.stdout
+    assert [s.job_id for s in subs] == ["101", "102"] or [s.job_id for s in subs] == ["102", "101"]
+    assert proc.stdout.count(f"WARN could not write {tmp_path}/exp/{lxm3.SUBMISSION_LOG}") == 2
