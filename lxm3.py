@@ -4537,16 +4537,21 @@ _dry_run_directory: Optional[str] = None  # set by ``lxm3 launch --dry-run``
 _experiments_created = 0  # by this process: tells ``lxm3 launch`` that a launcher ran its main
 
 
-def create_experiment(experiment_title: str, project: Optional[str] = None,
+def create_experiment(experiment_title: Optional[str] = None, project: Optional[str] = None,
                       config: Optional[Config] = None) -> ClusterExperiment:
     """Create an experiment; use it as ``with create_experiment(...) as experiment:``.
 
+    ``experiment_title`` is optional, as in XManager: without one, the
+    launcher's file name (``launcher`` for ``launcher.py``) is the title.
     ``project`` (upstream lxm3's argument, in its place) is kept in the record
     instead of the config's; ``$LXM_PROJECT`` still wins, as upstream.
     """
     if project is not None and not isinstance(project, str):
         raise TypeError(f"create_experiment(project=...) is the project's name, not a "
                         f"{type(project).__name__}; pass a Config as config=...")
+    if experiment_title is None:
+        launcher = xm.utils.find_launch_script_path()
+        experiment_title = os.path.splitext(os.path.basename(launcher))[0] if launcher else "experiment"
     return ClusterExperiment(experiment_title, config=config, project=project)
 
 

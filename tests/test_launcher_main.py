@@ -182,3 +182,18 @@ def test_a_0_4_2_launcher_launches_its_jobs_once(tmp_path):
     tasks = sorted(line.split("] ", 1)[1] for line in proc.stdout.splitlines() if "task ran" in line)
     assert tasks == ["task ran with --seed=0", "task ran with --seed=1"]
     assert [r["title"] for r in lxm3.list_records()] == ["no guard"]
+
+
+def test_create_experiment_without_a_title_is_named_after_the_launcher(tmp_path):
+    """XManager's create_experiment takes no title; 0.4.2's README calls it so."""
+    launcher = tmp_path / "my_sweep.py"
+    launcher.write_text(textwrap.dedent("""\
+        from lxm3 import xm_cluster
+        with xm_cluster.create_experiment() as experiment:
+            print("title", experiment.experiment_title)
+    """))
+    proc = subprocess.run([sys.executable, "-m", "lxm3", "launch", str(launcher)],
+                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
+                          timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "title my_sweep" in proc.stdout
