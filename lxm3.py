@@ -777,11 +777,22 @@ class UniversalPackage(xm.ExecutableSpec, ValueObject):
 
 
 class SingularityContainer(xm.ExecutableSpec, ValueObject):
-    """A packaged executable run inside a Singularity/Apptainer image."""
+    """A packaged executable run inside a Singularity/Apptainer image.
+
+    ``image_path``: a ``.sif`` file here, a URI the runtime fetches on the
+    node (``docker://``, ``library://``, ...), or an image only this machine
+    has (``docker-daemon:``, ``docker-archive:``), which is converted to a
+    ``.sif`` here, once per image, and sent like a file.
+    """
 
     def __init__(self, entrypoint: Union[PythonPackage, UniversalPackage], image_path: str):
         self.entrypoint = entrypoint
-        self.image_path = image_path if is_image_uri(image_path) else resolve_path(image_path)
+        docker_image = docker_transport(image_path)
+        if docker_image and docker_image[0] == "docker-archive":
+            image_path = f"docker-archive:{resolve_path(docker_image[1])}"
+        elif not docker_image and not is_image_uri(image_path):
+            image_path = resolve_path(image_path)
+        self.image_path = image_path
 
     @property
     def name(self) -> str:
@@ -798,6 +809,110 @@ class DockerContainer(xm.ExecutableSpec, ValueObject):
     @property
     def name(self) -> str:
         return self.entrypoint.name
+
+
+class PDMProject(xm.ExecutableSpec, ValueObject):
+    """A PDM project whose locked dependencies are built into a Docker image.
+
+    As in lxm3 0.4.2: ``docker build`` makes ``<name>:latest`` from
+    ``base_image`` with the dependencies ``pdm export`` lists from the lock
+    file, installed by pip; the project's own code is packaged as a
+    ``PythonPackage`` and unpacked when a task starts. ``Local`` runs the
+    image with Docker; clusters run it as a ``.sif`` converted here (with
+    apptainer or singularity) once per image id and sent once.
+
+    Attributes:
+      entrypoint: ``ModuleName("pkg.main")`` (``python3 -m pkg.main``) or
+        ``CommandList([...])`` (shell commands; the last gets the task's
+        arguments), run inside the image.
+      base_image: the Docker image to build on, e.g. ``"python:3.11-slim"``;
+        it must have ``python3`` and ``pip``.
+      lock_file: the PDM lock file, relative to ``path``.
+      path: the project directory (``pyproject.toml``); also the Docker build
+        context. Relative paths mean the launcher's directory.
+      resources: ``Fileset`` objects: extra files shipped with the code.
+      extra_packages: more projects (paths) or requirements installed with the
+        code, as for ``PythonPackage``.
+      pip_args: options of the ``pip install`` that packages the code.
+    """
+
+    def __init__(
+        self,
+        entrypoint: Entrypoint,
+        base_image: str,
+        lock_file: str = "pdm.lock",
+        path: str = ".",
+        resources: Optional[List[Fileset]] = None,
+        extra_packages: Optional[List[str]] = None,
+        pip_args: Optional[List[str]] = None,
+    ):
+        _check_entrypoint(entrypoint)
+        self.entrypoint = entrypoint
+        self.base_image = base_image
+        self.lock_file = lock_file
+        self.path = resolve_path(path)
+        self.resources = [] if resources is None else list(resources)
+        self.extra_packages = [_resolve_if_local(p) for p in extra_packages or []]
+        self.pip_args = ["--no-deps", "--no-compile"] if pip_args is None else list(pip_args)
+
+    @property
+    def name(self) -> str:
+        return _name_from_path(self.path)
+
+
+class PythonContainer(xm.ExecutableSpec, ValueObject):
+    """A Python project whose ``requirements.txt`` is built into a Docker image.
+
+    As ``PDMProject``, with the image's dependencies installed by
+    ``pip install -r requirements``.
+
+    Attributes:
+      entrypoint: ``ModuleName("pkg.main")`` or ``CommandList([...])``, run
+        inside the image.
+      base_image: the Docker image to build on; it must have ``python3`` and
+        ``pip``.
+      requirements: the requirements file, relative to ``path``.
+      path: the project directory; also the Docker build context. Relative
+        paths mean the launcher's directory.
+      resources: ``Fileset`` objects: extra files shipped with the code.
+      extra_packages: more projects (paths) or requirements installed with the
+        code, as for ``PythonPackage``.
+      pip_args: options of the ``pip install`` that packages the code.
+    """
+
+    def __init__(
+        self,
+        entrypoint: Entrypoint,
+        base_image: str,
+        requirements: str = "requirements.txt",
+        path: str = ".",
+        resources: Optional[List[Fileset]] = None,
+        extra_packages: Optional[List[str]] = None,
+        pip_args: Optional[List[str]] = None,
+    ):
+        _check_entrypoint(entrypoint)
+        self.entrypoint = entrypoint
+        self.base_image = base_image
+        self.requirements = requirements
+        self.path = resolve_path(path)
+        self.resources = [] if resources is None else list(resources)
+        self.extra_packages = [_resolve_if_local(p) for p in extra_packages or []]
+        self.pip_args = ["--no-deps", "--no-compile"] if pip_args is None else list(pip_args)
+
+    @property
+    def name(self) -> str:
+        return _name_from_path(self.path)
+
+
+def docker_transport(image: str) -> Optional[Tuple[str, str]]:
+    """``("docker-daemon", reference)`` or ``("docker-archive", path)`` for an
+    image only this machine can read (``docker-daemon:ref`` or
+    ``docker-daemon://ref``, likewise ``docker-archive:``); else None."""
+    for transport in ("docker-daemon", "docker-archive"):
+        if image.startswith(transport + ":"):
+            ref = image[len(transport) + 1:]
+            return transport, ref[2:] if ref.startswith("//") else ref
+    return None
 
 
 def is_image_uri(image: str) -> bool:
@@ -1570,18 +1685,179 @@ def build_archive(spec: Union[PythonPackage, UniversalPackage], use_cache: bool 
     return Archive(path, digest)
 
 
+# -- Container images built or converted on this machine ------------------------
+#
+# PDMProject and PythonContainer build a Docker image of the project's
+# dependencies (as lxm3 0.4.2 did); Local runs it with Docker. Clusters get a
+# .sif: apptainer/singularity converts docker-daemon: and docker-archive:
+# images here, once per image id (cached under ~/.cache/lxm3/sif/<id>/), and
+# the .sif is then staged like any image file, under its content hash.
+
+
+def _docker_repository(name: str) -> str:
+    """A Docker repository name from a project name: lower case, ``[a-z0-9._-]``."""
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("._-") or "lxm3-project"
+
+
+def dockerfile(spec: Union[PDMProject, PythonContainer]) -> str:
+    """The Dockerfile of a ``PDMProject`` or ``PythonContainer`` image.
+
+    The build context is the project: the lock or requirements file is
+    copied from there. The image holds the dependencies only; the code
+    comes with each task's archive, so a code change needs no new image.
+    """
+    import json
+
+    user = "RUN id 1000 >/dev/null 2>&1 || useradd --create-home --uid 1000 docker || true"
+    if isinstance(spec, PDMProject):
+        return "\n".join([
+            "# Written by lxm3 for a PDMProject: the project's locked dependencies.",
+            f"FROM {spec.base_image} AS lxm3-lock",
+            "RUN pip install --no-cache-dir pdm",
+            "WORKDIR /lxm3-project",
+            f"COPY {json.dumps([spec.lock_file, 'pdm.lock'])}",
+            'COPY ["pyproject.toml", "pyproject.toml"]',
+            "RUN pdm export > /requirements.txt",
+            "",
+            f"FROM {spec.base_image}",
+            user,
+            "COPY --from=lxm3-lock /requirements.txt /requirements.txt",
+            "RUN pip install --no-cache-dir -r /requirements.txt",
+            "",
+        ])
+    return "\n".join([
+        "# Written by lxm3 for a PythonContainer: the project's requirements.",
+        f"FROM {spec.base_image}",
+        user,
+        f"COPY {json.dumps([spec.requirements, '/requirements.txt'])}",
+        "RUN pip install --no-cache-dir -r /requirements.txt",
+        "",
+    ])
+
+
+def _which_or_fail(names: Sequence[str], what: str) -> str:
+    import shutil
+
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise BuildError(f"{what} needs {' or '.join(names)} on this machine, and none is on the PATH")
+
+
+def build_docker_image(spec: Union[PDMProject, PythonContainer]) -> Tuple[str, str]:
+    """``docker build`` the image of ``spec``: returns its tag (``<name>:latest``) and id."""
+    import tempfile
+
+    kind = type(spec).__name__
+    if not os.path.isdir(spec.path):
+        raise BuildError(f"{kind} path {spec.path} is not a directory")
+    copied = ({"lock_file": spec.lock_file, "path": "pyproject.toml"} if isinstance(spec, PDMProject)
+              else {"requirements": spec.requirements})
+    for what, rel in copied.items():  # what the Dockerfile copies from the build context
+        inside = os.path.normpath(os.path.join(spec.path, rel))
+        if os.path.isabs(rel) or not inside.startswith(spec.path.rstrip(os.sep) + os.sep):
+            raise BuildError(f"{kind}({what}={rel!r}) must be a path inside {spec.path}, the "
+                             "Docker build context")
+        if not os.path.isfile(inside):
+            raise BuildError(f"{kind}: {inside} does not exist; the image is built from it")
+    docker = _which_or_fail(["docker"], f"{kind} (its image is built with docker build)")
+    tag = f"{_docker_repository(spec.name)}:latest"
+    with tempfile.TemporaryDirectory(prefix="lxm3-docker-") as tmp:
+        dockerfile_path = os.path.join(tmp, "Dockerfile")
+        id_file = os.path.join(tmp, "image-id")
+        with open(dockerfile_path, "w") as f:
+            f.write(dockerfile(spec))
+        _progress(f"{spec.name}: docker build -t {tag} {spec.path} (on {spec.base_image})")
+        _run_build_step([docker, "build", "-t", tag, "-f", dockerfile_path, "--iidfile", id_file,
+                         spec.path], f"docker build of {tag} from {spec.path}")
+        with open(id_file) as f:
+            image_id = f.read().strip()
+    _progress(f"{spec.name}: image {tag} is {image_id[:19]}")
+    return tag, image_id
+
+
+def docker_image_id(reference: str) -> str:
+    """The id of an image in the local Docker daemon (``docker image inspect``)."""
+    docker = _which_or_fail(["docker"], f"docker-daemon:{reference} (read from the local Docker daemon)")
+    output = _run_build_step([docker, "image", "inspect", "--format", "{{.Id}}", reference],
+                             f"docker image inspect {reference} (is the image built or pulled here?)")
+    return output.strip().splitlines()[-1]
+
+
+def _sif_stem(transport: str, ref: str) -> str:
+    """``name_tag`` for ``registry/name:tag``, the archive's name for a file."""
+    if transport == "docker-archive":
+        stem = re.sub(r"(\.tar(\.gz)?|\.tgz)$", "", os.path.basename(ref))
+    else:
+        last = ref.split("@")[0].rstrip("/").rsplit("/", 1)[-1]
+        name, _, tag = last.partition(":")
+        stem = f"{name}_{tag or 'latest'}"
+    return re.sub(r"[^\w.-]", "_", stem) or "image"
+
+
+def sif_from_docker(image: str, image_id: Optional[str] = None) -> str:
+    """The ``.sif`` of a ``docker-daemon:`` or ``docker-archive:`` image, converted
+    here by apptainer/singularity the first time this image id is seen.
+
+    The id is Docker's for a daemon image (``image_id`` if the caller has just
+    built it) and the sha256 of the file for an archive.
+    """
+    import shutil
+    import tempfile
+
+    transport, ref = docker_transport(image) or ("", "")
+    if transport == "docker-daemon":
+        image_id = image_id or docker_image_id(ref)
+    elif transport == "docker-archive":
+        if not os.path.isfile(ref):
+            raise BuildError(f"{image}: {ref} does not exist (a docker-archive: image is a file "
+                             "written by docker save)")
+        image_id = f"sha256:{image_digest(ref)}"
+    else:
+        raise ValueError(f"{image} is not a docker-daemon: or docker-archive: image")
+    directory = os.path.join(cache_dir(), "sif", image_id.rpartition(":")[2][:32])
+    path = os.path.join(directory, _sif_stem(transport, ref) + ".sif")
+    if os.path.isfile(path):
+        _progress(f"{image}: unchanged (image {image_id[:19]}), using {path}")
+        return path
+    runtime = _which_or_fail(["apptainer", "singularity"],
+                             f"{image} (converted to a .sif here, then sent to the cluster)")
+    _progress(f"{image}: converting image {image_id[:19]} to a .sif with {os.path.basename(runtime)}; "
+              "once per image")
+    make_private_dirs(directory)
+    tmp = tempfile.mkdtemp(prefix=".converting-", dir=directory)
+    try:
+        built = os.path.join(tmp, "image.sif")
+        _run_build_step([runtime, "build", built, f"{transport}:{ref}"],
+                        f"{os.path.basename(runtime)} build of {image}")
+        os.replace(built, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def package(packageable: xm.Packageable) -> ClusterExecutable:
     """Turn one ``xm.Packageable`` into a ``ClusterExecutable``."""
     spec = packageable.executable_spec
     container, image = None, None
-    if isinstance(spec, (SingularityContainer, DockerContainer)):
+    if isinstance(spec, (PDMProject, PythonContainer)):
+        tag, image_id = build_docker_image(spec)
+        if isinstance(packageable.executor_spec, LocalSpec):
+            container, image = "docker", image_id
+        else:
+            container, image = "singularity", sif_from_docker(f"docker-daemon:{tag}", image_id)
+        spec = PythonPackage(spec.entrypoint, spec.path, spec.resources, spec.extra_packages, spec.pip_args)
+    elif isinstance(spec, (SingularityContainer, DockerContainer)):
         container = "singularity" if isinstance(spec, SingularityContainer) else "docker"
         image = spec.image_path if isinstance(spec, SingularityContainer) else spec.image
+        if container == "singularity" and docker_transport(image):
+            image = sif_from_docker(image)
         spec = spec.entrypoint
     if not isinstance(spec, (PythonPackage, UniversalPackage)):
         raise TypeError(
             f"lxm3 cannot package {type(spec).__name__}: use xm_cluster.PythonPackage, "
-            "UniversalPackage, SingularityContainer or DockerContainer"
+            "UniversalPackage, SingularityContainer, DockerContainer, PDMProject or PythonContainer"
         )
     return ClusterExecutable(
         name=spec.name,
