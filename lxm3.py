@@ -3149,14 +3149,20 @@ def sge_directives(executor: GridEngine, cluster: ClusterConfig, job_name: str) 
     for option, value in (("-q", executor.queue), ("-P", executor.project), ("-A", executor.account)):
         if value:
             derived.append(f"{option} {_directive_value(value, option)}")
-    if executor.reserved is not None:  # a bare -R is rejected by Grid Engine
-        derived.append(f"-R {'y' if executor.reserved else 'n'}")
-    derived.append(f"-j {'y' if executor.merge_output else 'n'}")
     explicit = [f"-pe {_directive_value(name, 'parallel environment')} {int(n)}"
                 for name, n in executor.parallel_environments.items()]
     explicit += [f"-l {key}={_directive_value(value, key)}"
                  for key, value in executor.resources.items() if value]
     explicit += [_strip_prefix(d, "#$") for d in executor.extra_directives]
+    # Reservation keeps a job that needs several slots or a GPU from waiting
+    # behind a stream of small ones; lxm3 0.4.2 asked for it in those cases
+    # unless told otherwise (a bare -R, though, is rejected by Grid Engine).
+    reserved = executor.reserved
+    if reserved is None and (any(_sge_key(d) == "-pe" for d in derived + explicit) or _wants_gpu(executor)):
+        reserved = True
+    if reserved is not None:
+        derived.append(f"-R {'y' if reserved else 'n'}")
+    derived.append(f"-j {'y' if executor.merge_output else 'n'}")
     return _merge_directives(derived, explicit, _sge_key)
 
 
@@ -3164,9 +3170,81 @@ SLURM_TASK_ID = "LXM_TASK_ID=$(( ${SLURM_ARRAY_TASK_ID:-0} + ${1:-0} ))  # $1: t
 SGE_TASK_ID = "LXM_TASK_ID=$(( ${SGE_TASK_ID:-1} - 1 + ${1:-0} ))  # $1: the array's first task"
 
 
-def _wants_gpu(requirements: xm.JobRequirements) -> bool:
+def _requirements_gpus(requirements: xm.JobRequirements) -> int:
+    """How many GPUs ``requirements`` asks for per task (0: none)."""
     accelerator = requirements.accelerator
-    return accelerator is not None and (accelerator in xm.GpuType or accelerator == xm.ResourceType.LOCAL_GPU)
+    if accelerator is None or not (accelerator in xm.GpuType or accelerator == xm.ResourceType.LOCAL_GPU):
+        return 0
+    return _whole(requirements.task_requirements.get(accelerator, 1) or 1)
+
+
+def _no_amount(value: str) -> bool:
+    """``0``, ``gpu:0``, ``a100:0``, ``false``, ``no``: a request for nothing."""
+    last = value.strip().rsplit(":", 1)[-1].lower()
+    return last in ("0", "false", "no", "n", "f", "none") or (last.isdigit() and int(last) == 0)
+
+
+def _named_for_gpus(name: str) -> bool:
+    return "gpu" in name.lower()
+
+
+def _slurm_asks_for_gpus(directive: str) -> bool:
+    """Whether a Slurm option (``--gres=gpu:1``, ``-G 2``, ``--gpus-per-task=1``,
+    ``--partition=gpu``, ...) gives the job GPUs."""
+    option, _, value = _strip_prefix(directive, "#SBATCH").replace(" ", "=", 1).partition("=")
+    option = _SLURM_SHORT_OPTIONS.get(option, option)
+    if option in ("--gpus", "--gpus-per-node", "--gpus-per-task", "--gpus-per-socket"):
+        return not _no_amount(value)
+    if option in ("--gres", "--tres-per-task", "--tres-per-job", "--tres-per-node"):
+        items = [item.strip() for item in value.split(",")]
+        return any(re.sub(r"^gres/", "", item).split(":")[0] == "gpu" and not _no_amount(item)
+                   for item in items)
+    if option == "--partition":
+        return any(_named_for_gpus(p) for p in value.split(","))
+    return False
+
+
+def _sge_asks_for_gpus(directive: str) -> bool:
+    """Whether a Grid Engine request (``-l gpu=1``, ``-l h_vmem=2G,ngpus=2``,
+    ``-pe gpu 2``, ``-q gpu.q``) gives the job GPUs."""
+    option, _, rest = _strip_prefix(directive, "#$").partition(" ")
+    rest = rest.strip()
+    if option == "-l":
+        for item in rest.split(","):
+            name, has_value, value = item.partition("=")
+            if _named_for_gpus(name) and not (has_value and _no_amount(value)):
+                return True
+    elif option == "-pe":
+        name, _, slots = rest.partition(" ")
+        return _named_for_gpus(name) and not _no_amount(slots or "1")
+    elif option == "-q":
+        return _named_for_gpus(rest)
+    return False
+
+
+def _wants_gpu(executor: xm.Executor) -> bool:
+    """Whether the job asks for GPUs, so that its container gets them (``--nv``,
+    ``--gpus``): in ``requirements``, or in what lxm3 0.4.2 read for it on
+    clusters (``resources``, ``extra_directives``, a parallel environment; also
+    a partition or queue named for GPUs). ``skip_directives`` does not change
+    the answer: a skipped line is often one the site grants otherwise."""
+    if _requirements_gpus(executor.requirements):
+        return True
+    if isinstance(executor, Slurm):
+        directives = [f"--{key}" if value is True else f"--{key}={value}"
+                      for key, value in executor.resources.items() if value]
+        directives += list(executor.extra_directives)
+        if executor.partition:
+            directives.append(f"--partition={executor.partition}")
+        return any(_slurm_asks_for_gpus(d) for d in directives)
+    if isinstance(executor, GridEngine):
+        directives = [f"-l {key}={value}" for key, value in executor.resources.items() if value]
+        directives += [f"-pe {name} {slots}" for name, slots in executor.parallel_environments.items()]
+        directives += list(executor.extra_directives)
+        if executor.queue:
+            directives.append(f"-q {executor.queue}")
+        return any(_sge_asks_for_gpus(d) for d in directives)
+    return False
 
 
 def singularity_run(image: str, options: Optional[SingularityOptions],
@@ -3175,7 +3253,9 @@ def singularity_run(image: str, options: Optional[SingularityOptions],
 
     The unpacked archive is bound at its own path, so PYTHONPATH holds. The
     task's variables are also exported as APPTAINERENV_/SINGULARITYENV_ ones
-    (by indirect expansion, nothing evaluated), so ``--cleanenv`` keeps them.
+    (by indirect expansion, nothing evaluated), so ``--cleanenv`` keeps them;
+    so is CUDA_VISIBLE_DEVICES, the GPUs the scheduler (or lxm3's local
+    runner) gave the task.
     """
     options = options or SingularityOptions()
     if options.runtime:
@@ -3194,6 +3274,7 @@ def singularity_run(image: str, options: Optional[SingularityOptions],
         find,
         'case ${lxm_runtime##*/} in apptainer*) lxm_prefix=APPTAINERENV_ ;; *) lxm_prefix=SINGULARITYENV_ ;; esac',
         'for lxm_name in "${lxm_env_names[@]}"; do export "$lxm_prefix$lxm_name=${!lxm_name}"; done',
+        '[[ -z ${CUDA_VISIBLE_DEVICES+set} ]] || export "${lxm_prefix}CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"',
         " ".join(argv),
     ])
 
@@ -3224,7 +3305,7 @@ def run_line(executable: ClusterExecutable, executor: xm.Executor, image: Option
     """The job script's command for the entrypoint: directly, or in a container."""
     if executable.container is None:
         return "bash ./entrypoint.sh"
-    gpu = _wants_gpu(executor.requirements)
+    gpu = _wants_gpu(executor)
     if executable.container == "docker":
         return docker_run(image, executor.docker_options, gpu)
     options = executor.singularity_options
