@@ -3283,12 +3283,15 @@ def docker_run(image: str, options: Optional[DockerOptions], gpu: bool) -> str:
     """Bash that runs the entrypoint in a Docker container as the calling user.
 
     ``-e NAME`` without a value passes each task variable from the environment.
+    GPU tasks get the devices in CUDA_VISIBLE_DEVICES (set by lxm3's local
+    runner), else all; inside, they are numbered from 0.
     """
     options = options or DockerOptions()
     argv = ["docker", "run", "--rm", "--init", "--user", '"$(id -u):$(id -g)"',
             "-v", '"$lxm_workdir:$lxm_workdir"', "-w", '"$lxm_workdir"', '"${lxm_docker_env[@]}"']
-    if options.gpus if options.gpus is not None else gpu:
-        argv += ["--gpus", "all"]
+    gpus = options.gpus if options.gpus is not None else gpu
+    if gpus:
+        argv += ["--gpus", '"$lxm_gpus"']
     for src, dst in options.volumes.items():
         argv += ["-v", shell_quote(f"{src}:{dst}")]
     argv += [shell_quote(o) for o in options.extra_options]
@@ -3296,6 +3299,9 @@ def docker_run(image: str, options: Optional[DockerOptions], gpu: bool) -> str:
     return "\n".join([
         "lxm_docker_env=()",
         'for lxm_name in "${lxm_env_names[@]}"; do lxm_docker_env+=(-e "$lxm_name"); done',
+        *(['lxm_gpus=all',  # docker reads a list of devices as CSV: hence the inner quotes
+           '[[ -z ${CUDA_VISIBLE_DEVICES:-} ]] || lxm_gpus="\\"device=$CUDA_VISIBLE_DEVICES\\""']
+          if gpus else []),
         " ".join(argv),
     ])
 
@@ -3696,20 +3702,61 @@ LOCAL_HEADER = "# Run by lxm3's local executor, which sets LXM_TASK_ID for each 
 LOCAL_TASK_ID = 'LXM_TASK_ID=${LXM_TASK_ID:?"is set by the lxm3 local runner"}'
 
 
+def local_gpus() -> Tuple[Optional[List[str]], str]:
+    """The GPUs local tasks may share out, and where that list comes from.
+
+    CUDA_VISIBLE_DEVICES of the launching environment, if set: it is the
+    user's choice of devices (others may use the rest), and what CUDA itself
+    would allow. Else the GPUs ``nvidia-smi -L`` lists. None: cannot tell.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        devices: List[str] = []
+        for device in visible.split(","):
+            device = device.strip()
+            if not device or device.startswith("-"):
+                break  # CUDA ignores an invalid entry and all that follow it
+            if device not in devices:
+                devices.append(device)
+        return devices, f"CUDA_VISIBLE_DEVICES={visible}"
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None, "nvidia-smi is not on the PATH and CUDA_VISIBLE_DEVICES is not set"
+    try:
+        proc = subprocess.run([smi, "-L"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, text=True, errors="replace", timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{smi} -L failed: {e}"
+    if proc.returncode != 0:
+        return None, f"{smi} -L failed (exit code {proc.returncode}): {proc.stdout.strip()[:300]}"
+    devices = re.findall(r"^GPU (\d+):", proc.stdout, re.MULTILINE)
+    return devices, f"nvidia-smi -L lists {_counted(len(devices), 'GPU')}"
+
+
 class LocalRunner:
     """Runs local tasks in a bounded pool, streaming their output with a prefix.
 
     ``max_parallel`` worker threads take tasks from one queue, so a sweep of
-    thousands of tasks costs that many threads, not one per task.
+    thousands of tasks costs that many threads, not one per task. A task that
+    needs N GPUs waits for N free devices (see ``local_gpus``) and runs with
+    them alone in its CUDA_VISIBLE_DEVICES; they are free again when it ends.
     """
 
     def __init__(self, max_parallel: Optional[int] = None, out=None):
         import collections
 
         self.max_parallel = max_parallel or os.cpu_count() or 1
+        self._max_parallel_given = max_parallel is not None
         self._out = out or sys.stdout
         self._lock = threading.Lock()
-        self._queue: Any = collections.deque()  # (script, work unit, task, log, prefix, env)
+        self._queue: Any = collections.deque()  # (script, work unit, task, log, prefix, env, gpus)
+        self._gpus: Optional[List[str]] = None  # every device tasks may have; None: not assigned
+        self._gpu_source: Optional[str] = None  # where the list came from; None: not looked yet
+        self._free_gpus: List[str] = []
+        self._gpus_freed = threading.Condition(self._lock)
         self._workers: List[threading.Thread] = []
         self._procs: Dict[Tuple[int, int], Any] = {}
         self._stopping = False
@@ -3718,8 +3765,10 @@ class LocalRunner:
         self._writing: List[int] = []  # locks on the log directories (see follow_log)
 
     def submit(self, script: str, work_unit_id: int, num_tasks: int, log_dir: str,
-               env: Optional[Mapping[str, str]] = None) -> List[str]:
+               env: Optional[Mapping[str, str]] = None, gpus_per_task: int = 0) -> List[str]:
         """Queue every task of a work unit; returns their log paths."""
+        if gpus_per_task:
+            self._plan_gpus(work_unit_id, gpus_per_task)
         make_private_dirs(log_dir)
         logs = [os.path.join(log_dir, f"task-{task_id}.log") for task_id in range(num_tasks)]
         env = dict(env or {})
@@ -3730,12 +3779,49 @@ class LocalRunner:
                 return logs
             for task_id, log_path in enumerate(logs):
                 prefix = f"[{work_unit_id}]" if num_tasks == 1 else f"[{work_unit_id}:{task_id}]"
-                self._queue.append((script, work_unit_id, task_id, log_path, prefix, env))
+                self._queue.append((script, work_unit_id, task_id, log_path, prefix, env, gpus_per_task))
             for _ in range(min(self.max_parallel - len(self._workers), len(self._queue))):
                 worker = threading.Thread(target=self._work, name="lxm3-local-worker", daemon=True)
                 self._workers.append(worker)
                 worker.start()
         return logs
+
+    def _plan_gpus(self, work_unit_id: int, gpus_per_task: int) -> None:
+        """Find the GPUs (once), check a task's share fits, and let as many
+        workers run as the devices allow, unless ``max_parallel`` was given."""
+        if self._gpu_source is None:
+            self._gpus, self._gpu_source = local_gpus()
+            self._free_gpus = list(self._gpus or [])
+        asks = f"work unit {work_unit_id} asks for {_counted(gpus_per_task, 'GPU')} per task"
+        if self._gpus is None:
+            if self._max_parallel_given:
+                return  # the user bounds the parallelism; devices are theirs to assign
+            raise LaunchError(
+                f"{asks}, but lxm3 cannot tell which GPUs this machine has ({self._gpu_source}): "
+                "set CUDA_VISIBLE_DEVICES to the GPUs tasks may use (e.g. CUDA_VISIBLE_DEVICES=0,1), "
+                "or give Local(max_parallel_tasks=K) to run K tasks at once without assigning GPUs")
+        if gpus_per_task > len(self._gpus):
+            raise LaunchError(
+                f"{asks}, but tasks here may use {_counted(len(self._gpus), 'GPU')} "
+                f"({self._gpu_source}): ask for fewer, or list more in CUDA_VISIBLE_DEVICES")
+        if not self._max_parallel_given:
+            self.max_parallel = max(self.max_parallel, len(self._gpus) // gpus_per_task)
+
+    def _take_gpus(self, count: int) -> Optional[List[str]]:
+        """Wait for ``count`` free devices and take them; None if stop() came first."""
+        with self._lock:
+            while not self._stopping and len(self._free_gpus) < count:
+                self._gpus_freed.wait()
+            if self._stopping:
+                return None
+            taken, self._free_gpus = self._free_gpus[:count], self._free_gpus[count:]
+            return taken
+
+    def _give_back_gpus(self, devices: List[str]) -> None:
+        with self._lock:
+            free = set(self._free_gpus) | set(devices)
+            self._free_gpus = [d for d in self._gpus or [] if d in free]
+            self._gpus_freed.notify_all()
 
     def _work(self) -> None:
         """Run queued tasks until the queue is empty (or stop() emptied it)."""
@@ -3747,7 +3833,22 @@ class LocalRunner:
                 task = self._queue.popleft()
             self._run_task(*task)
 
-    def _run_task(self, script, work_unit_id, task_id, log_path, prefix, env) -> None:
+    def _run_task(self, script, work_unit_id, task_id, log_path, prefix, env, gpus) -> None:
+        devices = None
+        if gpus and self._gpus is not None:
+            devices = self._take_gpus(gpus)
+            if devices is None:
+                with self._lock:
+                    self.not_started.append((work_unit_id, task_id))
+                return
+            env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(devices)}
+        try:
+            self._run_process(script, work_unit_id, task_id, log_path, prefix, env)
+        finally:
+            if devices:
+                self._give_back_gpus(devices)
+
+    def _run_process(self, script, work_unit_id, task_id, log_path, prefix, env) -> None:
         import subprocess
 
         full_env = {**os.environ, **env, "LXM_TASK_ID": str(task_id)}
@@ -3834,6 +3935,7 @@ class LocalRunner:
             self._stopping = True
             self.not_started += [(task[1], task[2]) for task in self._queue]
             self._queue.clear()
+            self._gpus_freed.notify_all()  # tasks waiting for GPUs never start
             procs = list(self._procs.values())
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
@@ -3977,7 +4079,9 @@ def _check_launchable(executable: Any, executor: Any) -> None:
     if executable.container == "docker" and not isinstance(executor, Local):
         raise LaunchError(
             f"{executable.name}: DockerContainer runs only on the Local executor; on clusters use "
-            "SingularityContainer (apptainer/singularity can run docker:// images)"
+            "SingularityContainer (apptainer/singularity can run docker:// images). A PDMProject "
+            "or PythonContainer packaged for Local runs with Docker too: package it with the "
+            "cluster executor's Spec() to get a .sif"
         )
 
 
@@ -4374,7 +4478,7 @@ class ClusterWorkUnit(xm.WorkUnit):
         # Without a container, tasks use the launching interpreter, as users expect locally.
         env = {} if executable.container else {"LXM_PYTHON": sys.executable}
         self.log_paths = runner.submit(script_path, self._work_unit_id, len(tasks),
-                                       self.log_directory, env)
+                                       self.log_directory, env, _requirements_gpus(executor.requirements))
         self.state = "running"
         experiment.save_record_soon()
         _progress(f"work unit {self._work_unit_id}: {len(tasks)} task(s) started locally; "
