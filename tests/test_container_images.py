@@ -64,11 +64,19 @@ def builds(log):
 
 @pytest.fixture
 def project(echo_project):
-    """The echo project, with a PDM lock file and a requirements file."""
+    """The echo project, with a PDM lock file and a requirements file. They are
+    unique to the test: the same inputs would give the same image id, whose
+    .sif another test may have left in the session's cache."""
+    unique = uuid.uuid4().hex
     return write_files(echo_project, {
-        "pdm.lock": "# pdm lock\n[metadata]\nlock_version = \"4.4\"\n",
-        "requirements.txt": "numpy==1.26.4\n",
+        "pdm.lock": f"# pdm lock {unique}\n[metadata]\nlock_version = \"4.4\"\n",
+        "requirements.txt": f"# {unique}\nnumpy==1.26.4\n",
     })
+
+
+def docker_context(tmp_path):
+    """A build context for an image of the stand-in daemon, unique to the test (see ``project``)."""
+    return write_files(tmp_path / "ctx", {"Dockerfile": f"FROM python:3.11\nLABEL test={uuid.uuid4().hex}\n"})
 
 
 def report(out, task=0):
@@ -217,8 +225,8 @@ def test_cluster_packaging_converts_the_built_image_to_a_sif_once(fake_bin, proj
 
 def test_docker_daemon_images_are_converted_once_per_image_id(fake_bin, project, tmp_path):
     log = fake_bin("docker", "singularity")  # singularity when there is no apptainer
-    docker_context = write_files(tmp_path / "ctx", {"Dockerfile": "FROM python:3.11\n"})
-    subprocess.run(["docker", "build", "-t", "ghcr.io/me/trainer:v1", docker_context], check=True)
+    context = docker_context(tmp_path)
+    subprocess.run(["docker", "build", "-t", "ghcr.io/me/trainer:v1", context], check=True)
     entry = lxm3.PythonPackage(xm.ModuleName("echoapp.main"), path=project)
     spec = lxm3.SingularityContainer(entry, "docker-daemon://ghcr.io/me/trainer:v1")
     first = lxm3.package(xm.Packageable(spec, executor_spec=lxm3.SlurmSpec()))
@@ -230,9 +238,9 @@ def test_docker_daemon_images_are_converted_once_per_image_id(fake_bin, project,
     assert [c["argv"] for c in inspects] == [["image", "inspect", "--format", "{{.Id}}",
                                               "ghcr.io/me/trainer:v1"]] * 2
     # The tag now names another image: converted again.
-    with open(os.path.join(docker_context, "Dockerfile"), "a") as f:
+    with open(os.path.join(context, "Dockerfile"), "a") as f:
         f.write("RUN true\n")
-    subprocess.run(["docker", "build", "-t", "ghcr.io/me/trainer:v1", docker_context], check=True)
+    subprocess.run(["docker", "build", "-t", "ghcr.io/me/trainer:v1", context], check=True)
     third = lxm3.package(xm.Packageable(spec, executor_spec=lxm3.SlurmSpec()))
     assert len(calls(log, "singularity", "build")) == 2
     assert lxm3.deployed_image_name(third.image) != lxm3.deployed_image_name(first.image)
@@ -256,8 +264,7 @@ def test_docker_archive_images_are_converted_once_per_content(fake_bin, project,
 
 def test_a_local_singularity_run_uses_the_converted_sif(fake_bin, project, tmp_path):
     log = fake_bin("docker", "apptainer")
-    subprocess.run(["docker", "build", "-t", "trainer", write_files(tmp_path / "ctx", {
-        "Dockerfile": "FROM python:3.11\n"})], check=True)
+    subprocess.run(["docker", "build", "-t", "trainer", docker_context(tmp_path)], check=True)
     out = tmp_path / "out"
     out.mkdir()
     entry = lxm3.PythonPackage(xm.ModuleName("echoapp.main"), path=project)
@@ -361,8 +368,8 @@ def test_pdm_project_runs_on_slurm_in_the_converted_image(fake_bin, project, sha
 def test_a_docker_daemon_image_is_converted_and_sent_once(fake_bin, project, shared, tmp_path, capfd):
     tb = require_testbed("slurm")
     log = fake_bin("docker", "apptainer")
-    subprocess.run(["docker", "build", "-t", "trainer:v1", write_files(tmp_path / "ctx", {
-        "Dockerfile": "FROM python:3.11\n"})], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["docker", "build", "-t", "trainer:v1", docker_context(tmp_path)], check=True,
+                   stdout=subprocess.DEVNULL)
     staging = f".lxm3-tests/images-{uuid.uuid4().hex[:8]}"
     entry = lxm3.PythonPackage(xm.ModuleName("echoapp.main"), path=project)
     spec = lxm3.SingularityContainer(entry, "docker-daemon://trainer:v1")
