@@ -781,11 +781,22 @@ class UniversalPackage(xm.ExecutableSpec, ValueObject):
 
 
 class SingularityContainer(xm.ExecutableSpec, ValueObject):
-    """A packaged executable run inside a Singularity/Apptainer image."""
+    """A packaged executable run inside a Singularity/Apptainer image.
+
+    ``image_path``: a ``.sif`` file here, a URI the runtime fetches on the
+    node (``docker://``, ``library://``, ...), or an image only this machine
+    has (``docker-daemon:``, ``docker-archive:``), which is converted to a
+    ``.sif`` here, once per image, and sent like a file.
+    """
 
     def __init__(self, entrypoint: Union[PythonPackage, UniversalPackage], image_path: str):
         self.entrypoint = entrypoint
-        self.image_path = image_path if is_image_uri(image_path) else resolve_path(image_path)
+        docker_image = docker_transport(image_path)
+        if docker_image and docker_image[0] == "docker-archive":
+            image_path = f"docker-archive:{resolve_path(docker_image[1])}"
+        elif not docker_image and not is_image_uri(image_path):
+            image_path = resolve_path(image_path)
+        self.image_path = image_path
 
     @property
     def name(self) -> str:
@@ -802,6 +813,110 @@ class DockerContainer(xm.ExecutableSpec, ValueObject):
     @property
     def name(self) -> str:
         return self.entrypoint.name
+
+
+class PDMProject(xm.ExecutableSpec, ValueObject):
+    """A PDM project whose locked dependencies are built into a Docker image.
+
+    As in lxm3 0.4.2: ``docker build`` makes ``<name>:latest`` from
+    ``base_image`` with the dependencies ``pdm export`` lists from the lock
+    file, installed by pip; the project's own code is packaged as a
+    ``PythonPackage`` and unpacked when a task starts. ``Local`` runs the
+    image with Docker; clusters run it as a ``.sif`` converted here (with
+    apptainer or singularity) once per image id and sent once.
+
+    Attributes:
+      entrypoint: ``ModuleName("pkg.main")`` (``python3 -m pkg.main``) or
+        ``CommandList([...])`` (shell commands; the last gets the task's
+        arguments), run inside the image.
+      base_image: the Docker image to build on, e.g. ``"python:3.11-slim"``;
+        it must have ``python3`` and ``pip``.
+      lock_file: the PDM lock file, relative to ``path``.
+      path: the project directory (``pyproject.toml``); also the Docker build
+        context. Relative paths mean the launcher's directory.
+      resources: ``Fileset`` objects: extra files shipped with the code.
+      extra_packages: more projects (paths) or requirements installed with the
+        code, as for ``PythonPackage``.
+      pip_args: options of the ``pip install`` that packages the code.
+    """
+
+    def __init__(
+        self,
+        entrypoint: Entrypoint,
+        base_image: str,
+        lock_file: str = "pdm.lock",
+        path: str = ".",
+        resources: Optional[List[Fileset]] = None,
+        extra_packages: Optional[List[str]] = None,
+        pip_args: Optional[List[str]] = None,
+    ):
+        _check_entrypoint(entrypoint)
+        self.entrypoint = entrypoint
+        self.base_image = base_image
+        self.lock_file = lock_file
+        self.path = resolve_path(path)
+        self.resources = [] if resources is None else list(resources)
+        self.extra_packages = [_resolve_if_local(p) for p in extra_packages or []]
+        self.pip_args = ["--no-deps", "--no-compile"] if pip_args is None else list(pip_args)
+
+    @property
+    def name(self) -> str:
+        return _name_from_path(self.path)
+
+
+class PythonContainer(xm.ExecutableSpec, ValueObject):
+    """A Python project whose ``requirements.txt`` is built into a Docker image.
+
+    As ``PDMProject``, with the image's dependencies installed by
+    ``pip install -r requirements``.
+
+    Attributes:
+      entrypoint: ``ModuleName("pkg.main")`` or ``CommandList([...])``, run
+        inside the image.
+      base_image: the Docker image to build on; it must have ``python3`` and
+        ``pip``.
+      requirements: the requirements file, relative to ``path``.
+      path: the project directory; also the Docker build context. Relative
+        paths mean the launcher's directory.
+      resources: ``Fileset`` objects: extra files shipped with the code.
+      extra_packages: more projects (paths) or requirements installed with the
+        code, as for ``PythonPackage``.
+      pip_args: options of the ``pip install`` that packages the code.
+    """
+
+    def __init__(
+        self,
+        entrypoint: Entrypoint,
+        base_image: str,
+        requirements: str = "requirements.txt",
+        path: str = ".",
+        resources: Optional[List[Fileset]] = None,
+        extra_packages: Optional[List[str]] = None,
+        pip_args: Optional[List[str]] = None,
+    ):
+        _check_entrypoint(entrypoint)
+        self.entrypoint = entrypoint
+        self.base_image = base_image
+        self.requirements = requirements
+        self.path = resolve_path(path)
+        self.resources = [] if resources is None else list(resources)
+        self.extra_packages = [_resolve_if_local(p) for p in extra_packages or []]
+        self.pip_args = ["--no-deps", "--no-compile"] if pip_args is None else list(pip_args)
+
+    @property
+    def name(self) -> str:
+        return _name_from_path(self.path)
+
+
+def docker_transport(image: str) -> Optional[Tuple[str, str]]:
+    """``("docker-daemon", reference)`` or ``("docker-archive", path)`` for an
+    image only this machine can read (``docker-daemon:ref`` or
+    ``docker-daemon://ref``, likewise ``docker-archive:``); else None."""
+    for transport in ("docker-daemon", "docker-archive"):
+        if image.startswith(transport + ":"):
+            ref = image[len(transport) + 1:]
+            return transport, ref[2:] if ref.startswith("//") else ref
+    return None
 
 
 def is_image_uri(image: str) -> bool:
@@ -1574,18 +1689,179 @@ def build_archive(spec: Union[PythonPackage, UniversalPackage], use_cache: bool 
     return Archive(path, digest)
 
 
+# -- Container images built or converted on this machine ------------------------
+#
+# PDMProject and PythonContainer build a Docker image of the project's
+# dependencies (as lxm3 0.4.2 did); Local runs it with Docker. Clusters get a
+# .sif: apptainer/singularity converts docker-daemon: and docker-archive:
+# images here, once per image id (cached under ~/.cache/lxm3/sif/<id>/), and
+# the .sif is then staged like any image file, under its content hash.
+
+
+def _docker_repository(name: str) -> str:
+    """A Docker repository name from a project name: lower case, ``[a-z0-9._-]``."""
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("._-") or "lxm3-project"
+
+
+def dockerfile(spec: Union[PDMProject, PythonContainer]) -> str:
+    """The Dockerfile of a ``PDMProject`` or ``PythonContainer`` image.
+
+    The build context is the project: the lock or requirements file is
+    copied from there. The image holds the dependencies only; the code
+    comes with each task's archive, so a code change needs no new image.
+    """
+    import json
+
+    user = "RUN id 1000 >/dev/null 2>&1 || useradd --create-home --uid 1000 docker || true"
+    if isinstance(spec, PDMProject):
+        return "\n".join([
+            "# Written by lxm3 for a PDMProject: the project's locked dependencies.",
+            f"FROM {spec.base_image} AS lxm3-lock",
+            "RUN pip install --no-cache-dir pdm",
+            "WORKDIR /lxm3-project",
+            f"COPY {json.dumps([spec.lock_file, 'pdm.lock'])}",
+            'COPY ["pyproject.toml", "pyproject.toml"]',
+            "RUN pdm export > /requirements.txt",
+            "",
+            f"FROM {spec.base_image}",
+            user,
+            "COPY --from=lxm3-lock /requirements.txt /requirements.txt",
+            "RUN pip install --no-cache-dir -r /requirements.txt",
+            "",
+        ])
+    return "\n".join([
+        "# Written by lxm3 for a PythonContainer: the project's requirements.",
+        f"FROM {spec.base_image}",
+        user,
+        f"COPY {json.dumps([spec.requirements, '/requirements.txt'])}",
+        "RUN pip install --no-cache-dir -r /requirements.txt",
+        "",
+    ])
+
+
+def _which_or_fail(names: Sequence[str], what: str) -> str:
+    import shutil
+
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise BuildError(f"{what} needs {' or '.join(names)} on this machine, and none is on the PATH")
+
+
+def build_docker_image(spec: Union[PDMProject, PythonContainer]) -> Tuple[str, str]:
+    """``docker build`` the image of ``spec``: returns its tag (``<name>:latest``) and id."""
+    import tempfile
+
+    kind = type(spec).__name__
+    if not os.path.isdir(spec.path):
+        raise BuildError(f"{kind} path {spec.path} is not a directory")
+    copied = ({"lock_file": spec.lock_file, "path": "pyproject.toml"} if isinstance(spec, PDMProject)
+              else {"requirements": spec.requirements})
+    for what, rel in copied.items():  # what the Dockerfile copies from the build context
+        inside = os.path.normpath(os.path.join(spec.path, rel))
+        if os.path.isabs(rel) or not inside.startswith(spec.path.rstrip(os.sep) + os.sep):
+            raise BuildError(f"{kind}({what}={rel!r}) must be a path inside {spec.path}, the "
+                             "Docker build context")
+        if not os.path.isfile(inside):
+            raise BuildError(f"{kind}: {inside} does not exist; the image is built from it")
+    docker = _which_or_fail(["docker"], f"{kind} (its image is built with docker build)")
+    tag = f"{_docker_repository(spec.name)}:latest"
+    with tempfile.TemporaryDirectory(prefix="lxm3-docker-") as tmp:
+        dockerfile_path = os.path.join(tmp, "Dockerfile")
+        id_file = os.path.join(tmp, "image-id")
+        with open(dockerfile_path, "w") as f:
+            f.write(dockerfile(spec))
+        _progress(f"{spec.name}: docker build -t {tag} {spec.path} (on {spec.base_image})")
+        _run_build_step([docker, "build", "-t", tag, "-f", dockerfile_path, "--iidfile", id_file,
+                         spec.path], f"docker build of {tag} from {spec.path}")
+        with open(id_file) as f:
+            image_id = f.read().strip()
+    _progress(f"{spec.name}: image {tag} is {image_id[:19]}")
+    return tag, image_id
+
+
+def docker_image_id(reference: str) -> str:
+    """The id of an image in the local Docker daemon (``docker image inspect``)."""
+    docker = _which_or_fail(["docker"], f"docker-daemon:{reference} (read from the local Docker daemon)")
+    output = _run_build_step([docker, "image", "inspect", "--format", "{{.Id}}", reference],
+                             f"docker image inspect {reference} (is the image built or pulled here?)")
+    return output.strip().splitlines()[-1]
+
+
+def _sif_stem(transport: str, ref: str) -> str:
+    """``name_tag`` for ``registry/name:tag``, the archive's name for a file."""
+    if transport == "docker-archive":
+        stem = re.sub(r"(\.tar(\.gz)?|\.tgz)$", "", os.path.basename(ref))
+    else:
+        last = ref.split("@")[0].rstrip("/").rsplit("/", 1)[-1]
+        name, _, tag = last.partition(":")
+        stem = f"{name}_{tag or 'latest'}"
+    return re.sub(r"[^\w.-]", "_", stem) or "image"
+
+
+def sif_from_docker(image: str, image_id: Optional[str] = None) -> str:
+    """The ``.sif`` of a ``docker-daemon:`` or ``docker-archive:`` image, converted
+    here by apptainer/singularity the first time this image id is seen.
+
+    The id is Docker's for a daemon image (``image_id`` if the caller has just
+    built it) and the sha256 of the file for an archive.
+    """
+    import shutil
+    import tempfile
+
+    transport, ref = docker_transport(image) or ("", "")
+    if transport == "docker-daemon":
+        image_id = image_id or docker_image_id(ref)
+    elif transport == "docker-archive":
+        if not os.path.isfile(ref):
+            raise BuildError(f"{image}: {ref} does not exist (a docker-archive: image is a file "
+                             "written by docker save)")
+        image_id = f"sha256:{image_digest(ref)}"
+    else:
+        raise ValueError(f"{image} is not a docker-daemon: or docker-archive: image")
+    directory = os.path.join(cache_dir(), "sif", image_id.rpartition(":")[2][:32])
+    path = os.path.join(directory, _sif_stem(transport, ref) + ".sif")
+    if os.path.isfile(path):
+        _progress(f"{image}: unchanged (image {image_id[:19]}), using {path}")
+        return path
+    runtime = _which_or_fail(["apptainer", "singularity"],
+                             f"{image} (converted to a .sif here, then sent to the cluster)")
+    _progress(f"{image}: converting image {image_id[:19]} to a .sif with {os.path.basename(runtime)}; "
+              "once per image")
+    make_private_dirs(directory)
+    tmp = tempfile.mkdtemp(prefix=".converting-", dir=directory)
+    try:
+        built = os.path.join(tmp, "image.sif")
+        _run_build_step([runtime, "build", built, f"{transport}:{ref}"],
+                        f"{os.path.basename(runtime)} build of {image}")
+        os.replace(built, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def package(packageable: xm.Packageable) -> ClusterExecutable:
     """Turn one ``xm.Packageable`` into a ``ClusterExecutable``."""
     spec = packageable.executable_spec
     container, image = None, None
-    if isinstance(spec, (SingularityContainer, DockerContainer)):
+    if isinstance(spec, (PDMProject, PythonContainer)):
+        tag, image_id = build_docker_image(spec)
+        if isinstance(packageable.executor_spec, LocalSpec):
+            container, image = "docker", image_id
+        else:
+            container, image = "singularity", sif_from_docker(f"docker-daemon:{tag}", image_id)
+        spec = PythonPackage(spec.entrypoint, spec.path, spec.resources, spec.extra_packages, spec.pip_args)
+    elif isinstance(spec, (SingularityContainer, DockerContainer)):
         container = "singularity" if isinstance(spec, SingularityContainer) else "docker"
         image = spec.image_path if isinstance(spec, SingularityContainer) else spec.image
+        if container == "singularity" and docker_transport(image):
+            image = sif_from_docker(image)
         spec = spec.entrypoint
     if not isinstance(spec, (PythonPackage, UniversalPackage)):
         raise TypeError(
             f"lxm3 cannot package {type(spec).__name__}: use xm_cluster.PythonPackage, "
-            "UniversalPackage, SingularityContainer or DockerContainer"
+            "UniversalPackage, SingularityContainer, DockerContainer, PDMProject or PythonContainer"
         )
     return ClusterExecutable(
         name=spec.name,
@@ -2877,14 +3153,20 @@ def sge_directives(executor: GridEngine, cluster: ClusterConfig, job_name: str) 
     for option, value in (("-q", executor.queue), ("-P", executor.project), ("-A", executor.account)):
         if value:
             derived.append(f"{option} {_directive_value(value, option)}")
-    if executor.reserved is not None:  # a bare -R is rejected by Grid Engine
-        derived.append(f"-R {'y' if executor.reserved else 'n'}")
-    derived.append(f"-j {'y' if executor.merge_output else 'n'}")
     explicit = [f"-pe {_directive_value(name, 'parallel environment')} {int(n)}"
                 for name, n in executor.parallel_environments.items()]
     explicit += [f"-l {key}={_directive_value(value, key)}"
                  for key, value in executor.resources.items() if value]
     explicit += [_strip_prefix(d, "#$") for d in executor.extra_directives]
+    # Reservation keeps a job that needs several slots or a GPU from waiting
+    # behind a stream of small ones; lxm3 0.4.2 asked for it in those cases
+    # unless told otherwise (a bare -R, though, is rejected by Grid Engine).
+    reserved = executor.reserved
+    if reserved is None and (any(_sge_key(d) == "-pe" for d in derived + explicit) or _wants_gpu(executor)):
+        reserved = True
+    if reserved is not None:
+        derived.append(f"-R {'y' if reserved else 'n'}")
+    derived.append(f"-j {'y' if executor.merge_output else 'n'}")
     return _merge_directives(derived, explicit, _sge_key)
 
 
@@ -2892,9 +3174,81 @@ SLURM_TASK_ID = "LXM_TASK_ID=$(( ${SLURM_ARRAY_TASK_ID:-0} + ${1:-0} ))  # $1: t
 SGE_TASK_ID = "LXM_TASK_ID=$(( ${SGE_TASK_ID:-1} - 1 + ${1:-0} ))  # $1: the array's first task"
 
 
-def _wants_gpu(requirements: xm.JobRequirements) -> bool:
+def _requirements_gpus(requirements: xm.JobRequirements) -> int:
+    """How many GPUs ``requirements`` asks for per task (0: none)."""
     accelerator = requirements.accelerator
-    return accelerator is not None and (accelerator in xm.GpuType or accelerator == xm.ResourceType.LOCAL_GPU)
+    if accelerator is None or not (accelerator in xm.GpuType or accelerator == xm.ResourceType.LOCAL_GPU):
+        return 0
+    return _whole(requirements.task_requirements.get(accelerator, 1) or 1)
+
+
+def _no_amount(value: str) -> bool:
+    """``0``, ``gpu:0``, ``a100:0``, ``false``, ``no``: a request for nothing."""
+    last = value.strip().rsplit(":", 1)[-1].lower()
+    return last in ("0", "false", "no", "n", "f", "none") or (last.isdigit() and int(last) == 0)
+
+
+def _named_for_gpus(name: str) -> bool:
+    return "gpu" in name.lower()
+
+
+def _slurm_asks_for_gpus(directive: str) -> bool:
+    """Whether a Slurm option (``--gres=gpu:1``, ``-G 2``, ``--gpus-per-task=1``,
+    ``--partition=gpu``, ...) gives the job GPUs."""
+    option, _, value = _strip_prefix(directive, "#SBATCH").replace(" ", "=", 1).partition("=")
+    option = _SLURM_SHORT_OPTIONS.get(option, option)
+    if option in ("--gpus", "--gpus-per-node", "--gpus-per-task", "--gpus-per-socket"):
+        return not _no_amount(value)
+    if option in ("--gres", "--tres-per-task", "--tres-per-job", "--tres-per-node"):
+        items = [item.strip() for item in value.split(",")]
+        return any(re.sub(r"^gres/", "", item).split(":")[0] == "gpu" and not _no_amount(item)
+                   for item in items)
+    if option == "--partition":
+        return any(_named_for_gpus(p) for p in value.split(","))
+    return False
+
+
+def _sge_asks_for_gpus(directive: str) -> bool:
+    """Whether a Grid Engine request (``-l gpu=1``, ``-l h_vmem=2G,ngpus=2``,
+    ``-pe gpu 2``, ``-q gpu.q``) gives the job GPUs."""
+    option, _, rest = _strip_prefix(directive, "#$").partition(" ")
+    rest = rest.strip()
+    if option == "-l":
+        for item in rest.split(","):
+            name, has_value, value = item.partition("=")
+            if _named_for_gpus(name) and not (has_value and _no_amount(value)):
+                return True
+    elif option == "-pe":
+        name, _, slots = rest.partition(" ")
+        return _named_for_gpus(name) and not _no_amount(slots or "1")
+    elif option == "-q":
+        return _named_for_gpus(rest)
+    return False
+
+
+def _wants_gpu(executor: xm.Executor) -> bool:
+    """Whether the job asks for GPUs, so that its container gets them (``--nv``,
+    ``--gpus``): in ``requirements``, or in what lxm3 0.4.2 read for it on
+    clusters (``resources``, ``extra_directives``, a parallel environment; also
+    a partition or queue named for GPUs). ``skip_directives`` does not change
+    the answer: a skipped line is often one the site grants otherwise."""
+    if _requirements_gpus(executor.requirements):
+        return True
+    if isinstance(executor, Slurm):
+        directives = [f"--{key}" if value is True else f"--{key}={value}"
+                      for key, value in executor.resources.items() if value]
+        directives += list(executor.extra_directives)
+        if executor.partition:
+            directives.append(f"--partition={executor.partition}")
+        return any(_slurm_asks_for_gpus(d) for d in directives)
+    if isinstance(executor, GridEngine):
+        directives = [f"-l {key}={value}" for key, value in executor.resources.items() if value]
+        directives += [f"-pe {name} {slots}" for name, slots in executor.parallel_environments.items()]
+        directives += list(executor.extra_directives)
+        if executor.queue:
+            directives.append(f"-q {executor.queue}")
+        return any(_sge_asks_for_gpus(d) for d in directives)
+    return False
 
 
 def singularity_run(image: str, options: Optional[SingularityOptions],
@@ -2903,7 +3257,9 @@ def singularity_run(image: str, options: Optional[SingularityOptions],
 
     The unpacked archive is bound at its own path, so PYTHONPATH holds. The
     task's variables are also exported as APPTAINERENV_/SINGULARITYENV_ ones
-    (by indirect expansion, nothing evaluated), so ``--cleanenv`` keeps them.
+    (by indirect expansion, nothing evaluated), so ``--cleanenv`` keeps them;
+    so is CUDA_VISIBLE_DEVICES, the GPUs the scheduler (or lxm3's local
+    runner) gave the task.
     """
     options = options or SingularityOptions()
     if options.runtime:
@@ -2922,6 +3278,7 @@ def singularity_run(image: str, options: Optional[SingularityOptions],
         find,
         'case ${lxm_runtime##*/} in apptainer*) lxm_prefix=APPTAINERENV_ ;; *) lxm_prefix=SINGULARITYENV_ ;; esac',
         'for lxm_name in "${lxm_env_names[@]}"; do export "$lxm_prefix$lxm_name=${!lxm_name}"; done',
+        '[[ -z ${CUDA_VISIBLE_DEVICES+set} ]] || export "${lxm_prefix}CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"',
         " ".join(argv),
     ])
 
@@ -2930,12 +3287,15 @@ def docker_run(image: str, options: Optional[DockerOptions], gpu: bool) -> str:
     """Bash that runs the entrypoint in a Docker container as the calling user.
 
     ``-e NAME`` without a value passes each task variable from the environment.
+    GPU tasks get the devices in CUDA_VISIBLE_DEVICES (set by lxm3's local
+    runner), else all; inside, they are numbered from 0.
     """
     options = options or DockerOptions()
     argv = ["docker", "run", "--rm", "--init", "--user", '"$(id -u):$(id -g)"',
             "-v", '"$lxm_workdir:$lxm_workdir"', "-w", '"$lxm_workdir"', '"${lxm_docker_env[@]}"']
-    if options.gpus if options.gpus is not None else gpu:
-        argv += ["--gpus", "all"]
+    gpus = options.gpus if options.gpus is not None else gpu
+    if gpus:
+        argv += ["--gpus", '"$lxm_gpus"']
     for src, dst in options.volumes.items():
         argv += ["-v", shell_quote(f"{src}:{dst}")]
     argv += [shell_quote(o) for o in options.extra_options]
@@ -2943,6 +3303,9 @@ def docker_run(image: str, options: Optional[DockerOptions], gpu: bool) -> str:
     return "\n".join([
         "lxm_docker_env=()",
         'for lxm_name in "${lxm_env_names[@]}"; do lxm_docker_env+=(-e "$lxm_name"); done',
+        *(['lxm_gpus=all',  # docker reads a list of devices as CSV: hence the inner quotes
+           '[[ -z ${CUDA_VISIBLE_DEVICES:-} ]] || lxm_gpus="\\"device=$CUDA_VISIBLE_DEVICES\\""']
+          if gpus else []),
         " ".join(argv),
     ])
 
@@ -2952,7 +3315,7 @@ def run_line(executable: ClusterExecutable, executor: xm.Executor, image: Option
     """The job script's command for the entrypoint: directly, or in a container."""
     if executable.container is None:
         return "bash ./entrypoint.sh"
-    gpu = _wants_gpu(executor.requirements)
+    gpu = _wants_gpu(executor)
     if executable.container == "docker":
         return docker_run(image, executor.docker_options, gpu)
     options = executor.singularity_options
@@ -3343,20 +3706,61 @@ LOCAL_HEADER = "# Run by lxm3's local executor, which sets LXM_TASK_ID for each 
 LOCAL_TASK_ID = 'LXM_TASK_ID=${LXM_TASK_ID:?"is set by the lxm3 local runner"}'
 
 
+def local_gpus() -> Tuple[Optional[List[str]], str]:
+    """The GPUs local tasks may share out, and where that list comes from.
+
+    CUDA_VISIBLE_DEVICES of the launching environment, if set: it is the
+    user's choice of devices (others may use the rest), and what CUDA itself
+    would allow. Else the GPUs ``nvidia-smi -L`` lists. None: cannot tell.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        devices: List[str] = []
+        for device in visible.split(","):
+            device = device.strip()
+            if not device or device.startswith("-"):
+                break  # CUDA ignores an invalid entry and all that follow it
+            if device not in devices:
+                devices.append(device)
+        return devices, f"CUDA_VISIBLE_DEVICES={visible}"
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None, "nvidia-smi is not on the PATH and CUDA_VISIBLE_DEVICES is not set"
+    try:
+        proc = subprocess.run([smi, "-L"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, text=True, errors="replace", timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{smi} -L failed: {e}"
+    if proc.returncode != 0:
+        return None, f"{smi} -L failed (exit code {proc.returncode}): {proc.stdout.strip()[:300]}"
+    devices = re.findall(r"^GPU (\d+):", proc.stdout, re.MULTILINE)
+    return devices, f"nvidia-smi -L lists {_counted(len(devices), 'GPU')}"
+
+
 class LocalRunner:
     """Runs local tasks in a bounded pool, streaming their output with a prefix.
 
     ``max_parallel`` worker threads take tasks from one queue, so a sweep of
-    thousands of tasks costs that many threads, not one per task.
+    thousands of tasks costs that many threads, not one per task. A task that
+    needs N GPUs waits for N free devices (see ``local_gpus``) and runs with
+    them alone in its CUDA_VISIBLE_DEVICES; they are free again when it ends.
     """
 
     def __init__(self, max_parallel: Optional[int] = None, out=None):
         import collections
 
         self.max_parallel = max_parallel or os.cpu_count() or 1
+        self._max_parallel_given = max_parallel is not None
         self._out = out or sys.stdout
         self._lock = threading.Lock()
-        self._queue: Any = collections.deque()  # (script, work unit, task, log, prefix, env)
+        self._queue: Any = collections.deque()  # (script, work unit, task, log, prefix, env, gpus)
+        self._gpus: Optional[List[str]] = None  # every device tasks may have; None: not assigned
+        self._gpu_source: Optional[str] = None  # where the list came from; None: not looked yet
+        self._free_gpus: List[str] = []
+        self._gpus_freed = threading.Condition(self._lock)
         self._workers: List[threading.Thread] = []
         self._procs: Dict[Tuple[int, int], Any] = {}
         self._stopping = False
@@ -3365,8 +3769,10 @@ class LocalRunner:
         self._writing: List[int] = []  # locks on the log directories (see follow_log)
 
     def submit(self, script: str, work_unit_id: int, num_tasks: int, log_dir: str,
-               env: Optional[Mapping[str, str]] = None) -> List[str]:
+               env: Optional[Mapping[str, str]] = None, gpus_per_task: int = 0) -> List[str]:
         """Queue every task of a work unit; returns their log paths."""
+        if gpus_per_task:
+            self._plan_gpus(work_unit_id, gpus_per_task)
         make_private_dirs(log_dir)
         logs = [os.path.join(log_dir, f"task-{task_id}.log") for task_id in range(num_tasks)]
         env = dict(env or {})
@@ -3377,12 +3783,49 @@ class LocalRunner:
                 return logs
             for task_id, log_path in enumerate(logs):
                 prefix = f"[{work_unit_id}]" if num_tasks == 1 else f"[{work_unit_id}:{task_id}]"
-                self._queue.append((script, work_unit_id, task_id, log_path, prefix, env))
+                self._queue.append((script, work_unit_id, task_id, log_path, prefix, env, gpus_per_task))
             for _ in range(min(self.max_parallel - len(self._workers), len(self._queue))):
                 worker = threading.Thread(target=self._work, name="lxm3-local-worker", daemon=True)
                 self._workers.append(worker)
                 worker.start()
         return logs
+
+    def _plan_gpus(self, work_unit_id: int, gpus_per_task: int) -> None:
+        """Find the GPUs (once), check a task's share fits, and let as many
+        workers run as the devices allow, unless ``max_parallel`` was given."""
+        if self._gpu_source is None:
+            self._gpus, self._gpu_source = local_gpus()
+            self._free_gpus = list(self._gpus or [])
+        asks = f"work unit {work_unit_id} asks for {_counted(gpus_per_task, 'GPU')} per task"
+        if self._gpus is None:
+            if self._max_parallel_given:
+                return  # the user bounds the parallelism; devices are theirs to assign
+            raise LaunchError(
+                f"{asks}, but lxm3 cannot tell which GPUs this machine has ({self._gpu_source}): "
+                "set CUDA_VISIBLE_DEVICES to the GPUs tasks may use (e.g. CUDA_VISIBLE_DEVICES=0,1), "
+                "or give Local(max_parallel_tasks=K) to run K tasks at once without assigning GPUs")
+        if gpus_per_task > len(self._gpus):
+            raise LaunchError(
+                f"{asks}, but tasks here may use {_counted(len(self._gpus), 'GPU')} "
+                f"({self._gpu_source}): ask for fewer, or list more in CUDA_VISIBLE_DEVICES")
+        if not self._max_parallel_given:
+            self.max_parallel = max(self.max_parallel, len(self._gpus) // gpus_per_task)
+
+    def _take_gpus(self, count: int) -> Optional[List[str]]:
+        """Wait for ``count`` free devices and take them; None if stop() came first."""
+        with self._lock:
+            while not self._stopping and len(self._free_gpus) < count:
+                self._gpus_freed.wait()
+            if self._stopping:
+                return None
+            taken, self._free_gpus = self._free_gpus[:count], self._free_gpus[count:]
+            return taken
+
+    def _give_back_gpus(self, devices: List[str]) -> None:
+        with self._lock:
+            free = set(self._free_gpus) | set(devices)
+            self._free_gpus = [d for d in self._gpus or [] if d in free]
+            self._gpus_freed.notify_all()
 
     def _work(self) -> None:
         """Run queued tasks until the queue is empty (or stop() emptied it)."""
@@ -3394,7 +3837,22 @@ class LocalRunner:
                 task = self._queue.popleft()
             self._run_task(*task)
 
-    def _run_task(self, script, work_unit_id, task_id, log_path, prefix, env) -> None:
+    def _run_task(self, script, work_unit_id, task_id, log_path, prefix, env, gpus) -> None:
+        devices = None
+        if gpus and self._gpus is not None:
+            devices = self._take_gpus(gpus)
+            if devices is None:
+                with self._lock:
+                    self.not_started.append((work_unit_id, task_id))
+                return
+            env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(devices)}
+        try:
+            self._run_process(script, work_unit_id, task_id, log_path, prefix, env)
+        finally:
+            if devices:
+                self._give_back_gpus(devices)
+
+    def _run_process(self, script, work_unit_id, task_id, log_path, prefix, env) -> None:
         import subprocess
 
         full_env = {**os.environ, **env, "LXM_TASK_ID": str(task_id)}
@@ -3481,6 +3939,7 @@ class LocalRunner:
             self._stopping = True
             self.not_started += [(task[1], task[2]) for task in self._queue]
             self._queue.clear()
+            self._gpus_freed.notify_all()  # tasks waiting for GPUs never start
             procs = list(self._procs.values())
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
@@ -3624,7 +4083,9 @@ def _check_launchable(executable: Any, executor: Any) -> None:
     if executable.container == "docker" and not isinstance(executor, Local):
         raise LaunchError(
             f"{executable.name}: DockerContainer runs only on the Local executor; on clusters use "
-            "SingularityContainer (apptainer/singularity can run docker:// images)"
+            "SingularityContainer (apptainer/singularity can run docker:// images). A PDMProject "
+            "or PythonContainer packaged for Local runs with Docker too: package it with the "
+            "cluster executor's Spec() to get a .sif"
         )
 
 
@@ -4024,7 +4485,7 @@ class ClusterWorkUnit(xm.WorkUnit):
         # Without a container, tasks use the launching interpreter, as users expect locally.
         env = {} if executable.container else {"LXM_PYTHON": sys.executable}
         self.log_paths = runner.submit(script_path, self._work_unit_id, len(tasks),
-                                       self.log_directory, env)
+                                       self.log_directory, env, _requirements_gpus(executor.requirements))
         self.state = "running"
         experiment.save_record_soon()
         _progress(f"work unit {self._work_unit_id}: {len(tasks)} task(s) started locally; "

@@ -124,8 +124,10 @@ def test_singularity_is_used_when_apptainer_is_missing_and_runtime_can_be_chosen
     assert [c["tool"] for c in calls(log)] == ["singularity", "singularity"]
 
 
-def test_nv_only_for_gpu_jobs_unless_overridden(fake_runtime, echo_project, tmp_path, image):
+def test_nv_only_for_gpu_jobs_unless_overridden(fake_runtime, echo_project, tmp_path, image,
+                                               monkeypatch):
     log = fake_runtime("apptainer")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # the GPU local GPU tasks may have
     cases = [
         (lxm3.Local(requirements=xm.JobRequirements(gpu=1)), True),
         (lxm3.Local(requirements=xm.JobRequirements(a100=1)), True),
@@ -167,8 +169,9 @@ def test_missing_local_image_is_reported(fake_runtime, echo_project, out, tmp_pa
         run_local(echo_project, out, "singularity", str(tmp_path / "nope.sif"), lxm3.Local())
 
 
-def test_docker_on_local(fake_runtime, echo_project, out):
+def test_docker_on_local(fake_runtime, echo_project, out, monkeypatch):
     log = fake_runtime("docker")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the GPUs local GPU tasks may have
     options = lxm3.DockerOptions(volumes={"/data": "/data"}, extra_options=["--shm-size=1g"])
     executor = lxm3.Local(requirements=xm.JobRequirements(gpu=1), docker_options=options)
     run_local(echo_project, out, "docker", "python:3.11", executor, args=[AWKWARD[:12]],
@@ -184,8 +187,9 @@ def test_docker_on_local(fake_runtime, echo_project, out):
     assert argv[5:9] == ["-v", f"{workdir}:{workdir}", "-w", workdir]
     assert ["-e", "DOCKER_VAR"] == argv[argv.index("DOCKER_VAR") - 1:argv.index("DOCKER_VAR") + 1]
     assert "x 'y' $z" not in argv  # values travel in the environment, not the command line
-    i = argv.index("--gpus")
-    assert argv[i:i + 6] == ["--gpus", "all", "-v", "/data:/data", "--shm-size=1g", "python:3.11"]
+    i = argv.index("--gpus")  # the task's own GPU of the two, in docker's CSV form
+    assert argv[i:i + 6] == ["--gpus", '"device=3"', "-v", "/data:/data", "--shm-size=1g", "python:3.11"]
+    assert "CUDA_VISIBLE_DEVICES" not in got["env"]  # inside, its one GPU is device 0
 
 
 def test_docker_containers_are_refused_on_clusters():
