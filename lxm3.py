@@ -3759,6 +3759,7 @@ class LocalRunner:
         self._queue: Any = collections.deque()  # (script, work unit, task, log, prefix, env, gpus)
         self._gpus: Optional[List[str]] = None  # every device tasks may have; None: not assigned
         self._gpu_source: Optional[str] = None  # where the list came from; None: not looked yet
+        self._gpus_unassigned = False  # GPUs not countable: GPU tasks run one at a time
         self._free_gpus: List[str] = []
         self._gpus_freed = threading.Condition(self._lock)
         self._workers: List[threading.Thread] = []
@@ -3797,13 +3798,19 @@ class LocalRunner:
             self._gpus, self._gpu_source = local_gpus()
             self._free_gpus = list(self._gpus or [])
         asks = f"work unit {work_unit_id} asks for {_counted(gpus_per_task, 'GPU')} per task"
-        if self._gpus is None:
+        if self._gpus is None or self._gpus_unassigned:
             if self._max_parallel_given:
                 return  # the user bounds the parallelism; devices are theirs to assign
-            raise LaunchError(
-                f"{asks}, but lxm3 cannot tell which GPUs this machine has ({self._gpu_source}): "
-                "set CUDA_VISIBLE_DEVICES to the GPUs tasks may use (e.g. CUDA_VISIBLE_DEVICES=0,1), "
-                "or give Local(max_parallel_tasks=K) to run K tasks at once without assigning GPUs")
+            if not self._gpus_unassigned:
+                _progress(
+                    f"{asks}, but lxm3 cannot tell which GPUs this machine has ({self._gpu_source}): "
+                    "such tasks run one at a time, as lxm3 0.4.2 ran them, with the machine's GPUs "
+                    "unassigned. Set CUDA_VISIBLE_DEVICES to the GPUs tasks may use (e.g. "
+                    "CUDA_VISIBLE_DEVICES=0,1) to share them out, or give "
+                    "Local(max_parallel_tasks=K) to run K at once")
+            # One stand-in device, taken whole by each GPU task: one such task at a time.
+            self._gpus, self._free_gpus, self._gpus_unassigned = [""], [""], True
+            return
         if gpus_per_task > len(self._gpus):
             raise LaunchError(
                 f"{asks}, but tasks here may use {_counted(len(self._gpus), 'GPU')} "
@@ -3840,12 +3847,13 @@ class LocalRunner:
     def _run_task(self, script, work_unit_id, task_id, log_path, prefix, env, gpus) -> None:
         devices = None
         if gpus and self._gpus is not None:
-            devices = self._take_gpus(gpus)
+            devices = self._take_gpus(1 if self._gpus_unassigned else gpus)
             if devices is None:
                 with self._lock:
                     self.not_started.append((work_unit_id, task_id))
                 return
-            env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(devices)}
+            if not self._gpus_unassigned:
+                env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(devices)}
         try:
             self._run_process(script, work_unit_id, task_id, log_path, prefix, env)
         finally:
