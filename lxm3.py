@@ -2262,8 +2262,20 @@ def verify_staged_files(connection: Connection, info: ClusterInfo, tree: str,
 # its line with one ``sed`` however large the sweep is.
 
 
+class ShellWords(str):
+    """An argument from ``xm.ShellSafeArg``: shell text the job script expands on
+    the node, in the task's environment, as a shell expands an unquoted word
+    (``$VAR``, ``$(...)``, globs; word splitting may make it several arguments,
+    or none). Every other argument arrives exactly as written."""
+
+    __slots__ = ()
+
+
 class Task(ValueObject):
-    """One task of a work unit: its command-line arguments and environment."""
+    """One task of a work unit: its command-line arguments and environment.
+
+    An argument that is a ``ShellWords`` is expanded by the shell on the node.
+    """
 
     def __init__(self, args: List[str], env: Dict[str, str]):
         self.args = args
@@ -2414,9 +2426,12 @@ def _encode_env(env: Mapping[str, str]) -> List[str]:
 
 
 def tasks_file_lines(tasks: Sequence[Task], common_env: Mapping[str, str]) -> Iterable[str]:
+    """Tokens: ``e`` an environment entry, ``a`` an argument, ``s`` an argument
+    the shell expands (``ShellWords``)."""
     yield " ".join(["#common", *_encode_env(common_env)]) + "\n"
     for index, task in enumerate(tasks):
-        tokens = [f"#{index}", *_encode_env(task.env), *("a" + encode_value(a) for a in task.args)]
+        tokens = [f"#{index}", *_encode_env(task.env),
+                  *(("s" if isinstance(a, ShellWords) else "a") + encode_value(a) for a in task.args)]
         yield " ".join(tokens) + "\n"
 
 
@@ -2439,6 +2454,11 @@ def _arg_value(value: Any) -> str:
         return value
     if type(value) in (int, float):
         return str(value)
+    if isinstance(value, xm.ShellSafeArg):
+        if not isinstance(value.arg, str):
+            raise _NoTextForm(value, f"an xm.ShellSafeArg of {type(value.arg).__name__}, not of "
+                                     "shell text (a str)")
+        return ShellWords(value.arg)
     if isinstance(value, enum.Enum):
         return value.name
     if isinstance(value, os.PathLike):
@@ -2449,11 +2469,11 @@ def _arg_value(value: Any) -> str:
 def _checked_text(value: Any) -> str:
     """``str(value)``, unless that means nothing (raises _NoTextForm)."""
     kind = _no_text_form(value)
-    text = str(value)
-    if kind is None and _DEFAULT_REPR.search(text):
-        kind = "an object whose text is Python's default <... at 0x...>"
     if kind is not None:
         raise _NoTextForm(value, kind)
+    text = str(value)
+    if _DEFAULT_REPR.search(text):
+        raise _NoTextForm(value, "an object whose text is Python's default <... at 0x...>")
     return text
 
 
@@ -2463,6 +2483,10 @@ def _no_text_form(value: Any) -> Optional[str]:
 
     if isinstance(value, (str, int, float, os.PathLike)):
         return None
+    if isinstance(value, xm.ShellSafeArg):  # inside a list or dict, or an environment value
+        return ("an xm.ShellSafeArg where only text can go: the shell expands a ShellSafeArg "
+                "that is a whole argument or a flag's value, not one in a list, dict or "
+                "environment variable")
     if isinstance(value, (list, tuple, set, frozenset)):
         return next(filter(None, map(_no_text_form, value)), None)
     if isinstance(value, Mapping):
@@ -2488,7 +2512,7 @@ def render_args(args: xm.SequentialArgs, where: str = "an argument") -> List[str
     their own ``__str__``/``__repr__``; anything else is refused, naming its flag.
     """
     try:
-        return args.to_list(escaper=_arg_value)
+        return args.to_list(escaper=_arg_value, kwargs_joiner=_join_flag)
     except _NoTextForm as e:
         field, verb = "a positional argument", "is"
         for name, value in args.to_dict(kwargs_only=True).items():
@@ -2501,6 +2525,13 @@ def render_args(args: xm.SequentialArgs, where: str = "an argument") -> List[str
             f"{where}: {field} {verb} {e.kind}: it has no text form to pass on the command line "
             f"(it would arrive as {_short_repr(e.value)}); pass a str, number, bool, enum or "
             "path, or an object whose class defines __str__") from None
+
+
+def _join_flag(flag: str, value: str) -> str:
+    """``--flag=value``; with a ShellSafeArg value, shell text whose flag part is quoted."""
+    if isinstance(value, ShellWords):
+        return ShellWords(f"{shell_quote(flag)}={value}")
+    return f"{flag}={value}"
 
 
 def _holds(container: Any, item: Any) -> bool:
@@ -2538,6 +2569,27 @@ lxm_tasks=@@{tasks_file}
 
 lxm_fail() { printf 'lxm3: %s\\n' "$*" >&2; exit 125; }
 
+# xm.ShellSafeArg arguments are shell text: expand each as the shell expands an
+# unquoted word of a command line (variables, $(...), globs, word splitting:
+# it may become several arguments, or none). Run after the task's environment,
+# modules and directory are in place, so $SLURM_JOB_ID, the task's own
+# variables and globs of the archive's files all work.
+lxm_expand_shell_words() {
+  local -a lxm_expanded=() lxm_words
+  local lxm_i
+  for lxm_i in "${!lxm_args[@]}"; do
+    if [[ -z ${lxm_shell_words[lxm_i]:-} ]]; then
+      lxm_expanded+=("${lxm_args[lxm_i]}")
+      continue
+    fi
+    lxm_words=()  # a newline before ")": a "#" in the text starts a comment, as on a command line
+    eval "lxm_words=(${lxm_args[lxm_i]}"$'\\n'")" ||
+      lxm_fail "cannot expand the ShellSafeArg ${lxm_args[lxm_i]} (argument $((lxm_i + 1))) with bash"
+    lxm_expanded+=(${lxm_words[@]+"${lxm_words[@]}"})
+  done
+  lxm_args=(${lxm_expanded[@]+"${lxm_expanded[@]}"})
+}
+
 # Apply line $1 of the tasks file: export its variables, collect its arguments.
 # (Its locals are lxm_* too: exporting a task's "value=..." would set a local.)
 lxm_load() {
@@ -2550,6 +2602,7 @@ lxm_load() {
     printf -v lxm_value '%b' "${lxm_token:1}"
     case $lxm_token in
       a*) lxm_args+=("$lxm_value") ;;
+      s*) lxm_shell_words[${#lxm_args[@]}]=1; lxm_args+=("$lxm_value") ;;
       e*) export "$lxm_value"; lxm_env_names+=("${lxm_value%%=*}") ;;
     esac
   done
@@ -2568,6 +2621,7 @@ trap 'exit 129' HUP
 trap 'exit 130' INT
 trap 'exit 143' TERM
 lxm_args=()
+lxm_shell_words=()  # indices of lxm_args that are shell text (xm.ShellSafeArg)
 lxm_env_names=(LXM_EXPERIMENT_ID LXM_WORK_UNIT_ID LXM_NUM_TASKS LXM_TASK_ID PYTHONPATH)
 lxm_load 1 '#common'
 lxm_load $((LXM_TASK_ID + 2)) "#$LXM_TASK_ID"
@@ -2596,6 +2650,7 @@ cd "$lxm_workdir" || lxm_fail "cannot enter $lxm_workdir"
 export PYTHONPATH="$lxm_workdir${PYTHONPATH:+:$PYTHONPATH}"
 umask @@{umask}  # @@{umask_note}
 @@{setup}
+[[ ${#lxm_shell_words[@]} -eq 0 ]] || lxm_expand_shell_words
 @@{run} ${lxm_args[@]+"${lxm_args[@]}"}
 exit $?
 """)
@@ -4067,7 +4122,7 @@ class ClusterWorkUnit(xm.WorkUnit):
             "submission_log": self.submission_log,
             "num_tasks": len(self._tasks),
             "cancelled": self.cancelled,
-            "tasks": [{"args": t.args, "env": t.env} for t in self._tasks],
+            "tasks": [_task_record(t) for t in self._tasks],
         }
         if isinstance(executor, Local):
             record["log_paths"] = self.log_paths
@@ -4125,6 +4180,15 @@ class ClusterWorkUnit(xm.WorkUnit):
             await asyncio.get_running_loop().run_in_executor(None, self.experiment.submit_pending)
         await _poll_until_done(self.get_status, self)
         return self
+
+
+def _task_record(task: Task) -> Dict[str, Any]:
+    """A task as recorded: ShellSafeArg arguments as written, with their indices."""
+    record: Dict[str, Any] = {"args": task.args, "env": task.env}
+    shell_words = [i for i, arg in enumerate(task.args) if isinstance(arg, ShellWords)]
+    if shell_words:
+        record["shell_args"] = shell_words  # expanded by the shell on the node
+    return record
 
 
 def _launched_jobs(unit: Mapping[str, Any]) -> List[xm.LaunchedJob]:
