@@ -755,7 +755,8 @@ class PythonPackage(xm.ExecutableSpec, ValueObject):
 
 
 class UniversalPackage(xm.ExecutableSpec, ValueObject):
-    """Anything a build script writes into ``$BUILDDIR``, run with shell commands."""
+    """Anything a build script writes into ``$BUILDDIR``, run with one command line:
+    ``entrypoint`` holds its words, joined with spaces as lxm3 0.4.2 did."""
 
     def __init__(
         self,
@@ -765,7 +766,8 @@ class UniversalPackage(xm.ExecutableSpec, ValueObject):
         path: str = ".",
     ):
         if isinstance(entrypoint, str) or not entrypoint:
-            raise ValueError("UniversalPackage entrypoint must be a non-empty list of commands")
+            raise ValueError("UniversalPackage entrypoint must be a non-empty list: the words of "
+                             "one command line, e.g. ['python3', 'main.py']")
         self.entrypoint = entrypoint
         self.path = resolve_path(path)
         self.build_script = os.path.normpath(os.path.join(self.path, build_script))
@@ -1294,12 +1296,23 @@ def _files_under(root: str) -> List[Tuple[str, str]]:
 
 
 def entrypoint_script(entrypoint: Union[Entrypoint, Sequence[str]]) -> str:
-    """The archive's ``entrypoint.sh``: the program, with the task's args as "$@"."""
+    """The archive's ``entrypoint.sh``: the program, with the task's args as "$@".
+
+    As in XManager and lxm3 0.4.2, an ``xm.CommandList`` is one shell command
+    per line, and a plain list (``UniversalPackage``'s entrypoint) is the words
+    of one command line, joined with spaces: ``["python3", "main.py"]`` runs
+    ``python3 main.py``. The task's arguments go to the last command, unless
+    it passes ``$@`` on itself.
+    """
     if isinstance(entrypoint, xm.ModuleName):
         run = f'exec "${{LXM_PYTHON:-python3}}" -m {entrypoint.module_name} "$@"'
     else:
-        commands = list(entrypoint.commands if isinstance(entrypoint, xm.CommandList) else entrypoint)
-        commands[-1] = f'{commands[-1]} "$@"'
+        if isinstance(entrypoint, xm.CommandList):
+            commands = list(entrypoint.commands)
+        else:
+            commands = [" ".join(entrypoint)]
+        if not commands[-1].rstrip().endswith(("$@", '"$@"')):
+            commands[-1] = f'{commands[-1]} "$@"'
         run = "\n".join(commands)
     return f"#!/bin/sh\n# Written by lxm3: runs the task's program with its arguments.\n{run}\n"
 
@@ -1520,7 +1533,8 @@ def _package_universal(spec: UniversalPackage, workdir: str) -> List[Tuple[str, 
 
 def _package_inputs(spec: Union[PythonPackage, UniversalPackage]) -> List[Any]:
     """Everything a build depends on, for the cache key."""
-    common = [__version__, type(spec).__name__, tree_fingerprint(spec.path)]
+    common = [__version__, type(spec).__name__, tree_fingerprint(spec.path),
+              entrypoint_script(spec.entrypoint)]
     if isinstance(spec, PythonPackage):
         local_extras = [tree_fingerprint(p) for p in spec.extra_packages if os.path.exists(p)]
         files = [(src, dst, tree_fingerprint(src)) for fs in spec.resources for src, dst in fs.files.items()]
