@@ -1270,9 +1270,14 @@ def write_reproducible_zip(zip_path: str, files: Iterable[Tuple[str, str]]) -> s
     import zipfile
 
     digest = hashlib.sha256()
+    previous = None
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
-        for src, arcname in sorted(files, key=lambda item: item[1]):
-            info = zipfile.ZipInfo(arcname.replace(os.sep, "/"), date_time=_ZIP_EPOCH)
+        for src, arcname in sorted(files, key=lambda item: item[1].replace(os.sep, "/")):
+            arcname = arcname.replace(os.sep, "/")
+            if arcname == previous:  # unzip would stop at the second one
+                raise ValueError(f"{arcname} is given twice for the zip {zip_path}")
+            previous = arcname
+            info = zipfile.ZipInfo(arcname, date_time=_ZIP_EPOCH)
             info.create_system = 3  # unix, so the mode below is honoured by unzip
             mode = 0o755 if os.access(src, os.X_OK) else 0o644
             info.external_attr = (0o100000 | mode) << 16
@@ -1317,23 +1322,63 @@ def entrypoint_script(entrypoint: Union[Entrypoint, Sequence[str]]) -> str:
     return f"#!/bin/sh\n# Written by lxm3: runs the task's program with its arguments.\n{run}\n"
 
 
-def _archive_files_from(staging: str, spec_files: Iterable[Fileset], entrypoint) -> List[Tuple[str, str]]:
-    """The build output, the Fileset files and ``entrypoint.sh`` as zip entries."""
-    files = _files_under(staging)
+def _archive_files_from(staging: str, spec_files: Iterable[Fileset], entrypoint,
+                        built_by: str) -> List[Tuple[str, str]]:
+    """The build output, the Fileset files and ``entrypoint.sh`` as zip entries.
+
+    Every name is in the archive once: two entries of one name would make
+    every task fail to unpack it. A Fileset file may land where the build
+    (``built_by`` says what made ``staging``) or another Fileset put a file
+    only with the same content.
+    """
+    import filecmp
+
+    entries: Dict[str, Tuple[str, str]] = {}  # name in the archive -> (source, what it is)
+
+    def add(src: str, name: str, origin: str) -> None:
+        name = os.path.normpath(name).replace(os.sep, "/")
+        if name not in entries:
+            entries[name] = (src, origin)
+        elif not filecmp.cmp(entries[name][0], src, shallow=False):
+            raise BuildError(
+                f"two different files would be {name} in the archive: {entries[name][1]}, and "
+                f"{origin}; give the Fileset file another destination (Fileset.get_path tells "
+                "the program where it is), or remove one of them")
+
+    for path, rel in _files_under(staging):
+        add(path, rel, f"the file {built_by}")
     for fileset in spec_files:
         for src, dst in fileset.files.items():
             if not os.path.exists(src):
                 raise BuildError(f"Fileset path {src} does not exist")
             if os.path.isdir(src):
-                files += [(p, os.path.join(dst, rel)) for p, rel in _files_under(src)]
+                for path, rel in _files_under(src):
+                    add(path, os.path.join(dst, rel), f"{path} of the Fileset directory {src}")
             else:
-                files.append((src, dst))
+                add(src, dst, f"the Fileset file {src}")
+    if "entrypoint.sh" in entries:
+        raise BuildError(f"entrypoint.sh is the name of the script lxm3 writes into the archive to "
+                         f"start the program, but {entries['entrypoint.sh'][1]} is there too; give "
+                         "it another name")
+    _check_no_file_is_a_directory(entries)
     entry = os.path.join(staging, ".lxm3-entrypoint.sh")
     with open(entry, "w") as f:
         f.write(entrypoint_script(entrypoint))
     os.chmod(entry, 0o755)
-    files.append((entry, "entrypoint.sh"))
-    return files
+    return [(src, name) for name, (src, _) in entries.items()] + [(entry, "entrypoint.sh")]
+
+
+def _check_no_file_is_a_directory(entries: Mapping[str, Tuple[str, str]]) -> None:
+    """A file and a directory of one name cannot both be unpacked."""
+    for name in entries:
+        parent = name.rpartition("/")[0]
+        while parent:
+            if parent in entries:
+                raise BuildError(
+                    f"{parent} would be both a file and a directory in the archive: it is "
+                    f"{entries[parent][1]}, and {name} is {entries[name][1]}; give one of them "
+                    "another name")
+            parent = parent.rpartition("/")[0]
 
 
 # -- Python packages --------------------------------------------------------
@@ -1425,7 +1470,9 @@ def _package_python(spec: PythonPackage, workdir: str) -> List[Tuple[str, str]]:
         )
     target = os.path.join(workdir, "site")
     _pip_install(spec, target)
-    files = _archive_files_from(target, spec.resources, spec.entrypoint)
+    extras = " or its extra_packages" if spec.extra_packages else ""
+    files = _archive_files_from(target, spec.resources, spec.entrypoint,
+                                f"pip installed from {spec.path}{extras}")
     if isinstance(spec.entrypoint, xm.ModuleName):
         check_entrypoint_module(spec.entrypoint.module_name, files, spec.name)
     return files
@@ -1528,7 +1575,7 @@ def _package_universal(spec: UniversalPackage, workdir: str) -> List[Tuple[str, 
     os.makedirs(builddir)
     env = {**os.environ, "BUILDDIR": builddir}
     _run_build_step([script, *spec.build_args], f"build script {script}", cwd=spec.path, env=env)
-    return _archive_files_from(builddir, [], spec.entrypoint)
+    return _archive_files_from(builddir, [], spec.entrypoint, f"the build script {script} wrote")
 
 
 def _package_inputs(spec: Union[PythonPackage, UniversalPackage]) -> List[Any]:
