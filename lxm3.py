@@ -3072,9 +3072,40 @@ def run_line(executable: ClusterExecutable, executor: xm.Executor, image: Option
     return singularity_run(image, options, binds, gpu)
 
 
+# ``module`` is a shell function that Lmod and Environment Modules define in the
+# login profile (/etc/profile.d/*.sh). A batch job's shell is not a login shell
+# (lxm3 0.4.2 ran its Slurm scripts with ``bash -l``), so when ``module`` is
+# missing the profile is read as a login shell reads it, in a child bash whose
+# output, ``exit`` or ``exec`` cannot touch the job. The job takes what the
+# profile left: its exported variables and new functions, as ``bash -l`` would
+# have them, except the task's own variables (env_vars, the config's env,
+# LXM_*, PYTHONPATH), which keep their values.
+LOGIN_PROFILE = r"""# `module` comes from the login profile: read it as a login shell would.
+lxm_login_profile() {
+  local lxm_code
+  lxm_code=$(lxm_keep=" ${lxm_env_names[*]} $(compgen -A function | tr '\n' ' ') " bash -l -c '
+    for lxm_name in $(compgen -e); do
+      case $lxm_keep in *" $lxm_name "*) continue ;; esac
+      case $lxm_name in BASH*|SHLVL|PWD|OLDPWD|_|lxm_*) continue ;; esac
+      printf "export %s=%q\n" "$lxm_name" "${!lxm_name}"
+    done >&3
+    for lxm_name in $(compgen -A function); do
+      case $lxm_keep in *" $lxm_name "*) ;; *) declare -f "$lxm_name" ;; esac
+    done >&3' 3>&1 >/dev/null 2>&1 </dev/null)
+  eval "$lxm_code" 2>/dev/null
+}
+type module >/dev/null 2>&1 || lxm_login_profile
+type module >/dev/null 2>&1 ||
+  lxm_fail "module: command not found: is Lmod/Environment Modules installed on $(hostname)? \
+Neither the job's environment nor the login profile (bash -l) defines it"
+"""
+
+
 def module_lines(modules: Sequence[str]) -> str:
     """``module load`` commands run before the task; a failure stops it."""
-    return "\n".join(
+    if not modules:
+        return ""
+    return LOGIN_PROFILE + "\n".join(
         f"module load {shell_quote(m)} || lxm_fail {shell_quote('module load ' + m + ' failed')}"
         for m in modules
     )
