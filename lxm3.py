@@ -407,6 +407,8 @@ class ClusterConfig(ValueObject):
         raw: Optional[Dict[str, Any]] = None,
         ssh_connect_timeout: Optional[float] = None,  # seconds; None: SSH_CONNECT_TIMEOUT
         ssh_keepalive_interval: Optional[float] = None,  # seconds; None: SSH_KEEPALIVE_INTERVAL
+        ssh_config: Optional[str] = None,  # an ssh config file to read instead of ~/.ssh/config
+        proxycommand: Optional[str] = None,  # ssh's ProxyCommand
     ):
         self.name = name
         self.server = server
@@ -420,6 +422,8 @@ class ClusterConfig(ValueObject):
         self.raw = {} if raw is None else raw
         self.ssh_connect_timeout = ssh_connect_timeout
         self.ssh_keepalive_interval = ssh_keepalive_interval
+        self.ssh_config = ssh_config
+        self.proxycommand = proxycommand
 
 
 class Config(ValueObject):
@@ -472,7 +476,8 @@ class Config(ValueObject):
             # current directory; keep that so existing configs mean the same.
             local_staging=os.path.abspath(os.path.expanduser(staging)) if staging else None,
             local_env=_str_dict(local.get("env", {})),
-            clusters=[_cluster_config(c) for c in data.get("clusters", [])],
+            clusters=[_cluster_config(c, os.path.dirname(os.path.abspath(path)) if path else None)
+                      for c in data.get("clusters", [])],
             path=path,
             local_singularity_binds=_binds(local),
         )
@@ -505,8 +510,8 @@ class Config(ValueObject):
 # returns what is wrong, a dict (a table of its own; key "*" stands for any
 # name), or a one-item list (an array of such tables). Every other key is
 # refused, with the valid ones: a misspelt key read as absent could send a
-# launch elsewhere (``servr``: to this machine). Keys of lxm3 0.4.2 that lxm3
-# does not honour are refused (_Refused) with what to do instead.
+# launch elsewhere (``servr``: to this machine). Every key lxm3 0.4.2 read is
+# honoured, or refused (_Refused) with what to do instead.
 
 
 def _text(value: Any) -> Optional[str]:
@@ -531,13 +536,6 @@ class _Refused:
         self.advice = advice
 
 
-_SSH_CONFIG_ADVICE = (
-    "lxm3 runs the system ssh, which reads ~/.ssh/config: remove the key and give the "
-    "server a Host entry there, e.g.\n"
-    "    Host login.hpc.example\n"
-    "        ProxyJump gateway.example     # or: ProxyCommand ssh -W %h:%p gateway.example\n"
-    "so that ssh, rsync and lxm3 all reach it the same way"
-)
 _SINGULARITY = {
     "binds": [{"src": str, "dest": str}],
     "env": _Refused("lxm3 does not read singularity.env (lxm3 0.4.2 ignored it too): put the "
@@ -561,8 +559,8 @@ CLUSTER_SCHEMA = {
         "lxm3 takes no passwords: it logs in with your ssh keys or ssh-agent, and when a "
         "password or 2FA code is needed ssh asks for it itself, once per kept connection; "
         "remove the key (ssh-copy-id installs a key for logins without one)"),
-    "proxycommand": _Refused(_SSH_CONFIG_ADVICE),
-    "ssh_config": _Refused(_SSH_CONFIG_ADVICE + " (an 'Include FILE' line there reads another file)"),
+    "proxycommand": str,  # as lxm3 0.4.2: ssh -o ProxyCommand=...
+    "ssh_config": str,  # ssh -F FILE
 }
 CONFIG_SCHEMA = {
     "project": str,
@@ -655,8 +653,12 @@ def _binds(section: Mapping[str, Any]) -> List[Tuple[str, str]]:
     return [(b["src"], b.get("dest", b["src"])) for b in binds]
 
 
-def _cluster_config(data: Mapping[str, Any]) -> ClusterConfig:
-    """A checked ``[[clusters]]`` table."""
+def _cluster_config(data: Mapping[str, Any], config_dir: Optional[str] = None) -> ClusterConfig:
+    """A checked ``[[clusters]]`` table; a relative ``ssh_config`` path is relative
+    to ``config_dir``, the config file's directory."""
+    ssh_config = data.get("ssh_config") or None
+    if ssh_config:
+        ssh_config = os.path.join(config_dir or os.getcwd(), os.path.expanduser(ssh_config))
     return ClusterConfig(
         name=data["name"],
         server=data.get("server") or None,
@@ -669,6 +671,8 @@ def _cluster_config(data: Mapping[str, Any]) -> ClusterConfig:
         raw=dict(data),
         ssh_connect_timeout=data.get("ssh_connect_timeout"),
         ssh_keepalive_interval=data.get("ssh_keepalive_interval"),
+        ssh_config=ssh_config,
+        proxycommand=data.get("proxycommand") or None,
     )
 
 
@@ -1782,8 +1786,21 @@ class Connection:
             options += ["-p", str(self.cluster.port)]
         if self.cluster.ssh_private_key:
             options += ["-i", os.path.expanduser(self.cluster.ssh_private_key)]
+        options += self._route_options()
         if not sys.stdin.isatty():  # nobody could answer a prompt: fail instead of hanging
             options += ["-o", "BatchMode=yes"]
+        return options
+
+    def _route_options(self) -> List[str]:
+        """The cluster's ``ssh_config`` (``-F``) and ``proxycommand``, as lxm3 0.4.2 read them."""
+        options = []
+        if self.cluster.ssh_config:
+            if not os.path.isfile(self.cluster.ssh_config):
+                raise ConfigError(f"the ssh_config of cluster {self.cluster.name!r}, "
+                                  f"{self.cluster.ssh_config}, does not exist")
+            options += ["-F", self.cluster.ssh_config]
+        if self.cluster.proxycommand:
+            options += ["-o", f"ProxyCommand={self.cluster.proxycommand}"]
         return options
 
     def open(self) -> None:
@@ -1812,11 +1829,12 @@ class Connection:
             self._start_master(keep=keep)
 
     def _identity(self) -> str:
-        """Names the kept connection: one per server, user, port and key."""
+        """Names the kept connection: one per server, user, port, key and route."""
         import hashlib
 
         c = self.cluster
-        key = "\0".join(str(v) for v in (c.server, c.user, c.port, c.ssh_private_key))
+        key = "\0".join(str(v) for v in (c.server, c.user, c.port, c.ssh_private_key,
+                                         c.ssh_config, c.proxycommand))
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def _open_private(self) -> None:
@@ -1848,6 +1866,7 @@ class Connection:
             by_hand = " ".join(shell_quote(a) for a in [
                 "ssh", *(["-p", str(self.cluster.port)] if self.cluster.port else []),
                 *(["-i", self.cluster.ssh_private_key] if self.cluster.ssh_private_key else []),
+                *self._route_options(),
                 f"{self.cluster.user + '@' if self.cluster.user else ''}{self.cluster.server}"])
             where = f"{self.target} (cluster {self.cluster.name!r})"
             if "timed out" in message:
@@ -4224,7 +4243,9 @@ class ClusterWorkUnit(xm.WorkUnit):
             record["connection"] = {"server": cluster.server, "user": cluster.user,
                                     "port": cluster.port, "ssh_private_key": cluster.ssh_private_key,
                                     "ssh_connect_timeout": cluster.ssh_connect_timeout,
-                                    "ssh_keepalive_interval": cluster.ssh_keepalive_interval}
+                                    "ssh_keepalive_interval": cluster.ssh_keepalive_interval,
+                                    "ssh_config": cluster.ssh_config,
+                                    "proxycommand": cluster.proxycommand}
             record["custom_output"] = _user_sets(executor, ["--output", "-o"])
         return record
 
@@ -4763,7 +4784,9 @@ def _unit_connection(unit: Mapping[str, Any]) -> Connection:
     return Connection(ClusterConfig(name=unit["cluster"], server=info.get("server"), user=info.get("user"),
                                     port=info.get("port"), ssh_private_key=info.get("ssh_private_key"),
                                     ssh_connect_timeout=info.get("ssh_connect_timeout"),
-                                    ssh_keepalive_interval=info.get("ssh_keepalive_interval")))
+                                    ssh_keepalive_interval=info.get("ssh_keepalive_interval"),
+                                    ssh_config=info.get("ssh_config"),
+                                    proxycommand=info.get("proxycommand")))
 
 
 def task_log_path(unit: Mapping[str, Any], task: int) -> Optional[str]:
