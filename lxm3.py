@@ -407,6 +407,8 @@ class ClusterConfig(ValueObject):
         raw: Optional[Dict[str, Any]] = None,
         ssh_connect_timeout: Optional[float] = None,  # seconds; None: SSH_CONNECT_TIMEOUT
         ssh_keepalive_interval: Optional[float] = None,  # seconds; None: SSH_KEEPALIVE_INTERVAL
+        ssh_config: Optional[str] = None,  # an ssh config file to read instead of ~/.ssh/config
+        proxycommand: Optional[str] = None,  # ssh's ProxyCommand
     ):
         self.name = name
         self.server = server
@@ -420,6 +422,8 @@ class ClusterConfig(ValueObject):
         self.raw = {} if raw is None else raw
         self.ssh_connect_timeout = ssh_connect_timeout
         self.ssh_keepalive_interval = ssh_keepalive_interval
+        self.ssh_config = ssh_config
+        self.proxycommand = proxycommand
 
 
 class Config(ValueObject):
@@ -470,7 +474,8 @@ class Config(ValueObject):
                 # current directory; keep that so existing configs mean the same.
                 local_staging=os.path.abspath(os.path.expanduser(staging)) if staging else None,
                 local_env=_str_dict(local.get("env", {})),
-                clusters=[_cluster_config(c) for c in data.get("clusters", [])],
+                clusters=[_cluster_config(c, os.path.dirname(os.path.abspath(path)) if path else None)
+                          for c in data.get("clusters", [])],
                 path=path,
                 local_singularity_binds=_binds(local),
             )
@@ -509,8 +514,8 @@ class Config(ValueObject):
 # returns what is wrong, a dict (a table of its own; key "*" stands for any
 # name), or a one-item list (an array of such tables). Every other key is
 # refused, with the valid ones: a misspelt key read as absent could send a
-# launch elsewhere (``servr``: to this machine). Keys of lxm3 0.4.2 that lxm3
-# does not honour are refused (_Refused) with what to do instead.
+# launch elsewhere (``servr``: to this machine). Every key lxm3 0.4.2 read is
+# honoured, or refused (_Refused) with what to do instead.
 
 
 def _text(value: Any) -> Optional[str]:
@@ -535,13 +540,6 @@ class _Refused:
         self.advice = advice
 
 
-_SSH_CONFIG_ADVICE = (
-    "lxm3 runs the system ssh, which reads ~/.ssh/config: remove the key and give the "
-    "server a Host entry there, e.g.\n"
-    "    Host login.hpc.example\n"
-    "        ProxyJump gateway.example     # or: ProxyCommand ssh -W %h:%p gateway.example\n"
-    "so that ssh, rsync and lxm3 all reach it the same way"
-)
 _SINGULARITY = {
     "binds": [{"src": str, "dest": str}],
     "env": _Refused("lxm3 does not read singularity.env (lxm3 0.4.2 ignored it too): put the "
@@ -565,8 +563,8 @@ CLUSTER_SCHEMA = {
         "lxm3 takes no passwords: it logs in with your ssh keys or ssh-agent, and when a "
         "password or 2FA code is needed ssh asks for it itself, once per kept connection; "
         "remove the key (ssh-copy-id installs a key for logins without one)"),
-    "proxycommand": _Refused(_SSH_CONFIG_ADVICE),
-    "ssh_config": _Refused(_SSH_CONFIG_ADVICE + " (an 'Include FILE' line there reads another file)"),
+    "proxycommand": str,  # as lxm3 0.4.2: ssh -o ProxyCommand=...
+    "ssh_config": str,  # ssh -F FILE
 }
 CONFIG_SCHEMA = {
     "project": str,
@@ -659,8 +657,12 @@ def _binds(section: Mapping[str, Any]) -> List[Tuple[str, str]]:
     return [(b["src"], b.get("dest", b["src"])) for b in binds]
 
 
-def _cluster_config(data: Mapping[str, Any]) -> ClusterConfig:
-    """A checked ``[[clusters]]`` table."""
+def _cluster_config(data: Mapping[str, Any], config_dir: Optional[str] = None) -> ClusterConfig:
+    """A checked ``[[clusters]]`` table; a relative ``ssh_config`` path is relative
+    to ``config_dir``, the config file's directory."""
+    ssh_config = data.get("ssh_config") or None
+    if ssh_config:
+        ssh_config = os.path.join(config_dir or os.getcwd(), os.path.expanduser(ssh_config))
     return ClusterConfig(
         name=data["name"],
         server=data.get("server") or None,
@@ -673,6 +675,8 @@ def _cluster_config(data: Mapping[str, Any]) -> ClusterConfig:
         raw=dict(data),
         ssh_connect_timeout=data.get("ssh_connect_timeout"),
         ssh_keepalive_interval=data.get("ssh_keepalive_interval"),
+        ssh_config=ssh_config,
+        proxycommand=data.get("proxycommand") or None,
     )
 
 
@@ -759,7 +763,8 @@ class PythonPackage(xm.ExecutableSpec, ValueObject):
 
 
 class UniversalPackage(xm.ExecutableSpec, ValueObject):
-    """Anything a build script writes into ``$BUILDDIR``, run with shell commands."""
+    """Anything a build script writes into ``$BUILDDIR``, run with one command line:
+    ``entrypoint`` holds its words, joined with spaces as lxm3 0.4.2 did."""
 
     def __init__(
         self,
@@ -769,7 +774,8 @@ class UniversalPackage(xm.ExecutableSpec, ValueObject):
         path: str = ".",
     ):
         if isinstance(entrypoint, str) or not entrypoint:
-            raise ValueError("UniversalPackage entrypoint must be a non-empty list of commands")
+            raise ValueError("UniversalPackage entrypoint must be a non-empty list: the words of "
+                             "one command line, e.g. ['python3', 'main.py']")
         self.entrypoint = entrypoint
         self.path = resolve_path(path)
         self.build_script = os.path.normpath(os.path.join(self.path, build_script))
@@ -1387,9 +1393,14 @@ def write_reproducible_zip(zip_path: str, files: Iterable[Tuple[str, str]]) -> s
     import zipfile
 
     digest = hashlib.sha256()
+    previous = None
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
-        for src, arcname in sorted(files, key=lambda item: item[1]):
-            info = zipfile.ZipInfo(arcname.replace(os.sep, "/"), date_time=_ZIP_EPOCH)
+        for src, arcname in sorted(files, key=lambda item: item[1].replace(os.sep, "/")):
+            arcname = arcname.replace(os.sep, "/")
+            if arcname == previous:  # unzip would stop at the second one
+                raise ValueError(f"{arcname} is given twice for the zip {zip_path}")
+            previous = arcname
+            info = zipfile.ZipInfo(arcname, date_time=_ZIP_EPOCH)
             info.create_system = 3  # unix, so the mode below is honoured by unzip
             mode = 0o755 if os.access(src, os.X_OK) else 0o644
             info.external_attr = (0o100000 | mode) << 16
@@ -1413,33 +1424,84 @@ def _files_under(root: str) -> List[Tuple[str, str]]:
 
 
 def entrypoint_script(entrypoint: Union[Entrypoint, Sequence[str]]) -> str:
-    """The archive's ``entrypoint.sh``: the program, with the task's args as "$@"."""
+    """The archive's ``entrypoint.sh``: the program, with the task's args as "$@".
+
+    As in XManager and lxm3 0.4.2, an ``xm.CommandList`` is one shell command
+    per line, and a plain list (``UniversalPackage``'s entrypoint) is the words
+    of one command line, joined with spaces: ``["python3", "main.py"]`` runs
+    ``python3 main.py``. The task's arguments go to the last command, unless
+    it passes ``$@`` on itself.
+    """
     if isinstance(entrypoint, xm.ModuleName):
         run = f'exec "${{LXM_PYTHON:-python3}}" -m {entrypoint.module_name} "$@"'
     else:
-        commands = list(entrypoint.commands if isinstance(entrypoint, xm.CommandList) else entrypoint)
-        commands[-1] = f'{commands[-1]} "$@"'
+        if isinstance(entrypoint, xm.CommandList):
+            commands = list(entrypoint.commands)
+        else:
+            commands = [" ".join(entrypoint)]
+        if not commands[-1].rstrip().endswith(("$@", '"$@"')):
+            commands[-1] = f'{commands[-1]} "$@"'
         run = "\n".join(commands)
     return f"#!/bin/sh\n# Written by lxm3: runs the task's program with its arguments.\n{run}\n"
 
 
-def _archive_files_from(staging: str, spec_files: Iterable[Fileset], entrypoint) -> List[Tuple[str, str]]:
-    """The build output, the Fileset files and ``entrypoint.sh`` as zip entries."""
-    files = _files_under(staging)
+def _archive_files_from(staging: str, spec_files: Iterable[Fileset], entrypoint,
+                        built_by: str) -> List[Tuple[str, str]]:
+    """The build output, the Fileset files and ``entrypoint.sh`` as zip entries.
+
+    Every name is in the archive once: two entries of one name would make
+    every task fail to unpack it. A Fileset file may land where the build
+    (``built_by`` says what made ``staging``) or another Fileset put a file
+    only with the same content.
+    """
+    import filecmp
+
+    entries: Dict[str, Tuple[str, str]] = {}  # name in the archive -> (source, what it is)
+
+    def add(src: str, name: str, origin: str) -> None:
+        name = os.path.normpath(name).replace(os.sep, "/")
+        if name not in entries:
+            entries[name] = (src, origin)
+        elif not filecmp.cmp(entries[name][0], src, shallow=False):
+            raise BuildError(
+                f"two different files would be {name} in the archive: {entries[name][1]}, and "
+                f"{origin}; give the Fileset file another destination (Fileset.get_path tells "
+                "the program where it is), or remove one of them")
+
+    for path, rel in _files_under(staging):
+        add(path, rel, f"the file {built_by}")
     for fileset in spec_files:
         for src, dst in fileset.files.items():
             if not os.path.exists(src):
                 raise BuildError(f"Fileset path {src} does not exist")
             if os.path.isdir(src):
-                files += [(p, os.path.join(dst, rel)) for p, rel in _files_under(src)]
+                for path, rel in _files_under(src):
+                    add(path, os.path.join(dst, rel), f"{path} of the Fileset directory {src}")
             else:
-                files.append((src, dst))
+                add(src, dst, f"the Fileset file {src}")
+    if "entrypoint.sh" in entries:
+        raise BuildError(f"entrypoint.sh is the name of the script lxm3 writes into the archive to "
+                         f"start the program, but {entries['entrypoint.sh'][1]} is there too; give "
+                         "it another name")
+    _check_no_file_is_a_directory(entries)
     entry = os.path.join(staging, ".lxm3-entrypoint.sh")
     with open(entry, "w") as f:
         f.write(entrypoint_script(entrypoint))
     os.chmod(entry, 0o755)
-    files.append((entry, "entrypoint.sh"))
-    return files
+    return [(src, name) for name, (src, _) in entries.items()] + [(entry, "entrypoint.sh")]
+
+
+def _check_no_file_is_a_directory(entries: Mapping[str, Tuple[str, str]]) -> None:
+    """A file and a directory of one name cannot both be unpacked."""
+    for name in entries:
+        parent = name.rpartition("/")[0]
+        while parent:
+            if parent in entries:
+                raise BuildError(
+                    f"{parent} would be both a file and a directory in the archive: it is "
+                    f"{entries[parent][1]}, and {name} is {entries[name][1]}; give one of them "
+                    "another name")
+            parent = parent.rpartition("/")[0]
 
 
 # -- Python packages --------------------------------------------------------
@@ -1531,7 +1593,9 @@ def _package_python(spec: PythonPackage, workdir: str) -> List[Tuple[str, str]]:
         )
     target = os.path.join(workdir, "site")
     _pip_install(spec, target)
-    files = _archive_files_from(target, spec.resources, spec.entrypoint)
+    extras = " or its extra_packages" if spec.extra_packages else ""
+    files = _archive_files_from(target, spec.resources, spec.entrypoint,
+                                f"pip installed from {spec.path}{extras}")
     if isinstance(spec.entrypoint, xm.ModuleName):
         check_entrypoint_module(spec.entrypoint.module_name, files, spec.name)
     return files
@@ -1634,12 +1698,13 @@ def _package_universal(spec: UniversalPackage, workdir: str) -> List[Tuple[str, 
     os.makedirs(builddir)
     env = {**os.environ, "BUILDDIR": builddir}
     _run_build_step([script, *spec.build_args], f"build script {script}", cwd=spec.path, env=env)
-    return _archive_files_from(builddir, [], spec.entrypoint)
+    return _archive_files_from(builddir, [], spec.entrypoint, f"the build script {script} wrote")
 
 
 def _package_inputs(spec: Union[PythonPackage, UniversalPackage]) -> List[Any]:
     """Everything a build depends on, for the cache key."""
-    common = [__version__, type(spec).__name__, tree_fingerprint(spec.path)]
+    common = [__version__, type(spec).__name__, tree_fingerprint(spec.path),
+              entrypoint_script(spec.entrypoint)]
     if isinstance(spec, PythonPackage):
         local_extras = [tree_fingerprint(p) for p in spec.extra_packages if os.path.exists(p)]
         files = [(src, dst, tree_fingerprint(src)) for fs in spec.resources for src, dst in fs.files.items()]
@@ -2001,8 +2066,21 @@ class Connection:
             options += ["-p", str(self.cluster.port)]
         if self.cluster.ssh_private_key:
             options += ["-i", os.path.expanduser(self.cluster.ssh_private_key)]
+        options += self._route_options()
         if not sys.stdin.isatty():  # nobody could answer a prompt: fail instead of hanging
             options += ["-o", "BatchMode=yes"]
+        return options
+
+    def _route_options(self) -> List[str]:
+        """The cluster's ``ssh_config`` (``-F``) and ``proxycommand``, as lxm3 0.4.2 read them."""
+        options = []
+        if self.cluster.ssh_config:
+            if not os.path.isfile(self.cluster.ssh_config):
+                raise ConfigError(f"the ssh_config of cluster {self.cluster.name!r}, "
+                                  f"{self.cluster.ssh_config}, does not exist")
+            options += ["-F", self.cluster.ssh_config]
+        if self.cluster.proxycommand:
+            options += ["-o", f"ProxyCommand={self.cluster.proxycommand}"]
         return options
 
     def open(self) -> None:
@@ -2031,11 +2109,12 @@ class Connection:
             self._start_master(keep=keep)
 
     def _identity(self) -> str:
-        """Names the kept connection: one per server, user, port and key."""
+        """Names the kept connection: one per server, user, port, key and route."""
         import hashlib
 
         c = self.cluster
-        key = "\0".join(str(v) for v in (c.server, c.user, c.port, c.ssh_private_key))
+        key = "\0".join(str(v) for v in (c.server, c.user, c.port, c.ssh_private_key,
+                                         c.ssh_config, c.proxycommand))
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def _open_private(self) -> None:
@@ -2067,6 +2146,7 @@ class Connection:
             by_hand = " ".join(shell_quote(a) for a in [
                 "ssh", *(["-p", str(self.cluster.port)] if self.cluster.port else []),
                 *(["-i", self.cluster.ssh_private_key] if self.cluster.ssh_private_key else []),
+                *self._route_options(),
                 f"{self.cluster.user + '@' if self.cluster.user else ''}{self.cluster.server}"])
             where = f"{self.target} (cluster {self.cluster.name!r})"
             if "timed out" in message:
@@ -2542,8 +2622,20 @@ def verify_staged_files(connection: Connection, info: ClusterInfo, tree: str,
 # its line with one ``sed`` however large the sweep is.
 
 
+class ShellWords(str):
+    """An argument from ``xm.ShellSafeArg``: shell text the job script expands on
+    the node, in the task's environment, as a shell expands an unquoted word
+    (``$VAR``, ``$(...)``, globs; word splitting may make it several arguments,
+    or none). Every other argument arrives exactly as written."""
+
+    __slots__ = ()
+
+
 class Task(ValueObject):
-    """One task of a work unit: its command-line arguments and environment."""
+    """One task of a work unit: its command-line arguments and environment.
+
+    An argument that is a ``ShellWords`` is expanded by the shell on the node.
+    """
 
     def __init__(self, args: List[str], env: Dict[str, str]):
         self.args = args
@@ -2694,9 +2786,12 @@ def _encode_env(env: Mapping[str, str]) -> List[str]:
 
 
 def tasks_file_lines(tasks: Sequence[Task], common_env: Mapping[str, str]) -> Iterable[str]:
+    """Tokens: ``e`` an environment entry, ``a`` an argument, ``s`` an argument
+    the shell expands (``ShellWords``)."""
     yield " ".join(["#common", *_encode_env(common_env)]) + "\n"
     for index, task in enumerate(tasks):
-        tokens = [f"#{index}", *_encode_env(task.env), *("a" + encode_value(a) for a in task.args)]
+        tokens = [f"#{index}", *_encode_env(task.env),
+                  *(("s" if isinstance(a, ShellWords) else "a") + encode_value(a) for a in task.args)]
         yield " ".join(tokens) + "\n"
 
 
@@ -2719,6 +2814,11 @@ def _arg_value(value: Any) -> str:
         return value
     if type(value) in (int, float):
         return str(value)
+    if isinstance(value, xm.ShellSafeArg):
+        if not isinstance(value.arg, str):
+            raise _NoTextForm(value, f"an xm.ShellSafeArg of {type(value.arg).__name__}, not of "
+                                     "shell text (a str)")
+        return ShellWords(value.arg)
     if isinstance(value, enum.Enum):
         return value.name
     if isinstance(value, os.PathLike):
@@ -2729,11 +2829,11 @@ def _arg_value(value: Any) -> str:
 def _checked_text(value: Any) -> str:
     """``str(value)``, unless that means nothing (raises _NoTextForm)."""
     kind = _no_text_form(value)
-    text = str(value)
-    if kind is None and _DEFAULT_REPR.search(text):
-        kind = "an object whose text is Python's default <... at 0x...>"
     if kind is not None:
         raise _NoTextForm(value, kind)
+    text = str(value)
+    if _DEFAULT_REPR.search(text):
+        raise _NoTextForm(value, "an object whose text is Python's default <... at 0x...>")
     return text
 
 
@@ -2743,6 +2843,10 @@ def _no_text_form(value: Any) -> Optional[str]:
 
     if isinstance(value, (str, int, float, os.PathLike)):
         return None
+    if isinstance(value, xm.ShellSafeArg):  # inside a list or dict, or an environment value
+        return ("an xm.ShellSafeArg where only text can go: the shell expands a ShellSafeArg "
+                "that is a whole argument or a flag's value, not one in a list, dict or "
+                "environment variable")
     if isinstance(value, (list, tuple, set, frozenset)):
         return next(filter(None, map(_no_text_form, value)), None)
     if isinstance(value, Mapping):
@@ -2768,7 +2872,7 @@ def render_args(args: xm.SequentialArgs, where: str = "an argument") -> List[str
     their own ``__str__``/``__repr__``; anything else is refused, naming its flag.
     """
     try:
-        return args.to_list(escaper=_arg_value)
+        return args.to_list(escaper=_arg_value, kwargs_joiner=_join_flag)
     except _NoTextForm as e:
         field, verb = "a positional argument", "is"
         for name, value in args.to_dict(kwargs_only=True).items():
@@ -2781,6 +2885,13 @@ def render_args(args: xm.SequentialArgs, where: str = "an argument") -> List[str
             f"{where}: {field} {verb} {e.kind}: it has no text form to pass on the command line "
             f"(it would arrive as {_short_repr(e.value)}); pass a str, number, bool, enum or "
             "path, or an object whose class defines __str__") from None
+
+
+def _join_flag(flag: str, value: str) -> str:
+    """``--flag=value``; with a ShellSafeArg value, shell text whose flag part is quoted."""
+    if isinstance(value, ShellWords):
+        return ShellWords(f"{shell_quote(flag)}={value}")
+    return f"{flag}={value}"
 
 
 def _holds(container: Any, item: Any) -> bool:
@@ -2818,6 +2929,27 @@ lxm_tasks=@@{tasks_file}
 
 lxm_fail() { printf 'lxm3: %s\\n' "$*" >&2; exit 125; }
 
+# xm.ShellSafeArg arguments are shell text: expand each as the shell expands an
+# unquoted word of a command line (variables, $(...), globs, word splitting:
+# it may become several arguments, or none). Run after the task's environment,
+# modules and directory are in place, so $SLURM_JOB_ID, the task's own
+# variables and globs of the archive's files all work.
+lxm_expand_shell_words() {
+  local -a lxm_expanded=() lxm_words
+  local lxm_i
+  for lxm_i in "${!lxm_args[@]}"; do
+    if [[ -z ${lxm_shell_words[lxm_i]:-} ]]; then
+      lxm_expanded+=("${lxm_args[lxm_i]}")
+      continue
+    fi
+    lxm_words=()  # a newline before ")": a "#" in the text starts a comment, as on a command line
+    eval "lxm_words=(${lxm_args[lxm_i]}"$'\\n'")" ||
+      lxm_fail "cannot expand the ShellSafeArg ${lxm_args[lxm_i]} (argument $((lxm_i + 1))) with bash"
+    lxm_expanded+=(${lxm_words[@]+"${lxm_words[@]}"})
+  done
+  lxm_args=(${lxm_expanded[@]+"${lxm_expanded[@]}"})
+}
+
 # Apply line $1 of the tasks file: export its variables, collect its arguments.
 # (Its locals are lxm_* too: exporting a task's "value=..." would set a local.)
 lxm_load() {
@@ -2830,6 +2962,7 @@ lxm_load() {
     printf -v lxm_value '%b' "${lxm_token:1}"
     case $lxm_token in
       a*) lxm_args+=("$lxm_value") ;;
+      s*) lxm_shell_words[${#lxm_args[@]}]=1; lxm_args+=("$lxm_value") ;;
       e*) export "$lxm_value"; lxm_env_names+=("${lxm_value%%=*}") ;;
     esac
   done
@@ -2848,6 +2981,7 @@ trap 'exit 129' HUP
 trap 'exit 130' INT
 trap 'exit 143' TERM
 lxm_args=()
+lxm_shell_words=()  # indices of lxm_args that are shell text (xm.ShellSafeArg)
 lxm_env_names=(LXM_EXPERIMENT_ID LXM_WORK_UNIT_ID LXM_NUM_TASKS LXM_TASK_ID PYTHONPATH)
 lxm_load 1 '#common'
 lxm_load $((LXM_TASK_ID + 2)) "#$LXM_TASK_ID"
@@ -2876,6 +3010,7 @@ cd "$lxm_workdir" || lxm_fail "cannot enter $lxm_workdir"
 export PYTHONPATH="$lxm_workdir${PYTHONPATH:+:$PYTHONPATH}"
 umask @@{umask}  # @@{umask_note}
 @@{setup}
+[[ ${#lxm_shell_words[@]} -eq 0 ]] || lxm_expand_shell_words
 @@{run} ${lxm_args[@]+"${lxm_args[@]}"}
 exit $?
 """)
@@ -3323,9 +3458,40 @@ def run_line(executable: ClusterExecutable, executor: xm.Executor, image: Option
     return singularity_run(image, options, binds, gpu)
 
 
+# ``module`` is a shell function that Lmod and Environment Modules define in the
+# login profile (/etc/profile.d/*.sh). A batch job's shell is not a login shell
+# (lxm3 0.4.2 ran its Slurm scripts with ``bash -l``), so when ``module`` is
+# missing the profile is read as a login shell reads it, in a child bash whose
+# output, ``exit`` or ``exec`` cannot touch the job. The job takes what the
+# profile left: its exported variables and new functions, as ``bash -l`` would
+# have them, except the task's own variables (env_vars, the config's env,
+# LXM_*, PYTHONPATH), which keep their values.
+LOGIN_PROFILE = r"""# `module` comes from the login profile: read it as a login shell would.
+lxm_login_profile() {
+  local lxm_code
+  lxm_code=$(lxm_keep=" ${lxm_env_names[*]} $(compgen -A function | tr '\n' ' ') " bash -l -c '
+    for lxm_name in $(compgen -e); do
+      case $lxm_keep in *" $lxm_name "*) continue ;; esac
+      case $lxm_name in BASH*|SHLVL|PWD|OLDPWD|_|lxm_*) continue ;; esac
+      printf "export %s=%q\n" "$lxm_name" "${!lxm_name}"
+    done >&3
+    for lxm_name in $(compgen -A function); do
+      case $lxm_keep in *" $lxm_name "*) ;; *) declare -f "$lxm_name" ;; esac
+    done >&3' 3>&1 >/dev/null 2>&1 </dev/null)
+  eval "$lxm_code" 2>/dev/null
+}
+type module >/dev/null 2>&1 || lxm_login_profile
+type module >/dev/null 2>&1 ||
+  lxm_fail "module: command not found: is Lmod/Environment Modules installed on $(hostname)? \
+Neither the job's environment nor the login profile (bash -l) defines it"
+"""
+
+
 def module_lines(modules: Sequence[str]) -> str:
     """``module load`` commands run before the task; a failure stops it."""
-    return "\n".join(
+    if not modules:
+        return ""
+    return LOGIN_PROFILE + "\n".join(
         f"module load {shell_quote(m)} || lxm_fail {shell_quote('module load ' + m + ' failed')}"
         for m in modules
     )
@@ -4543,7 +4709,7 @@ class ClusterWorkUnit(xm.WorkUnit):
             "submission_log": self.submission_log,
             "num_tasks": len(self._tasks),
             "cancelled": self.cancelled,
-            "tasks": [{"args": t.args, "env": t.env} for t in self._tasks],
+            "tasks": [_task_record(t) for t in self._tasks],
         }
         if isinstance(executor, Local):
             record["log_paths"] = self.log_paths
@@ -4553,7 +4719,9 @@ class ClusterWorkUnit(xm.WorkUnit):
             record["connection"] = {"server": cluster.server, "user": cluster.user,
                                     "port": cluster.port, "ssh_private_key": cluster.ssh_private_key,
                                     "ssh_connect_timeout": cluster.ssh_connect_timeout,
-                                    "ssh_keepalive_interval": cluster.ssh_keepalive_interval}
+                                    "ssh_keepalive_interval": cluster.ssh_keepalive_interval,
+                                    "ssh_config": cluster.ssh_config,
+                                    "proxycommand": cluster.proxycommand}
             record["custom_output"] = _user_sets(executor, ["--output", "-o"])
         return record
 
@@ -4601,6 +4769,15 @@ class ClusterWorkUnit(xm.WorkUnit):
             await asyncio.get_running_loop().run_in_executor(None, self.experiment.submit_pending)
         await _poll_until_done(self.get_status, self)
         return self
+
+
+def _task_record(task: Task) -> Dict[str, Any]:
+    """A task as recorded: ShellSafeArg arguments as written, with their indices."""
+    record: Dict[str, Any] = {"args": task.args, "env": task.env}
+    shell_words = [i for i, arg in enumerate(task.args) if isinstance(arg, ShellWords)]
+    if shell_words:
+        record["shell_args"] = shell_words  # expanded by the shell on the node
+    return record
 
 
 def _launched_jobs(unit: Mapping[str, Any]) -> List[xm.LaunchedJob]:
@@ -5115,7 +5292,9 @@ def _unit_connection(unit: Mapping[str, Any]) -> Connection:
     return Connection(ClusterConfig(name=unit["cluster"], server=info.get("server"), user=info.get("user"),
                                     port=info.get("port"), ssh_private_key=info.get("ssh_private_key"),
                                     ssh_connect_timeout=info.get("ssh_connect_timeout"),
-                                    ssh_keepalive_interval=info.get("ssh_keepalive_interval")))
+                                    ssh_keepalive_interval=info.get("ssh_keepalive_interval"),
+                                    ssh_config=info.get("ssh_config"),
+                                    proxycommand=info.get("proxycommand")))
 
 
 def task_log_path(unit: Mapping[str, Any], task: int) -> Optional[str]:

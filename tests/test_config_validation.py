@@ -18,7 +18,8 @@ from conftest import ROOT
 from testbed_env import require_testbed
 
 CLUSTER_KEYS = ("name, server, user, port, ssh_private_key, ssh_connect_timeout, "
-                "ssh_keepalive_interval, storage, env, singularity, slurm, sge")
+                "ssh_keepalive_interval, storage, env, singularity, slurm, sge, proxycommand, "
+                "ssh_config")
 
 
 def load(tmp_path, text):
@@ -131,16 +132,6 @@ def test_password_is_refused_with_how_lxm3_logs_in(tmp_path):
             r"password or 2FA code is needed ssh asks for it itself, once per kept connection")) as info:
         read()
     assert "hunter2" not in str(info.value)  # a secret is never echoed
-
-
-@pytest.mark.parametrize("key", ["proxycommand", "ssh_config"])
-def test_ssh_settings_are_refused_with_the_ssh_config_way(tmp_path, key):
-    path, read = load(tmp_path, cluster(f'{key} = "ssh -W %h:%p gw.example"\n'))
-    with pytest.raises(lxm3.ConfigError, match=(
-            rf"(?s)^{re.escape(path)}: 'clusters\[0\]\.{key}' \(cluster 'hpc'\) is not supported: "
-            r"lxm3 runs the system ssh, which reads ~/\.ssh/config: remove the key and give the "
-            r"server a Host entry there.*Host login\.hpc\.example\n\s+ProxyJump .*ProxyCommand")):
-        read()
 
 
 def test_singularity_env_is_refused_with_where_to_put_it(tmp_path):

@@ -34,7 +34,7 @@ LAUNCHER = """\
         with xm_cluster.create_experiment("pool") as experiment:
             executor = xm_cluster.Local(max_parallel_tasks=max_parallel)
             spec = xm_cluster.UniversalPackage(
-                entrypoint=['echo "task $LXM_TASK_ID says $*"', 'sleep "${SLEEP:-0}"', "true"],
+                entrypoint=xm.CommandList(['echo "task $LXM_TASK_ID says $*"', 'sleep "${SLEEP:-0}"', "true"]),
                 build_script="build.sh", path="app")
             [exe] = experiment.package([xm.Packageable(spec, executor_spec=executor.Spec())])
             experiment.add(xm_cluster.ArrayJob(exe, executor, args=[{"n": i} for i in range(num_tasks)]))
