@@ -161,9 +161,10 @@ WANDB_LAUNCHER = """\
         with xm_cluster.create_experiment("wandb run") as experiment:
             executor = xm_cluster.Local()
             spec = xm_cluster.UniversalPackage(
-                entrypoint=['echo "WANDB $LXM_TASK_ID|$WANDB_NAME|$WANDB_RUN_GROUP|$WANDB_PROJECT|'
-                            '$WANDB_ENTITY|$WANDB_MODE|${WANDB_GIT_REMOTE_URL-unset}|'
-                            '${WANDB_GIT_COMMIT-unset}|$OWN|$*"', "true"],
+                entrypoint=xm_cluster.CommandList([
+                    'echo "WANDB $LXM_TASK_ID|$WANDB_NAME|$WANDB_RUN_GROUP|$WANDB_PROJECT|'
+                    '$WANDB_ENTITY|$WANDB_MODE|${WANDB_GIT_REMOTE_URL-unset}|'
+                    '${WANDB_GIT_COMMIT-unset}|$OWN|$*"', "true"]),
                 build_script="build.sh", path="app")
             [exe] = experiment.package([xm.Packageable(spec, executor_spec=executor.Spec())])
             log_to_wandb = wandb.configure_wandb(project="proj", entity="me", group=WANDB_GROUP)

@@ -172,8 +172,9 @@ def test_a_0_4_2_launcher_launches_its_jobs_once(tmp_path):
         def main(_):
             with xm_cluster.create_experiment(experiment_title="no guard") as experiment:
                 executor = xm_cluster.Local()
-                spec = xm_cluster.UniversalPackage(entrypoint=['echo "task ran with $*"', "true"],
-                                                   build_script="build.sh", path="app")
+                spec = xm_cluster.UniversalPackage(
+                    entrypoint=xm_cluster.CommandList(['echo "task ran with $*"', "true"]),
+                    build_script="build.sh", path="app")
                 [exe] = experiment.package([xm.Packageable(spec, executor_spec=executor.Spec())])
                 experiment.add(xm_cluster.ArrayJob(
                     exe, executor, args=[{"seed": s} for s in range(_SEEDS.value)]))
