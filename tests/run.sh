@@ -37,7 +37,12 @@ step "pytest: the whole suite on $($PYTHON --version)"
 # The unit tests (everything that needs no test bed) under each Python.
 versions=${LXM3_PYTHONS:-3.9 3.10 3.11 3.12 3.13}
 root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+main_version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 for v in $versions; do
+  if [[ $v == "$main_version" ]]; then
+    echo "Python $v: the whole suite ran on it above; skipped"
+    continue
+  fi
   py=$(ls -d "$root"/versions/"$v".*/bin/python3 2>/dev/null | sort -V | tail -n 1 || true)
   if [[ -z $py ]]; then
     echo "Python $v: not installed under $root; skipped"
