@@ -6160,7 +6160,10 @@ def _run_launcher_main(namespace: Mapping[str, Any], launcher_path: str, args: L
         return main(argv) if takes_argv else main()
 
     if _uses_absl(namespace):
-        from absl import app, flags
+        # The launcher's own dependency, loaded only because it uses it: lxm3 needs no absl.
+        import importlib
+
+        app, flags = importlib.import_module("absl.app"), importlib.import_module("absl.flags")
 
         if "xm_launch_script" not in flags.FLAGS:
             flags.DEFINE_string("xm_launch_script", None,
