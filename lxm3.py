@@ -1074,17 +1074,79 @@ def sge_time(seconds: int) -> str:
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-class SlurmSpec(xm.ExecutorSpec, ValueObject):
+class ClusterExecutorSpec(xm.ExecutorSpec, ValueObject):
+    """What ``package`` needs to know of a cluster executor: nothing but its kind."""
+
+
+class ClusterExecutor(xm.Executor, ValueObject):
+    """What the batch-scheduler executors (``Slurm``, ``GridEngine``) share.
+
+    Each scheduler's executor lists its parameters in lxm3 0.4.2's positional
+    order, then calls ``_init_common`` for the fields below, which mean the
+    same on every scheduler, and sets its own. ``scheduler`` names its entry
+    in SCHEDULERS: everything scheduler-specific is found there.
+    """
+
+    scheduler = ""
+
+    def _init_common(self, *, requirements, resources, walltime, log_directory, modules,
+                     extra_directives, skip_directives, max_parallel_tasks, singularity_options,
+                     docker_options, cluster) -> None:
+        self.requirements = xm.JobRequirements() if requirements is None else requirements
+        self.resources = {} if resources is None else resources
+        self.walltime = walltime
+        self.log_directory = log_directory
+        self.modules = [] if modules is None else modules
+        self.extra_directives = [] if extra_directives is None else extra_directives
+        self.skip_directives = [] if skip_directives is None else skip_directives
+        self.max_parallel_tasks = max_parallel_tasks
+        self.singularity_options = singularity_options
+        self.docker_options = docker_options
+        self.cluster = cluster
+
+    def _check(self) -> None:
+        """Catch mistakes where the executor is written, not at submission."""
+        name = type(self).__name__
+        parse_walltime(self.walltime)
+        if self.max_parallel_tasks is not None and self.max_parallel_tasks < 1:
+            raise ValueError(f"{name}(max_parallel_tasks=...) must be at least 1")
+        if not isinstance(self.requirements, xm.JobRequirements):
+            raise TypeError(f"{name}(requirements=...) must be an xm.JobRequirements")
+        for what in ("modules", "extra_directives", "skip_directives"):
+            if isinstance(getattr(self, what), str):
+                raise TypeError(f"{name}({what}=...) must be a list of strings")
+        # Each of these becomes (part of) a directive line or a scheduler argument:
+        # a newline would end the line and make the rest a command of the job script.
+        for what in ("partition", "account", "qos", "queue", "project", "shell", "log_directory"):
+            value = getattr(self, what, None)
+            if value is not None:
+                _directive_value(value, f"{name}({what}=...)")
+        for what in ("modules", "extra_directives", "skip_directives"):
+            for item in getattr(self, what):
+                _directive_value(item, f"{name}({what}=...)")
+        for key, value in self.resources.items():
+            _directive_value(key, f"{name}(resources=...) key")
+            _directive_value(value, f"{name}(resources={{{key!r}: ...}})")
+        for pe in getattr(self, "parallel_environments", {}):
+            _directive_value(pe, f"{name}(parallel_environments=...) name")
+        if self.requirements.location is not None:
+            _directive_value(self.requirements.location,
+                             f"{name}(requirements=xm.JobRequirements(location=...))")
+
+
+class SlurmSpec(ClusterExecutorSpec):
     pass
 
 
-class Slurm(xm.Executor, ValueObject):
+class Slurm(ClusterExecutor):
     """Submit work units as Slurm array jobs.
 
     The positional order is lxm3 0.4.2's; ``account``, ``qos``,
     ``max_parallel_tasks`` (the ``%K`` array throttle) and ``cluster`` (a
     name from the config) are new.
     """
+
+    scheduler = "slurm"
 
     def __init__(
         self,
@@ -1104,38 +1166,34 @@ class Slurm(xm.Executor, ValueObject):
         max_parallel_tasks: Optional[int] = None,
         cluster: Optional[str] = None,
     ):
-        self.requirements = xm.JobRequirements() if requirements is None else requirements
-        self.resources = {} if resources is None else resources
-        self.walltime = walltime
-        self.singularity_options = singularity_options
-        self.docker_options = docker_options
-        self.log_directory = log_directory
-        self.modules = [] if modules is None else modules
+        self._init_common(requirements=requirements, resources=resources, walltime=walltime,
+                          log_directory=log_directory, modules=modules,
+                          extra_directives=extra_directives, skip_directives=skip_directives,
+                          max_parallel_tasks=max_parallel_tasks, singularity_options=singularity_options,
+                          docker_options=docker_options, cluster=cluster)
         self.exclusive = exclusive
         self.partition = partition
-        self.extra_directives = [] if extra_directives is None else extra_directives
-        self.skip_directives = [] if skip_directives is None else skip_directives
         self.account = account
         self.qos = qos
-        self.max_parallel_tasks = max_parallel_tasks
-        self.cluster = cluster
-        _check_cluster_executor(self)
+        self._check()
 
     @classmethod
     def Spec(cls) -> SlurmSpec:  # noqa: N802 (the xm API's name)
         return SlurmSpec()
 
 
-class GridEngineSpec(xm.ExecutorSpec, ValueObject):
+class GridEngineSpec(ClusterExecutorSpec):
     pass
 
 
-class GridEngine(xm.Executor, ValueObject):
+class GridEngine(ClusterExecutor):
     """Submit work units as (Son of / Sun) Grid Engine array jobs.
 
     The positional order is lxm3 0.4.2's; ``cluster`` (a name from the
     config) is new.
     """
+
+    scheduler = "sge"
 
     def __init__(
         self,
@@ -1158,59 +1216,23 @@ class GridEngine(xm.Executor, ValueObject):
         docker_options: Optional[DockerOptions] = None,
         cluster: Optional[str] = None,
     ):
-        self.requirements = xm.JobRequirements() if requirements is None else requirements
-        self.resources = {} if resources is None else resources
+        self._init_common(requirements=requirements, resources=resources, walltime=walltime,
+                          log_directory=log_directory, modules=modules,
+                          extra_directives=extra_directives, skip_directives=skip_directives,
+                          max_parallel_tasks=max_parallel_tasks, singularity_options=singularity_options,
+                          docker_options=docker_options, cluster=cluster)
         self.parallel_environments = {} if parallel_environments is None else parallel_environments
-        self.walltime = walltime
         self.queue = queue
         self.reserved = reserved
-        self.log_directory = log_directory
         self.merge_output = merge_output
         self.shell = shell
         self.project = project
         self.account = account
-        self.modules = [] if modules is None else modules
-        self.max_parallel_tasks = max_parallel_tasks
-        self.extra_directives = [] if extra_directives is None else extra_directives
-        self.skip_directives = [] if skip_directives is None else skip_directives
-        self.singularity_options = singularity_options
-        self.docker_options = docker_options
-        self.cluster = cluster
-        _check_cluster_executor(self)
+        self._check()
 
     @classmethod
     def Spec(cls) -> GridEngineSpec:  # noqa: N802 (the xm API's name)
         return GridEngineSpec()
-
-
-def _check_cluster_executor(executor: Union[Slurm, GridEngine]) -> None:
-    """Catch mistakes where the executor is written, not at submission."""
-    name = type(executor).__name__
-    parse_walltime(executor.walltime)
-    if executor.max_parallel_tasks is not None and executor.max_parallel_tasks < 1:
-        raise ValueError(f"{name}(max_parallel_tasks=...) must be at least 1")
-    if not isinstance(executor.requirements, xm.JobRequirements):
-        raise TypeError(f"{name}(requirements=...) must be an xm.JobRequirements")
-    for what in ("modules", "extra_directives", "skip_directives"):
-        if isinstance(getattr(executor, what), str):
-            raise TypeError(f"{name}({what}=...) must be a list of strings")
-    # Each of these becomes (part of) a directive line or a scheduler argument:
-    # a newline would end the line and make the rest a command of the job script.
-    for what in ("partition", "account", "qos", "queue", "project", "shell", "log_directory"):
-        value = getattr(executor, what, None)
-        if value is not None:
-            _directive_value(value, f"{name}({what}=...)")
-    for what in ("modules", "extra_directives", "skip_directives"):
-        for item in getattr(executor, what):
-            _directive_value(item, f"{name}({what}=...)")
-    for key, value in executor.resources.items():
-        _directive_value(key, f"{name}(resources=...) key")
-        _directive_value(value, f"{name}(resources={{{key!r}: ...}})")
-    for pe in getattr(executor, "parallel_environments", {}):
-        _directive_value(pe, f"{name}(parallel_environments=...) name")
-    if executor.requirements.location is not None:
-        _directive_value(executor.requirements.location,
-                         f"{name}(requirements=xm.JobRequirements(location=...))")
 
 
 # ---------------------------------------------------------------------------
@@ -1939,7 +1961,7 @@ def package(packageable: xm.Packageable) -> ClusterExecutable:
 
 
 def _package_all(packageables: Sequence[xm.Packageable]) -> List[ClusterExecutable]:
-    if any(isinstance(p.executor_spec, (SlurmSpec, GridEngineSpec)) for p in packageables):
+    if any(isinstance(p.executor_spec, ClusterExecutorSpec) for p in packageables):
         # Before anything is built: without a cluster to run on, the build is wasted.
         experiment = xm.core._current_experiment.get(None)
         config = experiment.config if isinstance(experiment, ClusterExperiment) else load_config()
@@ -3544,7 +3566,7 @@ class ArraySubmission(ValueObject):
         return f"task {last}" if self.count == 1 else f"tasks {self.first_task}-{last}"
 
 
-def _user_sets(executor: Union[Slurm, GridEngine], keys: Sequence[str]) -> bool:
+def _user_sets(executor: ClusterExecutor, keys: Sequence[str]) -> bool:
     """Whether extra directives or resources already set one of these options."""
     if isinstance(executor, Slurm):
         given = [_slurm_key(_strip_prefix(d, "#SBATCH")) for d in executor.extra_directives]
@@ -3554,14 +3576,14 @@ def _user_sets(executor: Union[Slurm, GridEngine], keys: Sequence[str]) -> bool:
     return any(k in given for k in keys)
 
 
-def log_path_pattern(executor: Union[Slurm, GridEngine], log_dir: str) -> str:
+def log_path_pattern(executor: ClusterExecutor, log_dir: str) -> str:
     """Where each task's output goes: the job id and the index in that array."""
     if isinstance(executor, Slurm):
         return os.path.join(log_dir, "%x-%A_%a.log")
     return os.path.join(log_dir, "$JOB_NAME-$JOB_ID.$TASK_ID.log")
 
 
-def submission_argv(executor: Union[Slurm, GridEngine], script: str, first_task: int, count: int,
+def submission_argv(executor: ClusterExecutor, script: str, first_task: int, count: int,
                     log_dir: str, chained: bool) -> List[str]:
     """The sbatch/qsub command of one array.
 
@@ -3589,7 +3611,7 @@ def submission_argv(executor: Union[Slurm, GridEngine], script: str, first_task:
     return [*argv, script, str(first_task)]
 
 
-def plan_submissions(work_unit_id: int, executor: Union[Slurm, GridEngine], script: str,
+def plan_submissions(work_unit_id: int, executor: ClusterExecutor, script: str,
                      num_tasks: int, log_dir: str, limit: Optional[int]) -> List[ArraySubmission]:
     chunks = split_array(num_tasks, limit)
     return [
@@ -4295,7 +4317,7 @@ class PendingLaunch(ValueObject):
         self,
         work_unit: ClusterWorkUnit,
         executable: ClusterExecutable,
-        executor: Union[Slurm, GridEngine],
+        executor: ClusterExecutor,
         tasks: List[Task],
     ):
         self.work_unit = work_unit
@@ -4304,11 +4326,11 @@ class PendingLaunch(ValueObject):
         self.tasks = tasks
 
 
-def _scheduler_of(executor: Union[Slurm, GridEngine]) -> str:
+def _scheduler_of(executor: ClusterExecutor) -> str:
     return "slurm" if isinstance(executor, Slurm) else "sge"
 
 
-def _cluster_header(executor: Union[Slurm, GridEngine], cluster: ClusterConfig, job_name: str) -> str:
+def _cluster_header(executor: ClusterExecutor, cluster: ClusterConfig, job_name: str) -> str:
     if isinstance(executor, Slurm):
         return _header("#SBATCH", slurm_directives(executor, cluster, job_name), executor.skip_directives)
     return _header("#$", sge_directives(executor, cluster, job_name), executor.skip_directives)
@@ -4694,7 +4716,7 @@ class ClusterWorkUnit(xm.WorkUnit):
             "id": self._work_unit_id,
             "state": self.state,
             "executor": type(executor).__name__ if executor else None,
-            "scheduler": _scheduler_of(executor) if isinstance(executor, (Slurm, GridEngine)) else "local",
+            "scheduler": executor.scheduler if isinstance(executor, ClusterExecutor) else "local",
             "cluster": self.cluster,
             "job_name": self.job_name,
             "job_directory": self.job_directory,
