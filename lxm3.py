@@ -1064,16 +1064,6 @@ def _parse_walltime_string(text: str) -> int:
     return minutes * 60 + seconds
 
 
-def slurm_time(seconds: int) -> str:
-    days, rest = divmod(seconds, 86400)
-    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{clock}" if days else clock
-
-
-def sge_time(seconds: int) -> str:
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 class ClusterExecutorSpec(xm.ExecutorSpec, ValueObject):
     """What ``package`` needs to know of a cluster executor: nothing but its kind."""
 
@@ -2412,14 +2402,14 @@ def _staging_path(cluster: ClusterConfig) -> str:
     return staging
 
 
-def probe_cluster(connection: Connection, scheduler: str) -> ClusterInfo:
+def probe_cluster(connection: Connection, scheduler: Scheduler) -> ClusterInfo:
     """Create the private staging directory, read the user's umask and the
     scheduler's array limit.
 
-    One round trip. ``scheduler`` is ``"slurm"`` or ``"sge"``. The umask is
-    read before lxm3 sets its own: tasks get it (see render_job_script).
+    One round trip. The umask is read before lxm3 sets its own: tasks get it
+    (see render_job_script).
     """
-    command = "sbatch" if scheduler == "slurm" else "qsub"
+    command = scheduler.submit_command
     staging = _staging_path(connection.cluster)
     script = f"""
 set -e
@@ -2433,14 +2423,7 @@ chmod 700 .
 echo "staging $(pwd -P)"
 echo "home $HOME"
 """
-    if scheduler == "slurm":
-        script += """config=$(scontrol show config 2>/dev/null || true)
-echo "max_array_size $(awk -F' = ' '$1 ~ /^MaxArraySize/ {print $2}' <<<"$config")"
-echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= -f2)"
-"""
-    else:
-        script += """echo "max_array_tasks $(qconf -sconf 2>/dev/null | awk '$1 == "max_aj_tasks" {print $2}')"
-"""
+    script += scheduler.probe_lines()
     values = {}
     for line in connection.run_script(script, "preparing the staging directory").splitlines():
         key, _, value = line.partition(" ")
@@ -2448,7 +2431,7 @@ echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= 
     if "lxm3-missing" in values:
         raise ClusterError(
             f"{command} was not found on {connection.target} (cluster {connection.cluster.name!r}): "
-            f"is it a {'Slurm' if scheduler == 'slurm' else 'Grid Engine'} login node, "
+            f"is it a {scheduler.title} login node, "
             "and does a login shell there have the scheduler on its PATH?"
         )
     limits = {key: int(values[key]) for key in ("max_array_size", "max_array_tasks")
@@ -3147,11 +3130,6 @@ def _merge_directives(derived: List[str], explicit: List[str], key: Callable[[st
     return [d for d in derived if key(d) not in overridden] + explicit
 
 
-def _header(prefix: str, directives: List[str], skip: Sequence[str]) -> str:
-    lines = [f"{prefix} {_directive_value(d, 'directive')}" for d in directives]
-    return "\n".join(line for line in lines if not any(text in line for text in skip))
-
-
 def _whole(amount: float) -> int:
     return int(-(-amount // 1))
 
@@ -3180,157 +3158,6 @@ def _unsupported(scheduler: str, what: str, hint: str = "") -> ValueError:
     return ValueError(f"{scheduler} cannot express the requirement {what}{'; ' + hint if hint else ''}")
 
 
-_SLURM_SHORT_OPTIONS = {
-    "-A": "--account", "-a": "--array", "-c": "--cpus-per-task", "-e": "--error",
-    "-G": "--gpus", "-J": "--job-name", "-N": "--nodes", "-n": "--ntasks", "-o": "--output",
-    "-p": "--partition", "-q": "--qos", "-t": "--time", "-w": "--nodelist",
-}
-
-
-# Options Slurm treats as one request: giving one replaces the others
-# (sbatch rejects --mem with --mem-per-cpu, --cpus-per-task with --cpus-per-gpu).
-_SLURM_FAMILIES = {
-    "--mem": "memory", "--mem-per-cpu": "memory", "--mem-per-gpu": "memory",
-    "--cpus-per-task": "cpus", "--cpus-per-gpu": "cpus",
-    "--gpus": "gpus", "--gpus-per-node": "gpus", "--gpus-per-task": "gpus",
-    "--gpus-per-socket": "gpus",
-}
-
-
-def _slurm_key(directive: str) -> str:
-    option, _, value = directive.strip().replace(" ", "=", 1).partition("=")
-    option = _SLURM_SHORT_OPTIONS.get(option, option)
-    if option == "--gres" and value.startswith("gpu"):
-        return "gpus"
-    return _SLURM_FAMILIES.get(option, option)
-
-
-def _slurm_requirements(requirements: xm.JobRequirements, cluster: ClusterConfig) -> List[str]:
-    directives = []
-    gpu_names = _scheduler_settings(cluster, "slurm").get("gpu_types", {})
-    for resource, amount in requirements.task_requirements.items():
-        if resource == xm.ResourceType.CPU:
-            directives.append(f"--cpus-per-task={_whole(amount)}")
-        elif resource == xm.ResourceType.MEMORY:
-            directives.append(f"--mem={_mebibytes(amount)}M")
-        elif resource == xm.ResourceType.EPHEMERAL_STORAGE:
-            directives.append(f"--tmp={_mebibytes(amount)}M")
-        elif resource in xm.GpuType or resource == xm.ResourceType.LOCAL_GPU:
-            gpu_type = _gpu_type_name(resource, gpu_names)
-            if gpu_type:
-                _directive_value(gpu_type, "[clusters.slurm] gpu_types")
-            directives.append(f"--gres=gpu:{gpu_type + ':' if gpu_type else ''}{_whole(amount)}")
-        else:
-            raise _unsupported("Slurm", f"{resource}={amount:g}")
-    if requirements.replicas > 1:
-        directives.append(f"--ntasks={requirements.replicas}")
-    if requirements.location:
-        directives.append(f"--nodelist={_directive_value(requirements.location, 'location')}")
-    if requirements.service_tier != xm.ServiceTier.PROD:
-        raise _unsupported("Slurm", f"service_tier={requirements.service_tier}", "use qos=... instead")
-    return directives
-
-
-def slurm_directives(executor: Slurm, cluster: ClusterConfig, job_name: str) -> List[str]:
-    """The ``#SBATCH`` options of a work unit (without the ``#SBATCH`` prefix)."""
-    derived = [f"--job-name={job_name}", *_slurm_requirements(executor.requirements, cluster)]
-    seconds = parse_walltime(executor.walltime)
-    if seconds:
-        derived.append(f"--time={slurm_time(seconds)}")
-    for option, value in (("partition", executor.partition), ("account", executor.account),
-                          ("qos", executor.qos)):
-        if value:
-            derived.append(f"--{option}={_directive_value(value, option)}")
-    if executor.exclusive:
-        derived.append("--exclusive")
-    explicit = [f"--{key}" if value is True else f"--{key}={_directive_value(value, key)}"
-                for key, value in executor.resources.items() if value]
-    explicit += [_strip_prefix(d, "#SBATCH") for d in executor.extra_directives]
-    return _merge_directives(derived, explicit, _slurm_key)
-
-
-def _sge_key(directive: str) -> str:
-    parts = directive.split()
-    if parts and parts[0] in ("-l", "-pe") and len(parts) > 1:
-        return f"{parts[0]} {parts[1].split('=')[0]}" if parts[0] == "-l" else "-pe"
-    return parts[0] if parts else directive
-
-
-def _sge_requirements(requirements: xm.JobRequirements, cluster: ClusterConfig,
-                      parallel_environments: Mapping[str, int]) -> List[str]:
-    settings = _scheduler_settings(cluster, "sge")
-    resources = dict(requirements.task_requirements.items())
-    directives = []
-    slots = _whole(resources.pop(xm.ResourceType.CPU, 1))
-    if parallel_environments:
-        slots = max(int(n) for n in parallel_environments.values())
-    elif slots > 1:
-        pe = settings.get("parallel_environment", "smp")
-        directives.append(f"-pe {_directive_value(pe, '[clusters.sge] parallel_environment')} {slots}")
-    if xm.ResourceType.MEMORY in resources:
-        memory = resources.pop(xm.ResourceType.MEMORY)
-        complex_name = _directive_value(settings.get("memory_resource", "h_vmem"),
-                                        "[clusters.sge] memory_resource")
-        # Grid Engine counts memory complexes per slot.
-        directives.append(f"-l {complex_name}={_mebibytes(memory / slots)}M")
-    for resource, amount in resources.items():
-        if resource in xm.GpuType or resource == xm.ResourceType.LOCAL_GPU:
-            gpu_complex = _directive_value(settings.get("gpu_resource", "gpu"),
-                                           "[clusters.sge] gpu_resource")
-            directives.append(f"-l {gpu_complex}={_whole(amount)}")
-            gpu_type = _gpu_type_name(resource, settings.get("gpu_types", {}))
-            if gpu_type:
-                type_complex = settings.get("gpu_type_resource")
-                if not type_complex:
-                    raise _unsupported("Grid Engine", f"{resource}={amount:g}",
-                                       "name the GPU type complex as gpu_type_resource in the "
-                                       "cluster's [clusters.sge] config, or ask for gpu=N")
-                type_complex = _directive_value(type_complex, "[clusters.sge] gpu_type_resource")
-                gpu_type = _directive_value(gpu_type, "[clusters.sge] gpu_types")
-                directives.append(f"-l {type_complex}={gpu_type}")
-        else:
-            raise _unsupported("Grid Engine", f"{resource}={amount:g}")
-    if requirements.replicas > 1:
-        raise _unsupported("Grid Engine", f"replicas={requirements.replicas}",
-                           "use a parallel environment (parallel_environments={'mpi': N})")
-    if requirements.location:
-        directives.append(f"-l hostname={_directive_value(requirements.location, 'location')}")
-    if requirements.service_tier != xm.ServiceTier.PROD:
-        raise _unsupported("Grid Engine", f"service_tier={requirements.service_tier}")
-    return directives
-
-
-def sge_directives(executor: GridEngine, cluster: ClusterConfig, job_name: str) -> List[str]:
-    """The ``#$`` options of a work unit (without the ``#$`` prefix)."""
-    derived = [f"-N {job_name}", f"-S {_directive_value(executor.shell, 'shell')}"]
-    derived += _sge_requirements(executor.requirements, cluster, executor.parallel_environments)
-    seconds = parse_walltime(executor.walltime)
-    if seconds:
-        derived.append(f"-l h_rt={sge_time(seconds)}")
-    for option, value in (("-q", executor.queue), ("-P", executor.project), ("-A", executor.account)):
-        if value:
-            derived.append(f"{option} {_directive_value(value, option)}")
-    explicit = [f"-pe {_directive_value(name, 'parallel environment')} {int(n)}"
-                for name, n in executor.parallel_environments.items()]
-    explicit += [f"-l {key}={_directive_value(value, key)}"
-                 for key, value in executor.resources.items() if value]
-    explicit += [_strip_prefix(d, "#$") for d in executor.extra_directives]
-    # Reservation keeps a job that needs several slots or a GPU from waiting
-    # behind a stream of small ones; lxm3 0.4.2 asked for it in those cases
-    # unless told otherwise (a bare -R, though, is rejected by Grid Engine).
-    reserved = executor.reserved
-    if reserved is None and (any(_sge_key(d) == "-pe" for d in derived + explicit) or _wants_gpu(executor)):
-        reserved = True
-    if reserved is not None:
-        derived.append(f"-R {'y' if reserved else 'n'}")
-    derived.append(f"-j {'y' if executor.merge_output else 'n'}")
-    return _merge_directives(derived, explicit, _sge_key)
-
-
-SLURM_TASK_ID = "LXM_TASK_ID=$(( ${SLURM_ARRAY_TASK_ID:-0} + ${1:-0} ))  # $1: the array's first task"
-SGE_TASK_ID = "LXM_TASK_ID=$(( ${SGE_TASK_ID:-1} - 1 + ${1:-0} ))  # $1: the array's first task"
-
-
 def _requirements_gpus(requirements: xm.JobRequirements) -> int:
     """How many GPUs ``requirements`` asks for per task (0: none)."""
     accelerator = requirements.accelerator
@@ -3349,40 +3176,6 @@ def _named_for_gpus(name: str) -> bool:
     return "gpu" in name.lower()
 
 
-def _slurm_asks_for_gpus(directive: str) -> bool:
-    """Whether a Slurm option (``--gres=gpu:1``, ``-G 2``, ``--gpus-per-task=1``,
-    ``--partition=gpu``, ...) gives the job GPUs."""
-    option, _, value = _strip_prefix(directive, "#SBATCH").replace(" ", "=", 1).partition("=")
-    option = _SLURM_SHORT_OPTIONS.get(option, option)
-    if option in ("--gpus", "--gpus-per-node", "--gpus-per-task", "--gpus-per-socket"):
-        return not _no_amount(value)
-    if option in ("--gres", "--tres-per-task", "--tres-per-job", "--tres-per-node"):
-        items = [item.strip() for item in value.split(",")]
-        return any(re.sub(r"^gres/", "", item).split(":")[0] == "gpu" and not _no_amount(item)
-                   for item in items)
-    if option == "--partition":
-        return any(_named_for_gpus(p) for p in value.split(","))
-    return False
-
-
-def _sge_asks_for_gpus(directive: str) -> bool:
-    """Whether a Grid Engine request (``-l gpu=1``, ``-l h_vmem=2G,ngpus=2``,
-    ``-pe gpu 2``, ``-q gpu.q``) gives the job GPUs."""
-    option, _, rest = _strip_prefix(directive, "#$").partition(" ")
-    rest = rest.strip()
-    if option == "-l":
-        for item in rest.split(","):
-            name, has_value, value = item.partition("=")
-            if _named_for_gpus(name) and not (has_value and _no_amount(value)):
-                return True
-    elif option == "-pe":
-        name, _, slots = rest.partition(" ")
-        return _named_for_gpus(name) and not _no_amount(slots or "1")
-    elif option == "-q":
-        return _named_for_gpus(rest)
-    return False
-
-
 def _wants_gpu(executor: xm.Executor) -> bool:
     """Whether the job asks for GPUs, so that its container gets them (``--nv``,
     ``--gpus``): in ``requirements``, or in what lxm3 0.4.2 read for it on
@@ -3391,21 +3184,7 @@ def _wants_gpu(executor: xm.Executor) -> bool:
     the answer: a skipped line is often one the site grants otherwise."""
     if _requirements_gpus(executor.requirements):
         return True
-    if isinstance(executor, Slurm):
-        directives = [f"--{key}" if value is True else f"--{key}={value}"
-                      for key, value in executor.resources.items() if value]
-        directives += list(executor.extra_directives)
-        if executor.partition:
-            directives.append(f"--partition={executor.partition}")
-        return any(_slurm_asks_for_gpus(d) for d in directives)
-    if isinstance(executor, GridEngine):
-        directives = [f"-l {key}={value}" for key, value in executor.resources.items() if value]
-        directives += [f"-pe {name} {slots}" for name, slots in executor.parallel_environments.items()]
-        directives += list(executor.extra_directives)
-        if executor.queue:
-            directives.append(f"-q {executor.queue}")
-        return any(_sge_asks_for_gpus(d) for d in directives)
-    return False
+    return isinstance(executor, ClusterExecutor) and scheduler_of(executor).asks_for_gpus(executor)
 
 
 def singularity_run(image: str, options: Optional[SingularityOptions],
@@ -3520,6 +3299,495 @@ def module_lines(modules: Sequence[str]) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Schedulers: everything Slurm- or Grid-Engine-specific, one block each
+# ---------------------------------------------------------------------------
+#
+# The rest of lxm3 asks a Scheduler, never "which scheduler is this?". Adding
+# one (PBS, LSF) is one more block filling in the same names, an executor
+# class naming it, and its tests; the README's development section lists them.
+
+
+class Scheduler:
+    """One batch scheduler as lxm3 uses it: directives, submission, status, cancel.
+
+    Task numbers: lxm3 numbers a work unit's tasks from 0; each array's own
+    indices start at ``index_base`` (Grid Engine's are 1-based), and the job
+    script adds the array's first task (its ``$1``) to get the task number.
+    """
+
+    name = ""  # in records and config tables: [clusters.<name>]
+    title = ""  # for people
+    submit_command = ""
+    cancel_command = ""
+    directive_prefix = ""  # "#SBATCH": the job script's header lines
+    output_option = ""  # the directive that sets where output goes
+    index_base = 0  # the first index of an array
+    job_id_end = ""  # characters that end the job id in the submit command's output
+    task_id_line = ""  # bash setting LXM_TASK_ID from the array index and $1
+    benign_cancel = re.compile(r"$^")  # cancel messages for jobs that had just ended
+
+    # -- directives ------------------------------------------------------
+
+    def directives(self, executor: ClusterExecutor, cluster: ClusterConfig, job_name: str) -> List[str]:
+        """A work unit's header options, without the prefix; the user's win."""
+        raise NotImplementedError
+
+    def explicit_directives(self, executor: ClusterExecutor) -> List[str]:
+        """The options the user wrote (resources, extra_directives), without the prefix."""
+        raise NotImplementedError
+
+    def directive_key(self, directive: str) -> str:
+        """What option a directive sets: two with the same key are one request."""
+        raise NotImplementedError
+
+    def header(self, executor: ClusterExecutor, cluster: ClusterConfig, job_name: str) -> str:
+        """The job script's header lines, less those the executor skips."""
+        lines = [f"{self.directive_prefix} {_directive_value(d, 'directive')}"
+                 for d in self.directives(executor, cluster, job_name)]
+        return "\n".join(line for line in lines if not any(text in line for text in executor.skip_directives))
+
+    def user_sets(self, executor: ClusterExecutor, option: str) -> bool:
+        """Whether the user's own directives set ``option`` (e.g. the output path)."""
+        return any(self.directive_key(d) == option for d in self.explicit_directives(executor))
+
+    def asks_for_gpus(self, executor: ClusterExecutor) -> bool:
+        """Whether the user's directives, partition or queue give the job GPUs."""
+        raise NotImplementedError
+
+    # -- the cluster -----------------------------------------------------
+
+    def probe_lines(self) -> str:
+        """Bash printing ``max_array_size N`` / ``max_array_tasks N`` for ClusterInfo."""
+        raise NotImplementedError
+
+    def array_limit(self, info: ClusterInfo) -> Optional[int]:
+        """The most tasks one array may hold (None: no limit known)."""
+        raise NotImplementedError
+
+    # -- submission ------------------------------------------------------
+
+    def submit_argv(self, executor: ClusterExecutor, script: str, count: int, log_dir: str,
+                    chained: bool) -> List[str]:
+        """The submit command of one array of ``count`` tasks, without the script.
+        ``chained``: wait for the job whose id replaces ``{previous}``."""
+        raise NotImplementedError
+
+    def log_path_pattern(self, log_dir: str) -> str:
+        """The output option's value: one file per task, named by job id and index."""
+        raise NotImplementedError
+
+    def task_log_name(self, job_name: str, job_id: str, index: int) -> str:
+        """The file ``log_path_pattern`` names for array index ``index`` (0-based)."""
+        raise NotImplementedError
+
+    def task_job(self, job_id: str, index: int) -> str:
+        """The scheduler's own name for a task, e.g. ``16_3``, for people to use."""
+        raise NotImplementedError
+
+    # -- status and cancel -----------------------------------------------
+
+    def status_lines(self, job_ids: Sequence[str]) -> List[str]:
+        """Bash printing the queue after ``== queue`` and finished jobs after ``== accounting``."""
+        raise NotImplementedError
+
+    def read_status(self, queue: Sequence[str], accounting: Sequence[str], job_ids: Set[str]
+                    ) -> Tuple[Dict[Tuple[str, int], str], Dict[Tuple[str, int], Tuple[str, str]]]:
+        """From the two sections: {(job, index): state} queued, and
+        {(job, index): (state, exit code)} finished (indices 0-based)."""
+        raise NotImplementedError
+
+    def active_jobs_command(self) -> str:
+        """Bash printing the ids of the user's jobs still queued or running, one a line."""
+        raise NotImplementedError
+
+
+# -- Slurm -------------------------------------------------------------------
+
+_SLURM_SHORT_OPTIONS = {
+    "-A": "--account", "-a": "--array", "-c": "--cpus-per-task", "-e": "--error",
+    "-G": "--gpus", "-J": "--job-name", "-N": "--nodes", "-n": "--ntasks", "-o": "--output",
+    "-p": "--partition", "-q": "--qos", "-t": "--time", "-w": "--nodelist",
+}
+
+# Options Slurm treats as one request: giving one replaces the others
+# (sbatch rejects --mem with --mem-per-cpu, --cpus-per-task with --cpus-per-gpu).
+_SLURM_FAMILIES = {
+    "--mem": "memory", "--mem-per-cpu": "memory", "--mem-per-gpu": "memory",
+    "--cpus-per-task": "cpus", "--cpus-per-gpu": "cpus",
+    "--gpus": "gpus", "--gpus-per-node": "gpus", "--gpus-per-task": "gpus",
+    "--gpus-per-socket": "gpus",
+}
+
+_SLURM_STATES = {
+    "PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending",
+    "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "STAGE_OUT": "running",
+    "SIGNALING": "running", "RESIZING": "running", "SUSPENDED": "running", "STOPPED": "running",
+    "COMPLETED": "completed", "CANCELLED": "cancelled", "REVOKED": "cancelled",
+}
+
+
+def slurm_time(seconds: int) -> str:
+    days, rest = divmod(seconds, 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{clock}" if days else clock
+
+
+class SlurmScheduler(Scheduler):
+    """Slurm: ``sbatch --array``, ``squeue``/``sacct``, ``scancel``."""
+
+    name, title = "slurm", "Slurm"
+    submit_command, cancel_command = "sbatch", "scancel"
+    directive_prefix, output_option = "#SBATCH", "--output"
+    index_base = 0
+    job_id_end = ";"  # sbatch --parsable: ID[;CLUSTER]
+    task_id_line = "LXM_TASK_ID=$(( ${SLURM_ARRAY_TASK_ID:-0} + ${1:-0} ))  # $1: the array's first task"
+    benign_cancel = re.compile(r"Invalid job id", re.I)
+
+    def directive_key(self, directive: str) -> str:
+        option, _, value = _strip_prefix(directive, "#SBATCH").replace(" ", "=", 1).partition("=")
+        option = _SLURM_SHORT_OPTIONS.get(option, option)
+        if option == "--gres" and value.startswith("gpu"):
+            return "gpus"
+        return _SLURM_FAMILIES.get(option, option)
+
+    def requirement_directives(self, requirements: xm.JobRequirements, cluster: ClusterConfig) -> List[str]:
+        directives = []
+        gpu_names = _scheduler_settings(cluster, self.name).get("gpu_types", {})
+        for resource, amount in requirements.task_requirements.items():
+            if resource == xm.ResourceType.CPU:
+                directives.append(f"--cpus-per-task={_whole(amount)}")
+            elif resource == xm.ResourceType.MEMORY:
+                directives.append(f"--mem={_mebibytes(amount)}M")
+            elif resource == xm.ResourceType.EPHEMERAL_STORAGE:
+                directives.append(f"--tmp={_mebibytes(amount)}M")
+            elif resource in xm.GpuType or resource == xm.ResourceType.LOCAL_GPU:
+                gpu_type = _gpu_type_name(resource, gpu_names)
+                if gpu_type:
+                    _directive_value(gpu_type, "[clusters.slurm] gpu_types")
+                directives.append(f"--gres=gpu:{gpu_type + ':' if gpu_type else ''}{_whole(amount)}")
+            else:
+                raise _unsupported(self.title, f"{resource}={amount:g}")
+        if requirements.replicas > 1:
+            directives.append(f"--ntasks={requirements.replicas}")
+        if requirements.location:
+            directives.append(f"--nodelist={_directive_value(requirements.location, 'location')}")
+        if requirements.service_tier != xm.ServiceTier.PROD:
+            raise _unsupported(self.title, f"service_tier={requirements.service_tier}", "use qos=... instead")
+        return directives
+
+    def explicit_directives(self, executor: ClusterExecutor) -> List[str]:
+        explicit = [f"--{key}" if value is True else f"--{key}={_directive_value(value, key)}"
+                    for key, value in executor.resources.items() if value]
+        return explicit + [_strip_prefix(d, "#SBATCH") for d in executor.extra_directives]
+
+    def directives(self, executor: ClusterExecutor, cluster: ClusterConfig, job_name: str) -> List[str]:
+        derived = [f"--job-name={job_name}", *self.requirement_directives(executor.requirements, cluster)]
+        seconds = parse_walltime(executor.walltime)
+        if seconds:
+            derived.append(f"--time={slurm_time(seconds)}")
+        for option, value in (("partition", executor.partition), ("account", executor.account),
+                              ("qos", executor.qos)):
+            if value:
+                derived.append(f"--{option}={_directive_value(value, option)}")
+        if executor.exclusive:
+            derived.append("--exclusive")
+        return _merge_directives(derived, self.explicit_directives(executor), self.directive_key)
+
+    @staticmethod
+    def _gives_gpus(directive: str) -> bool:
+        """``--gres=gpu:1``, ``-G 2``, ``--gpus-per-task=1``, ``--partition=gpu``, ..."""
+        option, _, value = _strip_prefix(directive, "#SBATCH").replace(" ", "=", 1).partition("=")
+        option = _SLURM_SHORT_OPTIONS.get(option, option)
+        if option in ("--gpus", "--gpus-per-node", "--gpus-per-task", "--gpus-per-socket"):
+            return not _no_amount(value)
+        if option in ("--gres", "--tres-per-task", "--tres-per-job", "--tres-per-node"):
+            items = [item.strip() for item in value.split(",")]
+            return any(re.sub(r"^gres/", "", item).split(":")[0] == "gpu" and not _no_amount(item)
+                       for item in items)
+        if option == "--partition":
+            return any(_named_for_gpus(p) for p in value.split(","))
+        return False
+
+    def asks_for_gpus(self, executor: ClusterExecutor) -> bool:
+        directives = [f"--{key}" if value is True else f"--{key}={value}"
+                      for key, value in executor.resources.items() if value]
+        directives += list(executor.extra_directives)
+        if executor.partition:
+            directives.append(f"--partition={executor.partition}")
+        return any(self._gives_gpus(d) for d in directives)
+
+    def probe_lines(self) -> str:
+        return """config=$(scontrol show config 2>/dev/null || true)
+echo "max_array_size $(awk -F' = ' '$1 ~ /^MaxArraySize/ {print $2}' <<<"$config")"
+echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= -f2)"
+"""
+
+    def array_limit(self, info: ClusterInfo) -> Optional[int]:
+        """MaxArraySize caps the largest index (so the count, from 0); max_array_tasks the count."""
+        limits = [n for n in (info.max_array_size, info.max_array_tasks) if n]
+        return min(limits) if limits else None
+
+    def submit_argv(self, executor: ClusterExecutor, script: str, count: int, log_dir: str,
+                    chained: bool) -> List[str]:
+        throttle = executor.max_parallel_tasks
+        argv = ["sbatch", "--parsable", f"--array=0-{count - 1}{f'%{throttle}' if throttle else ''}"]
+        if not self.user_sets(executor, self.output_option):
+            argv.append(f"--output={self.log_path_pattern(log_dir)}")
+        if chained:
+            argv.append("--dependency=afterany:{previous}")
+        return argv
+
+    def log_path_pattern(self, log_dir: str) -> str:
+        return os.path.join(log_dir, "%x-%A_%a.log")  # job name, array job id, index
+
+    def task_log_name(self, job_name: str, job_id: str, index: int) -> str:
+        return f"{job_name}-{job_id}_{index}.log"
+
+    def task_job(self, job_id: str, index: int) -> str:
+        return f"{job_id}_{index}"
+
+    @staticmethod
+    def _state(name: str) -> str:
+        return _SLURM_STATES.get(name.split()[0].rstrip("+"), "failed")  # TIMEOUT, OUT_OF_MEMORY, ...
+
+    def status_lines(self, job_ids: Sequence[str]) -> List[str]:
+        return ["echo '== queue'",
+                "squeue -h -r -t all -u \"$(id -un)\" -o '%i|%T' 2>/dev/null",
+                "echo '== accounting'",
+                f"sacct -n -P -X -j {','.join(job_ids)} --format=JobID,State,ExitCode 2>/dev/null "
+                "|| echo lxm3-no-accounting"]
+
+    def read_status(self, queue, accounting, job_ids):
+        queued, finished = {}, {}
+        for line in queue:  # 16_3|RUNNING
+            name, _, state = line.partition("|")
+            job_id, _, index = name.partition("_")
+            if state and job_id in job_ids and index.isdigit():
+                queued[(job_id, int(index))] = self._state(state)
+        for line in accounting:  # 16_3|COMPLETED|0:0
+            name, state, code = (line.split("|") + ["", ""])[:3]
+            job_id, _, index = name.partition("_")
+            if state and job_id in job_ids and index.isdigit():
+                finished[(job_id, int(index))] = (self._state(state), code.split(":")[0])
+        return queued, finished
+
+    def active_jobs_command(self) -> str:
+        return 'squeue -h -u "$(id -un)" -o %F'
+
+
+# -- Grid Engine -------------------------------------------------------------
+
+
+def sge_time(seconds: int) -> str:
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class GridEngineScheduler(Scheduler):
+    """(Son of / Sun) Grid Engine: ``qsub -t``, ``qstat``/``qacct``, ``qdel``.
+
+    Its array indices start at 1 (``-t 1-N``, ``$SGE_TASK_ID``, ``qstat``'s
+    ja-task-ID, ``qacct``'s taskid, the log file name): ``index_base``.
+    """
+
+    name, title = "sge", "Grid Engine"
+    submit_command, cancel_command = "qsub", "qdel"
+    directive_prefix, output_option = "#$", "-o"
+    index_base = 1
+    job_id_end = "."  # qsub -terse: ID[.1-N:1]
+    task_id_line = "LXM_TASK_ID=$(( ${SGE_TASK_ID:-1} - 1 + ${1:-0} ))  # $1: the array's first task"
+    benign_cancel = re.compile(r"does not exist|registered the job|has deleted", re.I)
+
+    def directive_key(self, directive: str) -> str:
+        parts = _strip_prefix(directive, "#$").split()
+        if parts and parts[0] in ("-l", "-pe") and len(parts) > 1:
+            return f"{parts[0]} {parts[1].split('=')[0]}" if parts[0] == "-l" else "-pe"
+        return parts[0] if parts else directive
+
+    def requirement_directives(self, requirements: xm.JobRequirements, cluster: ClusterConfig,
+                               parallel_environments: Mapping[str, int]) -> List[str]:
+        settings = _scheduler_settings(cluster, self.name)
+        resources = dict(requirements.task_requirements.items())
+        directives = []
+        slots = _whole(resources.pop(xm.ResourceType.CPU, 1))
+        if parallel_environments:
+            slots = max(int(n) for n in parallel_environments.values())
+        elif slots > 1:
+            pe = settings.get("parallel_environment", "smp")
+            directives.append(f"-pe {_directive_value(pe, '[clusters.sge] parallel_environment')} {slots}")
+        if xm.ResourceType.MEMORY in resources:
+            memory = resources.pop(xm.ResourceType.MEMORY)
+            complex_name = _directive_value(settings.get("memory_resource", "h_vmem"),
+                                            "[clusters.sge] memory_resource")
+            # Grid Engine counts memory complexes per slot.
+            directives.append(f"-l {complex_name}={_mebibytes(memory / slots)}M")
+        for resource, amount in resources.items():
+            if resource in xm.GpuType or resource == xm.ResourceType.LOCAL_GPU:
+                gpu_complex = _directive_value(settings.get("gpu_resource", "gpu"),
+                                               "[clusters.sge] gpu_resource")
+                directives.append(f"-l {gpu_complex}={_whole(amount)}")
+                gpu_type = _gpu_type_name(resource, settings.get("gpu_types", {}))
+                if gpu_type:
+                    type_complex = settings.get("gpu_type_resource")
+                    if not type_complex:
+                        raise _unsupported(self.title, f"{resource}={amount:g}",
+                                           "name the GPU type complex as gpu_type_resource in the "
+                                           "cluster's [clusters.sge] config, or ask for gpu=N")
+                    type_complex = _directive_value(type_complex, "[clusters.sge] gpu_type_resource")
+                    gpu_type = _directive_value(gpu_type, "[clusters.sge] gpu_types")
+                    directives.append(f"-l {type_complex}={gpu_type}")
+            else:
+                raise _unsupported(self.title, f"{resource}={amount:g}")
+        if requirements.replicas > 1:
+            raise _unsupported(self.title, f"replicas={requirements.replicas}",
+                               "use a parallel environment (parallel_environments={'mpi': N})")
+        if requirements.location:
+            directives.append(f"-l hostname={_directive_value(requirements.location, 'location')}")
+        if requirements.service_tier != xm.ServiceTier.PROD:
+            raise _unsupported(self.title, f"service_tier={requirements.service_tier}")
+        return directives
+
+    def explicit_directives(self, executor: ClusterExecutor) -> List[str]:
+        explicit = [f"-pe {_directive_value(name, 'parallel environment')} {int(n)}"
+                    for name, n in executor.parallel_environments.items()]
+        explicit += [f"-l {key}={_directive_value(value, key)}"
+                     for key, value in executor.resources.items() if value]
+        return explicit + [_strip_prefix(d, "#$") for d in executor.extra_directives]
+
+    def directives(self, executor: ClusterExecutor, cluster: ClusterConfig, job_name: str) -> List[str]:
+        derived = [f"-N {job_name}", f"-S {_directive_value(executor.shell, 'shell')}"]
+        derived += self.requirement_directives(executor.requirements, cluster, executor.parallel_environments)
+        seconds = parse_walltime(executor.walltime)
+        if seconds:
+            derived.append(f"-l h_rt={sge_time(seconds)}")
+        for option, value in (("-q", executor.queue), ("-P", executor.project), ("-A", executor.account)):
+            if value:
+                derived.append(f"{option} {_directive_value(value, option)}")
+        explicit = self.explicit_directives(executor)
+        # Reservation keeps a job that needs several slots or a GPU from waiting
+        # behind a stream of small ones; lxm3 0.4.2 asked for it in those cases
+        # unless told otherwise (a bare -R, though, is rejected by Grid Engine).
+        reserved = executor.reserved
+        if reserved is None and (any(self.directive_key(d) == "-pe" for d in derived + explicit)
+                                 or _wants_gpu(executor)):
+            reserved = True
+        if reserved is not None:
+            derived.append(f"-R {'y' if reserved else 'n'}")
+        derived.append(f"-j {'y' if executor.merge_output else 'n'}")
+        return _merge_directives(derived, explicit, self.directive_key)
+
+    @staticmethod
+    def _gives_gpus(directive: str) -> bool:
+        """``-l gpu=1``, ``-l h_vmem=2G,ngpus=2``, ``-pe gpu 2``, ``-q gpu.q``."""
+        option, _, rest = _strip_prefix(directive, "#$").partition(" ")
+        rest = rest.strip()
+        if option == "-l":
+            for item in rest.split(","):
+                name, has_value, value = item.partition("=")
+                if _named_for_gpus(name) and not (has_value and _no_amount(value)):
+                    return True
+        elif option == "-pe":
+            name, _, slots = rest.partition(" ")
+            return _named_for_gpus(name) and not _no_amount(slots or "1")
+        elif option == "-q":
+            return _named_for_gpus(rest)
+        return False
+
+    def asks_for_gpus(self, executor: ClusterExecutor) -> bool:
+        directives = [f"-l {key}={value}" for key, value in executor.resources.items() if value]
+        directives += [f"-pe {name} {slots}" for name, slots in executor.parallel_environments.items()]
+        directives += list(executor.extra_directives)
+        if executor.queue:
+            directives.append(f"-q {executor.queue}")
+        return any(self._gives_gpus(d) for d in directives)
+
+    def probe_lines(self) -> str:
+        return """echo "max_array_tasks $(qconf -sconf 2>/dev/null | awk '$1 == "max_aj_tasks" {print $2}')"
+"""
+
+    def array_limit(self, info: ClusterInfo) -> Optional[int]:
+        """max_aj_tasks caps the count (0: no limit)."""
+        return info.max_array_tasks or None
+
+    def submit_argv(self, executor: ClusterExecutor, script: str, count: int, log_dir: str,
+                    chained: bool) -> List[str]:
+        base = self.index_base
+        argv = ["qsub", "-terse", "-t", f"{base}-{base + count - 1}"]
+        if executor.max_parallel_tasks:
+            argv += ["-tc", str(executor.max_parallel_tasks)]
+        log_path = self.log_path_pattern(log_dir)
+        if not self.user_sets(executor, self.output_option):
+            argv += ["-o", log_path]
+        if not executor.merge_output and not self.user_sets(executor, "-e"):
+            argv += ["-e", log_path[: -len(".log")] + ".err"]
+        if chained:
+            argv += ["-hold_jid", "{previous}"]
+        return argv
+
+    def log_path_pattern(self, log_dir: str) -> str:
+        return os.path.join(log_dir, "$JOB_NAME-$JOB_ID.$TASK_ID.log")  # qsub expands these
+
+    def task_log_name(self, job_name: str, job_id: str, index: int) -> str:
+        return f"{job_name}-{job_id}.{index + self.index_base}.log"
+
+    def task_job(self, job_id: str, index: int) -> str:
+        return f"{job_id}.{index + self.index_base}"
+
+    @staticmethod
+    def _state(code: str) -> str:
+        if "E" in code:
+            return "failed"  # Eqw: an error state that never resolves by itself
+        if "d" in code:
+            return "cancelled"
+        return "running" if ("r" in code or "t" in code) else "pending"
+
+    def status_lines(self, job_ids: Sequence[str]) -> List[str]:
+        lines = ["echo '== queue'", "qstat -g d 2>/dev/null", "echo '== accounting'"]
+        # Grid Engine forgets finished jobs at once: ask its accounting about those.
+        lines += [f"qstat -j {job_id} >/dev/null 2>&1 || qacct -j {job_id} 2>/dev/null" for job_id in job_ids]
+        return lines
+
+    def read_status(self, queue, accounting, job_ids):
+        queued, finished = {}, {}
+        for line in queue:  # job-ID prior name user state submit/start at queue slots ja-task-ID
+            fields = line.split()
+            if len(fields) >= 5 and fields[0] in job_ids and fields[-1].isdigit():
+                queued[(fields[0], int(fields[-1]) - self.index_base)] = self._state(fields[4])
+        entry: Dict[str, str] = {}
+        for line in accounting:  # qacct -j: a block of "key value" lines per task, fenced by =====
+            if line.startswith("====="):
+                entry.clear()
+                continue
+            key, _, value = line.partition(" ")
+            entry[key] = value.strip()
+            if key == "exit_status" and entry.get("jobnumber") in job_ids and entry.get("taskid", "").isdigit():
+                failed = entry.get("failed", "0").split()[0] != "0"
+                code = value.strip().split()[0]
+                index = int(entry["taskid"]) - self.index_base
+                finished[(entry["jobnumber"], index)] = ("failed" if failed or code != "0" else "completed", code)
+        return queued, finished
+
+    def active_jobs_command(self) -> str:
+        return 'qstat -u "$(id -un)" | awk \'NR > 2 {print $1}\''
+
+
+SCHEDULERS = {s.name: s for s in (SlurmScheduler(), GridEngineScheduler())}
+
+
+def scheduler_of(executor: ClusterExecutor) -> Scheduler:
+    """The Scheduler that runs ``executor``'s jobs."""
+    return scheduler_named(executor.scheduler)
+
+
+def scheduler_named(name: str) -> Scheduler:
+    """The Scheduler a record or config names; an error naming the known ones otherwise."""
+    try:
+        return SCHEDULERS[name]
+    except KeyError:
+        raise LaunchError(f"scheduler {name!r} is not one this lxm3 knows ({', '.join(SCHEDULERS)}); "
+                          "was the record written by a newer lxm3?") from None
+
+
+# ---------------------------------------------------------------------------
 # Submission: one scheduler call per array, arrays split by the cluster's limit
 # ---------------------------------------------------------------------------
 
@@ -3528,15 +3796,6 @@ def split_array(num_tasks: int, limit: Optional[int]) -> List[Tuple[int, int]]:
     """(first task, count) of each array; every array is indexed from its start."""
     size = limit if limit and limit > 0 else num_tasks
     return [(first, min(size, num_tasks - first)) for first in range(0, num_tasks, size)]
-
-
-def array_limit(scheduler: str, info: ClusterInfo) -> Optional[int]:
-    """Most tasks in one array: Slurm caps the largest index (MaxArraySize - 1)
-    and maybe the count; Grid Engine caps the count (max_aj_tasks, 0 = none)."""
-    limits = [info.max_array_tasks] if info.max_array_tasks else []
-    if scheduler == "slurm" and info.max_array_size:
-        limits.append(info.max_array_size)
-    return min(limits) if limits else None
 
 
 class ArraySubmission(ValueObject):
@@ -3566,49 +3825,14 @@ class ArraySubmission(ValueObject):
         return f"task {last}" if self.count == 1 else f"tasks {self.first_task}-{last}"
 
 
-def _user_sets(executor: ClusterExecutor, keys: Sequence[str]) -> bool:
-    """Whether extra directives or resources already set one of these options."""
-    if isinstance(executor, Slurm):
-        given = [_slurm_key(_strip_prefix(d, "#SBATCH")) for d in executor.extra_directives]
-        given += [f"--{k}" for k in executor.resources]
-    else:
-        given = [_sge_key(_strip_prefix(d, "#$")) for d in executor.extra_directives]
-    return any(k in given for k in keys)
-
-
-def log_path_pattern(executor: ClusterExecutor, log_dir: str) -> str:
-    """Where each task's output goes: the job id and the index in that array."""
-    if isinstance(executor, Slurm):
-        return os.path.join(log_dir, "%x-%A_%a.log")
-    return os.path.join(log_dir, "$JOB_NAME-$JOB_ID.$TASK_ID.log")
-
-
 def submission_argv(executor: ClusterExecutor, script: str, first_task: int, count: int,
                     log_dir: str, chained: bool) -> List[str]:
-    """The sbatch/qsub command of one array.
+    """The sbatch/qsub command of one array; the script gets its first task as ``$1``.
 
     With ``max_parallel_tasks`` and several arrays, each array waits for the
     previous one, so the throttle holds for the whole work unit.
     """
-    throttle = executor.max_parallel_tasks
-    log_path = log_path_pattern(executor, log_dir)
-    if isinstance(executor, Slurm):
-        argv = ["sbatch", "--parsable", f"--array=0-{count - 1}{f'%{throttle}' if throttle else ''}"]
-        if not _user_sets(executor, ["--output"]):
-            argv.append(f"--output={log_path}")
-        if chained:
-            argv.append("--dependency=afterany:{previous}")
-    else:
-        argv = ["qsub", "-terse", "-t", f"1-{count}"]
-        if throttle:
-            argv += ["-tc", str(throttle)]
-        if not _user_sets(executor, ["-o"]):
-            argv += ["-o", log_path]
-        if not executor.merge_output and not _user_sets(executor, ["-e"]):
-            argv += ["-e", log_path[: -len(".log")] + ".err"]
-        if chained:
-            argv += ["-hold_jid", "{previous}"]
-    return [*argv, script, str(first_task)]
+    return [*scheduler_of(executor).submit_argv(executor, script, count, log_dir, chained), script, str(first_task)]
 
 
 def plan_submissions(work_unit_id: int, executor: ClusterExecutor, script: str,
@@ -3669,7 +3893,7 @@ lxm_submit() {
     exit 0
   fi
   out=${out%%$'\\n'*}
-  lxm_previous=${out%%[;.]*}  # sbatch: ID[;CLUSTER], qsub -terse: ID[.1-N:1]
+  lxm_previous=${out%%[@@{id_end}]*}  # the scheduler's job_id_end: sbatch's ID;CLUSTER
   printf '%s %s\\n' "$key" "$lxm_previous" >>"$lxm_dir/@@{log}" ||
     echo "WARN could not write $lxm_dir/@@{log}"
   echo "OK $key $lxm_previous"
@@ -3691,7 +3915,7 @@ def _chains(submissions: Sequence[ArraySubmission]) -> List[List[ArraySubmission
 
 
 def submission_script(log_dirs: Iterable[str], submissions: Sequence[ArraySubmission],
-                      experiment_dir: str) -> str:
+                      experiment_dir: str, scheduler: Scheduler) -> str:
     """One bash script that makes the log directories and submits every array.
 
     Independent arrays are submitted by SUBMIT_PARALLELISM workers at once,
@@ -3700,7 +3924,7 @@ def submission_script(log_dirs: Iterable[str], submissions: Sequence[ArraySubmis
     Job ids go to ``experiment_dir``'s submission log as they come.
     """
     prelude = _ScriptTemplate(_SUBMIT_PRELUDE).substitute(
-        lock=SUBMISSION_LOCK, log=SUBMISSION_LOG, stop=SUBMISSION_STOP)
+        lock=SUBMISSION_LOCK, log=SUBMISSION_LOG, stop=SUBMISSION_STOP, id_end=scheduler.job_id_end)
     lines = [f"lxm_dir={shell_quote(experiment_dir)}", prelude, "umask 077"]
     lines += [f"mkdir -p -- {shell_quote(d)} || exit 1" for d in sorted(set(log_dirs))]
     chains = _chains(submissions)
@@ -4271,7 +4495,7 @@ def _check_launchable(executable: Any, executor: Any) -> None:
             f"the executable {executable!r} was not packaged by lxm3: "
             "use experiment.package([xm.Packageable(xm_cluster.PythonPackage(...), ...)])"
         )
-    if not isinstance(executor, (Local, Slurm, GridEngine)):
+    if not isinstance(executor, (Local, ClusterExecutor)):
         raise TypeError(
             f"lxm3 cannot launch on {type(executor).__name__}: use xm_cluster.Local(), "
             "xm_cluster.Slurm() or xm_cluster.GridEngine()"
@@ -4326,16 +4550,6 @@ class PendingLaunch(ValueObject):
         self.tasks = tasks
 
 
-def _scheduler_of(executor: ClusterExecutor) -> str:
-    return "slurm" if isinstance(executor, Slurm) else "sge"
-
-
-def _cluster_header(executor: ClusterExecutor, cluster: ClusterConfig, job_name: str) -> str:
-    if isinstance(executor, Slurm):
-        return _header("#SBATCH", slurm_directives(executor, cluster, job_name), executor.skip_directives)
-    return _header("#$", sge_directives(executor, cluster, job_name), executor.skip_directives)
-
-
 def _path_there(info: ClusterInfo, path: str) -> str:
     """A path as the cluster sees it: ``~`` and relative paths start at the home directory."""
     if path == "~" or path.startswith("~/"):
@@ -4347,12 +4561,12 @@ def _job_name(title: str, experiment_id: int, work_unit_id: int) -> str:
     return re.sub(r"\W", "_", f"{title}_{experiment_id}_{work_unit_id}")
 
 
-def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig, scheduler: str,
+def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig, scheduler: Scheduler,
                            launches: Sequence[PendingLaunch], info: ClusterInfo,
                            tree: str) -> Tuple[List[ArraySubmission], List[str]]:
     """Write into ``tree`` what goes to the staging directory (archives as links,
     job scripts, tasks files); return the submissions and log directories."""
-    limit = array_limit(scheduler, info)
+    limit = scheduler.array_limit(info)
     xid = experiment.experiment_id
     experiment_dir = f"{info.staging}/experiments/{xid}"
     submissions: List[ArraySubmission] = []
@@ -4374,8 +4588,8 @@ def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig
         log_dir = (_path_there(info, launch.executor.log_directory)
                    if launch.executor.log_directory else f"{unit_dir}/logs")
         script = render_job_script(
-            header=_cluster_header(launch.executor, cluster, job_name),
-            task_id=SLURM_TASK_ID if scheduler == "slurm" else SGE_TASK_ID,
+            header=scheduler.header(launch.executor, cluster, job_name),
+            task_id=scheduler.task_id_line,
             experiment_id=xid, work_unit_id=wid, num_tasks=len(launch.tasks),
             archive=f"{info.staging}/archives/{archive.name}", tasks_file=f"{unit_dir}/tasks",
             setup=module_lines(launch.executor.modules), exit_record=True,
@@ -4393,7 +4607,7 @@ def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig
     return submissions, log_dirs
 
 
-def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, scheduler: str,
+def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, scheduler: Scheduler,
                       launches: Sequence[PendingLaunch], connection: Connection) -> None:
     """Deploy and submit every queued work unit of one cluster.
 
@@ -4404,7 +4618,7 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
     import tempfile
 
     info = probe_cluster(connection, scheduler)
-    remember_cluster_info(cluster, scheduler, info)
+    remember_cluster_info(cluster, scheduler.name, info)
     with tempfile.TemporaryDirectory(prefix="lxm3-deploy-") as tree:
         submissions, log_dirs = prepare_cluster_launch(experiment, cluster, scheduler, launches, info, tree)
         send_staging_tree(connection, info, tree)
@@ -4421,7 +4635,7 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
                           f"({e.strerror}: {e.filename}), so nothing was submitted; free some "
                           "space and launch again") from None
     output, interrupted = _run_submission(
-        connection, submission_script(log_dirs, submissions, experiment_dir), experiment_dir)
+        connection, submission_script(log_dirs, submissions, experiment_dir, scheduler), experiment_dir)
     error = parse_submission_output(output, submissions)
     still_running = SUBMISSION_STILL_RUNNING in output  # (after Ctrl-C) the log may yet grow
     for line in sorted({line[5:] for line in output.splitlines() if line.startswith("WARN ")}):
@@ -4445,7 +4659,7 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
             f"them in {connection.target}:{experiment_dir}/{SUBMISSION_LOG}: once there is "
             f"space, 'lxm3 status {experiment.experiment_id}' reads them from it") from None
     if interrupted and still_running:
-        command = "sbatch" if scheduler == "slurm" else "qsub"
+        command = scheduler.submit_command
         _progress(f"{cluster.name}: submission interrupted, but a {command} call was still under way "
                   f"after {SUBMISSION_LOCK_WAIT} s. {submitted} 'lxm3 status {experiment.experiment_id}' "
                   "reads what else it submitted from the cluster's submission log.")
@@ -4457,7 +4671,7 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
         raise KeyboardInterrupt
     if error:
         failed = next(s for s in submissions if s.job_id is None)
-        command = "sbatch" if scheduler == "slurm" else "qsub"
+        command = scheduler.submit_command
         summary = submitted.replace("Submitted:", "Already submitted:")
         raise ClusterError(f"{command} on {cluster.name} rejected work unit {failed.work_unit_id} "
                            f"({failed.task_range}): {error}\n{summary}\nNot submitted: {missing}.")
@@ -4516,7 +4730,7 @@ def _not_submitted_summary(launches: Sequence[PendingLaunch]) -> str:
     return ", ".join(parts)
 
 
-def dry_run_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, scheduler: str,
+def dry_run_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, scheduler: Scheduler,
                     launches: Sequence[PendingLaunch], directory: str) -> None:
     """Write what a launch would copy into ``directory`` and print what it would run.
 
@@ -4525,7 +4739,7 @@ def dry_run_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sched
     machine, if any; otherwise its home directory is written ``~`` and arrays
     are not split.
     """
-    known = known_cluster_info(cluster, scheduler)
+    known = known_cluster_info(cluster, scheduler.name)
     if known:
         info, when = known
         note = f"paths and array limit as {cluster.name} reported them at the last launch ({when})"
@@ -4652,7 +4866,7 @@ class ClusterWorkUnit(xm.WorkUnit):
         else:  # submitted in one batch per cluster when the experiment ends
             cluster = self.experiment.config.cluster(executor.cluster)
             check_tasks_with_common_env(tasks, cluster.env, where)
-            _cluster_header(executor, cluster, "check")  # an impossible request fails here
+            scheduler_of(executor).header(executor, cluster, "check")  # an impossible request fails here
             self.cluster, self.state = cluster.name, "queued"
             self.experiment._queue(PendingLaunch(self, executable, executor, tasks))
 
@@ -4744,7 +4958,8 @@ class ClusterWorkUnit(xm.WorkUnit):
                                     "ssh_keepalive_interval": cluster.ssh_keepalive_interval,
                                     "ssh_config": cluster.ssh_config,
                                     "proxycommand": cluster.proxycommand}
-            record["custom_output"] = _user_sets(executor, ["--output", "-o"])
+            scheduler = scheduler_of(executor)
+            record["custom_output"] = scheduler.user_sets(executor, scheduler.output_option)
         return record
 
     def _wait_for_launch(self) -> None:
@@ -5043,10 +5258,10 @@ class ClusterExperiment(xm.Experiment):
             pending, self._pending = self._pending, []
         groups: Dict[Tuple[str, str], List[PendingLaunch]] = {}
         for launch in pending:
-            groups.setdefault((launch.work_unit.cluster, _scheduler_of(launch.executor)), []).append(launch)
+            groups.setdefault((launch.work_unit.cluster, launch.executor.scheduler), []).append(launch)
         try:
-            for (name, scheduler), launches in groups.items():
-                cluster = self.config.cluster(name)
+            for (name, scheduler_name), launches in groups.items():
+                cluster, scheduler = self.config.cluster(name), scheduler_named(scheduler_name)
                 if self.dry_run_directory:
                     dry_run_cluster(self, cluster, scheduler, launches, self.dry_run_directory)
                     continue
@@ -5289,26 +5504,6 @@ class WorkUnitStatus(xm.ExperimentUnitStatus):
 
 
 _STATES = ("completed", "running", "pending", "failed", "cancelled", "unknown", "not submitted")
-_SLURM_STATES = {
-    "PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending",
-    "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "STAGE_OUT": "running",
-    "SIGNALING": "running", "RESIZING": "running", "SUSPENDED": "running", "STOPPED": "running",
-    "COMPLETED": "completed", "CANCELLED": "cancelled", "REVOKED": "cancelled",
-}
-
-
-def _slurm_state(name: str) -> str:
-    return _SLURM_STATES.get(name.split()[0].rstrip("+"), "failed")  # TIMEOUT, OUT_OF_MEMORY, ...
-
-
-def _sge_state(code: str) -> str:
-    if "E" in code:
-        return "failed"  # Eqw: an error state that never resolves by itself
-    if "d" in code:
-        return "cancelled"
-    return "running" if ("r" in code or "t" in code) else "pending"
-
-
 def _unit_connection(unit: Mapping[str, Any]) -> Connection:
     info = unit.get("connection") or {}
     return Connection(ClusterConfig(name=unit["cluster"], server=info.get("server"), user=info.get("user"),
@@ -5329,27 +5524,14 @@ def task_log_path(unit: Mapping[str, Any], task: int) -> Optional[str]:
     for array in unit["arrays"]:
         index = task - array["first_task"]
         if 0 <= index < array["count"]:
-            name, job_id, directory = unit["job_name"], array["job_id"], unit["log_directory"]
-            if unit["scheduler"] == "slurm":
-                return f"{directory}/{name}-{job_id}_{index}.log"
-            return f"{directory}/{name}-{job_id}.{index + 1}.log"
+            name = scheduler_named(unit["scheduler"]).task_log_name(unit["job_name"], array["job_id"], index)
+            return f"{unit['log_directory']}/{name}"
     return None
 
 
-def _status_script(units: Sequence[Mapping[str, Any]], scheduler: str) -> str:
+def _status_script(units: Sequence[Mapping[str, Any]], scheduler: Scheduler) -> str:
     """One round trip: the queue, accounting (if any) and the tasks' exit records."""
-    job_ids = ",".join(a["job_id"] for u in units for a in u["arrays"])
-    lines = ["echo '== queue'"]
-    if scheduler == "slurm":
-        lines += ["squeue -h -r -t all -u \"$(id -un)\" -o '%i|%T' 2>/dev/null",
-                  "echo '== accounting'",
-                  f"sacct -n -P -X -j {job_ids} --format=JobID,State,ExitCode 2>/dev/null "
-                  "|| echo lxm3-no-accounting"]
-    else:
-        lines += ["qstat -g d 2>/dev/null", "echo '== accounting'"]
-        # Grid Engine forgets finished jobs at once: ask its accounting about those.
-        for job_id in (a["job_id"] for u in units for a in u["arrays"]):
-            lines.append(f"qstat -j {job_id} >/dev/null 2>&1 || qacct -j {job_id} 2>/dev/null")
+    lines = scheduler.status_lines([a["job_id"] for u in units for a in u["arrays"]])
     for u in units:  # each unit's own section: task numbers repeat across units
         lines.append(f"echo '== exits {u['id']}'")
         if u.get("log_directory") and not u.get("custom_output"):
@@ -5358,41 +5540,34 @@ def _status_script(units: Sequence[Mapping[str, Any]], scheduler: str) -> str:
     return "\n".join(lines) + "\ntrue\n"
 
 
-def _parse_status(output: str, unit: Mapping[str, Any], scheduler: str,
-                  cancelled: bool) -> List[TaskStatus]:
-    section, queue, accounting, exits = "", {}, {}, {}
-    job_ids = {a["job_id"] for a in unit["arrays"]}
-    qacct: Dict[str, str] = {}
+def _sections(output: str) -> Dict[str, List[str]]:
+    """The lines under each ``== name`` line of a script's output."""
+    sections: Dict[str, List[str]] = {}
+    lines = sections.setdefault("", [])
     for line in output.splitlines():
         if line.startswith("== "):
-            section = line[3:].strip()
-            continue
-        if section == "accounting" and scheduler == "sge":
-            _read_qacct_line(line, qacct, job_ids, accounting)
-            continue
-        if section == "queue" and scheduler == "slurm" and "|" in line:
-            name, state = line.split("|", 1)
-            job_id, _, index = name.partition("_")
-            if job_id in job_ids and index.isdigit():
-                queue[(job_id, int(index))] = _slurm_state(state)
-        elif section == "queue" and scheduler == "sge":
-            fields = line.split()
-            if len(fields) >= 5 and fields[0] in job_ids and fields[-1].isdigit():
-                queue[(fields[0], int(fields[-1]) - 1)] = _sge_state(fields[4])
-        elif section == "accounting" and "|" in line:
-            name, state, code = (line.split("|") + ["", ""])[:3]
-            job_id, _, index = name.partition("_")
-            if job_id in job_ids and index.isdigit():
-                accounting[(job_id, int(index))] = (_slurm_state(state), code.split(":")[0])
-        elif section == f"exits {unit['id']}":
-            match = EXIT_RECORD_PATTERN.search(line)
-            if match:
-                exits[int(match.group(1))] = int(match.group(2))
+            lines = sections.setdefault(line[3:].strip(), [])
+        else:
+            lines.append(line)
+    return sections
+
+
+def _parse_status(output: str, unit: Mapping[str, Any], scheduler: Scheduler,
+                  cancelled: bool) -> List[TaskStatus]:
+    sections = _sections(output)
+    job_ids = {a["job_id"] for a in unit["arrays"]}
+    queue, accounting = scheduler.read_status(sections.get("queue", []), sections.get("accounting", []),
+                                              job_ids)
+    exits = {}
+    for line in sections.get(f"exits {unit['id']}", []):
+        match = EXIT_RECORD_PATTERN.search(line)
+        if match:
+            exits[int(match.group(1))] = int(match.group(2))
     statuses = []
     for array in unit["arrays"]:
         for index in range(array["count"]):
             task, key = array["first_task"] + index, (array["job_id"], index)
-            job = f"{array['job_id']}_{index}" if scheduler == "slurm" else f"{array['job_id']}.{index + 1}"
+            job = scheduler.task_job(array["job_id"], index)
             code = exits.get(task)
             state = queue.get(key)
             if state is None and key in accounting:
@@ -5415,21 +5590,6 @@ def _parse_status(output: str, unit: Mapping[str, Any], scheduler: str,
     return statuses
 
 
-def _read_qacct_line(line: str, entry: Dict[str, str], job_ids: Set[str],
-                     accounting: Dict[Tuple[str, int], Tuple[str, str]]) -> None:
-    """``qacct -j`` prints one block of ``key value`` lines per task, fenced by ``=====``."""
-    if line.startswith("====="):
-        entry.clear()
-        return
-    key, _, value = line.partition(" ")
-    entry[key] = value.strip()
-    if key == "exit_status" and entry.get("jobnumber") in job_ids and entry.get("taskid", "").isdigit():
-        failed = entry.get("failed", "0").split()[0] != "0"
-        code = value.strip().split()[0]
-        state = "failed" if failed or code != "0" else "completed"
-        accounting[(entry["jobnumber"], int(entry["taskid"]) - 1)] = (state, code)
-
-
 def query_status(record: Mapping[str, Any],
                  work_unit_ids: Optional[Sequence[int]] = None) -> Dict[int, WorkUnitStatus]:
     """The state of every task, with one scheduler query per cluster."""
@@ -5443,7 +5603,8 @@ def query_status(record: Mapping[str, Any],
             groups.setdefault((unit["cluster"], unit["scheduler"]), []).append(unit)
         else:
             result[unit["id"]] = WorkUnitStatus(_unsubmitted_statuses(unit))
-    for (_, scheduler), group in groups.items():
+    for (_, scheduler_name), group in groups.items():
+        scheduler = scheduler_named(scheduler_name)
         connection = _unit_connection(group[0])
         try:
             output = connection.run_script(_status_script(group, scheduler), "reading job states")
@@ -5537,17 +5698,7 @@ def _logged_exit(log_path: str) -> Optional[int]:
     return int(match.group(2)) if match else None
 
 
-_BENIGN_CANCEL = re.compile(r"does not exist|registered the job|has deleted|Invalid job id", re.I)
-
-# The user's jobs still in the queue (pending or running), one job id a line.
-_ACTIVE_JOBS = {
-    "slurm": 'squeue -h -u "$(id -un)" -o %F',
-    "sge": 'qstat -u "$(id -un)" | awk \'NR > 2 {print $1}\'',
-}
-_CANCEL_COMMAND = {"slurm": "scancel", "sge": "qdel"}
-
-
-def _cancel_script(scheduler: str, job_ids: Sequence[str]) -> str:
+def _cancel_script(scheduler: Scheduler, job_ids: Sequence[str]) -> str:
     """Cancel those of ``job_ids`` still queued; say which were and which had ended.
 
     Prints ``ACTIVE ID`` / ``ENDED ID`` lines (``UNKNOWN`` for all when the
@@ -5557,7 +5708,7 @@ def _cancel_script(scheduler: str, job_ids: Sequence[str]) -> str:
     return f"""set -o pipefail
 lxm_ids=({' '.join(job_ids)})
 lxm_cancel=()
-if lxm_queue=$({{ {_ACTIVE_JOBS[scheduler]}; }} 2>/dev/null); then
+if lxm_queue=$({{ {scheduler.active_jobs_command()}; }} 2>/dev/null); then
   lxm_queue=" $(echo $lxm_queue) "
   for lxm_id in "${{lxm_ids[@]}}"; do
     case $lxm_queue in
@@ -5570,7 +5721,7 @@ else
   printf 'UNKNOWN %s\\n' "${{lxm_ids[@]}}"
 fi
 if [ ${{#lxm_cancel[@]}} -gt 0 ]; then
-  {_CANCEL_COMMAND[scheduler]} "${{lxm_cancel[@]}}" 2>&1
+  {scheduler.cancel_command} "${{lxm_cancel[@]}}" 2>&1
   echo "lxm3-status $?"
 else
   echo "lxm3-status 0"
@@ -5599,9 +5750,10 @@ def cancel(record: Dict[str, Any], work_unit_ids: Optional[Sequence[int]] = None
     for unit in units:
         groups.setdefault((unit["cluster"], unit["scheduler"]), []).append(unit)
     result = CancelResult([], [])
-    for (_, scheduler), group in groups.items():
+    for (_, scheduler_name), group in groups.items():
+        scheduler = scheduler_named(scheduler_name)
         job_ids = list(dict.fromkeys(a["job_id"] for u in group for a in u["arrays"]))
-        command = _CANCEL_COMMAND[scheduler]
+        command = scheduler.cancel_command
         connection = _unit_connection(group[0])
         try:
             output = connection.run_script(_cancel_script(scheduler, job_ids),
@@ -5619,7 +5771,7 @@ def cancel(record: Dict[str, Any], work_unit_ids: Optional[Sequence[int]] = None
                 lines.append(line)
         last = lines.pop() if lines else "lxm3-status 0"
         # A job that ended since the queue was read is not an error (qdel: "does not exist").
-        problems = [line for line in lines if not _BENIGN_CANCEL.search(line)]
+        problems = [line for line in lines if not scheduler.benign_cancel.search(line)]
         if last != "lxm3-status 0" and problems:
             raise ClusterError(f"{command} on {group[0]['cluster']} failed: " + "\n".join(problems))
         for unit in group:

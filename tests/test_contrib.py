@@ -63,7 +63,7 @@ def header_042(resources, parallel_environments, walltime="01:00:00"):
 
 
 def resource_lines(executor, cluster):
-    directives = lxm3.sge_directives(executor, lxm3.ClusterConfig(cluster), "job")
+    directives = lxm3.SCHEDULERS["sge"].directives(executor, lxm3.ClusterConfig(cluster), "job")
     return {d for d in directives if d.startswith(("-l ", "-pe "))}
 
 

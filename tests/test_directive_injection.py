@@ -80,11 +80,11 @@ def test_a_field_changed_after_construction_is_caught_as_the_header_is_made():
     executor = lxm3.Slurm()
     executor.extra_directives.append("--comment=x\nrm -rf ~")
     with pytest.raises(ValueError, match=r"directive: '--comment=x\\nrm -rf ~' contains a newline"):
-        lxm3._cluster_header(executor, cluster, "job")
+        lxm3.scheduler_of(executor).header(executor, cluster, "job")
     executor = lxm3.GridEngine()
     executor.resources["arch"] = "x\r"
     with pytest.raises(ValueError, match=r"arch: 'x\\r' contains a carriage return"):
-        lxm3._cluster_header(executor, cluster, "job")
+        lxm3.scheduler_of(executor).header(executor, cluster, "job")
 
 
 @pytest.mark.parametrize("section, settings, requirements, name", [
@@ -104,7 +104,7 @@ def test_site_names_from_the_config_are_checked(tmp_path, section, settings, req
     executor = (lxm3.Slurm if section == "slurm" else lxm3.GridEngine)(
         requirements=xm.JobRequirements(**requirements))
     with pytest.raises(ValueError, match=rf"^{re.escape(name)}: .* contains "):
-        lxm3._cluster_header(executor, cluster, "job")
+        lxm3.scheduler_of(executor).header(executor, cluster, "job")
 
 
 # -- End to end: the job.sh a dry run writes -------------------------------------

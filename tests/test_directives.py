@@ -50,11 +50,11 @@ PLAIN = lxm3.ClusterConfig(name="plain", raw={})
 
 
 def slurm(cluster=PLAIN, **options):
-    return lxm3.slurm_directives(lxm3.Slurm(**options), cluster, "job")
+    return lxm3.SCHEDULERS["slurm"].directives(lxm3.Slurm(**options), cluster, "job")
 
 
 def sge(cluster=PLAIN, **options):
-    return lxm3.sge_directives(lxm3.GridEngine(**options), cluster, "job")
+    return lxm3.SCHEDULERS["sge"].directives(lxm3.GridEngine(**options), cluster, "job")
 
 
 def req(**resources):
@@ -226,7 +226,7 @@ def test_slurm_header_prefix_and_skip_directives():
     executor = lxm3.Slurm(partition="debug", qos="high",
                           extra_directives=["#SBATCH --mail-type=END", "--signal=USR1@60"],
                           skip_directives=["--qos"])
-    header = lxm3._cluster_header(executor, PLAIN, "my_job")
+    header = lxm3.scheduler_of(executor).header(executor, PLAIN, "my_job")
     assert header.splitlines() == [
         "#SBATCH --job-name=my_job",
         "#SBATCH --partition=debug",
@@ -354,7 +354,7 @@ def test_sge_extra_directives_win_over_derived_ones(prefix):
 def test_sge_header_prefix_and_skip_directives():
     executor = lxm3.GridEngine(queue="all.q", reserved=True,
                                extra_directives=["#$ -m bea", "-cwd"], skip_directives=["-R "])
-    header = lxm3._cluster_header(executor, PLAIN, "my_job")
+    header = lxm3.scheduler_of(executor).header(executor, PLAIN, "my_job")
     assert header.splitlines() == [
         "#$ -N my_job",
         "#$ -S /bin/bash",
@@ -441,8 +441,8 @@ def test_qsub_output_is_left_to_the_user_when_set():
 
 
 def test_log_file_names_hold_the_job_id_and_task_index():
-    assert lxm3.log_path_pattern(lxm3.Slurm(), "/l") == "/l/%x-%A_%a.log"
-    assert lxm3.log_path_pattern(lxm3.GridEngine(), "/l") == "/l/$JOB_NAME-$JOB_ID.$TASK_ID.log"
+    assert lxm3.SCHEDULERS["slurm"].log_path_pattern("/l") == "/l/%x-%A_%a.log"
+    assert lxm3.SCHEDULERS["sge"].log_path_pattern("/l") == "/l/$JOB_NAME-$JOB_ID.$TASK_ID.log"
 
 
 def test_plan_chains_arrays_only_when_throttled():
@@ -478,12 +478,12 @@ def info(**limits):
 def test_array_limit():
     # Slurm: MaxArraySize bounds the index, so an array holds that many tasks;
     # max_array_tasks (SchedulerParameters) may bound it further.
-    assert lxm3.array_limit("slurm", info(max_array_size=11)) == 11
-    assert lxm3.array_limit("slurm", info(max_array_size=1001, max_array_tasks=100)) == 100
-    assert lxm3.array_limit("slurm", info()) is None
+    assert lxm3.SCHEDULERS["slurm"].array_limit(info(max_array_size=11)) == 11
+    assert lxm3.SCHEDULERS["slurm"].array_limit(info(max_array_size=1001, max_array_tasks=100)) == 100
+    assert lxm3.SCHEDULERS["slurm"].array_limit(info()) is None
     # Grid Engine: max_aj_tasks, 0 meaning no limit.
-    assert lxm3.array_limit("sge", info(max_array_tasks=10)) == 10
-    assert lxm3.array_limit("sge", info(max_array_tasks=0)) is None
+    assert lxm3.SCHEDULERS["sge"].array_limit(info(max_array_tasks=10)) == 10
+    assert lxm3.SCHEDULERS["sge"].array_limit(info(max_array_tasks=0)) is None
 
 
 # --- submission output --------------------------------------------------------------
@@ -524,7 +524,8 @@ def fake_scheduler(tmp_path, name, script):
 
 
 def run_submission(tmp_path, bindir, submissions):
-    script = lxm3.submission_script([str(tmp_path / "logs")], submissions, str(tmp_path / "exp"))
+    scheduler = lxm3.SCHEDULERS["sge" if submissions[0].argv[0] == "qsub" else "slurm"]
+    script = lxm3.submission_script([str(tmp_path / "logs")], submissions, str(tmp_path / "exp"), scheduler)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
     proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -171,7 +171,7 @@ def staging(request, cluster_workspaces, tmp_path):
                                      port=tb.ssh_port if tb.ssh_port != 22 else None,
                                      staging=ws.staging)
         connection = lxm3.Connection(cluster)
-        info = lxm3.probe_cluster(connection, "slurm")
+        info = lxm3.probe_cluster(connection, lxm3.SCHEDULERS["slurm"])
     else:
         connection = lxm3.Connection(lxm3.ClusterConfig(name="here"))
         path = str(tmp_path / "staging")

@@ -324,7 +324,7 @@ def test_a_second_run_of_the_submission_submits_only_what_is_missing(tmp_path):
     bindir = fake_sbatch(tmp_path)
     subs = plan(25, 11, max_parallel_tasks=2)  # a chain: each array waits for the previous
     experiment_dir = str(tmp_path / "exp")
-    script = lxm3.submission_script([str(tmp_path / "logs")], subs, experiment_dir)
+    script = lxm3.submission_script([str(tmp_path / "logs")], subs, experiment_dir, lxm3.SCHEDULERS["slurm"])
     first = run_script(script, bindir, tmp_path)
     assert lxm3.parse_submission_output(first.stdout, subs) is None, first.stderr
     ids = [s.job_id for s in subs]
@@ -334,7 +334,7 @@ def test_a_second_run_of_the_submission_submits_only_what_is_missing(tmp_path):
     again = lxm3.plan_submissions(1, lxm3.Slurm(max_parallel_tasks=2), "/s/job.sh", 25, "/tmp/l", 11)
     # The log loses its last line, as if the third array had never been submitted.
     (tmp_path / "exp" / lxm3.SUBMISSION_LOG).write_text("\n".join(log[:2]) + "\n")
-    second = run_script(lxm3.submission_script([str(tmp_path / "logs")], again, experiment_dir),
+    second = run_script(lxm3.submission_script([str(tmp_path / "logs")], again, experiment_dir, lxm3.SCHEDULERS["slurm"]),
                         bindir, tmp_path)
     assert lxm3.parse_submission_output(second.stdout, again) is None, second.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
@@ -353,7 +353,7 @@ def test_a_stop_request_ends_the_submission_between_arrays(tmp_path):
     subs = plan(25, 11, max_parallel_tasks=1)
     experiment_dir = tmp_path / "exp"
     experiment_dir.mkdir()
-    script = lxm3.submission_script([str(tmp_path / "logs")], subs, str(experiment_dir))
+    script = lxm3.submission_script([str(tmp_path / "logs")], subs, str(experiment_dir), lxm3.SCHEDULERS["slurm"])
     env_stop = {"STOP": str(experiment_dir / lxm3.SUBMISSION_STOP)}
     proc = subprocess.run(["bash", "-s"], input=script, capture_output=True, text=True,
                           env={**os.environ, **env_stop, "PATH": f"{bindir}:{os.environ['PATH']}",
@@ -372,7 +372,7 @@ def test_a_submission_script_cut_short_runs_nothing(tmp_path):
     import lxm3
 
     bindir = fake_sbatch(tmp_path)
-    script = lxm3.submission_script([str(tmp_path / "logs")], plan(25, 11), str(tmp_path / "exp"))
+    script = lxm3.submission_script([str(tmp_path / "logs")], plan(25, 11), str(tmp_path / "exp"), lxm3.SCHEDULERS["slurm"])
     for cut in (len(script) // 3, len(script) - len("lxm_main\n")):
         proc = run_script(script[:cut], bindir, tmp_path)
         assert not (tmp_path / "calls").exists(), (cut, proc.stdout)
@@ -461,7 +461,7 @@ def test_a_submission_log_that_cannot_be_written_does_not_lose_the_job_ids(tmp_p
     bindir = fake_sbatch(tmp_path)
     subs = plan(12, 11)
     (tmp_path / "exp" / lxm3.SUBMISSION_LOG).mkdir(parents=True)  # appending to it fails
-    proc = run_script(lxm3.submission_script([str(tmp_path / "logs")], subs, str(tmp_path / "exp")),
+    proc = run_script(lxm3.submission_script([str(tmp_path / "logs")], subs, str(tmp_path / "exp"), lxm3.SCHEDULERS["slurm"]),
                       bindir, tmp_path)
     assert lxm3.parse_submission_output(proc.stdout, subs) is None, proc.stdout
     assert all(s.job_id and s.job_id.isdigit() for s in subs), subs

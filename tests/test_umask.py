@@ -175,4 +175,4 @@ def test_a_umask_that_is_not_an_octal_mask_is_refused(monkeypatch):
         "umask u=rwx,g=rx,o=rx\nstaging /home/a/lxm3-staging\nhome /home/a\n"))
     with pytest.raises(lxm3.ClusterError, match=r"'umask' in a shell on login\.example \(cluster 'c'\) "
                                                 r"printed 'u=rwx,g=rx,o=rx', not an octal mask such as 0022"):
-        lxm3.probe_cluster(connection, "slurm")
+        lxm3.probe_cluster(connection, lxm3.SCHEDULERS["slurm"])
