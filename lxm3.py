@@ -390,7 +390,60 @@ def data_dir() -> str:
 
 
 class ClusterConfig(ValueObject):
-    """One ``[[clusters]]`` entry of the config file."""
+    """One ``[[clusters]]`` entry of the config file: where a cluster is, how to reach it.
+
+    ``Config.from_file`` makes these from the checked tables (CLUSTER_SCHEMA);
+    each entry below names its TOML key. A job picks one with
+    ``Slurm(cluster=...)``/``GridEngine(cluster=...)``, else ``$LXM_CLUSTER``,
+    else the first ``[[clusters]]``.
+
+    Args:
+      name: ``name``: what ``cluster=...`` and ``$LXM_CLUSTER`` refer to.
+        Required: a table without one is a ConfigError.
+      server: ``server``: the login node's host name, or a ``Host`` alias of
+        your ssh config, reached with the system ``ssh`` over one kept,
+        multiplexed connection. Default None: this machine is the login node
+        (``sbatch``/``qsub`` run here, no ssh).
+      user: ``user``: ``ssh -l USER``. Default None: ssh's own choice (your ssh
+        config, else your user name here).
+      port: ``port``: ``ssh -p PORT``, 1-65535. Default None: ssh's own.
+      ssh_private_key: ``ssh_private_key``: ``ssh -i KEY`` (``~`` expanded).
+        Default None: ssh's keys and agent.
+      staging: ``[clusters.storage] staging``: the directory on the cluster
+        that holds archives, images, job scripts and logs
+        (``archives/``, ``images/``, ``experiments/<id>/``); a relative path or
+        ``~/...`` starts at your home directory there. Created private (0700)
+        at each launch. Default None: ``~/lxm3-staging``.
+      env: ``[clusters.env]``: variables exported into every task on this
+        cluster unless its job sets them (numbers and booleans in the file are
+        written as text). A reserved or invalid name (``LXM_TASK_ID``,
+        ``lxm_*``, ``PWD``...) is a ValueError (ConfigError from the file).
+        Default: none.
+      singularity_binds: ``[[clusters.singularity.binds]]`` as ``(src, dest)``
+        pairs (``dest`` defaults to ``src``): bound into every Singularity/
+        Apptainer container on this cluster, before ``SingularityOptions.bind``.
+        Default: none.
+      raw: the whole table as read. The scheduler settings are read from it as
+        directives are written: ``[clusters.slurm] gpu_types`` (the site's
+        ``--gres`` type names, e.g. ``{A100 = "a100_80g"}``) and
+        ``[clusters.sge]`` ``gpu_types``, ``parallel_environment`` (default
+        ``smp``), ``memory_resource`` (default ``h_vmem``), ``gpu_resource``
+        (default ``gpu``) and ``gpu_type_resource`` (no default: a GPU model
+        on Grid Engine needs it). Default: empty.
+      ssh_connect_timeout: ``ssh_connect_timeout``: seconds without an answer
+        before ssh gives up (``ConnectTimeout``). Default None: 20
+        (SSH_CONNECT_TIMEOUT). ``$LXM3_SSH_CONNECT_TIMEOUT`` overrides both.
+      ssh_keepalive_interval: ``ssh_keepalive_interval``: seconds between
+        keep-alives (``ServerAliveInterval``); 3 unanswered end the connection.
+        Default None: 15 (SSH_KEEPALIVE_INTERVAL).
+        ``$LXM3_SSH_KEEPALIVE_INTERVAL`` overrides both.
+      ssh_config: ``ssh_config``: an ssh config file read instead of
+        ``~/.ssh/config`` (``ssh -F FILE``), for every ssh and rsync lxm3 runs;
+        in the file, a relative path is relative to the config file's directory.
+        A missing file is a ConfigError when lxm3 connects. Default None.
+      proxycommand: ``proxycommand``: ``ssh -o ProxyCommand=...``, as lxm3
+        0.4.2 read it. Default None.
+    """
 
     _repr_hidden = ("raw",)
 
@@ -427,7 +480,36 @@ class ClusterConfig(ValueObject):
 
 
 class Config(ValueObject):
-    """The user's lxm3 configuration (the format of lxm3 0.4.2)."""
+    """The user's lxm3 configuration (the format of lxm3 0.4.2).
+
+    Usually read for you: ``load_config()`` takes the first file found of
+    ``--lxm_config PATH``, ``$LXM_CONFIG``, ``./lxm.toml`` and
+    ``$XDG_CONFIG_HOME/lxm3/config.toml`` (``~/.config/lxm3/config.toml``),
+    or an empty Config when there is none (local runs need none). Every key
+    of the file is checked against CONFIG_SCHEMA by ``from_file``/
+    ``from_dict``: an unknown key or a wrong type is a ConfigError naming the
+    file, the key and the valid keys. Make one yourself to pass as
+    ``create_experiment(config=...)``. Each entry below names its TOML key.
+
+    Args:
+      project: ``project``: a name kept in each launch's record; not part of
+        any path. ``$LXM_PROJECT`` overrides it (in ``from_dict``, and again in
+        ``create_experiment``). Default None.
+      local_staging: ``[local.storage] staging``: where local job scripts,
+        tasks files and logs go (``experiments/<id>/wu<n>/``); in the file a
+        relative path is relative to the current directory, as in lxm3 0.4.2.
+        Default None: ``$XDG_DATA_HOME/lxm3`` (``~/.local/share/lxm3``).
+      local_env: ``[local.env]``: variables exported into every local task
+        unless its job sets them. A reserved or invalid name is a ValueError
+        (ConfigError from the file). Default: none.
+      clusters: ``[[clusters]]``: ``ClusterConfig`` objects. ``Slurm`` and
+        ``GridEngine`` jobs need at least one: without, packaging for them
+        stops with a ConfigError before anything is built. Default: none.
+      path: the file this was read from, named in messages. Default None.
+      local_singularity_binds: ``[[local.singularity.binds]]`` as
+        ``(src, dest)`` pairs, bound into containers of ``Local`` tasks before
+        ``SingularityOptions.bind``. Default: none.
+    """
 
     def __init__(
         self,
@@ -718,7 +800,26 @@ def resolve_path(path: str) -> str:
 
 
 class Fileset:
-    """Extra files to ship in the archive: ``{local path: path in the archive}``."""
+    """Extra files to ship in the archive: ``{local path: path in the archive}``.
+
+    Given to ``PythonPackage(resources=[...])`` (or ``PDMProject``,
+    ``PythonContainer``). Tasks run in the unpacked archive, so a file shipped
+    at ``"data/vocab.txt"`` is opened as ``data/vocab.txt``;
+    ``fileset.get_path("data/vocab.txt", executor_spec)`` returns just that
+    (a name that is not a destination is a ValueError). ``add_path(src, dst)``
+    adds one more, with the same rules as ``files``.
+
+    Args:
+      files: ``{src: dst}``, e.g. ``{"configs": "configs",
+        "~/vocab.txt": "data/vocab.txt"}``. ``src`` is a file or a directory
+        (shipped whole, without ``__pycache__``) on this machine; relative
+        paths mean the launcher's directory, ``~`` is expanded; a missing one
+        is a BuildError at packaging. ``dst`` is relative to the archive's
+        root: an absolute path or one that leaves it (``../x``) is a
+        ValueError at once. A file where the build already put one is fine
+        with the same content; with other content it is a BuildError naming
+        both (lxm3 0.4.2 refused every overlap). Default: none.
+    """
 
     def __init__(self, files: Optional[Mapping[str, str]] = None):
         self.files: Dict[str, str] = {}
@@ -740,7 +841,46 @@ class Fileset:
 
 
 class PythonPackage(xm.ExecutableSpec, ValueObject):
-    """A Python project installed with ``pip install --target`` into the archive."""
+    """A Python project installed with ``pip install --target`` into the archive.
+
+    At packaging, the launching interpreter runs ``python -m pip install
+    --target DIR <pip_args> <path> <extra_packages>``; the result, the
+    ``resources`` and an ``entrypoint.sh`` become one reproducible zip, kept
+    in ``~/.cache/lxm3/archives`` under its content hash: an unchanged
+    project is neither rebuilt nor sent again. Each task unpacks it into a
+    new temporary directory (``$TMPDIR``), runs there with it first on
+    ``PYTHONPATH``, and removes it at exit.
+
+    Args:
+      entrypoint: what a task runs. ``xm_cluster.ModuleName("pkg.main")``
+        runs ``python3 -m pkg.main <task args>`` (``$LXM_PYTHON`` instead of
+        ``python3`` if a task sets it; local tasks without a container use the
+        launching interpreter). After the build the module must be in the
+        archive, else a BuildError (only a warning when its top-level package
+        is not there at all: the node's Python or the image may have it).
+        ``xm_cluster.CommandList(["cd data", "python3 -m pkg.main"])`` is a
+        shell script, one command per line; the task's arguments go to the
+        last one unless it ends with ``"$@"``. Anything else is a TypeError,
+        and an invalid module name or an empty CommandList a ValueError, at
+        once.
+      path: the project directory, with a ``pyproject.toml`` or ``setup.py``
+        (else a BuildError). Default ``"."``; a relative path means the
+        launcher's directory, wherever ``lxm3 launch`` runs from. Its name,
+        non-word characters as ``_``, names the archive.
+      resources: ``Fileset`` objects: more files to ship. Default: none.
+      extra_packages: more arguments of the same ``pip install``: other
+        projects' paths (an item starting with ``.``, ``/`` or ``~``, or
+        holding a ``/``, is a path; relative to the launcher's directory) or
+        requirement strings such as ``"einops==0.8.0"``. Default: none.
+      pip_args: the options of that ``pip install``; given, they replace the
+        default ``["--no-deps", "--no-compile"]``. With ``--no-deps``
+        dependencies are not shipped: the node's Python or the container
+        image must have them; without it they are installed into the archive
+        too, by this machine's pip for this machine's Python. The build
+        requirements (``[build-system] requires``) are installed once into a
+        cached environment used with ``--no-build-isolation``, unless
+        ``pip_args`` holds ``--no-build-isolation`` or ``--use-pep517``.
+    """
 
     def __init__(
         self,
@@ -763,8 +903,33 @@ class PythonPackage(xm.ExecutableSpec, ValueObject):
 
 
 class UniversalPackage(xm.ExecutableSpec, ValueObject):
-    """Anything a build script writes into ``$BUILDDIR``, run with one command line:
-    ``entrypoint`` holds its words, joined with spaces as lxm3 0.4.2 did."""
+    """Anything a build script writes into ``$BUILDDIR``, run with one command line.
+
+    ``entrypoint`` holds its words, joined with spaces as lxm3 0.4.2 did.
+
+    At packaging, ``build_script`` runs on this machine with ``path`` as its
+    working directory and ``$BUILDDIR`` an empty directory; what it writes
+    there is zipped with an ``entrypoint.sh`` into the archive, cached under
+    its content hash like ``PythonPackage``'s. Tasks run ``entrypoint`` in
+    the unpacked archive. The cache is keyed by the files under ``path``
+    (their sizes and times, without ``.git``, caches and the top-level
+    ``build/`` and ``dist/``), the script and its arguments: a change
+    elsewhere that the script reads does not rebuild.
+
+    Args:
+      entrypoint: the words of one command line: ``["python3", "main.py"]``
+        runs ``python3 main.py <task args>``. They are joined with spaces, so
+        they are shell words: quote a path with spaces inside its item. (An
+        ``xm.CommandList`` is one command per line instead.) A string or an
+        empty list is a ValueError, at once.
+      build_script: the program that builds, relative to ``path``; it must
+        exist and be executable (``chmod +x``), else a BuildError at
+        packaging. A non-zero exit is a BuildError with its output.
+      build_args: arguments of ``build_script``. Default: none.
+      path: the project directory. Default ``"."``; a relative path means
+        the launcher's directory. Its name, non-word characters as ``_``,
+        names the archive.
+    """
 
     def __init__(
         self,
@@ -789,10 +954,25 @@ class UniversalPackage(xm.ExecutableSpec, ValueObject):
 class SingularityContainer(xm.ExecutableSpec, ValueObject):
     """A packaged executable run inside a Singularity/Apptainer image.
 
-    ``image_path``: a ``.sif`` file here, a URI the runtime fetches on the
-    node (``docker://``, ``library://``, ...), or an image only this machine
-    has (``docker-daemon:``, ``docker-archive:``), which is converted to a
-    ``.sif`` here, once per image, and sent like a file.
+    The task's archive is unpacked on the node as usual and bound into the
+    container at its own path, which is the working directory; the image
+    supplies the rest (Python, libraries). The executor's
+    ``singularity_options`` say how it runs (binds, ``--nv``, the runtime).
+    Works on ``Local``, ``Slurm`` and ``GridEngine``.
+
+    Args:
+      entrypoint: a ``PythonPackage`` or ``UniversalPackage``: what runs
+        inside the image (anything else is a TypeError at packaging).
+      image_path: the image, one of: a ``.sif`` file here (a relative path
+        means the launcher's directory), sent to the cluster's staging
+        directory once, under its content hash; a URI the runtime fetches on
+        the node (``docker://python:3.11``, ``library://``, ``oras://``,
+        ``http(s)://``); or an image only this machine has,
+        ``docker-daemon:name:tag`` (the local Docker daemon) or
+        ``docker-archive:image.tar`` (``docker save`` output; ``//`` after
+        the colon is optional), converted here to a ``.sif`` by apptainer or
+        singularity once per image id (kept in ``~/.cache/lxm3/sif``) and
+        sent like a file.
     """
 
     def __init__(self, entrypoint: Union[PythonPackage, UniversalPackage], image_path: str):
@@ -810,7 +990,21 @@ class SingularityContainer(xm.ExecutableSpec, ValueObject):
 
 
 class DockerContainer(xm.ExecutableSpec, ValueObject):
-    """A packaged executable run inside a Docker image (``Local`` only)."""
+    """A packaged executable run inside a Docker image (``Local`` only).
+
+    Tasks run ``docker run --rm --init --user $(id -u):$(id -g)`` with the
+    unpacked archive bound at its own path as the working directory and the
+    task's variables passed with ``-e``; ``Local(docker_options=...)`` adds
+    volumes and options. A job on ``Slurm`` or ``GridEngine`` is refused
+    when added (use ``SingularityContainer("docker://...")`` there).
+
+    Args:
+      entrypoint: a ``PythonPackage`` or ``UniversalPackage``: what runs
+        inside the image (anything else is a TypeError at packaging).
+      image: an image reference as ``docker run`` takes it, e.g.
+        ``"python:3.11-slim"`` (pulled by Docker if missing); used as given,
+        not read as a path.
+    """
 
     def __init__(self, entrypoint: Union[PythonPackage, UniversalPackage], image: str):
         self.entrypoint = entrypoint
@@ -824,26 +1018,36 @@ class DockerContainer(xm.ExecutableSpec, ValueObject):
 class PDMProject(xm.ExecutableSpec, ValueObject):
     """A PDM project whose locked dependencies are built into a Docker image.
 
-    As in lxm3 0.4.2: ``docker build`` makes ``<name>:latest`` from
-    ``base_image`` with the dependencies ``pdm export`` lists from the lock
-    file, installed by pip; the project's own code is packaged as a
-    ``PythonPackage`` and unpacked when a task starts. ``Local`` runs the
-    image with Docker; clusters run it as a ``.sif`` converted here (with
-    apptainer or singularity) once per image id and sent once.
+    As in lxm3 0.4.2: ``docker build`` makes ``<name>:latest`` (``name``:
+    the project directory's name, lower-cased) from ``base_image`` with the
+    dependencies ``pdm export`` lists from the lock file, installed by pip;
+    the project's own code is packaged as a ``PythonPackage`` and unpacked
+    when a task starts, so a code change needs no new image. Packaged with
+    ``Local.Spec()`` the image runs with Docker (``Local(docker_options=...)``);
+    with ``Slurm.Spec()``/``GridEngine.Spec()`` it runs as a ``.sif``
+    converted here (with apptainer or singularity) once per image id and
+    sent once (``singularity_options=...``). Needs ``docker`` here.
 
-    Attributes:
+    Args:
       entrypoint: ``ModuleName("pkg.main")`` (``python3 -m pkg.main``) or
         ``CommandList([...])`` (shell commands; the last gets the task's
-        arguments), run inside the image.
+        arguments), run inside the image; checked as for ``PythonPackage``.
       base_image: the Docker image to build on, e.g. ``"python:3.11-slim"``;
-        it must have ``python3`` and ``pip``.
-      lock_file: the PDM lock file, relative to ``path``.
+        it must have ``python3`` and ``pip`` (``pdm`` is installed into a
+        build stage).
+      lock_file: the PDM lock file, relative to ``path`` and inside it (else
+        a BuildError); ``pyproject.toml`` must be there too. Default
+        ``"pdm.lock"``.
       path: the project directory (``pyproject.toml``); also the Docker build
-        context. Relative paths mean the launcher's directory.
+        context and the ``PythonPackage`` of the code. Default ``"."``;
+        relative paths mean the launcher's directory.
       resources: ``Fileset`` objects: extra files shipped with the code.
+        Default: none.
       extra_packages: more projects (paths) or requirements installed with the
-        code, as for ``PythonPackage``.
-      pip_args: options of the ``pip install`` that packages the code.
+        code, as for ``PythonPackage``. Default: none.
+      pip_args: options of the ``pip install`` that packages the code, as for
+        ``PythonPackage``. Default ``["--no-deps", "--no-compile"]``: the
+        dependencies come from the image.
     """
 
     def __init__(
@@ -873,21 +1077,28 @@ class PDMProject(xm.ExecutableSpec, ValueObject):
 class PythonContainer(xm.ExecutableSpec, ValueObject):
     """A Python project whose ``requirements.txt`` is built into a Docker image.
 
-    As ``PDMProject``, with the image's dependencies installed by
-    ``pip install -r requirements``.
+    As ``PDMProject``, with the image's dependencies installed by ``pip
+    install -r requirements``: ``docker build`` makes ``<name>:latest``; the
+    code is packaged as a ``PythonPackage``; ``Local`` runs the image with
+    Docker, clusters as a ``.sif`` converted here once per image id.
 
-    Attributes:
+    Args:
       entrypoint: ``ModuleName("pkg.main")`` or ``CommandList([...])``, run
-        inside the image.
-      base_image: the Docker image to build on; it must have ``python3`` and
-        ``pip``.
-      requirements: the requirements file, relative to ``path``.
-      path: the project directory; also the Docker build context. Relative
-        paths mean the launcher's directory.
+        inside the image; checked as for ``PythonPackage``.
+      base_image: the Docker image to build on, e.g. ``"python:3.11-slim"``;
+        it must have ``python3`` and ``pip``.
+      requirements: the requirements file, relative to ``path`` and inside
+        it (else a BuildError). Default ``"requirements.txt"``.
+      path: the project directory; also the Docker build context and the
+        ``PythonPackage`` of the code. Default ``"."``; relative paths mean
+        the launcher's directory.
       resources: ``Fileset`` objects: extra files shipped with the code.
+        Default: none.
       extra_packages: more projects (paths) or requirements installed with the
-        code, as for ``PythonPackage``.
-      pip_args: options of the ``pip install`` that packages the code.
+        code, as for ``PythonPackage``. Default: none.
+      pip_args: options of the ``pip install`` that packages the code, as for
+        ``PythonPackage``. Default ``["--no-deps", "--no-compile"]``: the
+        dependencies come from the image.
     """
 
     def __init__(
@@ -966,12 +1177,29 @@ def _check_entrypoint(entrypoint: Any) -> None:
 
 
 class SingularityOptions(ValueObject):
-    """How a ``SingularityContainer`` runs.
+    """How a ``SingularityContainer`` runs: ``executor(singularity_options=...)``.
 
-    ``bind``: ``{host path: container path}``, added to the cluster config's
-    ``singularity.binds``. ``extra_options`` go to ``exec`` as they are.
-    ``runtime``: the command (default: ``apptainer`` if the node has it, else
-    ``singularity``). ``nv``: pass ``--nv`` (default: when the job asks for a GPU).
+    A task runs ``<runtime> exec --bind <archive dir> --pwd <archive dir>
+    [--nv] [--bind src:dest ...] <extra_options> <image> bash
+    ./entrypoint.sh``, the unpacked archive bound at its own path. The task's
+    variables (and CUDA_VISIBLE_DEVICES) are also exported as
+    ``APPTAINERENV_``/``SINGULARITYENV_`` ones, so ``--cleanenv`` keeps them.
+
+    Args:
+      bind: ``{host path: container path}``, e.g. ``{"/scratch": "/scratch"}``:
+        ``--bind /scratch:/scratch``, after the config's
+        ``[[clusters.singularity.binds]]`` (``[[local.singularity.binds]]`` on
+        ``Local``). Default: none.
+      extra_options: more options of ``exec``, each item one word passed as it
+        is (quoted for the shell): ``["--cleanenv", "--env", "A=1"]``, not
+        ``["--env A=1"]``. Default: none.
+      runtime: the command to run, e.g. ``"apptainer"``, ``"singularity"`` or
+        a full path. Default None: ``apptainer`` if the node has it, else
+        ``singularity``; neither fails the task with a message.
+      nv: pass ``--nv`` (the host's NVIDIA driver and GPUs). Default None:
+        when the job asks for a GPU (in ``requirements``, or a GPU request,
+        partition or queue of ``Slurm``/``GridEngine``: see their docs);
+        True: always; False: never. lxm3 0.4.2 passed it to every Slurm job.
     """
 
     def __init__(
@@ -988,8 +1216,24 @@ class SingularityOptions(ValueObject):
 
 
 class DockerOptions(ValueObject):
-    """Volumes (``{host path: container path}``) and extra ``docker run`` options;
-    ``gpus``: pass ``--gpus all`` (default: when the job asks for a GPU)."""
+    """How a Docker image runs on ``Local``: ``Local(docker_options=...)``.
+
+    For ``DockerContainer``, and ``PDMProject``/``PythonContainer`` images
+    packaged for ``Local``. A task runs ``docker run --rm --init --user
+    $(id -u):$(id -g) -v <archive dir>:<archive dir> -w <archive dir>
+    -e NAME... [--gpus ...] [-v src:dest ...] <extra_options> <image> bash
+    ./entrypoint.sh``. (``Slurm``/``GridEngine`` take a ``docker_options``
+    for lxm3 0.4.2's signature, but Docker runs on ``Local`` only.)
+
+    Args:
+      volumes: ``{host path: container path}``, each ``-v host:container``.
+        Default: none.
+      extra_options: more ``docker run`` options, each item one word passed as
+        it is: ``["--shm-size=8g"]``, ``["--network", "host"]``. Default: none.
+      gpus: pass ``--gpus``: the devices ``Local`` gave the task (its
+        CUDA_VISIBLE_DEVICES), else ``all``. Default None: when the executor's
+        ``requirements`` ask for a GPU; True: always; False: never.
+    """
 
     def __init__(
         self,
@@ -1003,11 +1247,47 @@ class DockerOptions(ValueObject):
 
 
 class LocalSpec(xm.ExecutorSpec, ValueObject):
+    """``Local.Spec()``: the ``executor_spec`` of an ``xm.Packageable`` for a local run.
+
+    ``PDMProject``/``PythonContainer`` images packaged for it run with Docker.
+    """
+
     pass
 
 
 class Local(xm.Executor, ValueObject):
-    """Run tasks on this machine, several at once, with their output streamed."""
+    """Run tasks on this machine, several at once, with their output streamed.
+
+    A work unit's job script and tasks file are written to
+    ``<local staging>/experiments/<id>/wu<n>/`` (config ``[local.storage]
+    staging``, default ``~/.local/share/lxm3``), each task's output to
+    ``logs/task-<i>.log`` there and to the terminal, prefixed
+    ``[<work unit>:<task>]`` (``[<work unit>]`` for a one-task unit). Tasks start as their job is added; the
+    experiment's ``with`` block waits for them at its end and raises
+    TaskFailedError if any failed. Ctrl-C stops them all; queued tasks never
+    start. The config's ``[local.env]`` is exported into every task unless
+    its job sets the variable.
+
+    Args:
+      requirements: ``xm.JobRequirements``; locally only GPUs count. A task
+        asking for N (``gpu=N``, ``local_gpu=N``, ``a100=N``...) gets N
+        devices of its own in CUDA_VISIBLE_DEVICES, given back when it ends:
+        the devices listed in CUDA_VISIBLE_DEVICES at launch, else by
+        ``nvidia-smi -L``. Asking for more than there are is a LaunchError;
+        when neither tells, GPU tasks run one at a time with the GPUs
+        unassigned (unless ``max_parallel_tasks`` is given), as in lxm3 0.4.2.
+        A GPU request also gives containers ``--nv``/``--gpus``. CPU, memory
+        and the rest are neither reserved nor enforced. Default: nothing.
+      singularity_options: ``SingularityOptions`` for ``SingularityContainer``
+        tasks. Default None: ``SingularityOptions()``.
+      docker_options: ``DockerOptions`` for ``DockerContainer``, ``PDMProject``
+        and ``PythonContainer`` tasks. Default None: ``DockerOptions()``.
+      max_parallel_tasks: how many tasks run at once, at least 1 (else a
+        ValueError); the rest wait in a queue. Default None: the number of
+        cores, raised for GPU tasks to as many as the GPUs allow. One pool
+        runs every local task of an experiment, sized by the first ``Local``
+        whose job starts. lxm3 0.4.2 ran one task at a time.
+    """
 
     def __init__(
         self,
@@ -1065,7 +1345,12 @@ def _parse_walltime_string(text: str) -> int:
 
 
 class ClusterExecutorSpec(xm.ExecutorSpec, ValueObject):
-    """What ``package`` needs to know of a cluster executor: nothing but its kind."""
+    """What ``package`` needs to know of a cluster executor: nothing but its kind.
+
+    ``Slurm.Spec()``/``GridEngine.Spec()``: packaging for one needs a
+    ``[[clusters]]`` in the config, and ``PDMProject``/``PythonContainer``
+    images become ``.sif`` files.
+    """
 
 
 class ClusterExecutor(xm.Executor, ValueObject):
@@ -1075,6 +1360,77 @@ class ClusterExecutor(xm.Executor, ValueObject):
     order, then calls ``_init_common`` for the fields below, which mean the
     same on every scheduler, and sets its own. ``scheduler`` names its entry
     in SCHEDULERS: everything scheduler-specific is found there.
+
+    A work unit on a cluster is one bash job script submitted as one array
+    job, a single ``xm.Job`` too (an array of one); a sweep larger than the
+    cluster's array limit is split into several arrays. Each task gets
+    ``LXM_TASK_ID`` (0-based across the work unit), ``LXM_NUM_TASKS``,
+    ``LXM_EXPERIMENT_ID`` and ``LXM_WORK_UNIT_ID``. The job name is
+    ``<title>_<experiment id>_<work unit id>`` (non-word characters as
+    ``_``). Jobs are submitted when the experiment's ``with`` block ends, one
+    batch per cluster, and recorded for ``lxm3 status``/``logs``/``cancel``.
+
+    Directives are derived from the options and ``requirements``; an
+    explicit ``resources`` item or ``extra_directives`` line replaces a
+    derived one that sets the same option, and ``skip_directives`` drops
+    lines. Options are checked twice: their form (types, a walltime that
+    parses, one line of printable text each, since a newline would end the
+    directive and run the rest as a command) when the executor is made; what
+    the scheduler can express (``requirements`` with the cluster's settings)
+    as the job is added, an error that then ends the ``with`` block before
+    anything is submitted.
+
+    Args:
+      requirements: ``xm.JobRequirements``: what each task needs, e.g.
+        ``xm.JobRequirements(cpu=4, ram=16 * xm.GiB, gpu=1)``, turned into the
+        scheduler's directives (see ``Slurm``/``GridEngine``); ``location`` is
+        a node name. A request the scheduler cannot express (a TPU, a service
+        tier other than PROD, ...) is a ValueError, never dropped. A GPU
+        request also gives containers ``--nv``. Default: nothing asked (the
+        cluster's defaults). Not an ``xm.JobRequirements``: TypeError.
+      resources: ``{name: value}`` written as directives (Slurm
+        ``--name=value``, Grid Engine ``-l name=value``); items whose value
+        is false (``None``, ``False``, ``0``, ``""``) are left out. Default:
+        none.
+      walltime: each task's time limit: a ``datetime.timedelta``, a number
+        of seconds (``3600``; rounded up to whole seconds), or a string as
+        ``sbatch --time`` reads it: ``"MM"`` (``"90"`` is 90 minutes),
+        ``"MM:SS"``, ``"HH:MM:SS"``, ``"D-HH"``, ``"D-HH:MM"``,
+        ``"D-HH:MM:SS"``. Zero, negative or unreadable: a ValueError (a bool
+        or other type: TypeError), at once. Default None: no limit asked
+        (the partition's or queue's default applies).
+      log_directory: where the tasks' output files go on the cluster; ``~``
+        and a relative path start at your home directory there. Created at
+        submission. Default None: ``<staging>/experiments/<id>/wu<n>/logs``.
+        ``lxm3 logs`` finds the files in either.
+      modules: environment modules loaded with ``module load`` before each
+        task, in order, e.g. ``["cuda/12.1", "python/3.11"]``; a failed load
+        fails the task before its program runs (``module load X failed``).
+        When the job's shell has no ``module``, the login profile is read
+        for it as ``bash -l`` does (lxm3 0.4.2 ran Slurm jobs as ``bash
+        -l``). Default: none.
+      extra_directives: more directive lines, as they are, with or without
+        the ``#SBATCH``/``#$`` prefix; a line replaces a derived one that sets
+        the same option. Default: none. Must be a list (a str is a TypeError).
+      skip_directives: drop every generated directive line that contains one
+        of these strings, the prefix included (a plain substring:
+        ``"--mem"`` also drops ``--mem-per-cpu``). The ``sbatch``/``qsub``
+        arguments lxm3 adds (array, log path) are not directives and stay.
+        Default: none.
+      max_parallel_tasks: at most this many tasks of the work unit run at
+        once; at least 1 (else a ValueError). When the sweep is split into
+        several arrays, each waits for the previous one to end, so the limit
+        holds for the whole work unit. Default None: no limit.
+      singularity_options: ``SingularityOptions`` for ``SingularityContainer``
+        tasks; the cluster's ``[[clusters.singularity.binds]]`` are bound
+        too. Default None: ``SingularityOptions()``.
+      docker_options: accepted for lxm3 0.4.2's signature and unused: Docker
+        runs on ``Local`` only (a ``DockerContainer`` job here is refused
+        when added). Default None.
+      cluster: the ``name`` of a ``[[clusters]]`` entry of the config to
+        submit to. Default None: ``$LXM_CLUSTER``, else the first
+        ``[[clusters]]``. An unknown name is a ConfigError as the job is
+        added.
     """
 
     scheduler = ""
@@ -1125,6 +1481,8 @@ class ClusterExecutor(xm.Executor, ValueObject):
 
 
 class SlurmSpec(ClusterExecutorSpec):
+    """``Slurm.Spec()``: see ``ClusterExecutorSpec``."""
+
     pass
 
 
@@ -1133,7 +1491,71 @@ class Slurm(ClusterExecutor):
 
     The positional order is lxm3 0.4.2's; ``account``, ``qos``,
     ``max_parallel_tasks`` (the ``%K`` array throttle) and ``cluster`` (a
-    name from the config) are new.
+    name from the config) are new. What the options share with
+    ``GridEngine`` is in ``ClusterExecutor``'s documentation.
+
+    A work unit is ``sbatch --parsable --array=0-<N-1>[%K]
+    --output=<log_directory>/%x-%A_%a.log job.sh``, so task logs are
+    ``<job name>-<job id>_<index in its array>.log``. Its ``#SBATCH`` lines
+    start with ``--job-name=<title>_<experiment id>_<work unit id>``, then
+    what the options below give, e.g. ``Slurm(xm.JobRequirements(cpu=4,
+    ram=8 * xm.GiB), walltime="2:00:00", partition="gpu",
+    resources={"gres": "gpu:1"})``::
+
+        #SBATCH --cpus-per-task=4
+        #SBATCH --mem=8192M
+        #SBATCH --time=02:00:00
+        #SBATCH --partition=gpu
+        #SBATCH --gres=gpu:1
+
+    Args:
+      requirements: ``xm.JobRequirements`` per task: ``cpu=N`` ->
+        ``--cpus-per-task=N``; ``ram``/``memory`` -> ``--mem=<MiB>M`` and
+        ``disk``/``ephemeral_storage`` -> ``--tmp=<MiB>M`` (rounded up);
+        ``gpu=N`` -> ``--gres=gpu:N``; a model, ``a100=N`` ->
+        ``--gres=gpu:a100:N`` (the site's name from ``[clusters.slurm]
+        gpu_types``, e.g. ``{A100 = "a100_80g"}``); ``replicas=N`` ->
+        ``--ntasks=N``; ``location`` -> ``--nodelist=...``. A TPU or a
+        service tier other than PROD is a ValueError (use ``qos``). lxm3
+        0.4.2 ignored requirements on Slurm. Default: nothing asked.
+      resources: ``{name: value}`` -> ``#SBATCH --name=value``, ``True`` a
+        bare flag: ``{"gres": "gpu:1"}`` -> ``#SBATCH --gres=gpu:1``,
+        ``{"requeue": True}`` -> ``#SBATCH --requeue``; false values are left
+        out. ``{"output": ...}`` replaces lxm3's log path (``lxm3 logs`` then
+        cannot find the logs). Default: none.
+      walltime: each task's time limit -> ``--time=[D-]HH:MM:SS``: a
+        ``timedelta``, seconds (``3600``) or a string as sbatch reads it
+        (``"2:00:00"``, ``"1-12:00:00"``; ``"90"`` is 90 minutes). Default
+        None: the partition's default. See ``ClusterExecutor``.
+      singularity_options: ``SingularityOptions`` for ``SingularityContainer``
+        tasks. Default None.
+      docker_options: unused (Docker runs on ``Local`` only). Default None.
+      log_directory: where task logs go on the cluster; ``~`` and relative
+        paths start at your home there. Default None:
+        ``<staging>/experiments/<id>/wu<n>/logs``.
+      modules: environment modules to ``module load`` before each task, e.g.
+        ``["cuda/12.1"]``. Default: none. See ``ClusterExecutor``.
+      exclusive: True -> ``--exclusive`` (whole nodes). Default False.
+      partition: -> ``--partition=...``. Default None: the cluster's default
+        partition. A name containing ``gpu`` counts as a GPU request (``--nv``).
+      extra_directives: ``#SBATCH`` lines as they are, the prefix optional:
+        ``["--mail-type=END", "#SBATCH --constraint=a100"]``. A line replaces
+        the derived one of the same option, short forms and families
+        included: ``"-c 8"`` replaces ``--cpus-per-task``, ``--mem-per-cpu``
+        replaces ``--mem``, ``--gpus``/``--gres=gpu...`` the derived
+        ``--gres=gpu...``. ``--output``/``-o`` replaces lxm3's log path.
+        ``--gres=gpu...``, ``--gpus*``, ``-G`` or ``--tres-per-*=gres/gpu...``
+        here or in ``resources`` count as a GPU request (``--nv``).
+      skip_directives: drop every generated ``#SBATCH`` line that contains one
+        of these strings (``"--mem"`` also drops ``--mem-per-cpu``). Default:
+        none.
+      account: -> ``--account=...``. Default None.
+      qos: -> ``--qos=...``. Default None.
+      max_parallel_tasks: at most K tasks of the work unit at once ->
+        ``--array=0-<N-1>%K``; a split sweep's arrays wait for each other
+        (``--dependency=afterany``). Default None: no limit.
+      cluster: the ``name`` of the ``[[clusters]]`` entry to submit to.
+        Default None: ``$LXM_CLUSTER``, else the config's first.
     """
 
     scheduler = "slurm"
@@ -1173,6 +1595,8 @@ class Slurm(ClusterExecutor):
 
 
 class GridEngineSpec(ClusterExecutorSpec):
+    """``GridEngine.Spec()``: see ``ClusterExecutorSpec``."""
+
     pass
 
 
@@ -1180,7 +1604,86 @@ class GridEngine(ClusterExecutor):
     """Submit work units as (Son of / Sun) Grid Engine array jobs.
 
     The positional order is lxm3 0.4.2's; ``cluster`` (a name from the
-    config) is new.
+    config) is new. What the options share with ``Slurm`` is in
+    ``ClusterExecutor``'s documentation.
+
+    A work unit is ``qsub -terse -t 1-<N> [-tc K] -o
+    <log_directory>/$JOB_NAME-$JOB_ID.$TASK_ID.log job.sh``, so task logs are
+    ``<job name>-<job id>.<SGE_TASK_ID>.log`` (SGE_TASK_ID counts from 1 in
+    each array; ``LXM_TASK_ID`` from 0 across the work unit). Its ``#$``
+    lines start with ``-N <title>_<experiment id>_<work unit id>`` and
+    ``-S /bin/bash``, then what the options below give, e.g.
+    ``GridEngine(xm.JobRequirements(cpu=4, ram=8 * xm.GiB),
+    walltime="2:00:00", queue="all.q")``::
+
+        #$ -pe smp 4
+        #$ -l h_vmem=2048M
+        #$ -l h_rt=02:00:00
+        #$ -q all.q
+        #$ -R y
+        #$ -j y
+
+    Args:
+      requirements: ``xm.JobRequirements`` per task: ``cpu=N`` (N > 1) ->
+        ``-pe smp N`` (the name from ``[clusters.sge] parallel_environment``);
+        ``ram``/``memory`` -> ``-l h_vmem=<MiB>M`` per slot, as Grid Engine
+        counts it: the total divided by the slots (``memory_resource``);
+        ``gpu=N`` -> ``-l gpu=N`` (``gpu_resource``); a model (``a100=N``)
+        also ``-l <gpu_type_resource>=a100`` (the site's name from
+        ``gpu_types``; without ``gpu_type_resource`` configured, a
+        ValueError); ``location`` -> ``-l hostname=...``. Disk, TPUs,
+        ``replicas`` > 1 (use ``parallel_environments``) and service tiers
+        other than PROD are a ValueError. Default: nothing asked.
+      resources: ``{name: value}`` -> ``#$ -l name=value``: ``{"h_vmem":
+        "4G"}`` -> ``#$ -l h_vmem=4G``. Values are written with ``str()``
+        (``True`` is ``True``: write a boolean as the site spells it,
+        ``"true"``); false values are left out. A name replaces the derived
+        ``-l`` of that name. A name containing ``gpu`` counts as a GPU
+        request (``--nv``) unless its value is 0 or false. Default: none.
+      parallel_environments: ``{name: slots}`` -> ``#$ -pe name slots``:
+        ``{"mpi": 8}`` -> ``#$ -pe mpi 8``. Replaces the ``-pe`` derived from
+        ``cpu``; memory is divided by the largest slot count. Give one: a job
+        runs in one parallel environment. A name containing ``gpu`` counts as
+        a GPU request.
+        Default: none.
+      walltime: each task's time limit -> ``-l h_rt=HH:MM:SS`` (hours may
+        pass 99): a ``timedelta``, seconds (``3600``) or a string as sbatch
+        reads it (``"2:00:00"``, ``"1-12:00:00"``; ``"90"`` is 90 minutes).
+        Default None: the queue's default. See ``ClusterExecutor``.
+      queue: -> ``-q ...``. Default None: the scheduler's choice. A name
+        containing ``gpu`` counts as a GPU request.
+      reserved: resource reservation: True -> ``-R y``, False -> ``-R n``.
+        Default None: ``-R y`` when the job has a parallel environment
+        (derived or given) or asks for a GPU, as lxm3 0.4.2 did, else no
+        ``-R`` (0.4.2 wrote a bare ``-R``, which Grid Engine rejects).
+      log_directory: where task logs go on the cluster; ``~`` and relative
+        paths start at your home there. Default None:
+        ``<staging>/experiments/<id>/wu<n>/logs``.
+      merge_output: True -> ``-j y``: stderr in the same log. False -> ``-j
+        n`` and ``qsub -e <log_directory>/$JOB_NAME-$JOB_ID.$TASK_ID.err``.
+        Default True.
+      shell: -> ``-S shell``, the interpreter Grid Engine runs the job script
+        with. Default ``"/bin/bash"``; the job script is written for bash, so
+        this must be a bash.
+      project: -> ``-P ...``. Default None.
+      account: -> ``-A ...``. Default None.
+      modules: environment modules to ``module load`` before each task, e.g.
+        ``["cuda/12.1"]``. Default: none. See ``ClusterExecutor``.
+      max_parallel_tasks: at most K tasks of the work unit at once -> ``qsub
+        -tc K``; a split sweep's arrays wait for each other (``-hold_jid``).
+        Default None: no limit.
+      extra_directives: ``#$`` lines as they are, the prefix optional:
+        ``["-m ea", "#$ -M me@example.com"]``. A line replaces the derived
+        one of the same option (``-l`` per resource name, any ``-pe``);
+        ``-o`` replaces lxm3's log path, ``-e`` its error log. ``-l``/``-pe``/
+        ``-q`` lines that name a GPU resource count as a GPU request.
+      skip_directives: drop every generated ``#$`` line that contains one of
+        these strings (``"-R"`` drops the ``-R y`` line). Default: none.
+      singularity_options: ``SingularityOptions`` for ``SingularityContainer``
+        tasks. Default None.
+      docker_options: unused (Docker runs on ``Local`` only). Default None.
+      cluster: the ``name`` of the ``[[clusters]]`` entry to submit to.
+        Default None: ``$LXM_CLUSTER``, else the config's first.
     """
 
     scheduler = "sge"
@@ -4426,6 +4929,34 @@ class ArrayJob(xm.JobConfig, ValueObject):
     """One work unit that runs ``executable`` once per element of ``args``/``env_vars``.
 
     A one-element list is broadcast against the other list.
+    ``experiment.add(ArrayJob(executable, executor, args=[{"seed": s} for s in
+    range(10)]))`` adds one work unit of 10 tasks: one array job on a
+    cluster, 10 tasks in parallel on ``Local``. Task i (``LXM_TASK_ID=i``)
+    gets ``args[i]`` and ``env_vars[i]``.
+
+    Args:
+      executable: what ``experiment.package`` returned (anything else is a
+        TypeError when the job is added).
+      executor: ``Local``, ``Slurm`` or ``GridEngine``, the same for every task.
+      name: a label for messages (and kept by ``configure_wandb``'s wrapper);
+        the scheduler's job name is ``<title>_<experiment id>_<work unit id>``
+        whatever it is. Default None.
+      args: one entry per task: a dict (``{"lr": 0.1}`` -> ``--lr=0.1``), a
+        list (``["train", "--fast"]``) or ``xm.SequentialArgs``, merged over
+        the executable's args (``xm.merge_args``: a task's flag overrides the
+        packaged one). Values arrive exactly as written: no shell expands
+        them, except an ``xm.ShellSafeArg``, expanded on the node. Default:
+        none.
+      env_vars: one ``{name: value}`` per task, over the executable's
+        ``env_vars`` and the config's ``env``; values are written with
+        ``str()``. Default: none.
+
+    A one-entry ``args`` or ``env_vars`` is shared by every task; two lists of
+    different lengths (neither of one entry), neither list, or a str/dict in
+    place of a list, is a ValueError at once. With a packaged executable each
+    task is checked here too, naming it: a reserved or invalid variable name
+    (``lxm_*``, ``LXM_TASK_ID``, ``PWD``...), a value without a text form, a
+    NUL byte, or arguments and environment too large for Linux to exec.
     """
 
     def __init__(
@@ -5090,7 +5621,18 @@ class LoadedExperiment:
 
 
 def get_experiment(experiment_id: Union[int, str]) -> LoadedExperiment:
-    """Load a past launch by id (``lxm3 list`` shows them)."""
+    """Load a past launch by id (``lxm3 list`` shows them).
+
+    Returns a LoadedExperiment read from the record in
+    ``$XDG_STATE_HOME/lxm3/experiments/`` (``~/.local/state``): its
+    ``experiment_id``, ``experiment_title`` and ``work_units`` (``{id:
+    unit}``), whose units have ``get_status()``, ``stop()``,
+    ``launched_jobs`` and ``await wait_until_complete()``.
+
+    Args:
+      experiment_id: the id, an int or a string of digits. Another string, or
+        an id without a record on this machine, is a LaunchError.
+    """
     return LoadedExperiment(load_record(experiment_id))
 
 
@@ -5428,6 +5970,28 @@ def create_experiment(experiment_title: Optional[str] = None, project: Optional[
     launcher's file name (``launcher`` for ``launcher.py``) is the title.
     ``project`` (upstream lxm3's argument, in its place) is kept in the record
     instead of the config's; ``$LXM_PROJECT`` still wins, as upstream.
+
+    In the block, ``experiment.package([...])`` builds executables and
+    ``experiment.add(job)`` adds work units (ids from 1). Local tasks start as
+    they are added; cluster jobs are submitted together when the block ends,
+    one batch per cluster, and the block then waits for local tasks. The
+    experiment id is the time in milliseconds (as in lxm3 0.4.2), unique on
+    this machine; its record is saved at once, for ``lxm3 list``/``status``/
+    ``logs``/``cancel`` and ``get_experiment``. (``lxm3 launch --dry-run``
+    writes the job scripts and keeps no record.)
+
+    Args:
+      experiment_title: the title, in every job name
+        (``<title>_<id>_<work unit id>``, non-word characters as ``_``).
+        Default None: the launcher's file name without ``.py``
+        (``"experiment"`` when there is no launcher file).
+      project: a project name kept in the record; not part of any path.
+        ``$LXM_PROJECT`` wins over it, and it over the config's ``project``.
+        Default None. A non-string is a TypeError (a Config goes in
+        ``config=``).
+      config: the ``Config`` to use, e.g. ``Config.from_file(path)``. Default
+        None: the config file in force (``--lxm_config``, ``$LXM_CONFIG``,
+        ``./lxm.toml``, ``~/.config/lxm3/config.toml``), or none.
     """
     if project is not None and not isinstance(project, str):
         raise TypeError(f"create_experiment(project=...) is the project's name, not a "
@@ -5439,7 +6003,11 @@ def create_experiment(experiment_title: Optional[str] = None, project: Optional[
 
 
 def get_current_experiment() -> ClusterExperiment:
-    """The experiment whose ``with`` block is running (upstream lxm3's helper)."""
+    """The experiment whose ``with`` block is running (upstream lxm3's helper).
+
+    Takes no arguments. Outside such a block (and the job generators it
+    runs), a RuntimeError.
+    """
     try:
         return xm.core._current_experiment.get()
     except LookupError:
@@ -5950,16 +6518,30 @@ def _ucl_resources(requirements: xm.JobRequirements, cluster: str) -> Tuple[Dict
 
 def UclGridEngine(requirements: xm.JobRequirements, walltime: Walltime = None,  # noqa: N802
                   **kwargs: Any) -> GridEngine:
-    """A GridEngine for UCL's clusters "cs" and "myriad", from cpu, ram and gpu
-    requirements (lxm3 0.4.2's ``lxm3.contrib.ucl``).
+    """A GridEngine for UCL's clusters "cs" and "myriad" (lxm3 0.4.2's ``lxm3.contrib.ucl``).
 
-    On cs, ram is ``tmem`` (and ``h_vmem`` without a GPU), a GPU is
+    Made from cpu, ram and gpu requirements by lxm3 0.4.2's rules. On cs, ram is ``tmem`` (and ``h_vmem`` without a GPU), a GPU is
     ``gpu=true`` and more than one a ``gpu`` parallel environment; on myriad,
     ram is ``mem``, GPUs are ``gpu=N`` and the ``singularity-env`` module is
     loaded. More than one CPU is the ``smp`` parallel environment on both.
     The cluster is ``cluster=...``, else ``$LXM_CLUSTER``, else the config's
     first; other keyword arguments are GridEngine's (``resources`` and
     ``parallel_environments`` given here are added to the derived ones).
+
+    Args:
+      requirements: ``xm.JobRequirements`` with ``cpu``, ``ram`` and ``gpu``
+        only (anything else, a GPU model included, is a ValueError; so is a
+        ``location``). Amounts are passed as Grid Engine numbers: ``ram=8 *
+        xm.GiB`` is ``-l mem=8589934592`` (bytes) on myriad. They become
+        ``resources``/``parallel_environments``, not the GridEngine's
+        ``requirements``.
+      walltime: as ``GridEngine``'s: ``-l h_rt=HH:MM:SS``.
+      **kwargs: any other ``GridEngine`` parameter by name: ``cluster``
+        (``"cs"`` or ``"myriad"``; another name is a ConfigError; default
+        ``$LXM_CLUSTER``, else the first cluster of the config file in force,
+        read when this is called), ``resources`` and
+        ``parallel_environments`` (merged over the derived ones), ``modules``
+        (after ``singularity-env`` on myriad), ``queue``, ...
     """
     if requirements.location is not None:
         raise ValueError("UclGridEngine does not take requirements.location: the cluster is "
@@ -6011,6 +6593,21 @@ def configure_wandb(project: str, entity: str, group: str = "{title}_{xid}_{wid}
     (``{title}_{xid}_{wid}``; ``_{task + 1}`` is added for each ArrayJob task)
     and, from the launcher's git repository, WANDB_GIT_REMOTE_URL and
     WANDB_GIT_COMMIT. wandb itself is not needed: the tasks' wandb reads these.
+
+    These override the job's own ``env_vars`` of the same names. The git
+    values are read once, when ``configure_wandb`` is called. The wrapper
+    refuses anything but an ``xm.Job`` or ``ArrayJob`` (TypeError), and an
+    ArrayJob's work unit takes no ``experiment.add(..., args=...)``
+    (ValueError: give its tasks' args in the ArrayJob).
+
+    Args:
+      project: WANDB_PROJECT.
+      entity: WANDB_ENTITY (a W&B user or team).
+      group: WANDB_RUN_GROUP, a ``str.format`` template of ``{title}`` (the
+        experiment's), ``{xid}`` (its id) and ``{wid}`` (the work unit's).
+        Default ``"{title}_{xid}_{wid}"``.
+      mode: WANDB_MODE: ``"online"``, ``"offline"`` or ``"disabled"``.
+        Default ``"online"``.
     """
     shared = {"WANDB_PROJECT": project, "WANDB_ENTITY": entity, "WANDB_MODE": mode,
               **_git_env_for_wandb()}
