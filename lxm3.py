@@ -762,12 +762,51 @@ def _cluster_config(data: Mapping[str, Any], config_dir: Optional[str] = None) -
     )
 
 
-_config_path_override: Optional[str] = None
+class LaunchOptions(ValueObject):
+    """What ``lxm3 launch`` was told, for the experiments its launcher creates.
+
+    A launcher calls ``create_experiment()`` and ``load_config()`` without
+    them, so ``lxm3 launch`` makes its options current while the launcher
+    runs (``with options.applied():``); nothing outlives that launch.
+
+    Args:
+      config_path: the config file given as ``--lxm_config`` (None: the
+        usual search, see ``find_config_file``).
+      dry_run_directory: ``--dry-run``: where job scripts are written instead
+        of being copied, submitted or run (None: a real launch).
+    """
+
+    def __init__(self, config_path: Optional[str] = None, dry_run_directory: Optional[str] = None):
+        self.config_path = config_path
+        self.dry_run_directory = dry_run_directory
+        self._experiments_created = 0  # tells lxm3 launch whether the launcher ran its main
+
+    def applied(self):
+        """A context in which ``current_launch()`` is this one."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            _launch_stack.append(self)
+            try:
+                yield self
+            finally:
+                _launch_stack.remove(self)
+
+        return scope()
 
 
-def find_config_file() -> Optional[str]:
-    """``--lxm_config``, ``$LXM_CONFIG``, ``./lxm.toml``, then the user's config."""
-    explicit = _config_path_override or os.environ.get("LXM_CONFIG")
+_launch_stack: List[LaunchOptions] = []  # the launches lxm3 launch is running (one, or none)
+
+
+def current_launch() -> LaunchOptions:
+    """The options of the running ``lxm3 launch``; defaults when a launcher runs by itself."""
+    return _launch_stack[-1] if _launch_stack else LaunchOptions()
+
+
+def find_config_file(explicit: Optional[str] = None) -> Optional[str]:
+    """``explicit``, ``--lxm_config``, ``$LXM_CONFIG``, ``./lxm.toml``, then the user's config."""
+    explicit = explicit or current_launch().config_path or os.environ.get("LXM_CONFIG")
     if explicit:
         if not os.path.isfile(explicit):
             raise ConfigError(f"lxm3 config {explicit} does not exist")
@@ -779,9 +818,10 @@ def find_config_file() -> Optional[str]:
     return next((p for p in candidates if os.path.isfile(p)), None)
 
 
-def load_config() -> Config:
-    """The config in force; an empty one when there is no file (local runs need none)."""
-    path = find_config_file()
+def load_config(path: Optional[str] = None) -> Config:
+    """The config in force (or the file ``path``); an empty one when there is no
+    file (local runs need none)."""
+    path = find_config_file(path)
     return Config.from_file(path) if path else Config()
 
 
@@ -5642,15 +5682,13 @@ class ClusterExperiment(xm.Experiment):
     _async_packager = xm.async_packager.AsyncPackager(_package_all)
 
     def __init__(self, experiment_title: str, config: Optional[Config] = None,
-                 project: Optional[str] = None):
-        global _experiments_created
+                 project: Optional[str] = None, dry_run_directory: Optional[str] = None):
         super().__init__()
-        _experiments_created += 1
         self._title = experiment_title
         self.config = config if config is not None else load_config()
         # As upstream lxm3: $LXM_PROJECT, else the project given here, else the config's.
         self.project = os.environ.get("LXM_PROJECT") or project or self.config.project
-        self.dry_run_directory = _dry_run_directory
+        self.dry_run_directory = dry_run_directory
         self._id = int(time.time() * 1000) if self.dry_run_directory else claim_experiment_id()
         self._work_units: List[ClusterWorkUnit] = []
         self._runner: Optional[LocalRunner] = None
@@ -5958,10 +5996,6 @@ def _failure(error: Optional[BaseException]) -> Optional[BaseException]:
     return error
 
 
-_dry_run_directory: Optional[str] = None  # set by ``lxm3 launch --dry-run``
-_experiments_created = 0  # by this process: tells ``lxm3 launch`` that a launcher ran its main
-
-
 def create_experiment(experiment_title: Optional[str] = None, project: Optional[str] = None,
                       config: Optional[Config] = None) -> ClusterExperiment:
     """Create an experiment; use it as ``with create_experiment(...) as experiment:``.
@@ -5999,7 +6033,10 @@ def create_experiment(experiment_title: Optional[str] = None, project: Optional[
     if experiment_title is None:
         launcher = xm.utils.find_launch_script_path()
         experiment_title = os.path.splitext(os.path.basename(launcher))[0] if launcher else "experiment"
-    return ClusterExperiment(experiment_title, config=config, project=project)
+    launch = current_launch()
+    launch._experiments_created += 1
+    return ClusterExperiment(experiment_title, config=config, project=project,
+                             dry_run_directory=launch.dry_run_directory)
 
 
 def get_current_experiment() -> ClusterExperiment:
@@ -6946,27 +6983,28 @@ def _run_launcher_main(namespace: Mapping[str, Any], launcher_path: str, args: L
 def _launch(launcher: str, args: List[str], dry_run: bool = False) -> int:
     import runpy
 
-    global _config_path_override, _dry_run_directory
     config_path, args = _take_option(args, "--lxm_config")
-    if config_path:
-        _config_path_override = os.path.abspath(os.path.expanduser(config_path))
+    options = LaunchOptions(config_path=os.path.abspath(os.path.expanduser(config_path)) if config_path else None)
     launcher_path = os.path.abspath(launcher)
     if not os.path.isfile(launcher_path):
         raise LaunchError(f"launcher {launcher} does not exist")
     if dry_run:
         import tempfile
 
-        _dry_run_directory = tempfile.mkdtemp(prefix="lxm3-dry-run-")
-        _progress(f"dry run: job scripts are written to {_dry_run_directory}; "
+        options.dry_run_directory = tempfile.mkdtemp(prefix="lxm3-dry-run-")
+        _progress(f"dry run: job scripts are written to {options.dry_run_directory}; "
                   "nothing is copied, submitted or run")
+    # The launcher sees itself as the program, as if run by python; all of it
+    # is put back afterwards, so that a second launch in this process starts clean.
+    saved_argv, saved_path = sys.argv, list(sys.path)
     xm.utils.set_launch_script(launcher_path)
     sys.argv = [launcher_path, *args]
     sys.path.insert(0, os.path.dirname(launcher_path))
     try:
-        created = _experiments_created
-        namespace = runpy.run_path(launcher_path, run_name="__main__")
-        if _experiments_created == created and _main_left_to_run(launcher_path, namespace):
-            _run_launcher_main(namespace, launcher_path, args)
+        with options.applied():
+            namespace = runpy.run_path(launcher_path, run_name="__main__")
+            if not options._experiments_created and _main_left_to_run(launcher_path, namespace):
+                _run_launcher_main(namespace, launcher_path, args)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else _exit_message(e.code))
     except LaunchError as e:
@@ -6978,6 +7016,9 @@ def _launch(launcher: str, args: List[str], dry_run: bool = False) -> int:
     except Exception as e:  # the user's error: show where in their launcher it happened
         _user_traceback(e)
         return 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        xm.utils.set_launch_script(None)
     return 0
 
 

@@ -84,8 +84,10 @@ def test_search_order(tmp_path, monkeypatch, xdg_dirs):
     assert lxm3.load_config().project == "env"
     flag_config = tmp_path / "flag.toml"
     flag_config.write_text('project = "flag"\n')
-    monkeypatch.setattr(lxm3, "_config_path_override", str(flag_config))
-    assert lxm3.load_config().project == "flag"
+    with lxm3.LaunchOptions(config_path=str(flag_config)).applied():
+        assert lxm3.load_config().project == "flag"
+    assert lxm3.load_config().project == "env"  # the launch's option ends with it
+    assert lxm3.load_config(str(flag_config)).project == "flag"
 
 
 def test_missing_explicit_config_is_an_error(monkeypatch, tmp_path):

@@ -35,13 +35,13 @@ CONFIG = lxm3.Config(clusters=[lxm3.ClusterConfig(name="site", server="login.exa
 def job_scripts(tmp_path, monkeypatch, echo_project, executors):
     """The job.sh of each executor's work unit, as a dry run writes them."""
     directory = tmp_path / "dry"
-    monkeypatch.setattr(lxm3, "_dry_run_directory", str(directory))
     spec = lxm3.SingularityContainer(
         lxm3.PythonPackage(xm.ModuleName("echoapp.main"), path=echo_project), IMAGE)
-    with lxm3.create_experiment("gpus", config=CONFIG) as experiment:
-        [exe] = experiment.package([xm.Packageable(spec, executor_spec=executors[0].Spec())])
-        for executor in executors:
-            experiment.add(xm.Job(exe, executor))
+    with lxm3.LaunchOptions(dry_run_directory=str(directory)).applied():
+        with lxm3.create_experiment("gpus", config=CONFIG) as experiment:
+            [exe] = experiment.package([xm.Packageable(spec, executor_spec=executors[0].Spec())])
+            for executor in executors:
+                experiment.add(xm.Job(exe, executor))
     base = directory / "site" / "experiments" / str(experiment.experiment_id)
     return [(base / f"wu{i + 1}" / "job.sh").read_text() for i in range(len(executors))]
 
