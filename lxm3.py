@@ -4527,10 +4527,10 @@ def parse_submission_output(output: str, submissions: Sequence[ArraySubmission])
 
 
 def unit_submission_state(num_tasks: int, arrays: Sequence[Any]) -> str:
-    """``submitted``, ``partially submitted`` or ``not submitted``, by the tasks the arrays hold."""
+    """Submitted, partially submitted or not submitted, by the tasks the arrays hold."""
     if not arrays:
-        return "not submitted"
-    return "partially submitted" if _unsubmitted_tasks(num_tasks, arrays) else "submitted"
+        return UnitState.NOT_SUBMITTED
+    return UnitState.PARTIALLY_SUBMITTED if _unsubmitted_tasks(num_tasks, arrays) else UnitState.SUBMITTED
 
 
 # ---------------------------------------------------------------------------
@@ -4539,10 +4539,258 @@ def unit_submission_state(num_tasks: int, arrays: Sequence[Any]) -> str:
 #
 # One JSON file per experiment, <state>/experiments/<id>.json, replaced
 # atomically on every update; ids are claimed with O_EXCL so that launches
-# started in the same millisecond still get their own.
+# started in the same millisecond still get their own. The classes below are
+# the file's whole format: they write it (to_json) and read it (from_json).
 
-RECORD_VERSION = 1
+RECORD_VERSION = 1  # written into each record; a record of a later version is refused
 RECORD_SAVE_INTERVAL = 1.0  # seconds between saves while local work units start
+
+
+class UnitState:
+    """A work unit's ``state``, and the moves allowed between states (NEXT)."""
+
+    ADDING = "adding"  # experiment.add() is making it
+    QUEUED = "queued"  # cluster work: waits for the end of the ``with`` block
+    SUBMITTING = "submitting"  # being submitted, or the outcome was not seen: the cluster's log knows
+    SUBMITTED = "submitted"
+    PARTIALLY_SUBMITTED = "partially submitted"  # some arrays were, then the scheduler refused one
+    NOT_SUBMITTED = "not submitted"
+    RUNNING = "running"  # local tasks
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"  # local tasks stopped by Ctrl-C or a failing launcher
+    DRY_RUN = "dry run"
+
+    NEXT = {
+        ADDING: {QUEUED, RUNNING, DRY_RUN},
+        QUEUED: {SUBMITTING, NOT_SUBMITTED, DRY_RUN},
+        SUBMITTING: {SUBMITTING, SUBMITTED, PARTIALLY_SUBMITTED, NOT_SUBMITTED},
+        RUNNING: {COMPLETED, FAILED, STOPPED},
+    }
+
+    @classmethod
+    def move(cls, old: str, new: str, what: str) -> str:
+        """``new``, if a unit in state ``old`` may move to it (else lxm3 has a bug: say so)."""
+        if new not in cls.NEXT.get(old, ()):
+            raise RuntimeError(f"lxm3 bug: {what} cannot go from {old!r} to {new!r}; please report it")
+        return new
+
+
+class ExperimentStatus:
+    """An experiment's ``status``: how its launch went, then how its work ended."""
+
+    LAUNCHING = "launching"
+    LAUNCHED = "launched"  # submitted to clusters; ``lxm3 status`` says how it went
+    PARTIAL = "partial"  # some work units were submitted, then the launch failed
+    INTERRUPTED = "interrupted"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class TaskState:
+    """A task's state as ``lxm3 status`` reports it, in the order it lists them (ORDER)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"  # left the queue without an exit record
+    NOT_SUBMITTED = "not submitted"
+
+    ORDER = (COMPLETED, RUNNING, PENDING, FAILED, CANCELLED, UNKNOWN, NOT_SUBMITTED)
+    ACTIVE = (PENDING, RUNNING)
+
+
+def _parameters(cls: type) -> Tuple[str, ...]:
+    """The names ``cls(...)`` takes: a record's keys that mean something to this lxm3."""
+    code = cls.__init__.__code__
+    return code.co_varnames[1:code.co_argcount]
+
+
+class SubmittedArray(ValueObject):
+    """An array the scheduler accepted: tasks ``first_task .. first_task + count - 1``."""
+
+    def __init__(self, job_id: str, first_task: int, count: int):
+        self.job_id = job_id
+        self.first_task = first_task
+        self.count = count
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"job_id": self.job_id, "first_task": self.first_task, "count": self.count}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SubmittedArray:
+        return cls(str(data["job_id"]), int(data["first_task"]), int(data["count"]))
+
+
+class PlannedArray(ValueObject):
+    """An array a launch meant to submit; ``key`` names it in the cluster's submission log."""
+
+    def __init__(self, key: str, first_task: int, count: int):
+        self.key = key
+        self.first_task = first_task
+        self.count = count
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"key": self.key, "first_task": self.first_task, "count": self.count}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PlannedArray:
+        return cls(str(data["key"]), int(data["first_task"]), int(data["count"]))
+
+
+class WorkUnitRecord(ValueObject):
+    """What ``lxm3 status``, ``logs`` and ``cancel`` need to find a work unit again.
+
+    Args:
+      id: the work unit's id (1, 2, ...).
+      state: a UnitState.
+      executor: the executor's class name (``Slurm``, ``GridEngine``, ``Local``).
+      scheduler: a SCHEDULERS name, or ``local``.
+      cluster: the config's cluster name (None for local work).
+      num_tasks: how many tasks the unit has.
+      tasks: each task's arguments and environment, as launched
+        (``{"args": [...], "env": {...}}``, ``shell_args``: indices of
+        arguments the node's shell expands).
+      job_name, job_directory, script, log_directory, archive, image: where
+        its files are, as the machine that runs it sees them.
+      arrays: the SubmittedArrays; planned: the PlannedArrays.
+      submission_log: the cluster's log of submitted job ids.
+      cancelled: whether ``lxm3 cancel`` cancelled a job of it.
+      connection: how to reach the cluster again (server, user, port, key,
+        timeouts, ssh_config, proxycommand), so that status works without the
+        config that launched it.
+      custom_output: the user set the output path, so lxm3 cannot find the logs.
+      log_paths: local tasks' logs, by task; exit_codes: local tasks that ended.
+    """
+
+    def __init__(self, id: int, state: str, executor: Optional[str] = None,  # noqa: A002
+                 scheduler: str = "local", cluster: Optional[str] = None, num_tasks: int = 0,
+                 tasks: Optional[List[Dict[str, Any]]] = None, job_name: Optional[str] = None,
+                 job_directory: Optional[str] = None, script: Optional[str] = None,
+                 log_directory: Optional[str] = None, archive: Optional[str] = None,
+                 image: Optional[str] = None, arrays: Optional[List[SubmittedArray]] = None,
+                 planned: Optional[List[PlannedArray]] = None, submission_log: Optional[str] = None,
+                 cancelled: bool = False, connection: Optional[Dict[str, Any]] = None,
+                 custom_output: bool = False, log_paths: Optional[List[str]] = None,
+                 exit_codes: Optional[Dict[int, int]] = None):
+        self.id = id
+        self.state = state
+        self.executor = executor
+        self.scheduler = scheduler
+        self.cluster = cluster
+        self.num_tasks = num_tasks
+        self.tasks = [] if tasks is None else tasks
+        self.job_name = job_name
+        self.job_directory = job_directory
+        self.script = script
+        self.log_directory = log_directory
+        self.archive = archive
+        self.image = image
+        self.arrays = [] if arrays is None else arrays
+        self.planned = [] if planned is None else planned
+        self.submission_log = submission_log
+        self.cancelled = cancelled
+        self.connection = connection
+        self.custom_output = custom_output
+        self.log_paths = [] if log_paths is None else log_paths
+        self.exit_codes = {} if exit_codes is None else exit_codes
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheduler == "local"
+
+    @property
+    def job_ids(self) -> List[str]:
+        return [a.job_id for a in self.arrays]
+
+    def set_state(self, state: str) -> None:
+        self.state = UnitState.move(self.state, state, f"work unit {self.id}")
+
+    def to_json(self) -> Dict[str, Any]:
+        data = {k: v for k, v in vars(self).items() if k not in ("arrays", "planned", "exit_codes")}
+        data["arrays"] = [a.to_json() for a in self.arrays]
+        data["planned"] = [p.to_json() for p in self.planned]
+        data["exit_codes"] = {str(k): v for k, v in sorted(self.exit_codes.items())}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> WorkUnitRecord:
+        """Fields a record of an earlier lxm3 lacks get their defaults."""
+        fields = {k: v for k, v in data.items() if k in _parameters(cls)}
+        fields["arrays"] = [SubmittedArray.from_json(a) for a in data.get("arrays") or []]
+        fields["planned"] = [PlannedArray.from_json(p) for p in data.get("planned") or []]
+        fields["exit_codes"] = {int(k): v for k, v in (data.get("exit_codes") or {}).items()}
+        fields["log_paths"] = data.get("log_paths") or []
+        return cls(**fields)
+
+
+class ExperimentRecord(ValueObject):
+    """An experiment as launched: ``lxm3 list`` and ``status`` read it back.
+
+    Args:
+      experiment_id: milliseconds since the epoch at launch, as in lxm3 0.4.2.
+      title, project: as given to ``create_experiment`` (project: also the
+        config's or ``$LXM_PROJECT``).
+      created: when, in UTC (ISO 8601).
+      launcher, argv, cwd: the launcher file, its arguments and the directory
+        it ran in, so that the launch can be told again.
+      git: the launcher's repository: ``commit``, ``dirty``, ``root`` (None outside git).
+      config: the config file in force (None: none).
+      status: an ExperimentStatus; error: why it failed, if it did.
+      work_units: the WorkUnitRecords.
+      version: the format's version (RECORD_VERSION).
+    """
+
+    def __init__(self, experiment_id: int, title: str, created: str, project: Optional[str] = None,
+                 launcher: Optional[str] = None, argv: Optional[List[str]] = None,
+                 cwd: Optional[str] = None, git: Optional[Dict[str, Any]] = None,
+                 config: Optional[str] = None, status: str = ExperimentStatus.LAUNCHING,
+                 error: Optional[str] = None, work_units: Optional[List[WorkUnitRecord]] = None,
+                 version: int = RECORD_VERSION):
+        self.version = version
+        self.experiment_id = experiment_id
+        self.title = title
+        self.project = project
+        self.created = created
+        self.launcher = launcher
+        self.argv = [] if argv is None else argv
+        self.cwd = cwd
+        self.git = git
+        self.config = config
+        self.status = status
+        self.error = error
+        self.work_units = [] if work_units is None else work_units
+
+    def unit(self, work_unit_id: int) -> WorkUnitRecord:
+        """The work unit with this id; an error naming those there are otherwise."""
+        for unit in self.work_units:
+            if unit.id == work_unit_id:
+                return unit
+        raise LaunchError(f"experiment {self.experiment_id} has no work unit {work_unit_id} "
+                          f"(it has {', '.join(str(u.id) for u in self.work_units) or 'none'})")
+
+    def to_json(self) -> Dict[str, Any]:
+        data = {k: v for k, v in vars(self).items() if k != "work_units"}
+        data["work_units"] = [u.to_json() for u in self.work_units]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str = "the record") -> ExperimentRecord:
+        """Read a record; one written by a later lxm3 (a higher version) is refused."""
+        version = data.get("version", 1)
+        if not isinstance(version, int) or version > RECORD_VERSION:
+            raise LaunchError(f"{where} was written by a newer lxm3 (record version {version}; this "
+                              f"lxm3 {__version__} reads versions up to {RECORD_VERSION}): upgrade lxm3 "
+                              "to read it")
+        try:
+            fields = {k: v for k, v in data.items() if k in _parameters(cls)}
+            fields["work_units"] = [WorkUnitRecord.from_json(u) for u in data.get("work_units") or []]
+            return cls(**fields)
+        except (TypeError, KeyError, ValueError, AttributeError) as e:
+            raise LaunchError(f"{where} is not an lxm3 record ({type(e).__name__}: {e})") from None
 
 
 def _utc_now() -> str:
@@ -4573,23 +4821,25 @@ def claim_experiment_id() -> int:
         return experiment_id
 
 
-def save_record(record: Mapping[str, Any]) -> None:
-    _write_json_atomic(_record_path(record["experiment_id"]), record)
+def save_record(record: ExperimentRecord) -> None:
+    _write_json_atomic(_record_path(record.experiment_id), record.to_json())
 
 
-def load_record(experiment_id: Union[int, str]) -> Dict[str, Any]:
+def load_record(experiment_id: Union[int, str]) -> ExperimentRecord:
     """The record of a past launch; ``lxm3 list`` shows the ids."""
     if not str(experiment_id).isdigit():
         raise LaunchError(f"{experiment_id!r} is not an experiment id; 'lxm3 list' shows them")
-    record = _read_json(_record_path(int(experiment_id)))
-    if not record:
+    path = _record_path(int(experiment_id))
+    data = _read_json(path)
+    if not data:
         raise LaunchError(f"no record of experiment {experiment_id} in {os.path.dirname(_record_path(0))}; "
                           "'lxm3 list' shows the experiments launched from this machine")
-    return record
+    return ExperimentRecord.from_json(data, where=path)
 
 
-def list_records(limit: Optional[int] = None) -> List[Dict[str, Any]]:
-    """Records, newest first; files still being claimed (empty) are skipped."""
+def list_records(limit: Optional[int] = None) -> List[ExperimentRecord]:
+    """Records, newest first; files still being claimed (empty) are skipped, and
+    unreadable ones named on stderr."""
     directory = os.path.dirname(_record_path(0))
     try:
         ids = sorted((int(n[:-5]) for n in os.listdir(directory)
@@ -4598,11 +4848,17 @@ def list_records(limit: Optional[int] = None) -> List[Dict[str, Any]]:
         return []
     records = []
     for experiment_id in ids:
-        record = _read_json(_record_path(experiment_id))
-        if record:
-            records.append(record)
-            if limit and len(records) >= limit:
-                break
+        path = _record_path(experiment_id)
+        data = _read_json(path)
+        if not data:
+            continue
+        try:
+            records.append(ExperimentRecord.from_json(data, where=path))
+        except LaunchError as e:
+            _progress(f"skipped: {e}")
+            continue
+        if limit and len(records) >= limit:
+            break
     return records
 
 
@@ -5285,8 +5541,7 @@ def _unsubmitted_tasks(num_tasks: int, arrays: Iterable[Any]) -> List[int]:
     """Tasks of a work unit that no submitted array holds (arrays: records or submissions)."""
     covered = set()
     for a in arrays:
-        first, count = (a["first_task"], a["count"]) if isinstance(a, Mapping) else (a.first_task, a.count)
-        covered.update(range(first, first + count))
+        covered.update(range(a.first_task, a.first_task + a.count))
     return [t for t in range(num_tasks) if t not in covered]
 
 
@@ -5322,7 +5577,7 @@ def dry_run_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sched
     tree = os.path.join(directory, cluster.name)
     submissions, log_dirs = prepare_cluster_launch(experiment, cluster, scheduler, launches, info, tree)
     for launch in launches:
-        launch.work_unit.state = "dry run"
+        launch.work_unit._dry_run()
     target = f"{cluster.user + '@' if cluster.user else ''}{cluster.server or 'this machine'}"
     print(f"[dry run] {cluster.name}: {note}")
     print(f"[dry run] {cluster.name}: would copy {tree}/ to {target}:{info.staging}/ "
@@ -5381,10 +5636,8 @@ class ClusterWorkUnit(xm.WorkUnit):
         self._executor: Optional[xm.Executor] = None
         self._executable: Optional[ClusterExecutable] = None
         self._tasks: List[Task] = []
-        # adding, then: queued, submitting, then submitted, partially submitted or
-        # not submitted (clusters);
-        # running, then completed, failed or stopped (local); dry run
-        self.state = "adding"
+        self.state = UnitState.ADDING  # moves only by _set_state
+
         self.job_directory: Optional[str] = None
         self.log_paths: List[str] = []
         self.cluster: Optional[str] = None
@@ -5406,6 +5659,9 @@ class ClusterWorkUnit(xm.WorkUnit):
     @property
     def experiment_unit_name(self) -> str:
         return f"{self.experiment_id}_{self._work_unit_id}"
+
+    def _set_state(self, state: str) -> None:
+        self.state = UnitState.move(self.state, state, f"work unit {self._work_unit_id}")
 
     async def _launch_job_group(self, job_group, args_view, identity) -> None:
         del args_view, identity
@@ -5438,7 +5694,8 @@ class ClusterWorkUnit(xm.WorkUnit):
             cluster = self.experiment.config.cluster(executor.cluster)
             check_tasks_with_common_env(tasks, cluster.env, where)
             scheduler_of(executor).header(executor, cluster, "check")  # an impossible request fails here
-            self.cluster, self.state = cluster.name, "queued"
+            self.cluster = cluster.name
+            self._set_state(UnitState.QUEUED)
             self.experiment._queue(PendingLaunch(self, executable, executor, tasks))
 
     def _start_locally(self, executable: ClusterExecutable, executor: Local, tasks: List[Task]) -> None:
@@ -5460,14 +5717,14 @@ class ClusterWorkUnit(xm.WorkUnit):
         if experiment.dry_run_directory:
             print(f"[dry run] would run {len(tasks)} task(s) locally: LXM_TASK_ID=<0..{len(tasks) - 1}> "
                   f"bash {shell_quote(script_path)}")
-            self.state = "dry run"
+            self._set_state(UnitState.DRY_RUN)
             return
         runner = experiment.local_runner(executor)
         # Without a container, tasks use the launching interpreter, as users expect locally.
         env = {} if executable.container else {"LXM_PYTHON": sys.executable}
         self.log_paths = runner.submit(script_path, self._work_unit_id, len(tasks),
                                        self.log_directory, env, _requirements_gpus(executor.requirements))
-        self.state = "running"
+        self._set_state(UnitState.RUNNING)
         experiment.save_record_soon()
         _progress(f"work unit {self._work_unit_id}: {len(tasks)} task(s) started locally; "
                   f"logs in {self.log_directory}")
@@ -5479,58 +5736,65 @@ class ClusterWorkUnit(xm.WorkUnit):
 
     def _submitting(self, planned: List[ArraySubmission], submission_log: str) -> None:
         """About to submit: until the outcome is known, the cluster's log is the truth."""
-        self.planned, self.submission_log, self.state = planned, submission_log, "submitting"
+        self.planned, self.submission_log = planned, submission_log
+        self._set_state(UnitState.SUBMITTING)
 
     def _submitted(self, arrays: List[ArraySubmission], confirmed: bool = True) -> None:
         """``confirmed``: the arrays are all there will be (else the log is read again later)."""
         self.arrays = arrays
-        self.state = unit_submission_state(len(self._tasks), arrays) if confirmed else "submitting"
+        self._set_state(unit_submission_state(len(self._tasks), arrays) if confirmed else UnitState.SUBMITTING)
         if arrays:
             jobs = ", ".join(f"{s.job_id} ({s.task_range})" for s in arrays)
             _progress(f"work unit {self._work_unit_id}: submitted to {self.cluster} as job {jobs}; "
                       f"logs in {self.log_directory}")
 
+    def _dry_run(self) -> None:
+        self._set_state(UnitState.DRY_RUN)
+
+    def _not_submitted(self) -> None:
+        """Queued, but the launch ended before its turn (interrupted, or a failure)."""
+        if self.state == UnitState.QUEUED:
+            self._set_state(UnitState.NOT_SUBMITTED)
+
+    def _local_tasks_ended(self, stopped: bool) -> None:
+        """Its local tasks ended (``stopped``: by lxm3): completed, failed or stopped."""
+        if self.state == UnitState.RUNNING:
+            ended_well = len(self.exit_codes) == len(self._tasks) and not any(self.exit_codes.values())
+            self._set_state(UnitState.COMPLETED if ended_well else
+                            UnitState.STOPPED if stopped else UnitState.FAILED)
+
     @property
     def job_ids(self) -> List[str]:
         return [s.job_id for s in self.arrays if s.job_id]
 
-    def to_record(self) -> Dict[str, Any]:
+    def to_record(self) -> WorkUnitRecord:
         """What ``lxm3 status``/``logs``/``cancel`` need to find this unit again."""
         executor = self._executor
-        record: Dict[str, Any] = {
-            "id": self._work_unit_id,
-            "state": self.state,
-            "executor": type(executor).__name__ if executor else None,
-            "scheduler": executor.scheduler if isinstance(executor, ClusterExecutor) else "local",
-            "cluster": self.cluster,
-            "job_name": self.job_name,
-            "job_directory": self.job_directory,
-            "script": os.path.join(self.job_directory, "job.sh") if self.job_directory else None,
-            "log_directory": self.log_directory,
-            "archive": self.archive_path,
-            "image": self.image_path or (self._executable.image if self._executable else None),
-            "arrays": [{"job_id": s.job_id, "first_task": s.first_task, "count": s.count}
-                       for s in self.arrays],
-            "planned": [{"key": s.key, "first_task": s.first_task, "count": s.count}
-                        for s in self.planned],
-            "submission_log": self.submission_log,
-            "num_tasks": len(self._tasks),
-            "cancelled": self.cancelled,
-            "tasks": [_task_record(t) for t in self._tasks],
-        }
+        record = WorkUnitRecord(
+            id=self._work_unit_id, state=self.state,
+            executor=type(executor).__name__ if executor else None,
+            scheduler=executor.scheduler if isinstance(executor, ClusterExecutor) else "local",
+            cluster=self.cluster, num_tasks=len(self._tasks), tasks=[_task_record(t) for t in self._tasks],
+            job_name=self.job_name, job_directory=self.job_directory,
+            script=os.path.join(self.job_directory, "job.sh") if self.job_directory else None,
+            log_directory=self.log_directory, archive=self.archive_path,
+            image=self.image_path or (self._executable.image if self._executable else None),
+            arrays=[SubmittedArray(s.job_id, s.first_task, s.count) for s in self.arrays],
+            planned=[PlannedArray(s.key, s.first_task, s.count) for s in self.planned],
+            submission_log=self.submission_log, cancelled=self.cancelled,
+        )
         if isinstance(executor, Local):
-            record["log_paths"] = self.log_paths
-            record["exit_codes"] = {str(k): v for k, v in sorted(self.exit_codes.items())}
-        elif executor is not None:
+            record.log_paths, record.exit_codes = list(self.log_paths), dict(self.exit_codes)
+        elif isinstance(executor, ClusterExecutor):
             cluster = self.experiment.config.cluster(self.cluster)
-            record["connection"] = {"server": cluster.server, "user": cluster.user,
-                                    "port": cluster.port, "ssh_private_key": cluster.ssh_private_key,
-                                    "ssh_connect_timeout": cluster.ssh_connect_timeout,
-                                    "ssh_keepalive_interval": cluster.ssh_keepalive_interval,
-                                    "ssh_config": cluster.ssh_config,
-                                    "proxycommand": cluster.proxycommand}
+            record.connection = {"server": cluster.server, "user": cluster.user,
+                                 "port": cluster.port, "ssh_private_key": cluster.ssh_private_key,
+                                 "ssh_connect_timeout": cluster.ssh_connect_timeout,
+                                 "ssh_keepalive_interval": cluster.ssh_keepalive_interval,
+                                 "ssh_config": cluster.ssh_config,
+                                 "proxycommand": cluster.proxycommand}
             scheduler = scheduler_of(executor)
-            record["custom_output"] = scheduler.user_sets(executor, scheduler.output_option)
+            record.custom_output = scheduler.user_sets(executor, scheduler.output_option)
         return record
 
     def _wait_for_launch(self) -> None:
@@ -5547,7 +5811,7 @@ class ClusterWorkUnit(xm.WorkUnit):
     def get_status(self) -> WorkUnitStatus:
         """The state of each task (asks the scheduler, once)."""
         self._wait_for_launch()
-        if self.state == "queued":  # submitted when the experiment block ends
+        if self.state == UnitState.QUEUED:  # submitted when the experiment block ends
             return WorkUnitStatus([TaskStatus(t, "pending", detail="not submitted yet")
                                    for t in range(len(self._tasks))])
         if isinstance(self._executor, Local):
@@ -5571,7 +5835,7 @@ class ClusterWorkUnit(xm.WorkUnit):
         return _launched_jobs(self.to_record())
 
     async def _wait_until_complete(self):
-        if self.state == "queued":  # waiting for it means submitting now what is queued
+        if self.state == UnitState.QUEUED:  # waiting for it means submitting now what is queued
             import asyncio
 
             await asyncio.get_running_loop().run_in_executor(None, self.experiment.submit_pending)
@@ -5588,10 +5852,10 @@ def _task_record(task: Task) -> Dict[str, Any]:
     return record
 
 
-def _launched_jobs(unit: Mapping[str, Any]) -> List[xm.LaunchedJob]:
-    where = unit.get("cluster") or "local"
-    return [xm.LaunchedJob(name=unit.get("job_name") or str(unit["id"]), address=f"{where}:{a['job_id']}",
-                           logs=unit.get("log_directory")) for a in unit["arrays"]]
+def _launched_jobs(unit: WorkUnitRecord) -> List[xm.LaunchedJob]:
+    where = unit.cluster or "local"
+    return [xm.LaunchedJob(name=unit.job_name or str(unit.id), address=f"{where}:{a.job_id}",
+                           logs=unit.log_directory) for a in unit.arrays]
 
 
 async def _poll_until_done(get_status: Callable[[], WorkUnitStatus], unit: Any) -> None:
@@ -5614,12 +5878,12 @@ async def _poll_until_done(get_status: Callable[[], WorkUnitStatus], unit: Any) 
 class LoadedWorkUnit:
     """A work unit of a past launch, with the xm unit methods that still make sense."""
 
-    def __init__(self, experiment: LoadedExperiment, record: Dict[str, Any]):
+    def __init__(self, experiment: LoadedExperiment, record: WorkUnitRecord):
         self.experiment, self.record = experiment, record
 
     @property
     def work_unit_id(self) -> int:
-        return self.record["id"]
+        return self.record.id
 
     @property
     def experiment_id(self) -> int:
@@ -5644,20 +5908,20 @@ class LoadedWorkUnit:
 class LoadedExperiment:
     """A past launch, read back from its record: ``xm_cluster.get_experiment(id)``."""
 
-    def __init__(self, record: Dict[str, Any]):
+    def __init__(self, record: ExperimentRecord):
         self.record = record
 
     @property
     def experiment_id(self) -> int:
-        return self.record["experiment_id"]
+        return self.record.experiment_id
 
     @property
     def experiment_title(self) -> str:
-        return self.record["title"]
+        return self.record.title
 
     @property
     def work_units(self) -> Dict[int, LoadedWorkUnit]:
-        return {u["id"]: LoadedWorkUnit(self, u) for u in self.record["work_units"]}
+        return {u.id: LoadedWorkUnit(self, u) for u in self.record.work_units}
 
 
 def get_experiment(experiment_id: Union[int, str]) -> LoadedExperiment:
@@ -5700,20 +5964,10 @@ class ClusterExperiment(xm.Experiment):
         self._last_save = 0.0
         self._save_timer: Optional[threading.Timer] = None
         launcher = xm.utils.find_launch_script_path()
-        self._record: Dict[str, Any] = {
-            "version": RECORD_VERSION,
-            "experiment_id": self._id,
-            "title": experiment_title,
-            "project": self.project,
-            "created": _utc_now(),
-            "launcher": launcher,
-            "argv": sys.argv[1:],
-            "cwd": os.getcwd(),
-            "git": None,  # filled in when git has answered (it runs while the launch goes on)
-            "config": self.config.path,
-            "status": "launching",
-            "error": None,
-        }
+        # git is filled in when it has answered (it runs while the launch goes on)
+        self._record = ExperimentRecord(
+            experiment_id=self._id, title=experiment_title, project=self.project, created=_utc_now(),
+            launcher=launcher, argv=sys.argv[1:], cwd=os.getcwd(), config=self.config.path)
         self._git = _in_background(git_state, os.path.dirname(launcher) if launcher else os.getcwd())
         self.save_record()
 
@@ -5740,7 +5994,7 @@ class ClusterExperiment(xm.Experiment):
             root = os.path.join(self.dry_run_directory, "local")
         return os.path.join(root, "experiments", str(self._id))
 
-    def record(self, final: bool = False) -> Dict[str, Any]:
+    def record(self, final: bool = False) -> ExperimentRecord:
         """What was launched, as ``lxm3 list``/``status`` read it back.
 
         ``final``: wait for git's answer rather than record it later.
@@ -5748,15 +6002,16 @@ class ClusterExperiment(xm.Experiment):
         git = self._git(wait=final)
         with self._lock:
             if git is not None:
-                self._record["git"] = git
-            return {**self._record, "work_units": [wu.to_record() for wu in self._work_units]}
+                self._record.git = git
+            units = [wu.to_record() for wu in self._work_units]
+            return ExperimentRecord(**{**vars(self._record), "work_units": units})
 
     def save_record(self, status: Optional[str] = None, error: Optional[str] = None) -> None:
         if self.dry_run_directory:
             return  # a dry run leaves no record: nothing was launched
         if status:
             with self._lock:
-                self._record.update(status=status, error=error)
+                self._record.status, self._record.error = status, error
         with self._save_lock:  # the state is read under the lock: the last write is the newest
             if status and self._save_timer is not None:
                 self._save_timer.cancel()  # the outcome is being saved: nothing left for it
@@ -5850,8 +6105,7 @@ class ClusterExperiment(xm.Experiment):
                 submit_to_cluster(self, cluster, scheduler, launches, self._connections[name])
         finally:
             for launch in pending:
-                if launch.work_unit.state == "queued":
-                    launch.work_unit.state = "not submitted"
+                launch.work_unit._not_submitted()
 
     def _close_connections(self) -> None:
         for connection in self._connections.values():
@@ -5862,7 +6116,7 @@ class ClusterExperiment(xm.Experiment):
         with self._lock:
             pending, self._pending = self._pending, []
         for launch in pending:
-            launch.work_unit.state = "not submitted"
+            launch.work_unit._not_submitted()
         if pending:
             why = "the launch was interrupted" if isinstance(error, KeyboardInterrupt) else "the launcher failed"
             _progress(f"{len(pending)} work unit(s) for clusters were not submitted because {why}")
@@ -5906,7 +6160,7 @@ class ClusterExperiment(xm.Experiment):
         stopped), worded to follow "lxm3: interrupted"."""
         submitted = ", ".join(str(wu.work_unit_id) for wu in self._work_units if wu.arrays)
         parts = []
-        unread = any(wu.state == "submitting" for wu in self._work_units)
+        unread = any(wu.state == UnitState.SUBMITTING for wu in self._work_units)
         if submitting:
             parts.append(" while submitting to clusters: " + (
                 "which arrays were submitted is in the cluster's submission log, which "
@@ -5971,9 +6225,7 @@ class ClusterExperiment(xm.Experiment):
         for r in results:
             units[r.work_unit_id].exit_codes[r.task_id] = r.returncode
         for wu in units.values():
-            if wu.state == "running":
-                ended_well = len(wu.exit_codes) == len(wu._tasks) and not any(wu.exit_codes.values())
-                wu.state = "completed" if ended_well else "stopped" if stopped else "failed"
+            wu._local_tasks_ended(stopped)
 
     def _finish_local(self) -> None:
         """Wait for local tasks; a failed task makes the launch fail."""
@@ -6064,7 +6316,7 @@ class TaskStatus(ValueObject):
     def __init__(
         self,
         task: int,
-        state: str,  # pending, running, completed, failed, cancelled, unknown
+        state: str,  # a TaskState
         exit_code: Optional[int] = None,
         job: Optional[str] = None,  # the scheduler's name for it, e.g. "16_3"
         detail: str = "",
@@ -6090,28 +6342,27 @@ class WorkUnitStatus(xm.ExperimentUnitStatus):
 
     @property
     def is_active(self) -> bool:
-        return any(t.state in ("pending", "running") for t in self.tasks)
+        return any(t.state in TaskState.ACTIVE for t in self.tasks)
 
     @property
     def is_completed(self) -> bool:
-        return bool(self.tasks) and all(t.state == "completed" for t in self.tasks)
+        return bool(self.tasks) and all(t.state == TaskState.COMPLETED for t in self.tasks)
 
     @property
     def is_failed(self) -> bool:
         """A task failed, or ended in a way nobody can tell; cancelled alone is not failed."""
-        return not self.is_active and any(t.state in ("failed", "unknown") for t in self.tasks)
+        return not self.is_active and any(t.state in (TaskState.FAILED, TaskState.UNKNOWN) for t in self.tasks)
 
     @property
     def message(self) -> str:
         counts = self.counts()
-        parts = [f"{counts[s]} {s}" for s in _STATES if s in counts]
+        parts = [f"{counts[s]} {s}" for s in TaskState.ORDER if s in counts]
         return f"{len(self.tasks)} task(s): " + ", ".join(parts)
 
 
-_STATES = ("completed", "running", "pending", "failed", "cancelled", "unknown", "not submitted")
-def _unit_connection(unit: Mapping[str, Any]) -> Connection:
-    info = unit.get("connection") or {}
-    return Connection(ClusterConfig(name=unit["cluster"], server=info.get("server"), user=info.get("user"),
+def _unit_connection(unit: WorkUnitRecord) -> Connection:
+    info = unit.connection or {}
+    return Connection(ClusterConfig(name=unit.cluster, server=info.get("server"), user=info.get("user"),
                                     port=info.get("port"), ssh_private_key=info.get("ssh_private_key"),
                                     ssh_connect_timeout=info.get("ssh_connect_timeout"),
                                     ssh_keepalive_interval=info.get("ssh_keepalive_interval"),
@@ -6119,29 +6370,28 @@ def _unit_connection(unit: Mapping[str, Any]) -> Connection:
                                     proxycommand=info.get("proxycommand")))
 
 
-def task_log_path(unit: Mapping[str, Any], task: int) -> Optional[str]:
+def task_log_path(unit: WorkUnitRecord, task: int) -> Optional[str]:
     """Where task ``task`` of a recorded work unit writes its output."""
-    if unit["scheduler"] == "local":
-        paths = unit.get("log_paths") or []
-        return paths[task] if task < len(paths) else None
-    if unit.get("custom_output"):
+    if unit.is_local:
+        return unit.log_paths[task] if task < len(unit.log_paths) else None
+    if unit.custom_output:
         return None
-    for array in unit["arrays"]:
-        index = task - array["first_task"]
-        if 0 <= index < array["count"]:
-            name = scheduler_named(unit["scheduler"]).task_log_name(unit["job_name"], array["job_id"], index)
-            return f"{unit['log_directory']}/{name}"
+    for array in unit.arrays:
+        index = task - array.first_task
+        if 0 <= index < array.count:
+            name = scheduler_named(unit.scheduler).task_log_name(unit.job_name, array.job_id, index)
+            return f"{unit.log_directory}/{name}"
     return None
 
 
-def _status_script(units: Sequence[Mapping[str, Any]], scheduler: Scheduler) -> str:
+def _status_script(units: Sequence[WorkUnitRecord], scheduler: Scheduler) -> str:
     """One round trip: the queue, accounting (if any) and the tasks' exit records."""
-    lines = scheduler.status_lines([a["job_id"] for u in units for a in u["arrays"]])
+    lines = scheduler.status_lines([job_id for u in units for job_id in u.job_ids])
     for u in units:  # each unit's own section: task numbers repeat across units
-        lines.append(f"echo '== exits {u['id']}'")
-        if u.get("log_directory") and not u.get("custom_output"):
-            lines.append(f"find {shell_quote(u['log_directory'])} -maxdepth 1 -type f "
-                         f"-name {shell_quote(u['job_name'] + '-*')} -exec tail -q -n 1 {{}} + 2>/dev/null")
+        lines.append(f"echo '== exits {u.id}'")
+        if u.log_directory and not u.custom_output:
+            lines.append(f"find {shell_quote(u.log_directory)} -maxdepth 1 -type f "
+                         f"-name {shell_quote(u.job_name + '-*')} -exec tail -q -n 1 {{}} + 2>/dev/null")
     return "\n".join(lines) + "\ntrue\n"
 
 
@@ -6157,57 +6407,56 @@ def _sections(output: str) -> Dict[str, List[str]]:
     return sections
 
 
-def _parse_status(output: str, unit: Mapping[str, Any], scheduler: Scheduler,
-                  cancelled: bool) -> List[TaskStatus]:
+def _parse_status(output: str, unit: WorkUnitRecord, scheduler: Scheduler) -> List[TaskStatus]:
     sections = _sections(output)
-    job_ids = {a["job_id"] for a in unit["arrays"]}
+    job_ids = set(unit.job_ids)
     queue, accounting = scheduler.read_status(sections.get("queue", []), sections.get("accounting", []),
                                               job_ids)
     exits = {}
-    for line in sections.get(f"exits {unit['id']}", []):
+    for line in sections.get(f"exits {unit.id}", []):
         match = EXIT_RECORD_PATTERN.search(line)
         if match:
             exits[int(match.group(1))] = int(match.group(2))
     statuses = []
-    for array in unit["arrays"]:
-        for index in range(array["count"]):
-            task, key = array["first_task"] + index, (array["job_id"], index)
-            job = scheduler.task_job(array["job_id"], index)
+    for array in unit.arrays:
+        for index in range(array.count):
+            task, key = array.first_task + index, (array.job_id, index)
+            job = scheduler.task_job(array.job_id, index)
             code = exits.get(task)
             state = queue.get(key)
             if state is None and key in accounting:
                 state, recorded = accounting[key]
                 code = code if code is not None else (int(recorded) if recorded.isdigit() else None)
-            if state in ("pending", "running"):
+            if state in TaskState.ACTIVE:
                 statuses.append(TaskStatus(task, state, None, job))
             elif code is not None:
-                state = state or ("completed" if code == 0 else "failed")
-                if state == "completed" and code != 0:
-                    state = "failed"
-                if cancelled and code in (129, 130, 137, 143):
-                    state = "cancelled"
+                state = state or (TaskState.COMPLETED if code == 0 else TaskState.FAILED)
+                if state == TaskState.COMPLETED and code != 0:
+                    state = TaskState.FAILED
+                if unit.cancelled and code in (129, 130, 137, 143):
+                    state = TaskState.CANCELLED
                 statuses.append(TaskStatus(task, state, code, job))
             elif state is not None:
                 statuses.append(TaskStatus(task, state, None, job))
             else:
-                statuses.append(TaskStatus(task, "cancelled" if cancelled else "unknown", None, job,
-                                           "left the queue without an exit record"))
+                statuses.append(TaskStatus(task, TaskState.CANCELLED if unit.cancelled else TaskState.UNKNOWN,
+                                           None, job, "left the queue without an exit record"))
     return statuses
 
 
-def query_status(record: Mapping[str, Any],
+def query_status(record: ExperimentRecord,
                  work_unit_ids: Optional[Sequence[int]] = None) -> Dict[int, WorkUnitStatus]:
     """The state of every task, with one scheduler query per cluster."""
-    units = [u for u in record["work_units"] if work_unit_ids is None or u["id"] in work_unit_ids]
+    units = [u for u in record.work_units if work_unit_ids is None or u.id in work_unit_ids]
     result: Dict[int, WorkUnitStatus] = {}
-    groups: Dict[Tuple[str, str], List[Mapping[str, Any]]] = {}
+    groups: Dict[Tuple[str, str], List[WorkUnitRecord]] = {}
     for unit in units:
-        if unit["scheduler"] == "local":
-            result[unit["id"]] = WorkUnitStatus(_local_statuses(unit, record))
-        elif unit["arrays"]:
-            groups.setdefault((unit["cluster"], unit["scheduler"]), []).append(unit)
+        if unit.is_local:
+            result[unit.id] = WorkUnitStatus(_local_statuses(unit, record))
+        elif unit.arrays:
+            groups.setdefault((unit.cluster, unit.scheduler), []).append(unit)
         else:
-            result[unit["id"]] = WorkUnitStatus(_unsubmitted_statuses(unit))
+            result[unit.id] = WorkUnitStatus(_unsubmitted_statuses(unit))
     for (_, scheduler_name), group in groups.items():
         scheduler = scheduler_named(scheduler_name)
         connection = _unit_connection(group[0])
@@ -6216,25 +6465,23 @@ def query_status(record: Mapping[str, Any],
         finally:
             connection.close()
         for unit in group:
-            statuses = _parse_status(output, unit, scheduler, bool(unit.get("cancelled")))
-            statuses += _unsubmitted_statuses(unit)
-            result[unit["id"]] = WorkUnitStatus(sorted(statuses, key=lambda t: t.task))
+            statuses = _parse_status(output, unit, scheduler) + _unsubmitted_statuses(unit)
+            result[unit.id] = WorkUnitStatus(sorted(statuses, key=lambda t: t.task))
     return result
 
 
-def _unsubmitted_statuses(unit: Mapping[str, Any]) -> List[TaskStatus]:
+def _unsubmitted_statuses(unit: WorkUnitRecord) -> List[TaskStatus]:
     """Tasks no submitted array holds: never submitted, or not known to be."""
-    if unit.get("state") == "submitting":  # the cluster could not be asked
-        state, detail = "unknown", "not known to be submitted; the cluster's submission log was not read"
-    elif unit.get("state") in ("queued", "adding"):
-        state, detail = "pending", "not submitted yet"
+    if unit.state == UnitState.SUBMITTING:  # the cluster could not be asked
+        state, detail = TaskState.UNKNOWN, "not known to be submitted; the cluster's submission log was not read"
+    elif unit.state in (UnitState.QUEUED, UnitState.ADDING):
+        state, detail = TaskState.PENDING, "not submitted yet"
     else:
-        state, detail = "not submitted", ""
-    return [TaskStatus(t, state, detail=detail)
-            for t in _unsubmitted_tasks(unit["num_tasks"], unit["arrays"])]
+        state, detail = TaskState.NOT_SUBMITTED, ""
+    return [TaskStatus(t, state, detail=detail) for t in _unsubmitted_tasks(unit.num_tasks, unit.arrays)]
 
 
-def reconcile_submissions(record: Dict[str, Any]) -> bool:
+def reconcile_submissions(record: ExperimentRecord) -> bool:
     """Complete a record whose submission's outcome was never seen, from the cluster.
 
     A launch interrupted, cut off or crashed while it submitted leaves units
@@ -6243,12 +6490,12 @@ def reconcile_submissions(record: Dict[str, Any]) -> bool:
     submission still running), fills in the arrays and saves the record.
     Returns whether the record changed.
     """
-    units = [u for u in record["work_units"] if u.get("state") == "submitting" and u.get("submission_log")]
-    groups: Dict[str, List[Dict[str, Any]]] = {}
+    units = [u for u in record.work_units if u.state == UnitState.SUBMITTING and u.submission_log]
+    groups: Dict[str, List[WorkUnitRecord]] = {}
     for unit in units:
-        groups.setdefault(unit["cluster"], []).append(unit)
+        groups.setdefault(unit.cluster, []).append(unit)
     for group in groups.values():
-        directories = sorted({os.path.dirname(u["submission_log"]) for u in group})
+        directories = sorted({os.path.dirname(u.submission_log) for u in group})
         connection = _unit_connection(group[0])
         try:
             output = connection.run_script("".join(submission_log_script(d) for d in directories),
@@ -6261,33 +6508,32 @@ def reconcile_submissions(record: Dict[str, Any]) -> bool:
             if word == "OK" and job_id.isdigit():
                 known[key] = job_id
         for unit in group:
-            unit["arrays"] = [{"job_id": known[p["key"]], "first_task": p["first_task"], "count": p["count"]}
-                              for p in unit.get("planned", []) if p["key"] in known]
-            unit["state"] = unit_submission_state(unit["num_tasks"], unit["arrays"])
+            unit.arrays = [SubmittedArray(known[p.key], p.first_task, p.count)
+                           for p in unit.planned if p.key in known]
+            unit.set_state(unit_submission_state(unit.num_tasks, unit.arrays))
     if units:
         save_record(record)
     return bool(units)
 
 
-def _local_statuses(unit: Mapping[str, Any], record: Mapping[str, Any]) -> List[TaskStatus]:
-    codes = unit.get("exit_codes") or {}
+def _local_statuses(unit: WorkUnitRecord, record: ExperimentRecord) -> List[TaskStatus]:
     statuses = []
-    for task in range(unit["num_tasks"]):
-        code = codes.get(str(task))
-        if code is not None and unit["state"] == "stopped" and code in (-15, -9, -2, 130, 143):
-            statuses.append(TaskStatus(task, "cancelled", code, detail="stopped by lxm3"))
+    for task in range(unit.num_tasks):
+        code = unit.exit_codes.get(task)
+        stopped = unit.state == UnitState.STOPPED
+        if code is not None and stopped and code in (-15, -9, -2, 130, 143):
+            statuses.append(TaskStatus(task, TaskState.CANCELLED, code, detail="stopped by lxm3"))
         elif code is not None:
-            statuses.append(TaskStatus(task, "completed" if code == 0 else "failed", code))
-        elif unit["state"] == "stopped":
-            statuses.append(TaskStatus(task, "cancelled", detail="stopped before it started"))
-        elif record.get("status") == "launching":  # the launch runs: has the task ended?
-            paths = unit.get("log_paths") or []
-            code = _logged_exit(paths[task]) if task < len(paths) else None
-            statuses.append(TaskStatus(task, "running") if code is None else
-                            TaskStatus(task, "completed" if code == 0 else "failed", code))
+            statuses.append(TaskStatus(task, TaskState.COMPLETED if code == 0 else TaskState.FAILED, code))
+        elif stopped:
+            statuses.append(TaskStatus(task, TaskState.CANCELLED, detail="stopped before it started"))
+        elif record.status == ExperimentStatus.LAUNCHING:  # the launch runs: has the task ended?
+            code = _logged_exit(unit.log_paths[task]) if task < len(unit.log_paths) else None
+            statuses.append(TaskStatus(task, TaskState.RUNNING) if code is None else
+                            TaskStatus(task, TaskState.COMPLETED if code == 0 else TaskState.FAILED, code))
         else:
-            state = "cancelled" if record.get("status") == "interrupted" else "unknown"
-            statuses.append(TaskStatus(task, state))
+            interrupted = record.status == ExperimentStatus.INTERRUPTED
+            statuses.append(TaskStatus(task, TaskState.CANCELLED if interrupted else TaskState.UNKNOWN))
     return statuses
 
 
@@ -6342,22 +6588,21 @@ class CancelResult(ValueObject):
         self.ended = ended
 
 
-def cancel(record: Dict[str, Any], work_unit_ids: Optional[Sequence[int]] = None) -> CancelResult:
+def cancel(record: ExperimentRecord, work_unit_ids: Optional[Sequence[int]] = None) -> CancelResult:
     """Cancel the recorded jobs still queued: one ``scancel``/``qdel`` call per cluster.
 
     Jobs that had ended are left alone and reported as such; a unit is
     marked cancelled only if one of its jobs was.
     """
     reconcile_submissions(record)
-    units = [u for u in record["work_units"] if u["arrays"]
-             and (work_unit_ids is None or u["id"] in work_unit_ids)]
-    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    units = [u for u in record.work_units if u.arrays and (work_unit_ids is None or u.id in work_unit_ids)]
+    groups: Dict[Tuple[str, str], List[WorkUnitRecord]] = {}
     for unit in units:
-        groups.setdefault((unit["cluster"], unit["scheduler"]), []).append(unit)
+        groups.setdefault((unit.cluster, unit.scheduler), []).append(unit)
     result = CancelResult([], [])
     for (_, scheduler_name), group in groups.items():
         scheduler = scheduler_named(scheduler_name)
-        job_ids = list(dict.fromkeys(a["job_id"] for u in group for a in u["arrays"]))
+        job_ids = list(dict.fromkeys(job_id for u in group for job_id in u.job_ids))
         command = scheduler.cancel_command
         connection = _unit_connection(group[0])
         try:
@@ -6378,25 +6623,25 @@ def cancel(record: Dict[str, Any], work_unit_ids: Optional[Sequence[int]] = None
         # A job that ended since the queue was read is not an error (qdel: "does not exist").
         problems = [line for line in lines if not scheduler.benign_cancel.search(line)]
         if last != "lxm3-status 0" and problems:
-            raise ClusterError(f"{command} on {group[0]['cluster']} failed: " + "\n".join(problems))
+            raise ClusterError(f"{command} on {group[0].cluster} failed: " + "\n".join(problems))
         for unit in group:
-            if any(a["job_id"] in active for a in unit["arrays"]):
-                unit["cancelled"] = True
+            if any(job_id in active for job_id in unit.job_ids):
+                unit.cancelled = True
         result.cancelled += active
     save_record(record)
     return result
 
 
-def follow_log(unit: Mapping[str, Any], task: int, lines: int, follow: bool) -> int:
+def follow_log(unit: WorkUnitRecord, task: int, lines: int, follow: bool) -> int:
     """Show a task's log, there or here; with ``follow``, print what is added
     until the task's exit record (``lxm3-exit: task I status S``)."""
     import subprocess
 
     path = task_log_path(unit, task)
     if path is None:
-        raise LaunchError(f"lxm3 does not know where task {task} of work unit {unit['id']} writes its "
+        raise LaunchError(f"lxm3 does not know where task {task} of work unit {unit.id} writes its "
                           "log (not submitted, or its output option was set by the launcher)")
-    if unit["scheduler"] == "local":
+    if unit.is_local:
         if follow:
             return _follow_local(path, lines)
         return _exit_status(subprocess.call(["tail", "-n", str(lines), "--", path]))
@@ -7040,48 +7285,47 @@ def _print_table(rows: List[List[str]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
-def _where(unit: Mapping[str, Any]) -> str:
-    return "local" if unit["scheduler"] == "local" else f"{unit['cluster']} ({unit['executor']})"
+def _where(unit: WorkUnitRecord) -> str:
+    return "local" if unit.is_local else f"{unit.cluster} ({unit.executor})"
 
 
 def _cmd_list(args) -> int:
     records = list_records(args.n)
     if args.json:
-        _print_json([{k: v for k, v in r.items() if k != "work_units"} | {
-            "where": sorted({_where(u) for u in r.get("work_units", [])}),
-            "work_units": len(r.get("work_units", [])),
-            "tasks": sum(u["num_tasks"] for u in r.get("work_units", []))} for r in records])
+        _print_json([{k: v for k, v in r.to_json().items() if k != "work_units"} | {
+            "where": sorted({_where(u) for u in r.work_units}),
+            "work_units": len(r.work_units),
+            "tasks": sum(u.num_tasks for u in r.work_units)} for r in records])
         return 0
     if not records:
         print(f"no experiments recorded yet in {os.path.dirname(_record_path(0))}")
         return 0
     rows = [["ID", "CREATED (UTC)", "TITLE", "WHERE", "UNITS", "TASKS", "STATUS"]]
     for r in records:
-        units = r.get("work_units", [])
-        rows.append([str(r["experiment_id"]), r["created"][:19].replace("T", " "), r["title"][:40],
+        units = r.work_units
+        rows.append([str(r.experiment_id), r.created[:19].replace("T", " "), r.title[:40],
                      ", ".join(sorted({_where(u) for u in units})) or "-", str(len(units)),
-                     str(sum(u["num_tasks"] for u in units)), r["status"]])
+                     str(sum(u.num_tasks for u in units)), r.status])
     _print_table(rows)
     return 0
 
 
-def _selected_units(record: Mapping[str, Any], work_unit: Optional[int]) -> Optional[List[int]]:
+def _selected_units(record: ExperimentRecord, work_unit: Optional[int]) -> Optional[List[int]]:
     if work_unit is None:
         return None
-    if work_unit not in {u["id"] for u in record["work_units"]}:
-        raise LaunchError(f"experiment {record['experiment_id']} has no work unit {work_unit} "
-                          f"(it has {', '.join(str(u['id']) for u in record['work_units']) or 'none'})")
-    return [work_unit]
+    return [record.unit(work_unit).id]
 
 
 def _concluded_status(statuses: Mapping[int, WorkUnitStatus]) -> Optional[str]:
     """How a launched experiment ended, once no task is pending or running."""
     states = {t.state for s in statuses.values() for t in s.tasks}
-    if not states or states & {"pending", "running"}:
+    if not states or states & set(TaskState.ACTIVE):
         return None
-    if states & {"failed", "unknown"}:
-        return "failed"
-    return "cancelled" if "cancelled" in states else "completed" if states == {"completed"} else None
+    if states & {TaskState.FAILED, TaskState.UNKNOWN}:
+        return ExperimentStatus.FAILED
+    if TaskState.CANCELLED in states:
+        return ExperimentStatus.CANCELLED
+    return ExperimentStatus.COMPLETED if states == {TaskState.COMPLETED} else None
 
 
 def _cmd_status(args) -> int:
@@ -7089,33 +7333,32 @@ def _cmd_status(args) -> int:
     reconcile_submissions(record)
     statuses = query_status(record, _selected_units(record, args.work_unit))
     concluded = _concluded_status(statuses) if args.work_unit is None else None
-    if concluded and record["status"] == "launched":  # so that 'lxm3 list' tells it too
-        record["status"] = concluded
+    if concluded and record.status == ExperimentStatus.LAUNCHED:  # so that 'lxm3 list' tells it too
+        record.status = concluded
         save_record(record)
     if args.json:
-        _print_json({"experiment_id": record["experiment_id"], "title": record["title"],
-                     "status": record["status"], "work_units": {
+        _print_json({"experiment_id": record.experiment_id, "title": record.title,
+                     "status": record.status, "work_units": {
                          wid: {"tasks": s.tasks, "counts": s.counts()} for wid, s in statuses.items()}})
         return 0
-    print(f"experiment {record['experiment_id']} {record['title']!r}: {record['status']}, "
-          f"created {record['created']}" + (f"\n  error: {record['error']}" if record.get("error") else ""))
-    units = {u["id"]: u for u in record["work_units"]}
+    print(f"experiment {record.experiment_id} {record.title!r}: {record.status}, "
+          f"created {record.created}" + (f"\n  error: {record.error}" if record.error else ""))
     for wid, status in statuses.items():
-        unit = units[wid]
-        jobs = ",".join(a["job_id"] for a in unit["arrays"])
+        unit = record.unit(wid)
+        jobs = ",".join(unit.job_ids)
         print(f"work unit {wid} on {_where(unit)}{' jobs ' + jobs if jobs else ''}: "
-              f"{unit['state']}; {status.message}")
+              f"{unit.state}; {status.message}")
         if args.work_unit is not None:
             rows = [["TASK", "JOB", "STATE", "EXIT"]]
             rows += [[str(t.task), t.job or "-", t.state + (f" ({t.detail})" if t.detail else ""),
                       "" if t.exit_code is None else str(t.exit_code)] for t in status.tasks]
             _print_table(rows)
         else:
-            missing = [t.task for t in status.tasks if t.state == "not submitted"]
+            missing = [t.task for t in status.tasks if t.state == TaskState.NOT_SUBMITTED]
             if missing:
                 print(f"  not submitted: task{'s' if len(missing) > 1 else ''} {_task_ranges(missing)}")
-            for t in [t for t in status.tasks
-                      if t.state not in ("completed", "running", "pending", "not submitted")][:10]:
+            shown = (TaskState.COMPLETED, TaskState.RUNNING, TaskState.PENDING, TaskState.NOT_SUBMITTED)
+            for t in [t for t in status.tasks if t.state not in shown][:10]:
                 exit_code = "" if t.exit_code is None else f" exit {t.exit_code}"
                 print(f"  task {t.task}: {t.state}{exit_code}{' (' + t.detail + ')' if t.detail else ''}")
     return 0
@@ -7124,15 +7367,13 @@ def _cmd_status(args) -> int:
 def _cmd_logs(args) -> int:
     record = load_record(args.experiment)
     reconcile_submissions(record)
-    units = record["work_units"]
+    units = record.work_units
     if args.work_unit is None and len(units) != 1:
-        raise LaunchError(f"experiment {record['experiment_id']} has {len(units)} work units: "
+        raise LaunchError(f"experiment {record.experiment_id} has {len(units)} work units: "
                           "name one (lxm3 logs XID WID)")
-    [unit] = [u for u in units if args.work_unit in (None, u["id"])] or [None]
-    if unit is None:
-        _selected_units(record, args.work_unit)
-    if not 0 <= args.task < unit["num_tasks"]:
-        raise LaunchError(f"work unit {unit['id']} has tasks 0..{unit['num_tasks'] - 1}, not {args.task}")
+    unit = units[0] if args.work_unit is None else record.unit(args.work_unit)
+    if not 0 <= args.task < unit.num_tasks:
+        raise LaunchError(f"work unit {unit.id} has tasks 0..{unit.num_tasks - 1}, not {args.task}")
     return follow_log(unit, args.task, args.n, args.follow)
 
 

@@ -84,7 +84,8 @@ def test_ssh_config_and_proxycommand_are_options_of_every_ssh(tmp_path):
     assert options[options.index("ProxyCommand=ssh -W %h:%p gateway.example") - 1] == "-o"
     # and the record keeps them, for status, logs and cancel
     keys = ("server", "user", "port", "ssh_private_key", "ssh_config", "proxycommand")
-    unit = {"cluster": "hpc", "connection": {k: getattr(cluster, k) for k in keys}}
+    unit = lxm3.WorkUnitRecord.from_json({"id": 1, "state": "submitted", "cluster": "hpc",
+                                          "connection": {k: getattr(cluster, k) for k in keys}})
     assert lxm3._unit_connection(unit)._ssh_options() == options
 
 

@@ -188,7 +188,7 @@ def launch_wandb(tmp_path, group="{title}_{xid}_{wid}"):
                           env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    [record] = [r for r in lxm3.list_records() if r["title"] == "wandb run"]
+    [record] = [r.to_json() for r in lxm3.list_records() if r.title == "wandb run"]
     rows = {}
     for line in proc.stdout.splitlines():
         match = re.match(r"\[(\d+)(?::(\d+))?\] WANDB (.*)$", line)  # [wu] or [wu:task]

@@ -53,7 +53,7 @@ def test_a_dry_run_does_not_make_the_next_launch_a_dry_run(tmp_path, monkeypatch
     assert "[dry run]" not in out.out + out.err
     assert marker.exists()  # this launch ran its task
     [record] = lxm3.list_records()
-    assert json.loads(json.dumps(record))["title"] == "leak"
+    assert json.loads(json.dumps(record.to_json()))["title"] == "leak"
     assert (sys.argv, sys.path) == (argv, path)
     assert lxm3.xm.utils.find_launch_script_path() != launcher
 

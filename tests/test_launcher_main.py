@@ -182,7 +182,7 @@ def test_a_0_4_2_launcher_launches_its_jobs_once(tmp_path):
     assert proc.returncode == 0, proc.stderr
     tasks = sorted(line.split("] ", 1)[1] for line in proc.stdout.splitlines() if "task ran" in line)
     assert tasks == ["task ran with --seed=0", "task ran with --seed=1"]
-    assert [r["title"] for r in lxm3.list_records()] == ["no guard"]
+    assert [r.title for r in lxm3.list_records()] == ["no guard"]
 
 
 def test_create_experiment_without_a_title_is_named_after_the_launcher(tmp_path):

@@ -234,4 +234,4 @@ def test_sys_exit_zero_inside_the_experiment_is_a_normal_end(echo_project, tmp_p
             experiment.add(xm.Job(exe, executor))
             sys.exit(0)
     assert sorted(reports(out)) == [0]  # the task ran to the end, as without the exit
-    assert lxm3.load_record(experiment.experiment_id)["status"] == "completed"
+    assert lxm3.load_record(experiment.experiment_id).status == "completed"

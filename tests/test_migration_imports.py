@@ -215,17 +215,17 @@ def test_create_experiment_keeps_the_project(monkeypatch):
     config = lxm3.Config(project="from-config")
     with xm_cluster.create_experiment("positional", "mine", config=config) as experiment:
         assert experiment.project == "mine"
-    assert lxm3.load_record(experiment.experiment_id)["project"] == "mine"
+    assert lxm3.load_record(experiment.experiment_id).project == "mine"
     with xm_cluster.create_experiment("keyword", project="kw", config=config) as experiment:
         pass
-    assert lxm3.load_record(experiment.experiment_id)["project"] == "kw"
+    assert lxm3.load_record(experiment.experiment_id).project == "kw"
     with xm_cluster.create_experiment("from config", config=config) as experiment:
         pass
-    assert lxm3.load_record(experiment.experiment_id)["project"] == "from-config"
+    assert lxm3.load_record(experiment.experiment_id).project == "from-config"
     monkeypatch.setenv("LXM_PROJECT", "from-env")  # as upstream: the variable wins
     with xm_cluster.create_experiment("env", project="mine", config=config) as experiment:
         pass
-    assert lxm3.load_record(experiment.experiment_id)["project"] == "from-env"
+    assert lxm3.load_record(experiment.experiment_id).project == "from-env"
     with pytest.raises(TypeError, match="pass a Config as config="):
         xm_cluster.create_experiment("config in project's place", config)
 
@@ -340,6 +340,6 @@ def test_the_names_serve_a_launcher_written_for_042(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "ran with --n=1" in proc.stdout
-    [record] = [r for r in lxm3.list_records() if r["title"] == "042 imports"]
-    assert record["project"] == "p"
-    assert json.dumps(record)  # the record stays plain data
+    [record] = [r for r in lxm3.list_records() if r.title == "042 imports"]
+    assert record.project == "p"
+    assert json.dumps(record.to_json())  # the record stays plain data

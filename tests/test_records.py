@@ -631,7 +631,7 @@ def test_many_local_work_units_save_the_record_a_few_times_not_once_each(
     saves = []  # (time, status) of each save
     real_save = lxm3.save_record
     monkeypatch.setattr(lxm3, "save_record", lambda record: (saves.append(
-        (time.monotonic(), record["status"])), real_save(record)))
+        (time.monotonic(), record.status)), real_save(record)))
     gate = str(tmp_path / "gate")
     units = 30
     experiment = lxm3.create_experiment("many units", config=lxm3.Config())

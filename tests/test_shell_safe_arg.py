@@ -121,8 +121,8 @@ def test_local_launch_expands_shell_safe_args_and_records_them_as_written(echo_p
     with open(out / "task-0.json") as f:
         report = json.load(f)
     assert report["argv"] == ["--exe=cfg", f"--home={os.environ['HOME']}", "$HOME", "--mine=mine"]
-    [unit] = lxm3.load_record(experiment.experiment_id)["work_units"]
-    [task] = unit["tasks"]
+    [unit] = lxm3.load_record(experiment.experiment_id).work_units
+    [task] = unit.tasks
     assert task["args"] == ["--exe=$FROM_CONFIG", "--home=$HOME", "$HOME", "--mine=$MY_VAR"]
     assert task["shell_args"] == [0, 1, 3]
 
