@@ -5,9 +5,16 @@ jobs, arguments) and *where* with an executor from this module (``Local``,
 ``Slurm``, ``GridEngine``). lxm3 packages the code as one zip archive, writes
 one bash job script per work unit, and runs or submits it.
 
-The module is laid out in the order data flows through a launch:
+The file reads top-down: what everything else uses first, then each stage
+of a launch in the order data flows through it, then the command line:
 
-    config -> specs -> package -> script -> run/submit -> experiment -> CLI
+    errors, constants and states; helpers used everywhere
+    configuration; executable specs; executors
+    packaging (specs -> one zip); deployment (one SSH connection per launch)
+    job scripts; schedulers (one block each: Slurm, Grid Engine); submission
+    records; running locally; jobs and experiments (the ``xm`` API)
+    status, logs and cancel; lxm3 0.4.2's module names; the command line
+    appendix: a TOML reader for Pythons without tomllib
 
 Only the standard library is used, so this file and the ``xm`` package can be
 copied onto a login node and run with the system Python.
@@ -46,330 +53,149 @@ ModuleName = xm.ModuleName
 CommandList = xm.CommandList
 
 
+# ---------------------------------------------------------------------------
+# Errors: what went wrong, in words the user can act on
+# ---------------------------------------------------------------------------
+
+
 class LaunchError(Exception):
     """A problem the user can fix; shown as a message, without our traceback."""
 
 
-# ---------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------
-
-
 class ConfigError(LaunchError):
-    pass
+    """The config is missing, unreadable or wrong: the message names the file and key."""
 
 
-def _toml_loads(text: str) -> dict:
-    """Parse TOML with tomllib (3.11+), tomli if installed, else our reader."""
-    try:
-        import tomllib as toml  # novermin (guarded: 3.11+)
-    except ImportError:
-        try:
-            import tomli as toml  # type: ignore[no-redef]
-        except ImportError:
-            return _toml_loads_fallback(text)
-    return toml.loads(text)
+class BuildError(LaunchError):
+    """Packaging failed: the message names the spec and the step (pip, build script, ...)."""
 
 
-# -- A TOML reader for Python 3.9-3.10 without tomli ----------------------
-
-class TOMLDecodeError(ValueError):
-    """A malformed document; the message ends with "(line N)", counted from 1."""
+class ClusterError(LaunchError):
+    """A cluster could not be reached, or refused something: names the server and cluster."""
 
 
-_TOML_WS = re.compile(r"[ \t]*")
-# A comment may hold any character but the control characters other than tab.
-_TOML_COMMENT = re.compile(r"(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?")
-# What may separate the items of an array: blanks, newlines and comments.
-_TOML_ARRAY_BLANK = re.compile(r"(?:[ \t\n]|#[^\x00-\x08\x0a-\x1f\x7f]*)*")
-_TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_TOML_HEX_DIGITS = re.compile(r"[0-9A-Fa-f]*")
-# The same number grammar as tomllib; what follows a number is checked by the
-# caller, so "1.", "1__0" or "0x" fail there as junk after a value.
-_TOML_NUMBER = re.compile(
-    r"""
-    0(?:x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*|o[0-7](?:_?[0-7])*|b[01](?:_?[01])*)
-    |[+-]?(?:0|[1-9](?:_?[0-9])*)
-     (?P<float>(?:\.[0-9](?:_?[0-9])*)?(?:[eE][+-]?[0-9](?:_?[0-9])*)?)
-    """,
-    re.VERBOSE,
-)
-_TOML_INF_NAN = re.compile(r"[+-]?(?:inf|nan)")
-_TOML_DATE_OR_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{2}:[0-9]{2}")
-_TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
-# Runs of characters that stand for themselves, by (literal, multiline) string kind.
-_TOML_STRING_RUN = {
-    (False, False): re.compile(r'[^"\\\x00-\x08\x0a-\x1f\x7f]*'),
-    (False, True): re.compile(r'[^"\\\x00-\x08\x0b-\x1f\x7f]*'),
-    (True, False): re.compile(r"[^'\x00-\x08\x0a-\x1f\x7f]*"),
-    (True, True): re.compile(r"[^'\x00-\x08\x0b-\x1f\x7f]*"),
-}
-# A backslash at the end of a line in a multi-line basic string swallows the
-# newline and all blanks up to the next visible character.
-_TOML_LINE_CONTINUATION = re.compile(r"\\[ \t]*\n[ \t\n]*")
+class ConnectionLost(ClusterError):
+    """The SSH connection ended while a command ran: it may have run, in part or whole."""
 
 
-class _TOMLParser:
-    """Reads one document; ``pos`` is the index of the next character of ``src``.
+class TaskFailedError(LaunchError):
+    """A local task ended with a non-zero status (a launch waits for its local tasks)."""
 
-    Tables are tracked by identity, which stays valid because every table
-    remains referenced from the result until the end:
-    ``defined`` holds tables that a ``[header]`` or a dotted key in a later
-    section may not open again; ``pending`` holds the tables created by dotted
-    keys in the current section, which may still extend them; ``frozen`` holds
-    inline tables and arrays given as values, which nothing may extend.
-    """
 
-    def __init__(self, text: str) -> None:
-        self.src = text.replace("\r\n", "\n")
-        self.pos = 0
-        self.root: Dict[str, Any] = {}
-        self.defined: Set[int] = set()
-        self.pending: Set[int] = set()
-        self.frozen: Set[int] = set()
+# ---------------------------------------------------------------------------
+# Constants and states: the knobs, file names and state names in one place
+# ---------------------------------------------------------------------------
 
-    def error(self, message: str, pos: int = -1) -> TOMLDecodeError:
-        """Build the exception, naming the line of ``pos`` (default: the current one)."""
-        line = self.src.count("\n", 0, self.pos if pos < 0 else pos) + 1
-        return TOMLDecodeError(f"{message} (line {line})")
 
-    def skip(self, pattern: re.Pattern[str]) -> None:
-        self.pos = pattern.match(self.src, self.pos).end()
+SSH_KEEP_SECONDS = 300  # an idle connection is kept this long for the next command
+# A server that accepts the connection but never answers must not hang a
+# command: ssh gives up after SSH_CONNECT_TIMEOUT seconds without an answer
+# (OpenSSH counts the banner exchange in), and a connection whose server stops
+# answering ends after SSH_KEEPALIVE_INTERVAL x SSH_KEEPALIVE_COUNT seconds.
+SSH_CONNECT_TIMEOUT = 20
+SSH_KEEPALIVE_INTERVAL = 15
+SSH_KEEPALIVE_COUNT = 3
 
-    def peek(self) -> str:
-        return self.src[self.pos : self.pos + 1]
+# Linux refuses (E2BIG) to exec a program one of whose argument or environment
+# strings ("NAME=value") is longer than MAX_ARG_STRLEN: 32 pages, 131072 bytes
+# counting the terminating NUL.
+MAX_ARG_STRLEN = 131072
+# All strings of one exec, with their NULs and the 8-byte pointers to them,
+# must fit in ARG_MAX, usually 2 MiB (a quarter of an 8 MiB stack limit). A
+# task may use half: the node's own environment (PATH, the scheduler's
+# SLURM_*/SGE_* variables, the module system's) needs the rest.
+TASK_INPUT_BUDGET = 1 << 20
+_POINTER_SIZE = 8
 
-    def expect(self, token: str, where: str) -> None:
-        if not self.src.startswith(token, self.pos):
-            raise self.error(f"expected {token!r} {where}")
-        self.pos += len(token)
+# The submission script runs on the cluster (or the login node) and must not
+# lose a job whatever happens to the client: the connection may drop or the
+# user press Ctrl-C while it runs, and it then goes on by itself. So every job
+# id is appended to the experiment's submission log (SUBMISSION_LOG) as soon as
+# the scheduler returns it, before anything else; a run of the script skips
+# the arrays its log already holds (a retry submits only what is missing); runs
+# for one experiment take turns under a lock; and a stop file ends a run
+# between two submissions. The whole script is one function, called on its
+# last line: bash runs nothing of a script cut short in transit.
+SUBMISSION_LOG = "submitted"  # in the experiment's directory: "KEY JOB_ID" lines
+SUBMISSION_LOCK = "submit.lock"
+SUBMISSION_STOP = "submit.stop"
+SUBMISSION_LOCK_WAIT = 20  # seconds a reader of the log waits for a running submission
+SUBMISSION_STILL_RUNNING = "WARN a submission is still running"
 
-    def parse_document(self) -> Dict[str, Any]:
-        table = self.root
-        while True:
-            self.skip(_TOML_WS)
-            char = self.peek()
-            if char == "":
-                return self.root
-            if char == "\n":
-                self.pos += 1
-                continue
-            if char == "[":
-                self.defined |= self.pending
-                self.pending = set()
-                table = self.parse_header()
-            elif char != "#":
-                start = self.pos
-                keys = self.parse_key()
-                self.expect("=", "after a key")
-                self.skip(_TOML_WS)
-                self.store(table, keys, self.parse_value(), start)
-            self.skip(_TOML_WS)
-            self.skip(_TOML_COMMENT)
-            if self.peek() not in ("\n", ""):
-                raise self.error(f"unexpected {self.peek()!r} after a statement")
+SUBMIT_PARALLELISM = 8  # scheduler calls at once: a split sweep is many calls
 
-    def parse_header(self) -> Dict[str, Any]:
-        """Read ``[a.b]`` or ``[[a.b]]`` and return the table that follows it."""
-        start = self.pos
-        is_array = self.src.startswith("[[", start)
-        self.pos += 2 if is_array else 1
-        keys = self.parse_key()
-        self.expect("]]" if is_array else "]", "to close the table header")
-        name = ".".join(keys)
-        table = self.root
-        for key in keys[:-1]:
-            child = table.setdefault(key, {})
-            if id(child) in self.frozen:
-                raise self.error(f"cannot extend {key!r} in [{name}]", start)
-            if isinstance(child, list):  # the last element of an array of tables
-                child = child[-1]
-            if not isinstance(child, dict):
-                raise self.error(f"{key!r} in [{name}] is not a table", start)
-            table = child
-        existing = table.get(keys[-1])
-        if is_array:
-            if existing is None:
-                existing = table[keys[-1]] = []
-            elif not isinstance(existing, list) or id(existing) in self.frozen:
-                raise self.error(f"cannot make {name!r} an array of tables", start)
-            new: Dict[str, Any] = {}
-            existing.append(new)
-        elif existing is None:
-            new = table[keys[-1]] = {}
-        elif (
-            isinstance(existing, dict)
-            and id(existing) not in self.defined
-            and id(existing) not in self.frozen
-        ):
-            new = existing  # only created implicitly so far, by [a.b.c] for [a.b]
-        else:
-            raise self.error(f"table [{name}] is defined twice", start)
-        self.defined.add(id(new))
+RECORD_VERSION = 1  # written into each record; a record of a later version is refused
+RECORD_SAVE_INTERVAL = 1.0  # seconds between saves while local work units start
+
+LOG_WRITER_LOCK = ".lxm3-writing"  # in a local log directory: held while tasks may write there
+
+FOLLOW_POLL_SECONDS = 0.2  # how often ``lxm3 logs -f`` looks for more of a local log
+
+
+class UnitState:
+    """A work unit's ``state``, and the moves allowed between states (NEXT)."""
+
+    ADDING = "adding"  # experiment.add() is making it
+    QUEUED = "queued"  # cluster work: waits for the end of the ``with`` block
+    SUBMITTING = "submitting"  # being submitted, or the outcome was not seen: the cluster's log knows
+    SUBMITTED = "submitted"
+    PARTIALLY_SUBMITTED = "partially submitted"  # some arrays were, then the scheduler refused one
+    NOT_SUBMITTED = "not submitted"
+    RUNNING = "running"  # local tasks
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"  # local tasks stopped by Ctrl-C or a failing launcher
+    DRY_RUN = "dry run"
+
+    NEXT = {
+        ADDING: {QUEUED, RUNNING, DRY_RUN},
+        QUEUED: {SUBMITTING, NOT_SUBMITTED, DRY_RUN},
+        SUBMITTING: {SUBMITTING, SUBMITTED, PARTIALLY_SUBMITTED, NOT_SUBMITTED},
+        RUNNING: {COMPLETED, FAILED, STOPPED},
+    }
+
+    @classmethod
+    def move(cls, old: str, new: str, what: str) -> str:
+        """``new``, if a unit in state ``old`` may move to it (else lxm3 has a bug: say so)."""
+        if new not in cls.NEXT.get(old, ()):
+            raise RuntimeError(f"lxm3 bug: {what} cannot go from {old!r} to {new!r}; please report it")
         return new
 
-    def store(self, table: Dict[str, Any], keys: Tuple[str, ...], value: Any, start: int) -> None:
-        """Set a possibly dotted key in ``table``, creating the tables on its path."""
-        for key in keys[:-1]:
-            child = table.get(key)
-            if child is None:
-                child = table[key] = {}
-            elif (
-                not isinstance(child, dict) or id(child) in self.frozen or id(child) in self.defined
-            ):
-                raise self.error(f"cannot extend {key!r} with dotted key {'.'.join(keys)!r}", start)
-            self.pending.add(id(child))
-            table = child
-        if keys[-1] in table:
-            raise self.error(f"duplicate key {'.'.join(keys)!r}", start)
-        table[keys[-1]] = value
-        if isinstance(value, (dict, list)):
-            self.frozen.add(id(value))
 
-    def parse_key(self) -> Tuple[str, ...]:
-        """Read a bare, quoted or dotted key and the blanks around it."""
-        keys = []
-        while True:
-            self.skip(_TOML_WS)
-            if self.peek() in ('"', "'"):
-                keys.append(self.parse_string(multiline_ok=False))
-            else:
-                match = _TOML_BARE_KEY.match(self.src, self.pos)
-                if not match:
-                    raise self.error(f"invalid key starting with {self.peek()!r}")
-                keys.append(match.group())
-                self.pos = match.end()
-            self.skip(_TOML_WS)
-            if self.peek() != ".":
-                return tuple(keys)
-            self.pos += 1
+class ExperimentStatus:
+    """An experiment's ``status``: how its launch went, then how its work ended."""
 
-    def parse_value(self) -> Any:
-        src, pos = self.src, self.pos
-        char = self.peek()
-        if char in ('"', "'"):
-            return self.parse_string(multiline_ok=True)
-        if char == "[":
-            return self.parse_array()
-        if char == "{":
-            return self.parse_inline_table()
-        for word, boolean in (("true", True), ("false", False)):
-            if src.startswith(word, pos):
-                self.pos += len(word)
-                return boolean
-        if _TOML_DATE_OR_TIME.match(src, pos):
-            raise self.error(
-                "dates and times are not supported by the built-in reader; install tomli"
-            )
-        match = _TOML_NUMBER.match(src, pos)
-        if match:
-            self.pos = match.end()
-            text = match.group().replace("_", "")
-            return float(text) if match.group("float") else int(text, 0)
-        match = _TOML_INF_NAN.match(src, pos)
-        if match:
-            self.pos = match.end()
-            return float(match.group())
-        raise self.error(f"invalid value starting with {char!r}" if char else "missing value")
-
-    def parse_array(self) -> List[Any]:
-        array: List[Any] = []
-        self.pos += 1
-        while True:
-            self.skip(_TOML_ARRAY_BLANK)
-            if self.peek() == "]":
-                self.pos += 1
-                return array
-            array.append(self.parse_value())
-            self.skip(_TOML_ARRAY_BLANK)
-            if self.peek() == "]":
-                self.pos += 1
-                return array
-            self.expect(",", "or ']' after an array item")
-
-    def parse_inline_table(self) -> Dict[str, Any]:
-        """Read ``{k = v, ...}``: one line, no trailing comma, as in TOML 1.0."""
-        table: Dict[str, Any] = {}
-        self.pos += 1
-        self.skip(_TOML_WS)
-        if self.peek() == "}":
-            self.pos += 1
-            return table
-        while True:
-            start = self.pos
-            keys = self.parse_key()
-            self.expect("=", "after a key")
-            self.skip(_TOML_WS)
-            self.store(table, keys, self.parse_value(), start)
-            self.skip(_TOML_WS)
-            if self.peek() == "}":
-                self.pos += 1
-                return table
-            self.expect(",", "or '}' in an inline table")
-
-    def parse_string(self, multiline_ok: bool) -> str:
-        """Read any of the four kinds of string; keys pass ``multiline_ok=False``."""
-        src, start = self.src, self.pos
-        quote = src[start]
-        literal = quote == "'"
-        multiline = multiline_ok and src.startswith(quote * 3, start)
-        self.pos += 3 if multiline else 1
-        if multiline and src.startswith("\n", self.pos):
-            self.pos += 1  # a newline right after the opening quotes is dropped
-        run_pattern = _TOML_STRING_RUN[literal, multiline]
-        parts = []
-        while True:
-            match = run_pattern.match(src, self.pos)
-            parts.append(match.group())
-            self.pos = match.end()
-            char = self.peek()
-            if char == quote:
-                if not multiline:
-                    self.pos += 1
-                    return "".join(parts)
-                # Up to two quotes just before the closing three belong to the string.
-                count = 1
-                while count < 5 and src.startswith(quote, self.pos + count):
-                    count += 1
-                self.pos += count
-                if count >= 3:
-                    parts.append(quote * (count - 3))
-                    return "".join(parts)
-                parts.append(quote * count)
-            elif char == "\\" and not literal:
-                parts.append(self.parse_escape(multiline))
-            elif char in ("", "\n"):
-                raise self.error("unterminated string", start)
-            else:
-                raise self.error(f"control character {char!r} in a string")
-
-    def parse_escape(self, multiline: bool) -> str:
-        src, pos = self.src, self.pos
-        if multiline:
-            match = _TOML_LINE_CONTINUATION.match(src, pos)
-            if match:
-                self.pos = match.end()
-                return ""
-        code = src[pos + 1 : pos + 2]
-        if code in _TOML_ESCAPES:
-            self.pos += 2
-            return _TOML_ESCAPES[code]
-        if code not in ("u", "U"):
-            raise self.error(f"invalid escape sequence {src[pos : pos + 2]!r}")
-        size = 4 if code == "u" else 8
-        digits = src[pos + 2 : pos + 2 + size]
-        if len(digits) != size or not _TOML_HEX_DIGITS.fullmatch(digits):
-            raise self.error(f"\\{code} needs {size} hex digits")
-        codepoint = int(digits, 16)
-        if 0xD800 <= codepoint <= 0xDFFF or codepoint > 0x10FFFF:
-            raise self.error(f"\\{code}{digits} is not a Unicode scalar value")
-        self.pos += 2 + size
-        return chr(codepoint)
+    LAUNCHING = "launching"
+    LAUNCHED = "launched"  # submitted to clusters; ``lxm3 status`` says how it went
+    PARTIAL = "partial"  # some work units were submitted, then the launch failed
+    INTERRUPTED = "interrupted"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
-def _toml_loads_fallback(text: str) -> Dict[str, Any]:
-    """Parse a TOML document like ``tomllib.loads``, for the subset described above."""
-    return _TOMLParser(text).parse_document()
+class TaskState:
+    """A task's state as ``lxm3 status`` reports it, in the order it lists them (ORDER)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"  # left the queue without an exit record
+    NOT_SUBMITTED = "not submitted"
+
+    ORDER = (COMPLETED, RUNNING, PENDING, FAILED, CANCELLED, UNKNOWN, NOT_SUBMITTED)
+    ACTIVE = (PENDING, RUNNING)
+
+
+# ---------------------------------------------------------------------------
+# Helpers used everywhere: progress lines, private files, paths, quoting
+# ---------------------------------------------------------------------------
+
+
+def _progress(message: str) -> None:
+    print(f"lxm3: {message}", file=sys.stderr, flush=True)
 
 
 def _xdg_dir(variable: str, default: str) -> str:
@@ -387,6 +213,114 @@ def cache_dir() -> str:
 def data_dir() -> str:
     """Default home of local job scripts and logs."""
     return os.path.join(_xdg_dir("XDG_DATA_HOME", os.path.join(".local", "share")), "lxm3")
+
+
+def state_dir() -> str:
+    return os.path.join(_xdg_dir("XDG_STATE_HOME", os.path.join(".local", "state")), "lxm3")
+
+
+def make_private_dirs(path: str) -> None:
+    """Make ``path`` and its missing parents 0700, whatever the umask.
+
+    What lxm3 keeps (records with task environments such as API keys, logs,
+    archives) is the user's alone. Directories that exist are left as they are.
+    """
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:  # made meanwhile by another launch
+            continue
+        os.chmod(directory, 0o700)  # an unusual umask may have taken bits from 0700
+
+
+def create_private(path: str, mode: int = 0o600) -> int:
+    """A descriptor for writing a new file ``path`` made with ``mode`` from the start
+    (never readable by others, even for a moment); a file left there by an
+    interrupted run is replaced."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError:
+        os.unlink(path)
+        fd = os.open(path, flags, mode)
+    os.fchmod(fd, mode)  # the umask may have taken the owner's bits; it never adds any
+    return fd
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+    """Replace ``path`` (0600) with ``data``: readers see the old or the new file, whole."""
+    import json
+
+    make_private_dirs(os.path.dirname(path))
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with open(create_private(tmp), "w", encoding="utf-8") as f:
+            # dumps without indent uses the C encoder: a 100,000-task record in
+            # 0.1 s instead of 0.8 s.
+            f.write(json.dumps(data, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: the previous version stays whole
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_json(path: str) -> Optional[Any]:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _utc_now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def shell_quote(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value)
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.{1 if size < 10 * scale else 0}f} {unit}"
+    return f"{size} B"
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _task_ranges(tasks: Iterable[int]) -> str:
+    """``0-10, 12, 14-20``: task indices as ranges."""
+    ranges: List[List[int]] = []
+    for task in sorted(tasks):
+        if ranges and task == ranges[-1][1] + 1:
+            ranges[-1][1] = task
+        else:
+            ranges.append([task, task])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
 
 
 class ClusterConfig(ValueObject):
@@ -1805,10 +1739,6 @@ class ClusterExecutable(xm.Executable):
         self.container = container
 
 
-class BuildError(LaunchError):
-    pass
-
-
 # Directories that never belong to a build's input: VCS data, caches, and what
 # pip/setuptools write into the source tree while building.
 _SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".mypy_cache", ".pytest_cache",
@@ -1847,75 +1777,6 @@ def _cache_key(*parts: Any) -> str:
 
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
-
-
-def make_private_dirs(path: str) -> None:
-    """Make ``path`` and its missing parents 0700, whatever the umask.
-
-    What lxm3 keeps (records with task environments such as API keys, logs,
-    archives) is the user's alone. Directories that exist are left as they are.
-    """
-    missing = []
-    while not os.path.isdir(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:  # made meanwhile by another launch
-            continue
-        os.chmod(directory, 0o700)  # an unusual umask may have taken bits from 0700
-
-
-def create_private(path: str, mode: int = 0o600) -> int:
-    """A descriptor for writing a new file ``path`` made with ``mode`` from the start
-    (never readable by others, even for a moment); a file left there by an
-    interrupted run is replaced."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags, mode)
-    except FileExistsError:
-        os.unlink(path)
-        fd = os.open(path, flags, mode)
-    os.fchmod(fd, mode)  # the umask may have taken the owner's bits; it never adds any
-    return fd
-
-
-def _write_json_atomic(path: str, data: Any) -> None:
-    """Replace ``path`` (0600) with ``data``: readers see the old or the new file, whole."""
-    import json
-
-    make_private_dirs(os.path.dirname(path))
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        with open(create_private(tmp), "w", encoding="utf-8") as f:
-            # dumps without indent uses the C encoder: a 100,000-task record in
-            # 0.1 s instead of 0.8 s.
-            f.write(json.dumps(data, sort_keys=True))
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: the previous version stays whole
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _read_json(path: str) -> Optional[Any]:
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _progress(message: str) -> None:
-    print(f"lxm3: {message}", file=sys.stderr, flush=True)
 
 
 def _run_build_step(argv: Sequence[str], what: str, **kwargs: Any) -> str:
@@ -2507,24 +2368,6 @@ def _package_all(packageables: Sequence[xm.Packageable]) -> List[ClusterExecutab
 # ---------------------------------------------------------------------------
 
 
-class ClusterError(LaunchError):
-    pass
-
-
-class ConnectionLost(ClusterError):
-    """The SSH connection ended while a command ran: it may have run, in part or whole."""
-
-
-SSH_KEEP_SECONDS = 300  # an idle connection is kept this long for the next command
-# A server that accepts the connection but never answers must not hang a
-# command: ssh gives up after SSH_CONNECT_TIMEOUT seconds without an answer
-# (OpenSSH counts the banner exchange in), and a connection whose server stops
-# answering ends after SSH_KEEPALIVE_INTERVAL x SSH_KEEPALIVE_COUNT seconds.
-SSH_CONNECT_TIMEOUT = 20
-SSH_KEEPALIVE_INTERVAL = 15
-SSH_KEEPALIVE_COUNT = 3
-
-
 def ssh_keep_seconds() -> int:
     """``$LXM3_SSH_KEEP`` (seconds; 0: end each command's connection with it), else 300."""
     value = os.environ.get("LXM3_SSH_KEEP", "").strip()
@@ -3004,17 +2847,6 @@ def process_umask() -> str:
     return f"{mask:04o}"
 
 
-def _size_text(size: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= scale:
-            return f"{size / scale:.{1 if size < 10 * scale else 0}f} {unit}"
-    return f"{size} B"
-
-
-def _counted(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def _copied_text(copied: Sequence[Tuple[str, int]], tree: str) -> str:
     """What a copy really sent, as rsync (or the local copy) reported it."""
     sent, there = [], []
@@ -3200,17 +3032,6 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A task's arguments and environment reach its program through execve(), so
 # they are checked where tasks are built, before anything is submitted or run:
 # a value that cannot arrive exactly is refused rather than cut or mangled.
-
-# Linux refuses (E2BIG) to exec a program one of whose argument or environment
-# strings ("NAME=value") is longer than MAX_ARG_STRLEN: 32 pages, 131072 bytes
-# counting the terminating NUL.
-MAX_ARG_STRLEN = 131072
-# All strings of one exec, with their NULs and the 8-byte pointers to them,
-# must fit in ARG_MAX, usually 2 MiB (a quarter of an 8 MiB stack limit). A
-# task may use half: the node's own environment (PATH, the scheduler's
-# SLURM_*/SGE_* variables, the module system's) needs the rest.
-TASK_INPUT_BUDGET = 1 << 20
-_POINTER_SIZE = 8
 
 # Names a task's environment may not set. The job script's own variables are
 # lxm_* and LXM_TASK_ID...: a task that set lxm_archive would run another
@@ -3566,12 +3387,6 @@ exit $?
 
 EXIT_RECORD = "printf '\\nlxm3-exit: task %s status %s\\n' \"$LXM_TASK_ID\" \"$status\""
 EXIT_RECORD_PATTERN = re.compile(r"lxm3-exit: task (\d+) status (\d+)\s*$")
-
-
-def shell_quote(value: str) -> str:
-    import shlex
-
-    return shlex.quote(value)
 
 
 def render_job_script(
@@ -3962,10 +3777,10 @@ _SLURM_FAMILIES = {
 }
 
 _SLURM_STATES = {
-    "PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending",
-    "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "STAGE_OUT": "running",
-    "SIGNALING": "running", "RESIZING": "running", "SUSPENDED": "running", "STOPPED": "running",
-    "COMPLETED": "completed", "CANCELLED": "cancelled", "REVOKED": "cancelled",
+    **dict.fromkeys(("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"), TaskState.PENDING),
+    **dict.fromkeys(("CONFIGURING", "RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING",
+                     "SUSPENDED", "STOPPED"), TaskState.RUNNING),
+    "COMPLETED": TaskState.COMPLETED, "CANCELLED": TaskState.CANCELLED, "REVOKED": TaskState.CANCELLED,
 }
 
 
@@ -4091,7 +3906,7 @@ echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= 
 
     @staticmethod
     def _state(name: str) -> str:
-        return _SLURM_STATES.get(name.split()[0].rstrip("+"), "failed")  # TIMEOUT, OUT_OF_MEMORY, ...
+        return _SLURM_STATES.get(name.split()[0].rstrip("+"), TaskState.FAILED)  # TIMEOUT, OUT_OF_MEMORY, ...
 
     def status_lines(self, job_ids: Sequence[str]) -> List[str]:
         return ["echo '== queue'",
@@ -4278,10 +4093,10 @@ class GridEngineScheduler(Scheduler):
     @staticmethod
     def _state(code: str) -> str:
         if "E" in code:
-            return "failed"  # Eqw: an error state that never resolves by itself
+            return TaskState.FAILED  # Eqw: an error state that never resolves by itself
         if "d" in code:
-            return "cancelled"
-        return "running" if ("r" in code or "t" in code) else "pending"
+            return TaskState.CANCELLED
+        return TaskState.RUNNING if ("r" in code or "t" in code) else TaskState.PENDING
 
     def status_lines(self, job_ids: Sequence[str]) -> List[str]:
         lines = ["echo '== queue'", "qstat -g d 2>/dev/null", "echo '== accounting'"]
@@ -4306,7 +4121,8 @@ class GridEngineScheduler(Scheduler):
                 failed = entry.get("failed", "0").split()[0] != "0"
                 code = value.strip().split()[0]
                 index = int(entry["taskid"]) - self.index_base
-                finished[(entry["jobnumber"], index)] = ("failed" if failed or code != "0" else "completed", code)
+                state = TaskState.FAILED if failed or code != "0" else TaskState.COMPLETED
+                finished[(entry["jobnumber"], index)] = (state, code)
         return queued, finished
 
     def active_jobs_command(self) -> str:
@@ -4389,21 +4205,6 @@ def plan_submissions(work_unit_id: int, executor: ClusterExecutor, script: str,
     ]
 
 
-# The submission script runs on the cluster (or the login node) and must not
-# lose a job whatever happens to the client: the connection may drop or the
-# user press Ctrl-C while it runs, and it then goes on by itself. So every job
-# id is appended to the experiment's submission log (SUBMISSION_LOG) as soon as
-# the scheduler returns it, before anything else; a run of the script skips
-# the arrays its log already holds (a retry submits only what is missing); runs
-# for one experiment take turns under a lock; and a stop file ends a run
-# between two submissions. The whole script is one function, called on its
-# last line: bash runs nothing of a script cut short in transit.
-SUBMISSION_LOG = "submitted"  # in the experiment's directory: "KEY JOB_ID" lines
-SUBMISSION_LOCK = "submit.lock"
-SUBMISSION_STOP = "submit.stop"
-SUBMISSION_LOCK_WAIT = 20  # seconds a reader of the log waits for a running submission
-SUBMISSION_STILL_RUNNING = "WARN a submission is still running"
-
 _SUBMIT_PRELUDE = """\
 lxm_main() {
 trap '' HUP PIPE  # a dropped connection must not stop a submission half way
@@ -4442,9 +4243,6 @@ lxm_submit() {
   echo "OK $key $lxm_previous"
 }
 """
-
-SUBMIT_PARALLELISM = 8  # scheduler calls at once: a split sweep is many calls
-
 
 def _chains(submissions: Sequence[ArraySubmission]) -> List[List[ArraySubmission]]:
     """Arrays that wait for the previous one (a throttled, split work unit) stay together."""
@@ -4541,67 +4339,6 @@ def unit_submission_state(num_tasks: int, arrays: Sequence[Any]) -> str:
 # atomically on every update; ids are claimed with O_EXCL so that launches
 # started in the same millisecond still get their own. The classes below are
 # the file's whole format: they write it (to_json) and read it (from_json).
-
-RECORD_VERSION = 1  # written into each record; a record of a later version is refused
-RECORD_SAVE_INTERVAL = 1.0  # seconds between saves while local work units start
-
-
-class UnitState:
-    """A work unit's ``state``, and the moves allowed between states (NEXT)."""
-
-    ADDING = "adding"  # experiment.add() is making it
-    QUEUED = "queued"  # cluster work: waits for the end of the ``with`` block
-    SUBMITTING = "submitting"  # being submitted, or the outcome was not seen: the cluster's log knows
-    SUBMITTED = "submitted"
-    PARTIALLY_SUBMITTED = "partially submitted"  # some arrays were, then the scheduler refused one
-    NOT_SUBMITTED = "not submitted"
-    RUNNING = "running"  # local tasks
-    COMPLETED = "completed"
-    FAILED = "failed"
-    STOPPED = "stopped"  # local tasks stopped by Ctrl-C or a failing launcher
-    DRY_RUN = "dry run"
-
-    NEXT = {
-        ADDING: {QUEUED, RUNNING, DRY_RUN},
-        QUEUED: {SUBMITTING, NOT_SUBMITTED, DRY_RUN},
-        SUBMITTING: {SUBMITTING, SUBMITTED, PARTIALLY_SUBMITTED, NOT_SUBMITTED},
-        RUNNING: {COMPLETED, FAILED, STOPPED},
-    }
-
-    @classmethod
-    def move(cls, old: str, new: str, what: str) -> str:
-        """``new``, if a unit in state ``old`` may move to it (else lxm3 has a bug: say so)."""
-        if new not in cls.NEXT.get(old, ()):
-            raise RuntimeError(f"lxm3 bug: {what} cannot go from {old!r} to {new!r}; please report it")
-        return new
-
-
-class ExperimentStatus:
-    """An experiment's ``status``: how its launch went, then how its work ended."""
-
-    LAUNCHING = "launching"
-    LAUNCHED = "launched"  # submitted to clusters; ``lxm3 status`` says how it went
-    PARTIAL = "partial"  # some work units were submitted, then the launch failed
-    INTERRUPTED = "interrupted"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class TaskState:
-    """A task's state as ``lxm3 status`` reports it, in the order it lists them (ORDER)."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    UNKNOWN = "unknown"  # left the queue without an exit record
-    NOT_SUBMITTED = "not submitted"
-
-    ORDER = (COMPLETED, RUNNING, PENDING, FAILED, CANCELLED, UNKNOWN, NOT_SUBMITTED)
-    ACTIVE = (PENDING, RUNNING)
-
 
 def _parameters(cls: type) -> Tuple[str, ...]:
     """The names ``cls(...)`` takes: a record's keys that mean something to this lxm3."""
@@ -4793,16 +4530,6 @@ class ExperimentRecord(ValueObject):
             raise LaunchError(f"{where} is not an lxm3 record ({type(e).__name__}: {e})") from None
 
 
-def _utc_now() -> str:
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def state_dir() -> str:
-    return os.path.join(_xdg_dir("XDG_STATE_HOME", os.path.join(".local", "state")), "lxm3")
-
-
 def _record_path(experiment_id: int) -> str:
     return os.path.join(state_dir(), "experiments", f"{experiment_id}.json")
 
@@ -4907,10 +4634,6 @@ class TaskResult(ValueObject):
         self.task_id = task_id
         self.returncode = returncode
         self.log_path = log_path
-
-
-class TaskFailedError(LaunchError):
-    pass
 
 
 LOCAL_HEADER = "# Run by lxm3's local executor, which sets LXM_TASK_ID for each task."
@@ -5170,9 +4893,6 @@ class LocalRunner:
                 _signal_group(proc, signal.SIGKILL)
         self._join_workers(timeout=grace)
         self._release_logs()
-
-
-LOG_WRITER_LOCK = ".lxm3-writing"  # in a local log directory: held while tasks may write there
 
 
 def _hold_writer_lock(log_dir: str) -> List[int]:
@@ -5526,17 +5246,6 @@ def _run_submission(connection: Connection, script: str, experiment_dir: str) ->
         return connection.run_script(script, "finishing the submission"), False
 
 
-def _task_ranges(tasks: Iterable[int]) -> str:
-    """``0-10, 12, 14-20``: task indices as ranges."""
-    ranges: List[List[int]] = []
-    for task in sorted(tasks):
-        if ranges and task == ranges[-1][1] + 1:
-            ranges[-1][1] = task
-        else:
-            ranges.append([task, task])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
-
-
 def _unsubmitted_tasks(num_tasks: int, arrays: Iterable[Any]) -> List[int]:
     """Tasks of a work unit that no submitted array holds (arrays: records or submissions)."""
     covered = set()
@@ -5812,12 +5521,13 @@ class ClusterWorkUnit(xm.WorkUnit):
         """The state of each task (asks the scheduler, once)."""
         self._wait_for_launch()
         if self.state == UnitState.QUEUED:  # submitted when the experiment block ends
-            return WorkUnitStatus([TaskStatus(t, "pending", detail="not submitted yet")
+            return WorkUnitStatus([TaskStatus(t, TaskState.PENDING, detail="not submitted yet")
                                    for t in range(len(self._tasks))])
         if isinstance(self._executor, Local):
             codes = {r.task_id: r.returncode for r in self.experiment.local_results(self._work_unit_id)}
             return WorkUnitStatus([
-                TaskStatus(t, "running" if t not in codes else "completed" if codes[t] == 0 else "failed",
+                TaskStatus(t, TaskState.RUNNING if t not in codes else
+                           TaskState.COMPLETED if codes[t] == 0 else TaskState.FAILED,
                            codes.get(t)) for t in range(len(self._tasks))])
         return query_status(self.experiment.record(), [self._work_unit_id])[self._work_unit_id]
 
@@ -6180,15 +5890,15 @@ class ClusterExperiment(xm.Experiment):
         units = self._work_units
         if error is None:
             on_clusters = any(wu.cluster for wu in units)
-            return ("launched" if on_clusters else "completed"), None
+            return (ExperimentStatus.LAUNCHED if on_clusters else ExperimentStatus.COMPLETED), None
         if isinstance(error, KeyboardInterrupt):
             jobs = [j for wu in units for j in wu.job_ids]
-            return "interrupted", "interrupted by the user" + (
+            return ExperimentStatus.INTERRUPTED, "interrupted by the user" + (
                 f"; jobs submitted before that: {', '.join(jobs)}" if jobs else "")
         if isinstance(error, TaskFailedError):
-            return "failed", str(error)
+            return ExperimentStatus.FAILED, str(error)
         submitted = any(wu.arrays for wu in units)
-        return ("partial" if submitted else "failed"), f"{type(error).__name__}: {error}"
+        return (ExperimentStatus.PARTIAL if submitted else ExperimentStatus.FAILED), f"{type(error).__name__}: {error}"
 
     def __exit__(self, exc_type, exc_value, traceback):
         try:
@@ -6677,9 +6387,6 @@ def _follow_command(path: str, lines: int, follow: bool) -> str:
         'kill "$lxm_tail_PID" 2>/dev/null; exit 0'
     )
     return "bash -c " + shell_quote(script)
-
-
-FOLLOW_POLL_SECONDS = 0.2
 
 
 def _follow_local(path: str, lines: int) -> int:
@@ -7524,6 +7231,323 @@ def _reader_left() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return 141
+
+# ---------------------------------------------------------------------------
+# Appendix: a TOML reader, for Pythons without tomllib (before 3.11)
+# ---------------------------------------------------------------------------
+
+
+def _toml_loads(text: str) -> dict:
+    """Parse TOML with tomllib (3.11+), tomli if installed, else our reader."""
+    try:
+        import tomllib as toml  # novermin (guarded: 3.11+)
+    except ImportError:
+        try:
+            import tomli as toml  # type: ignore[no-redef]
+        except ImportError:
+            return _toml_loads_fallback(text)
+    return toml.loads(text)
+
+
+# -- A TOML reader for Python 3.9-3.10 without tomli ----------------------
+
+class TOMLDecodeError(ValueError):
+    """A malformed document; the message ends with "(line N)", counted from 1."""
+
+
+_TOML_WS = re.compile(r"[ \t]*")
+# A comment may hold any character but the control characters other than tab.
+_TOML_COMMENT = re.compile(r"(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?")
+# What may separate the items of an array: blanks, newlines and comments.
+_TOML_ARRAY_BLANK = re.compile(r"(?:[ \t\n]|#[^\x00-\x08\x0a-\x1f\x7f]*)*")
+_TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_HEX_DIGITS = re.compile(r"[0-9A-Fa-f]*")
+# The same number grammar as tomllib; what follows a number is checked by the
+# caller, so "1.", "1__0" or "0x" fail there as junk after a value.
+_TOML_NUMBER = re.compile(
+    r"""
+    0(?:x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*|o[0-7](?:_?[0-7])*|b[01](?:_?[01])*)
+    |[+-]?(?:0|[1-9](?:_?[0-9])*)
+     (?P<float>(?:\.[0-9](?:_?[0-9])*)?(?:[eE][+-]?[0-9](?:_?[0-9])*)?)
+    """,
+    re.VERBOSE,
+)
+_TOML_INF_NAN = re.compile(r"[+-]?(?:inf|nan)")
+_TOML_DATE_OR_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{2}:[0-9]{2}")
+_TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
+# Runs of characters that stand for themselves, by (literal, multiline) string kind.
+_TOML_STRING_RUN = {
+    (False, False): re.compile(r'[^"\\\x00-\x08\x0a-\x1f\x7f]*'),
+    (False, True): re.compile(r'[^"\\\x00-\x08\x0b-\x1f\x7f]*'),
+    (True, False): re.compile(r"[^'\x00-\x08\x0a-\x1f\x7f]*"),
+    (True, True): re.compile(r"[^'\x00-\x08\x0b-\x1f\x7f]*"),
+}
+# A backslash at the end of a line in a multi-line basic string swallows the
+# newline and all blanks up to the next visible character.
+_TOML_LINE_CONTINUATION = re.compile(r"\\[ \t]*\n[ \t\n]*")
+
+
+class _TOMLParser:
+    """Reads one document; ``pos`` is the index of the next character of ``src``.
+
+    Tables are tracked by identity, which stays valid because every table
+    remains referenced from the result until the end:
+    ``defined`` holds tables that a ``[header]`` or a dotted key in a later
+    section may not open again; ``pending`` holds the tables created by dotted
+    keys in the current section, which may still extend them; ``frozen`` holds
+    inline tables and arrays given as values, which nothing may extend.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.src = text.replace("\r\n", "\n")
+        self.pos = 0
+        self.root: Dict[str, Any] = {}
+        self.defined: Set[int] = set()
+        self.pending: Set[int] = set()
+        self.frozen: Set[int] = set()
+
+    def error(self, message: str, pos: int = -1) -> TOMLDecodeError:
+        """Build the exception, naming the line of ``pos`` (default: the current one)."""
+        line = self.src.count("\n", 0, self.pos if pos < 0 else pos) + 1
+        return TOMLDecodeError(f"{message} (line {line})")
+
+    def skip(self, pattern: re.Pattern[str]) -> None:
+        self.pos = pattern.match(self.src, self.pos).end()
+
+    def peek(self) -> str:
+        return self.src[self.pos : self.pos + 1]
+
+    def expect(self, token: str, where: str) -> None:
+        if not self.src.startswith(token, self.pos):
+            raise self.error(f"expected {token!r} {where}")
+        self.pos += len(token)
+
+    def parse_document(self) -> Dict[str, Any]:
+        table = self.root
+        while True:
+            self.skip(_TOML_WS)
+            char = self.peek()
+            if char == "":
+                return self.root
+            if char == "\n":
+                self.pos += 1
+                continue
+            if char == "[":
+                self.defined |= self.pending
+                self.pending = set()
+                table = self.parse_header()
+            elif char != "#":
+                start = self.pos
+                keys = self.parse_key()
+                self.expect("=", "after a key")
+                self.skip(_TOML_WS)
+                self.store(table, keys, self.parse_value(), start)
+            self.skip(_TOML_WS)
+            self.skip(_TOML_COMMENT)
+            if self.peek() not in ("\n", ""):
+                raise self.error(f"unexpected {self.peek()!r} after a statement")
+
+    def parse_header(self) -> Dict[str, Any]:
+        """Read ``[a.b]`` or ``[[a.b]]`` and return the table that follows it."""
+        start = self.pos
+        is_array = self.src.startswith("[[", start)
+        self.pos += 2 if is_array else 1
+        keys = self.parse_key()
+        self.expect("]]" if is_array else "]", "to close the table header")
+        name = ".".join(keys)
+        table = self.root
+        for key in keys[:-1]:
+            child = table.setdefault(key, {})
+            if id(child) in self.frozen:
+                raise self.error(f"cannot extend {key!r} in [{name}]", start)
+            if isinstance(child, list):  # the last element of an array of tables
+                child = child[-1]
+            if not isinstance(child, dict):
+                raise self.error(f"{key!r} in [{name}] is not a table", start)
+            table = child
+        existing = table.get(keys[-1])
+        if is_array:
+            if existing is None:
+                existing = table[keys[-1]] = []
+            elif not isinstance(existing, list) or id(existing) in self.frozen:
+                raise self.error(f"cannot make {name!r} an array of tables", start)
+            new: Dict[str, Any] = {}
+            existing.append(new)
+        elif existing is None:
+            new = table[keys[-1]] = {}
+        elif (
+            isinstance(existing, dict)
+            and id(existing) not in self.defined
+            and id(existing) not in self.frozen
+        ):
+            new = existing  # only created implicitly so far, by [a.b.c] for [a.b]
+        else:
+            raise self.error(f"table [{name}] is defined twice", start)
+        self.defined.add(id(new))
+        return new
+
+    def store(self, table: Dict[str, Any], keys: Tuple[str, ...], value: Any, start: int) -> None:
+        """Set a possibly dotted key in ``table``, creating the tables on its path."""
+        for key in keys[:-1]:
+            child = table.get(key)
+            if child is None:
+                child = table[key] = {}
+            elif (
+                not isinstance(child, dict) or id(child) in self.frozen or id(child) in self.defined
+            ):
+                raise self.error(f"cannot extend {key!r} with dotted key {'.'.join(keys)!r}", start)
+            self.pending.add(id(child))
+            table = child
+        if keys[-1] in table:
+            raise self.error(f"duplicate key {'.'.join(keys)!r}", start)
+        table[keys[-1]] = value
+        if isinstance(value, (dict, list)):
+            self.frozen.add(id(value))
+
+    def parse_key(self) -> Tuple[str, ...]:
+        """Read a bare, quoted or dotted key and the blanks around it."""
+        keys = []
+        while True:
+            self.skip(_TOML_WS)
+            if self.peek() in ('"', "'"):
+                keys.append(self.parse_string(multiline_ok=False))
+            else:
+                match = _TOML_BARE_KEY.match(self.src, self.pos)
+                if not match:
+                    raise self.error(f"invalid key starting with {self.peek()!r}")
+                keys.append(match.group())
+                self.pos = match.end()
+            self.skip(_TOML_WS)
+            if self.peek() != ".":
+                return tuple(keys)
+            self.pos += 1
+
+    def parse_value(self) -> Any:
+        src, pos = self.src, self.pos
+        char = self.peek()
+        if char in ('"', "'"):
+            return self.parse_string(multiline_ok=True)
+        if char == "[":
+            return self.parse_array()
+        if char == "{":
+            return self.parse_inline_table()
+        for word, boolean in (("true", True), ("false", False)):
+            if src.startswith(word, pos):
+                self.pos += len(word)
+                return boolean
+        if _TOML_DATE_OR_TIME.match(src, pos):
+            raise self.error(
+                "dates and times are not supported by the built-in reader; install tomli"
+            )
+        match = _TOML_NUMBER.match(src, pos)
+        if match:
+            self.pos = match.end()
+            text = match.group().replace("_", "")
+            return float(text) if match.group("float") else int(text, 0)
+        match = _TOML_INF_NAN.match(src, pos)
+        if match:
+            self.pos = match.end()
+            return float(match.group())
+        raise self.error(f"invalid value starting with {char!r}" if char else "missing value")
+
+    def parse_array(self) -> List[Any]:
+        array: List[Any] = []
+        self.pos += 1
+        while True:
+            self.skip(_TOML_ARRAY_BLANK)
+            if self.peek() == "]":
+                self.pos += 1
+                return array
+            array.append(self.parse_value())
+            self.skip(_TOML_ARRAY_BLANK)
+            if self.peek() == "]":
+                self.pos += 1
+                return array
+            self.expect(",", "or ']' after an array item")
+
+    def parse_inline_table(self) -> Dict[str, Any]:
+        """Read ``{k = v, ...}``: one line, no trailing comma, as in TOML 1.0."""
+        table: Dict[str, Any] = {}
+        self.pos += 1
+        self.skip(_TOML_WS)
+        if self.peek() == "}":
+            self.pos += 1
+            return table
+        while True:
+            start = self.pos
+            keys = self.parse_key()
+            self.expect("=", "after a key")
+            self.skip(_TOML_WS)
+            self.store(table, keys, self.parse_value(), start)
+            self.skip(_TOML_WS)
+            if self.peek() == "}":
+                self.pos += 1
+                return table
+            self.expect(",", "or '}' in an inline table")
+
+    def parse_string(self, multiline_ok: bool) -> str:
+        """Read any of the four kinds of string; keys pass ``multiline_ok=False``."""
+        src, start = self.src, self.pos
+        quote = src[start]
+        literal = quote == "'"
+        multiline = multiline_ok and src.startswith(quote * 3, start)
+        self.pos += 3 if multiline else 1
+        if multiline and src.startswith("\n", self.pos):
+            self.pos += 1  # a newline right after the opening quotes is dropped
+        run_pattern = _TOML_STRING_RUN[literal, multiline]
+        parts = []
+        while True:
+            match = run_pattern.match(src, self.pos)
+            parts.append(match.group())
+            self.pos = match.end()
+            char = self.peek()
+            if char == quote:
+                if not multiline:
+                    self.pos += 1
+                    return "".join(parts)
+                # Up to two quotes just before the closing three belong to the string.
+                count = 1
+                while count < 5 and src.startswith(quote, self.pos + count):
+                    count += 1
+                self.pos += count
+                if count >= 3:
+                    parts.append(quote * (count - 3))
+                    return "".join(parts)
+                parts.append(quote * count)
+            elif char == "\\" and not literal:
+                parts.append(self.parse_escape(multiline))
+            elif char in ("", "\n"):
+                raise self.error("unterminated string", start)
+            else:
+                raise self.error(f"control character {char!r} in a string")
+
+    def parse_escape(self, multiline: bool) -> str:
+        src, pos = self.src, self.pos
+        if multiline:
+            match = _TOML_LINE_CONTINUATION.match(src, pos)
+            if match:
+                self.pos = match.end()
+                return ""
+        code = src[pos + 1 : pos + 2]
+        if code in _TOML_ESCAPES:
+            self.pos += 2
+            return _TOML_ESCAPES[code]
+        if code not in ("u", "U"):
+            raise self.error(f"invalid escape sequence {src[pos : pos + 2]!r}")
+        size = 4 if code == "u" else 8
+        digits = src[pos + 2 : pos + 2 + size]
+        if len(digits) != size or not _TOML_HEX_DIGITS.fullmatch(digits):
+            raise self.error(f"\\{code} needs {size} hex digits")
+        codepoint = int(digits, 16)
+        if 0xD800 <= codepoint <= 0xDFFF or codepoint > 0x10FFFF:
+            raise self.error(f"\\{code}{digits} is not a Unicode scalar value")
+        self.pos += 2 + size
+        return chr(codepoint)
+
+
+def _toml_loads_fallback(text: str) -> Dict[str, Any]:
+    """Parse a TOML document like ``tomllib.loads``, for the subset described above."""
+    return _TOMLParser(text).parse_document()
 
 
 if __name__ == "__main__":
