@@ -4340,42 +4340,31 @@ def unit_submission_state(num_tasks: int, arrays: Sequence[Any]) -> str:
 # started in the same millisecond still get their own. The classes below are
 # the file's whole format: they write it (to_json) and read it (from_json).
 
+
 def _parameters(cls: type) -> Tuple[str, ...]:
     """The names ``cls(...)`` takes: a record's keys that mean something to this lxm3."""
     code = cls.__init__.__code__
     return code.co_varnames[1:code.co_argcount]
 
 
-class SubmittedArray(ValueObject):
-    """An array the scheduler accepted: tasks ``first_task .. first_task + count - 1``."""
+class ArrayRecord(ValueObject):
+    """Tasks ``first_task .. first_task + count - 1`` of a work unit, as one array:
+    submitted (its ``job_id``), or planned (its ``key`` in the cluster's submission log)."""
 
-    def __init__(self, job_id: str, first_task: int, count: int):
+    def __init__(self, first_task: int, count: int, job_id: Optional[str] = None, key: Optional[str] = None):
+        self.first_task = first_task
+        self.count = count
         self.job_id = job_id
-        self.first_task = first_task
-        self.count = count
-
-    def to_json(self) -> Dict[str, Any]:
-        return {"job_id": self.job_id, "first_task": self.first_task, "count": self.count}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> SubmittedArray:
-        return cls(str(data["job_id"]), int(data["first_task"]), int(data["count"]))
-
-
-class PlannedArray(ValueObject):
-    """An array a launch meant to submit; ``key`` names it in the cluster's submission log."""
-
-    def __init__(self, key: str, first_task: int, count: int):
         self.key = key
-        self.first_task = first_task
-        self.count = count
 
     def to_json(self) -> Dict[str, Any]:
-        return {"key": self.key, "first_task": self.first_task, "count": self.count}
+        return {k: v for k, v in vars(self).items() if v is not None}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> PlannedArray:
-        return cls(str(data["key"]), int(data["first_task"]), int(data["count"]))
+    def from_json(cls, data: Mapping[str, Any]) -> ArrayRecord:
+        job_id, key = data.get("job_id"), data.get("key")
+        return cls(int(data["first_task"]), int(data["count"]), None if job_id is None else str(job_id),
+                   None if key is None else str(key))
 
 
 class WorkUnitRecord(ValueObject):
@@ -4393,7 +4382,7 @@ class WorkUnitRecord(ValueObject):
         arguments the node's shell expands).
       job_name, job_directory, script, log_directory, archive, image: where
         its files are, as the machine that runs it sees them.
-      arrays: the SubmittedArrays; planned: the PlannedArrays.
+      arrays: the submitted ArrayRecords; planned: those the launch meant to submit.
       submission_log: the cluster's log of submitted job ids.
       cancelled: whether ``lxm3 cancel`` cancelled a job of it.
       connection: how to reach the cluster again (server, user, port, key,
@@ -4408,8 +4397,8 @@ class WorkUnitRecord(ValueObject):
                  tasks: Optional[List[Dict[str, Any]]] = None, job_name: Optional[str] = None,
                  job_directory: Optional[str] = None, script: Optional[str] = None,
                  log_directory: Optional[str] = None, archive: Optional[str] = None,
-                 image: Optional[str] = None, arrays: Optional[List[SubmittedArray]] = None,
-                 planned: Optional[List[PlannedArray]] = None, submission_log: Optional[str] = None,
+                 image: Optional[str] = None, arrays: Optional[List[ArrayRecord]] = None,
+                 planned: Optional[List[ArrayRecord]] = None, submission_log: Optional[str] = None,
                  cancelled: bool = False, connection: Optional[Dict[str, Any]] = None,
                  custom_output: bool = False, log_paths: Optional[List[str]] = None,
                  exit_codes: Optional[Dict[int, int]] = None):
@@ -4457,8 +4446,8 @@ class WorkUnitRecord(ValueObject):
     def from_json(cls, data: Mapping[str, Any]) -> WorkUnitRecord:
         """Fields a record of an earlier lxm3 lacks get their defaults."""
         fields = {k: v for k, v in data.items() if k in _parameters(cls)}
-        fields["arrays"] = [SubmittedArray.from_json(a) for a in data.get("arrays") or []]
-        fields["planned"] = [PlannedArray.from_json(p) for p in data.get("planned") or []]
+        fields["arrays"] = [ArrayRecord.from_json(a) for a in data.get("arrays") or []]
+        fields["planned"] = [ArrayRecord.from_json(p) for p in data.get("planned") or []]
         fields["exit_codes"] = {int(k): v for k, v in (data.get("exit_codes") or {}).items()}
         fields["log_paths"] = data.get("log_paths") or []
         return cls(**fields)
@@ -5488,8 +5477,8 @@ class ClusterWorkUnit(xm.WorkUnit):
             script=os.path.join(self.job_directory, "job.sh") if self.job_directory else None,
             log_directory=self.log_directory, archive=self.archive_path,
             image=self.image_path or (self._executable.image if self._executable else None),
-            arrays=[SubmittedArray(s.job_id, s.first_task, s.count) for s in self.arrays],
-            planned=[PlannedArray(s.key, s.first_task, s.count) for s in self.planned],
+            arrays=[ArrayRecord(s.first_task, s.count, job_id=s.job_id) for s in self.arrays],
+            planned=[ArrayRecord(s.first_task, s.count, key=s.key) for s in self.planned],
             submission_log=self.submission_log, cancelled=self.cancelled,
         )
         if isinstance(executor, Local):
@@ -6218,7 +6207,7 @@ def reconcile_submissions(record: ExperimentRecord) -> bool:
             if word == "OK" and job_id.isdigit():
                 known[key] = job_id
         for unit in group:
-            unit.arrays = [SubmittedArray(known[p.key], p.first_task, p.count)
+            unit.arrays = [ArrayRecord(p.first_task, p.count, job_id=known[p.key])
                            for p in unit.planned if p.key in known]
             unit.set_state(unit_submission_state(unit.num_tasks, unit.arrays))
     if units:
