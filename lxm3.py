@@ -989,7 +989,26 @@ class DockerContainer(xm.ExecutableSpec, ValueObject):
         return self.entrypoint.name
 
 
-class PDMProject(xm.ExecutableSpec, ValueObject):
+class _DockerBuiltProject(xm.ExecutableSpec, ValueObject):
+    """What PDMProject and PythonContainer share: an image built by ``docker
+    build`` from ``base_image`` with the project's dependencies, and the
+    project's code packaged as a ``PythonPackage`` run inside it."""
+
+    def _init_project(self, entrypoint, base_image, path, resources, extra_packages, pip_args) -> None:
+        _check_entrypoint(entrypoint)
+        self.entrypoint = entrypoint
+        self.base_image = base_image
+        self.path = resolve_path(path)
+        self.resources = [] if resources is None else list(resources)
+        self.extra_packages = [_resolve_if_local(p) for p in extra_packages or []]
+        self.pip_args = ["--no-deps", "--no-compile"] if pip_args is None else list(pip_args)
+
+    @property
+    def name(self) -> str:
+        return _name_from_path(self.path)
+
+
+class PDMProject(_DockerBuiltProject):
     """A PDM project whose locked dependencies are built into a Docker image.
 
     As in lxm3 0.4.2: ``docker build`` makes ``<name>:latest`` (``name``:
@@ -1034,21 +1053,11 @@ class PDMProject(xm.ExecutableSpec, ValueObject):
         extra_packages: Optional[List[str]] = None,
         pip_args: Optional[List[str]] = None,
     ):
-        _check_entrypoint(entrypoint)
-        self.entrypoint = entrypoint
-        self.base_image = base_image
+        self._init_project(entrypoint, base_image, path, resources, extra_packages, pip_args)
         self.lock_file = lock_file
-        self.path = resolve_path(path)
-        self.resources = [] if resources is None else list(resources)
-        self.extra_packages = [_resolve_if_local(p) for p in extra_packages or []]
-        self.pip_args = ["--no-deps", "--no-compile"] if pip_args is None else list(pip_args)
-
-    @property
-    def name(self) -> str:
-        return _name_from_path(self.path)
 
 
-class PythonContainer(xm.ExecutableSpec, ValueObject):
+class PythonContainer(_DockerBuiltProject):
     """A Python project whose ``requirements.txt`` is built into a Docker image.
 
     As ``PDMProject``, with the image's dependencies installed by ``pip
@@ -1085,18 +1094,8 @@ class PythonContainer(xm.ExecutableSpec, ValueObject):
         extra_packages: Optional[List[str]] = None,
         pip_args: Optional[List[str]] = None,
     ):
-        _check_entrypoint(entrypoint)
-        self.entrypoint = entrypoint
-        self.base_image = base_image
+        self._init_project(entrypoint, base_image, path, resources, extra_packages, pip_args)
         self.requirements = requirements
-        self.path = resolve_path(path)
-        self.resources = [] if resources is None else list(resources)
-        self.extra_packages = [_resolve_if_local(p) for p in extra_packages or []]
-        self.pip_args = ["--no-deps", "--no-compile"] if pip_args is None else list(pip_args)
-
-    @property
-    def name(self) -> str:
-        return _name_from_path(self.path)
 
 
 def docker_transport(image: str) -> Optional[Tuple[str, str]]:
@@ -2184,7 +2183,7 @@ def _docker_repository(name: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("._-") or "lxm3-project"
 
 
-def dockerfile(spec: Union[PDMProject, PythonContainer]) -> str:
+def dockerfile(spec: _DockerBuiltProject) -> str:
     """The Dockerfile of a ``PDMProject`` or ``PythonContainer`` image.
 
     The build context is the project: the lock or requirements file is
@@ -2230,7 +2229,7 @@ def _which_or_fail(names: Sequence[str], what: str) -> str:
     raise BuildError(f"{what} needs {' or '.join(names)} on this machine, and none is on the PATH")
 
 
-def build_docker_image(spec: Union[PDMProject, PythonContainer]) -> Tuple[str, str]:
+def build_docker_image(spec: _DockerBuiltProject) -> Tuple[str, str]:
     """``docker build`` the image of ``spec``: returns its tag (``<name>:latest``) and id."""
     import tempfile
 
@@ -2326,7 +2325,7 @@ def package(packageable: xm.Packageable) -> ClusterExecutable:
     """Turn one ``xm.Packageable`` into a ``ClusterExecutable``."""
     spec = packageable.executable_spec
     container, image = None, None
-    if isinstance(spec, (PDMProject, PythonContainer)):
+    if isinstance(spec, _DockerBuiltProject):
         tag, image_id = build_docker_image(spec)
         if isinstance(packageable.executor_spec, LocalSpec):
             container, image = "docker", image_id

@@ -100,9 +100,10 @@ def test_each_scheduler_lists_the_shared_parameters_itself(name):
 
 
 def test_every_executor_and_spec_class_is_checked():
-    """A new executor or executable spec in lxm3.py joins DOCUMENTED (or SPECS)."""
+    """A new public executor or executable spec in lxm3.py joins DOCUMENTED (or SPECS);
+    private bases (``_DockerBuiltProject``) are documented by their subclasses."""
     found = {name for name, obj in vars(lxm3).items()
-             if inspect.isclass(obj) and obj.__module__ == lxm3.__name__
+             if inspect.isclass(obj) and obj.__module__ == lxm3.__name__ and not name.startswith("_")
              and issubclass(obj, (xm.Executor, xm.ExecutorSpec, xm.ExecutableSpec))}
     assert found - set(DOCUMENTED) - set(SPECS) == set()
 
