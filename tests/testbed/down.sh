@@ -77,11 +77,17 @@ fi
 
 # --- optional purge -------------------------------------------------------------
 if ((PURGE)); then
-  if [[ -d $TB_ROOT && ! -e $ROOT_MARK ]]; then
+  if [[ -d $TB_ROOT && ! -e $ROOT_MARK && -n $(ls -A "$TB_ROOT") ]]; then
     log "$TB_ROOT is not the test bed's (no $ROOT_MARK); not removing it"
     exit 1
   fi
-  rm -rf -- "$TB_ROOT" "$TB_ENV_FILE"
+  if [[ -d $TB_ROOT ]]; then
+    find "$TB_ROOT" -mindepth 1 -delete
+    rmdir "$TB_ROOT" 2>/dev/null || true   # (a mount point stays)
+  fi
+  if [[ -f $TB_ENV_FILE ]] && grep -qxF "LXM3_TESTBED_ROOT=$TB_ROOT" "$TB_ENV_FILE"; then
+    rm -f -- "$TB_ENV_FILE"
+  fi
   CLIENT_HOME=$(home_of "$TB_CLIENT" || true)
   if [[ -n $CLIENT_HOME ]]; then
     replace_block "$CLIENT_HOME/.ssh/known_hosts" "$KNOWN_HOSTS_BEGIN" "$KNOWN_HOSTS_END" \

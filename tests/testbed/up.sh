@@ -39,6 +39,12 @@ trap 'rm -rf "$WORK"' EXIT
 if [[ -d $TB_ROOT && ! -e $ROOT_MARK && -n $(ls -A "$TB_ROOT") ]]; then
   refuse "$TB_ROOT exists, is not empty and is not the test bed's (no $ROOT_MARK): set TESTBED_ROOT to another directory"
 fi
+# The env file is read by the test suite: one describing another test bed
+# (another root, or written by an up.sh from before the test bed was a guest)
+# may be in use by someone else's tests.
+if [[ -f $TB_ENV_FILE ]] && ! grep -qxF "LXM3_TESTBED_ROOT=$TB_ROOT" "$TB_ENV_FILE"; then
+  refuse "$TB_ENV_FILE describes another test bed ($(grep -E '^LXM3_TESTBED_(ROOT|SSH_PORT)=' "$TB_ENV_FILE" | paste -sd' ' - || true)); set TESTBED_ENV_FILE to another path, or remove the file if that test bed is gone"
+fi
 [[ -d $TB_ROOT ]] || install -d -m 0755 "$TB_ROOT"
 [[ -e $ROOT_MARK ]] ||
   echo "Everything in this directory belongs to lxm3's tests/testbed/up.sh; 'down.sh --purge' removes it." > "$ROOT_MARK"
