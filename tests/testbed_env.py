@@ -301,6 +301,11 @@ def probe_testbed(kind: str) -> Tuple[Optional[Testbed], Optional[str]]:
     except OSError as e:
         reason = f"cannot read {path}: {e}"
     else:
+        if tb.get("ROOT") is None:
+            reason = (f"{path} was written by an up.sh from before the test bed ran its own "
+                      f"clusters (no LXM3_TESTBED_ROOT); {UP_HINT} (the current one)")
+            _cache[kind] = (tb, reason)
+            return tb, reason
         try:
             reason = _PROBES[kind](tb)
         except (OSError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
