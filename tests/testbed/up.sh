@@ -12,8 +12,9 @@
 # Every daemon, configuration file, key, spool and log is the test bed's own,
 # under $TB_ROOT (/var/lib/lxm3-testbed), on ports of its own: a Slurm, munge,
 # Grid Engine or sshd already on the machine is never edited, restarted or
-# signalled (see lib.sh). Where the test bed cannot run beside them (a port or
-# the user name taken), it stops and says which setting to change.
+# signalled (see lib.sh). Where the test bed cannot run beside them (a port,
+# the user name, its directory or env file taken), it stops before changing
+# anything and says which setting to change.
 #
 # Debian 12, run as root, no systemd needed: each daemon is started directly
 # and tracked by its pid file. Idempotent: live daemons are kept and only
