@@ -146,21 +146,11 @@ class Testbed:
         self.key = env["LXM3_TESTBED_SSH_KEY"]
         self.home = env["LXM3_TESTBED_USER_HOME"]
         self.max_array_size = int(env.get("LXM3_TESTBED_SLURM_MAX_ARRAY_SIZE", "0") or 0)
-        self.sshd_log = self._sshd_log_path()
-
-    @staticmethod
-    def _sshd_log_path() -> str:
-        """SSHD_LOG from tests/testbed/lib.sh (the test bed's own sshd logs there)."""
-        lib = os.path.join(ROOT, "tests", "testbed", "lib.sh")
-        try:
-            with open(lib) as f:
-                for line in f:
-                    m = re.match(r"^SSHD_LOG=(\S+)", line)
-                    if m:
-                        return m.group(1)
-        except OSError:
-            pass
-        return "/var/log/sshd-lxm3-testbed.log"
+        # The test bed's own sshd logs there (tests/testbed/up.sh writes the path).
+        self.sshd_log = env.get("LXM3_TESTBED_SSHD_LOG", "")
+        if not self.sshd_log:
+            raise SystemExit(f"bench: {path} names no LXM3_TESTBED_SSHD_LOG: bring the test bed "
+                             "up again with tests/testbed/up.sh")
 
     def ssh(self, command: str, check: bool = True) -> str:
         argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",

@@ -3,12 +3,14 @@
 Every launch is a real ``python -m lxm3 launch LAUNCHER`` in a subprocess, in
 one of two modes:
 
-- ``ssh``: as the client user (root), with a config whose cluster has
-  ``server = "localhost"`` and ``user = "lxm3test"``: lxm3 reaches the test
-  bed through ssh (strict host key checking, the client's own ssh config);
-- ``login``: as the test user on this machine (``runuser -u lxm3test``), with
-  the system Python and a config without ``server``: this machine is the login
-  node, ``sbatch``/``qsub`` run locally. Grid Engine needs this mode or ssh,
+- ``ssh``: as the client user (root), with a config whose cluster has the
+  test bed's ``server``, ``user`` and ``port`` (``localhost``, ``lxm3tb``,
+  6922): lxm3 reaches the test bed through its sshd (strict host key
+  checking, the client's own ssh config);
+- ``login``: as the test user on this machine (``runuser -u lxm3tb``), with
+  the system Python, a config without ``server`` and the test bed's cluster
+  variables (SLURM_CONF, SGE_ROOT, ...): this machine is the login node,
+  ``sbatch``/``qsub`` run locally. Grid Engine needs this mode or ssh,
   because it refuses jobs from root.
 
 The launcher (``LAUNCHER`` below) is driven by a ``spec.json`` beside it and
@@ -53,7 +55,6 @@ from testbed_env import Testbed
 SCHEDULERS = ("slurm", "sge")
 MODES = ("ssh", "login")
 LOGIN_PYTHON = "/usr/bin/python3"
-SSHD_LOG = "/var/log/sshd-lxm3-testbed.log"  # SSHD_LOG in tests/testbed/lib.sh
 # Seconds for a launch's tasks to finish. They take a few seconds on an idle
 # test bed; the margin is for other suites sharing its two CPUs and slots.
 WAIT_TIMEOUT = 300
@@ -189,10 +190,10 @@ def overlaps(reports: Dict[int, dict]) -> List[Tuple[int, int]]:
     return [(a[2], b[2]) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
 
 
-def sshd_accepted_count(source: str) -> int:
+def sshd_accepted_count(tb: Testbed, source: str) -> int:
     """How many logins of the test user from ``source`` the test bed's sshd accepted."""
-    needle = f"Accepted publickey for lxm3test from {source} port "
-    with open(SSHD_LOG, errors="replace") as f:
+    needle = f"Accepted publickey for {tb.ssh_user} from {source} port "
+    with open(tb.sshd_log, errors="replace") as f:
         return sum(1 for line in f if needle in line)
 
 
@@ -240,17 +241,18 @@ class Projects:
         self._paths: Dict[str, str] = {}
         self._roots: List[str] = []
 
-    def get(self, mode: str) -> str:
+    def get(self, mode: str, user: str) -> str:
+        """The project for ``mode``; in login mode owned by ``user``, the test user."""
         if mode not in self._paths:
             root = f"/tmp/lxm3-it-project-{mode}-{uuid.uuid4().hex[:10]}"
             os.mkdir(root)
             self._roots.append(root)
             path = _write_project(os.path.join(root, "echo_project"))
             if mode == "login":
-                shutil.chown(root, "lxm3test", "lxm3test")
+                shutil.chown(root, user, user)
                 for dirpath, dirnames, filenames in os.walk(root):
                     for name in dirnames + filenames:
-                        shutil.chown(os.path.join(dirpath, name), "lxm3test", "lxm3test")
+                        shutil.chown(os.path.join(dirpath, name), user, user)
             os.chmod(root, 0o755)
             self._paths[mode] = path
         return self._paths[mode]
@@ -448,13 +450,13 @@ class ClusterWorkspace:
             if path is not None:
                 env["PATH"] = path
         else:
-            # What the test user's login shell on the login node would have.
-            env_vars = [f"HOME={self.tb.user_home}", "USER=lxm3test", "LOGNAME=lxm3test",
+            # What the test user's login shell on the login node would have,
+            # including the variables that point it at the test bed's clusters.
+            user = self.tb.ssh_user
+            env_vars = [f"HOME={self.tb.user_home}", f"USER={user}", f"LOGNAME={user}",
                         f"PATH={path or '/usr/local/bin:/usr/bin:/bin'}", "LANG=C.UTF-8",
                         f"PYTHONPATH={ROOT}"]
-            if self.tb.get("SGE_ROOT"):
-                env_vars += [f"SGE_ROOT={self.tb.get('SGE_ROOT')}",
-                             f"SGE_CELL={self.tb.get('SGE_CELL', 'default')}"]
+            env_vars += [f"{name}={value}" for name, value in self.tb.cluster_env().items()]
             argv = ["runuser", "-u", self.tb.ssh_user, "--", "env", "-i", *env_vars,
                     LOGIN_PYTHON, *command]
             env = None
@@ -579,7 +581,7 @@ def workspace_factory() -> Iterator[Callable[[Testbed, str, str], ClusterWorkspa
     made: List[ClusterWorkspace] = []
 
     def make(tb: Testbed, scheduler: str, mode: str) -> ClusterWorkspace:
-        workspace = ClusterWorkspace(tb, scheduler, mode, _PROJECTS.get(mode))
+        workspace = ClusterWorkspace(tb, scheduler, mode, _PROJECTS.get(mode, tb.ssh_user))
         made.append(workspace)
         return workspace
 
@@ -828,10 +830,10 @@ def scenario_second_launch(ws: ClusterWorkspace) -> Tuple[Launch, Launch]:
         if n == 2 and ws.mode == "ssh":
             kill_kept_master()
         out = ws.out_dir(f"out{n}")
-        before = sshd_accepted_count(address) if ws.mode == "ssh" else 0
+        before = sshd_accepted_count(ws.tb, address) if ws.mode == "ssh" else 0
         launch = ws.launch([job_unit(ws.executor(), args={"launch": n})],
                            exe_env={"ECHO_OUT": out}, record_transfers=True, path=path).check()
-        logins.append(sshd_accepted_count(address) - before if ws.mode == "ssh" else None)
+        logins.append(sshd_accepted_count(ws.tb, address) - before if ws.mode == "ssh" else None)
         [archive] = archive_files(ws)  # one content-addressed archive, not one per launch
         st = os.stat(archive)
         stats.append((archive, st.st_ino, st.st_mtime_ns, st.st_size))

@@ -1,7 +1,7 @@
 """Slurm end to end on the test bed: real packaging, real sbatch, real tasks.
 
 Each test runs ``python -m lxm3 launch`` twice over, by parametrization: over
-SSH to ``lxm3test@localhost`` (``mode="ssh"``) and as ``lxm3test`` on the
+SSH to the test user at ``localhost`` (``mode="ssh"``) and as the test user on the
 machine itself, the login node (``mode="login"``). See cluster_helpers.py.
 """
 

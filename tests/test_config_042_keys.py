@@ -135,7 +135,8 @@ def cluster_workspaces():
 
 def cluster_config(ws, **keys):
     lines = ["[[clusters]]", f'name = "{ws.cluster_name}"']
-    lines += [f"{key} = {toml_string(value)}" for key, value in keys.items()]
+    lines += [f"{key} = {value if isinstance(value, int) else toml_string(value)}"
+              for key, value in keys.items()]
     lines += ["[clusters.storage]", f"staging = {toml_string(ws.staging)}"]
     path = os.path.join(ws.root, "lxm.toml")
     with open(path, "w") as f:
@@ -185,7 +186,8 @@ def test_proxycommand_through_a_real_ssh_hop_reaches_the_cluster(cluster_workspa
                 -i {tb.ssh_key} -W "$1:$2" {tb.destination}
         """))
     os.chmod(proxy, 0o755)
-    config = cluster_config(ws, server=tb.ssh_host, user=tb.ssh_user, proxycommand=f"{proxy} %h %p")
+    config = cluster_config(ws, server=tb.ssh_host, user=tb.ssh_user, port=tb.ssh_port,
+                            proxycommand=f"{proxy} %h %p")
     launch = launch_and_wait(ws, config)
     with open(log) as f:
         hops = f.read().splitlines()
@@ -202,6 +204,8 @@ def test_ssh_config_file_gives_host_port_and_user(cluster_workspaces, own_connec
     tb = require_testbed("slurm")
     ws = cluster_workspaces(tb, "slurm", "ssh")
     alias = "lxm3-testbed-alias"  # resolves nowhere: only the Host entry makes it reachable
+    # The name its host key is recorded under in known_hosts: "[host]:port" off port 22.
+    key_alias = tb.ssh_host if tb.ssh_port == 22 else f"[{tb.ssh_host}]:{tb.ssh_port}"
     with open(os.path.join(ws.root, "ssh_config"), "w") as f:
         f.write(textwrap.dedent(f"""\
             Host {alias}
@@ -209,7 +213,7 @@ def test_ssh_config_file_gives_host_port_and_user(cluster_workspaces, own_connec
                 Port {tb.ssh_port}
                 User {tb.ssh_user}
                 IdentityFile {tb.ssh_key}
-                HostKeyAlias {tb.ssh_host}
+                HostKeyAlias {key_alias}
                 StrictHostKeyChecking yes
         """))
     config = cluster_config(ws, server=alias, ssh_config="ssh_config")  # next to lxm.toml

@@ -206,7 +206,7 @@ def test_misspelt_server_stops_the_launch_before_anything_happens(tmp_path):
     """Read as absent, ``servr`` would make this machine the login node: sbatch would
     run here (the test bed's Slurm is on this machine) with lxm3's files in the
     staging path. The launch must exit 1 before packaging; nothing is submitted."""
-    require_testbed("slurm")
+    tb = require_testbed("slurm")
     title = f"servr-{uuid.uuid4().hex[:10]}"
     app = tmp_path / "app"
     app.mkdir()
@@ -220,7 +220,7 @@ def test_misspelt_server_stops_the_launch_before_anything_happens(tmp_path):
                       f'[clusters.storage]\nstaging = "{staging}"\n')
     proc = subprocess.run(
         [sys.executable, "-m", "lxm3", "launch", "launcher.py", "--lxm_config", str(config)],
-        cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ROOT}, stdin=subprocess.DEVNULL,
+        cwd=str(tmp_path), env=tb.local_env(PYTHONPATH=ROOT), stdin=subprocess.DEVNULL,
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert proc.stderr.startswith(f"lxm3: error: {config}: unknown key 'clusters[0].servr' "
@@ -229,6 +229,6 @@ def test_misspelt_server_stops_the_launch_before_anything_happens(tmp_path):
     assert not marker.exists(), "the project was built"
     assert not staging.exists(), "files were deployed on this machine"
     queued = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%j"], capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, env=tb.local_env())
     assert queued.returncode == 0, queued.stderr
     assert not [name for name in queued.stdout.split() if title.replace("-", "_") in name]

@@ -1,5 +1,5 @@
 """``lxm3 status``/``logs``/``cancel``/``list``, ``launch --dry-run`` and the xm unit
-API on the test bed's Slurm and Grid Engine, reached over SSH as lxm3test.
+API on the test bed's Slurm and Grid Engine, reached over SSH as the test user.
 
 Launches are real ``python -m lxm3 launch`` runs (see test_records.LAUNCHER)
 of the task program test_records.TASK_MAIN. Tasks that should stay pending or
@@ -51,7 +51,7 @@ DEADLINE = 150  # seconds for jobs to start or end on a busy 2-core test bed
 
 
 class Workspace:
-    """One test's cluster: a config, a private staging directory in lxm3test's
+    """One test's cluster: a config, a private staging directory in the test user's
     home, a world-writable directory for gates, and cleanup of its jobs."""
 
     def __init__(self, tb: Testbed, scheduler: str, project: str):
@@ -59,7 +59,7 @@ class Workspace:
         tag = uuid.uuid4().hex[:12]
         self.root = f"/tmp/lxm3-status-{scheduler}-{tag}"
         os.mkdir(self.root)
-        os.chmod(self.root, 0o777)  # tasks run as lxm3test and look for gates here
+        os.chmod(self.root, 0o777)  # tasks run as the test user and look for gates here
         self.staging = f"lxm3-it/status-{scheduler}-{tag}"
         self.cluster = f"tb-{scheduler}"
         self.title = f"status {scheduler} {tag}"

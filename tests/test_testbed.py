@@ -7,6 +7,7 @@ the test bed is not running, failed instead when LXM3_REQUIRE_TESTBED=1.
 
 from __future__ import annotations
 
+import random
 import re
 import shlex
 import subprocess
@@ -141,3 +142,77 @@ def test_sge_limits_match_env_file():
     too_many = tb.ssh([*qsub, "-t", f"1-{n + 1}", "true"], check=False)
     assert too_many.returncode != 0
     assert f"more than {n} tasks" in too_many.stdout + too_many.stderr
+
+
+# --- the test bed is a guest: its own clusters, reached through its own sshd ---
+
+SHOW_ENV = 'for v in SLURM_CONF SGE_ROOT SGE_CELL SGE_QMASTER_PORT SGE_EXECD_PORT; do echo "$v=${!v}"; done'
+
+
+def _env_lines(text: str) -> dict:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def test_commands_and_login_shells_over_ssh_reach_the_test_beds_clusters():
+    """What lxm3 runs there (``bash -s``), a login shell (``bash -l``, whose
+    /etc/profile.d may name a site's cell) and ``sh -l`` (as Grid Engine starts
+    jobs) all point at the test bed's clusters, and the schedulers answer as
+    the test bed's."""
+    tb = require_testbed("slurm")
+    expected = tb.cluster_env()
+    assert tb.ssh_port != 22 and expected["SLURM_CONF"] != "/etc/slurm/slurm.conf", expected
+    assert _env_lines(tb.ssh("bash -s", input=SHOW_ENV + "\n").stdout) == expected
+    assert _env_lines(tb.ssh(["bash", "-l", "-c", SHOW_ENV]).stdout) == expected
+    sh_env = 'for v in SLURM_CONF SGE_ROOT SGE_CELL; do eval "echo $v=\\$$v"; done'
+    got = _env_lines(tb.ssh(["sh", "-l", "-c", sh_env]).stdout)
+    assert got == {k: expected[k] for k in ("SLURM_CONF", "SGE_ROOT", "SGE_CELL")}
+    config = tb.ssh(["scontrol", "show", "config"]).stdout
+    assert re.search(rf"^ClusterName\s*=\s*{tb.get('SLURM_CLUSTER')}$", config, re.M), config
+    assert re.search(rf"^SLURM_CONF\s*=\s*{re.escape(expected['SLURM_CONF'])}$", config, re.M)
+
+
+def test_grid_engine_jobs_run_in_the_test_beds_cell():
+    """A job starts as a login shell, yet sees the test bed's SGE_ROOT and cell."""
+    tb = require_testbed("sge")
+    with tb.remote_tempdir("sge-env") as remote:
+        out = tb.ssh(f"cd {shlex.quote(remote)} && qsub -terse -cwd -b y -N env -j y -o env.txt env"
+                     ).stdout.strip()
+        assert out.isdigit(), out
+
+        def gone() -> Optional[bool]:
+            return True if tb.ssh(["qstat", "-j", out], check=False).returncode else None
+
+        poll(gone, timeout=60, what=f"SGE job {out} to finish")
+        env = _env_lines(tb.ssh(["cat", f"{remote}/env.txt"]).stdout)
+    assert env["SGE_ROOT"] == tb.cluster_env()["SGE_ROOT"], env
+    assert env["SGE_CELL"] == tb.cluster_env()["SGE_CELL"], env
+
+
+def test_local_commands_reach_the_test_bed_with_its_cluster_env():
+    """Run here (as root), the schedulers' commands need ``cluster_env()``."""
+    tb = require_testbed("sge")
+    require_testbed("slurm")
+    env = tb.local_env()
+    config = subprocess.run(["scontrol", "show", "config"], env=env, capture_output=True,
+                            text=True, timeout=60, check=True).stdout
+    assert re.search(rf"^MaxArraySize\s*=\s*{tb.slurm_max_array_size}$", config, re.M), config
+    assert re.search(rf"^ClusterName\s*=\s*{tb.get('SLURM_CLUSTER')}$", config, re.M), config
+    sconf = subprocess.run(["qconf", "-sconf"], env=env, capture_output=True, text=True,
+                           timeout=60, check=True).stdout
+    assert re.search(rf"^max_aj_tasks\s+{tb.sge_max_aj_tasks}$", sconf, re.M), sconf
+
+
+def test_the_sshd_log_is_the_test_beds_own():
+    """The log the tests count logins in is written by the sshd they connect to."""
+    tb = require_testbed("ssh")
+    address = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+    proc = subprocess.run(["ssh", "-o", f"BindAddress={address}", *tb.ssh_options(),
+                           tb.destination, "true"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    needle = f"Accepted publickey for {tb.ssh_user} from {address} port "
+
+    def logged() -> Optional[bool]:
+        with open(tb.sshd_log, errors="replace") as f:
+            return True if needle in f.read() else None
+
+    poll(logged, timeout=30, what=f"'{needle}' in {tb.sshd_log}")

@@ -39,11 +39,11 @@ LOGIN_UMASK = 0o027  # the login-mode launch runs with this: neither 022 nor 077
 
 @pytest.fixture(scope="module")
 def umask_projects():
-    """The echo project with the umask report, once per mode (login: owned by lxm3test)."""
+    """The echo project with the umask report, once per mode (login: owned by the test user)."""
     assert '"umask": "%04o" % umask' in UMASK_MAIN and "os.umask(umask)" in UMASK_MAIN
     roots, projects = [], {}
 
-    def get(mode):
+    def get(mode, user):
         if mode not in projects:
             root = f"/tmp/lxm3-umask-project-{mode}-{uuid.uuid4().hex[:10]}"
             os.mkdir(root)
@@ -56,7 +56,7 @@ def umask_projects():
             if mode == "login":
                 for dirpath, dirnames, filenames in os.walk(root):
                     for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
-                        shutil.chown(name, "lxm3test", "lxm3test")
+                        shutil.chown(name, user, user)
             os.chmod(root, 0o755)
             projects[mode] = path
         return projects[mode]
@@ -71,7 +71,7 @@ def workspaces(umask_projects):
     made = []
 
     def make(tb, scheduler, mode):
-        made.append(ClusterWorkspace(tb, scheduler, mode, umask_projects(mode)))
+        made.append(ClusterWorkspace(tb, scheduler, mode, umask_projects(mode, tb.ssh_user)))
         return made[-1]
 
     yield make

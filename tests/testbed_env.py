@@ -1,7 +1,11 @@
 """The local Slurm / Grid Engine / SSH test bed, for the test suite.
 
 ``tests/testbed/up.sh`` brings the test bed up and describes it in an env file
-(``/etc/lxm3-testbed.env``, or the path in ``$LXM3_TESTBED_ENV``). Tests call
+(``/etc/lxm3-testbed.env``, or the path in ``$LXM3_TESTBED_ENV``). The test bed
+is a guest on the machine: its Slurm, Grid Engine and sshd are its own, beside
+any the machine already runs, on ports of their own; its sshd sets the
+variables that point the schedulers' commands at it for every ssh session, and
+``Testbed.cluster_env()`` gives them for commands run here. Tests call
 ``require_testbed(kind)`` with kind ``"ssh"``, ``"slurm"`` or ``"sge"``: it
 returns a ``Testbed`` when that part answers, and otherwise skips the test, or
 fails it when ``LXM3_REQUIRE_TESTBED=1`` (meant for CI, so that a broken test
@@ -100,6 +104,24 @@ class Testbed:
         return self._required("USER_HOME")
 
     @property
+    def sshd_log(self) -> str:
+        """The log of the test bed's own sshd (root may read it)."""
+        return self._required("SSHD_LOG")
+
+    def cluster_env(self) -> Dict[str, str]:
+        """SLURM_CONF, SGE_ROOT, SGE_CELL and the SGE ports of the test bed.
+
+        Without them ``squeue``, ``qconf`` and the like run on this machine
+        would ask the machine's own (site) clusters, if any, not the test bed's.
+        """
+        names = ("SLURM_CONF", "SGE_ROOT", "SGE_CELL", "SGE_QMASTER_PORT", "SGE_EXECD_PORT")
+        return {name: self._required(name) for name in names}
+
+    def local_env(self, **extra: str) -> Dict[str, str]:
+        """This process's environment plus ``cluster_env()`` and ``extra``."""
+        return {**os.environ, **self.cluster_env(), **extra}
+
+    @property
     def slurm_max_array_size(self) -> int:
         return int(self._required("SLURM_MAX_ARRAY_SIZE"))
 
@@ -192,9 +214,18 @@ def _tail(proc: subprocess.CompletedProcess) -> str:
 
 
 def _probe_ssh(tb: Testbed) -> Optional[str]:
-    proc = tb.ssh("true", check=False, timeout=PROBE_TIMEOUT)
+    # The session must see the test bed's clusters (sshd's SetEnv), or the
+    # schedulers' commands would reach whatever else runs on this machine.
+    expected = tb.cluster_env()
+    proc = tb.ssh("for v in " + " ".join(expected) + '; do echo "$v=${!v}"; done',
+                  check=False, timeout=PROBE_TIMEOUT)
     if proc.returncode != 0:
-        return f"`ssh {tb.destination} true` failed: {_tail(proc)}"
+        return f"`ssh {tb.destination}` failed: {_tail(proc)}"
+    seen = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    wrong = [f"{k}={seen.get(k)!r} (the env file says {v!r})" for k, v in expected.items()
+             if seen.get(k) != v]
+    if wrong:
+        return f"ssh sessions of {tb.destination} do not point at the test bed: {', '.join(wrong)}"
     return None
 
 
@@ -223,8 +254,8 @@ def _probe_sge(tb: Testbed) -> Optional[str]:
         return f"the env file {env_file_path()} does not list Grid Engine"
     # qstat asks sge_qmaster; qping asks sge_execd, whose death qmaster only
     # notices minutes later.
-    host = shlex.quote(tb.get("SGE_HOST", "localhost") or "localhost")
-    port = shlex.quote(tb.get("SGE_EXECD_PORT", "6445") or "6445")
+    host = shlex.quote(tb._required("SGE_HOST"))
+    port = shlex.quote(tb._required("SGE_EXECD_PORT"))
     proc = tb.ssh(
         f"qstat -f || exit 10; qping -info {host} {port} execd 1 >/dev/null || exit 11",
         check=False,
@@ -270,6 +301,11 @@ def probe_testbed(kind: str) -> Tuple[Optional[Testbed], Optional[str]]:
     except OSError as e:
         reason = f"cannot read {path}: {e}"
     else:
+        if tb.get("ROOT") is None:
+            reason = (f"{path} was written by an up.sh from before the test bed ran its own "
+                      f"clusters (no LXM3_TESTBED_ROOT); {UP_HINT} (the current one)")
+            _cache[kind] = (tb, reason)
+            return tb, reason
         try:
             reason = _PROBES[kind](tb)
         except (OSError, subprocess.TimeoutExpired, KeyError, ValueError) as e:

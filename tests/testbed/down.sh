@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# down.sh - stop what up.sh started: sge_execd, sge_qmaster, slurmd,
-# slurmctld, munged and the loopback sshd. Queued and running jobs are
-# cancelled first. Each daemon is found through its pid file only, and only
-# that pid is signalled. Packages, configuration, the test user, keys, job
-# databases and /etc/lxm3-testbed.env stay, so the next up.sh is quick (the
-# env file describes the installed test bed; the test suite checks that the
-# daemons answer before using them).
+# down.sh - stop what up.sh started: the test bed's sge_execd, sge_qmaster,
+# slurmd, slurmctld, munged and sshd. Its queued and running jobs are
+# cancelled first. Each daemon is found through the test bed's own pid file
+# only, and only that pid is signalled; the scheduler commands used here reach
+# the test bed's clusters only (lib.sh exports their SLURM_CONF, SGE_ROOT,
+# SGE_CELL and ports). A site's Slurm, munge, Grid Engine or sshd is never
+# touched. Configuration, keys, job databases, the test user and the env file
+# stay, so the next up.sh is quick (the env file describes the installed test
+# bed; the test suite checks that the daemons answer before using them).
 #
 #   down.sh           stop the daemons
-#   down.sh --purge   also purge the Slurm, munge and gridengine packages and
-#                     their state, configuration and logs, the env file, the
-#                     sshd configuration and the SGE lines in the test user's
-#                     ~/.bashrc, for a cold up.sh. Kept: openssh and rsync
-#                     (packages and host keys), libraries and other packages
-#                     pulled in as dependencies (exim4, bsd-mailx, tcsh, ...:
-#                     see apt-get autoremove), the test user, the client's key.
+#   down.sh --purge   also remove everything the test bed wrote: its directory
+#                     ($TB_ROOT: configuration, keys, state, spool, logs), the
+#                     env file, its block in the client's known_hosts and in
+#                     the test user's ~/.profile and ~/.bashrc, for a cold
+#                     up.sh. Kept: packages (a site may use them too; remove
+#                     them with apt-get yourself), the test user and its home,
+#                     the client's ssh key.
 set -Euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TB_NAME=testbed-down
@@ -31,28 +33,31 @@ esac
 T0=$(now)
 
 # --- Grid Engine ---------------------------------------------------------------
-# qconf -kej: execd kills its running jobs, then exits. Job shepherds are its
-# children; any still alive after execd is gone are stopped by pid.
+# qconf -kej HOST, sent to the test bed's qmaster: its execd kills its running
+# jobs, then exits. Job shepherds are execd's children; any still alive after
+# execd is gone are stopped by pid.
 if pid=$(sge_execd_pid); then
   log "stopping sge_execd (pid $pid) and its jobs"
   mapfile -t shepherds < <(ps -o pid= --ppid "$pid" 2>/dev/null || true)
-  timeout 20 qconf -kej all >/dev/null 2>&1 || true
+  if sge_qmaster_pid >/dev/null && [[ -s $SGE_COMMON/act_qmaster ]]; then
+    timeout 20 qconf -kej "$(< "$SGE_COMMON/act_qmaster")" >/dev/null 2>&1 || true
+  fi
   wait_exit "$pid" sge_execd 20 || stop_pid "$pid" sge_execd 20
   for p in "${shepherds[@]}"; do stop_pid "${p// /}" sge_shepherd 5; done
 fi
-# qmaster's controlled shutdown takes about 10 s: ask for it now and stop
-# Slurm meanwhile.
+# SIGTERM starts qmaster's controlled shutdown, which takes about 10 s: send
+# it now and stop Slurm meanwhile.
 qmaster=
 if qmaster=$(sge_qmaster_pid); then
   log "stopping sge_qmaster (pid $qmaster)"
-  timeout 20 qconf -km >/dev/null 2>&1 || kill -TERM "$qmaster" 2>/dev/null || true
+  kill -TERM "$qmaster" 2>/dev/null || true
 fi
 
-# --- Slurm, munge ----------------------------------------------------------------
-if running_pid "$PID_SLURMCTLD" slurmctld >/dev/null; then
+# --- Slurm, munge, sshd -----------------------------------------------------------
+if running_pid "$PID_SLURMCTLD" slurmctld >/dev/null && [[ -f $SLURM_CONF ]]; then
   jobs=$(squeue -h -o %F 2>/dev/null | sort -u | paste -sd' ' - || true)
   if [[ -n $jobs ]]; then
-    log "cancelling Slurm jobs: $jobs"
+    log "cancelling the test bed's Slurm jobs: $jobs"
     # shellcheck disable=SC2086  # one argument per job id
     scancel $jobs || true
     for ((i = 0; i < 60; i++)); do
@@ -72,22 +77,28 @@ fi
 
 # --- optional purge -------------------------------------------------------------
 if ((PURGE)); then
-  pkgs=()
-  for p in "${SLURM_PACKAGES[@]}" slurm-wlm-basic-plugins "${SGE_PACKAGES[@]}" gridengine-common; do
-    [[ -n $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -v 'not-installed' || true) ]] && pkgs+=("$p")
-  done
-  if ((${#pkgs[@]})); then
-    log "purging ${pkgs[*]}"
-    apt_get purge -y "${pkgs[@]}" || { log "apt-get purge failed (see $APT_LOG)"; exit 1; }
+  if [[ -d $TB_ROOT && ! -e $ROOT_MARK && -n $(ls -A "$TB_ROOT") ]]; then
+    log "$TB_ROOT is not the test bed's (no $ROOT_MARK); not removing it"
+    exit 1
   fi
-  rm -rf /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm \
-         /etc/munge /var/lib/munge /var/log/munge /run/munge \
-         "$SGE_ROOT" "$SGE_SPOOL" /var/run/gridengine /etc/default/gridengine /etc/profile.d/gridengine.sh \
-         "$SSHD_CONF" "$SSHD_LOG" "$TB_ENV_FILE"
-  rc=$(home_of "$TB_USER" || true)/.bashrc
-  if id -u "$TB_USER" >/dev/null 2>&1 && [[ -f $rc ]] && grep -qxF "$BASHRC_BEGIN" "$rc"; then
-    sed -i "/^$BASHRC_BEGIN\$/,/^$BASHRC_END\$/d" "$rc"
+  if [[ -d $TB_ROOT ]]; then
+    find "$TB_ROOT" -mindepth 1 -delete
+    rmdir "$TB_ROOT" 2>/dev/null || true   # (a mount point stays)
   fi
-  log "purged"
+  if [[ -f $TB_ENV_FILE ]] && grep -qxF "LXM3_TESTBED_ROOT=$TB_ROOT" "$TB_ENV_FILE"; then
+    rm -f -- "$TB_ENV_FILE"
+  fi
+  CLIENT_HOME=$(home_of "$TB_CLIENT" || true)
+  if [[ -n $CLIENT_HOME ]]; then
+    replace_block "$CLIENT_HOME/.ssh/known_hosts" "$KNOWN_HOSTS_BEGIN" "$KNOWN_HOSTS_END" \
+      "$TB_CLIENT" 0644 bottom </dev/null || true
+  fi
+  if [[ $(gecos_of "$TB_USER" || true) == "$USER_MARK" ]]; then
+    home=$(home_of "$TB_USER")
+    for rc in "$home/.profile" "$home/.bashrc"; do
+      [[ -f $rc ]] && { replace_block "$rc" "$BASHRC_BEGIN" "$BASHRC_END" "$TB_USER" 0644 top </dev/null || true; }
+    done
+  fi
+  log "purged $TB_ROOT and $TB_ENV_FILE"
 fi
 log "done in $(secs "$T0") s"

@@ -1,22 +1,40 @@
 # shellcheck shell=bash disable=SC2034  # the variables are used by the scripts that source this
-# lib.sh - settings and helpers shared by up.sh, down.sh and selftest.sh.
+# lib.sh - settings, paths and helpers shared by up.sh, down.sh and selftest.sh.
 # Sourced, never run. Everything here is plain bash 5 (EPOCHREALTIME, BASHPID).
 #
-# Every daemon the test bed starts is tracked through its own pid file, and
-# only the pid in that file is ever signalled: nothing is looked up or killed
-# by process name, so other Slurm/SGE/sshd processes on the machine are safe.
+# The test bed is a guest on the machine. Everything it runs and writes is its
+# own and lives under one directory, $TB_ROOT (/var/lib/lxm3-testbed): its own
+# munged (own key and socket), slurmctld and slurmd (own slurm.conf, ports,
+# state), Grid Engine qmaster and execd (own SGE_ROOT, cell, spool, ports) and
+# sshd (own configuration, host keys, port, log). A Slurm, munge, Grid Engine
+# or sshd already on the machine (the "site") is never read, edited, restarted
+# or signalled: every daemon the test bed starts is tracked through its own pid
+# file under $TB_ROOT, only the pid in that file is ever signalled, and nothing
+# is looked up or killed by process name.
+#
+# The schedulers' client commands (sbatch, squeue, qsub, qconf, ...) find the
+# test bed's clusters through the environment exported below (SLURM_CONF,
+# SGE_ROOT, SGE_CELL, SGE_QMASTER_PORT, SGE_EXECD_PORT). Without them they
+# would talk to the site's clusters, so the scripts export them first thing.
 
 export LC_ALL=C
 export DEBIAN_FRONTEND=noninteractive
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 
 # --- settings (environment variables, see README.md) -------------------------
+TB_ROOT=${TESTBED_ROOT:-/var/lib/lxm3-testbed}
 TB_ENV_FILE=${TESTBED_ENV_FILE:-/etc/lxm3-testbed.env}
-TB_USER=${TESTBED_USER:-lxm3test}            # unprivileged account jobs run as
+TB_USER=${TESTBED_USER:-lxm3tb}              # the test bed's own account; jobs run as it
 TB_CLIENT=${TESTBED_CLIENT_USER:-root}       # account the test suite runs as
-TB_SSH_PORT=${TESTBED_SSH_PORT:-22}
-TB_SSH_HOST=localhost
 TB_TIMEOUT=${TESTBED_READY_TIMEOUT:-60}      # seconds to wait for each daemon
+# Ports of the test bed's own daemons, away from the standard ones a site
+# uses (Slurm 6817/6818, Grid Engine 6444/6445, ssh 22): those plus 100, and
+# 6922 for ssh. A port taken by another program makes up.sh stop and say so.
+TB_SSH_PORT=${TESTBED_SSH_PORT:-6922}        # sshd, on 127.0.0.1 only
+TB_SLURMCTLD_PORT=${TESTBED_SLURMCTLD_PORT:-6917}
+TB_SLURMD_PORT=${TESTBED_SLURMD_PORT:-6918}
+TB_SGE_QMASTER_PORT=${TESTBED_SGE_QMASTER_PORT:-6544}
+TB_SGE_EXECD_PORT=${TESTBED_SGE_EXECD_PORT:-6545}
 # Small array limits, so that tests of lxm3's array splitting stay cheap.
 # Slurm: the largest array index is MaxArraySize-1 (0-10 here).
 TB_SLURM_MAX_ARRAY_SIZE=${TESTBED_SLURM_MAX_ARRAY_SIZE:-11}
@@ -31,36 +49,77 @@ TB_SLURM_CPUS=${TESTBED_SLURM_CPUS:-}        # empty: what slurmd -C detects
 TB_SGE_MAX_AJ_TASKS=${TESTBED_SGE_MAX_AJ_TASKS:-10}
 TB_SGE_SLOTS=${TESTBED_SGE_SLOTS:-$(nproc)}
 
-# --- fixed names and paths ---------------------------------------------------
-SLURM_CLUSTER=testbed
+# --- the test bed's own files, all under $TB_ROOT ----------------------------
+ROOT_MARK=$TB_ROOT/.lxm3-testbed           # says the directory is the test bed's
+# The GECOS field of the account up.sh creates: an account without it is not
+# the test bed's, and up.sh refuses to use it.
+USER_MARK="lxm3 test bed ($TB_ROOT)"
+APT_LOG=$TB_ROOT/apt.log
+# munge: the munge user runs munged and must own the directory.
+MUNGE_DIR=$TB_ROOT/munge
+MUNGE_KEY=$MUNGE_DIR/munge.key
+MUNGE_SOCKET=$MUNGE_DIR/munge.socket
+MUNGE_SEED=$MUNGE_DIR/munged.seed
+MUNGE_LOG=$MUNGE_DIR/munged.log
+PID_MUNGED=$MUNGE_DIR/munged.pid
+# Slurm: slurmctld runs as the slurm user (state, logs); slurmd as root.
+SLURM_DIR=$TB_ROOT/slurm
+export SLURM_CONF=$SLURM_DIR/slurm.conf
+SLURM_STATE=$SLURM_DIR/state               # StateSaveLocation
+SLURM_SPOOL=$SLURM_DIR/spool               # SlurmdSpoolDir
+SLURM_LOG_DIR=$SLURM_DIR/log
+PID_SLURMCTLD=$SLURM_DIR/slurmctld.pid
+PID_SLURMD=$SLURM_DIR/slurmd.pid
+SLURM_CLUSTER=lxm3tb
+SLURM_NODE=lxm3tb                          # NodeName (slurmd -N); NodeHostname is this host
 SLURM_PARTITION=debug
-SLURM_CONF=/etc/slurm/slurm.conf
-PID_SLURMCTLD=/run/slurmctld.pid
-PID_SLURMD=/run/slurmd.pid
-PID_MUNGED=/run/munge/munged.pid      # the same file Debian's init script uses
-SSHD_CONF=/etc/ssh/sshd_config_lxm3_testbed
-PID_SSHD=/run/sshd-lxm3-testbed.pid
-SSHD_LOG=/var/log/sshd-lxm3-testbed.log
-APT_LOG=/var/log/lxm3-testbed-apt.log
-# Debian's gridengine packages hard-code SGE_ROOT; the cell is "default".
-export SGE_ROOT=/var/lib/gridengine
-export SGE_CELL=default
+# Grid Engine: its own SGE_ROOT, whose bin/lib/utilbin/util are links to the
+# packaged programs, with its own cell, spool, job tmpdir and ports.
+export SGE_ROOT=$TB_ROOT/sge
+export SGE_CELL=lxm3tb
+export SGE_QMASTER_PORT=$TB_SGE_QMASTER_PORT
+export SGE_EXECD_PORT=$TB_SGE_EXECD_PORT
 SGE_COMMON=$SGE_ROOT/$SGE_CELL/common
-SGE_SPOOL=/var/spool/gridengine
-SGE_LIB=/usr/lib/gridengine
+SGE_SPOOL=$SGE_ROOT/spool
+SGE_TMPDIR=$SGE_ROOT/tmp                   # the queue's tmpdir: job ids of two clusters can meet in /tmp
+SGE_LIB=/usr/lib/gridengine                # the packaged programs
 SGE_QUEUE=all.q
 SGE_PE=smp
+# Each job's processes get an extra group id from this range; a site's execd
+# uses the packaged 65400-65500, and two clusters must not share ids.
+SGE_GID_RANGE=64400-64499
 PID_QMASTER=$SGE_SPOOL/qmaster/qmaster.pid
 # The execd pid file is $SGE_SPOOL/execd/<name SGE gives this host>/execd.pid.
-BASHRC_BEGIN='# >>> lxm3 testbed: gridengine >>>'
-BASHRC_END='# <<< lxm3 testbed: gridengine <<<'
+# sshd: its own configuration, host key, authorized keys, pid file and log.
+SSH_DIR=$TB_ROOT/ssh
+SSHD_CONF=$SSH_DIR/sshd_config
+SSH_HOST_KEY=$SSH_DIR/ssh_host_ed25519_key
+SSH_AUTH_DIR=$SSH_DIR/authorized_keys      # one file per user, named after it (%u)
+PID_SSHD=$SSH_DIR/sshd.pid
+SSHD_LOG=$SSH_DIR/sshd.log
+TB_SSH_HOST=localhost
+# Marked blocks the test bed owns in files it shares: the client's known_hosts
+# and the test user's ~/.profile and ~/.bashrc. Replaced whole; nothing else
+# in them changes.
+KNOWN_HOSTS_BEGIN="# >>> lxm3 test bed $TB_ROOT: the host key of its sshd >>>"
+KNOWN_HOSTS_END="# <<< lxm3 test bed $TB_ROOT <<<"
+BASHRC_BEGIN="# >>> lxm3 test bed $TB_ROOT: its clusters >>>"
+BASHRC_END="# <<< lxm3 test bed $TB_ROOT <<<"
 
 SLURM_PACKAGES=(slurm-wlm slurmctld slurmd slurm-client munge)
 SSH_PACKAGES=(openssh-server openssh-client rsync)
 SGE_PACKAGES=(gridengine-master gridengine-exec gridengine-client)
 # lxm3 itself runs on the "login node" as the test user under the system Python,
-# which packages with pip; unzip unpacks archives in job scripts.
-LOGIN_NODE_PACKAGES=(python3 python3-pip unzip)
+# which packages with pip; unzip unpacks archives in job scripts; ss (iproute2)
+# tells whether a port is free.
+OTHER_PACKAGES=(python3 python3-pip unzip iproute2)
+
+# The environment that points the schedulers' commands at the test bed's
+# clusters, as NAME=VALUE words (sshd's SetEnv, the ~/.bashrc block, the env file).
+cluster_env() {
+  printf '%s\n' "SLURM_CONF=$SLURM_CONF" "SGE_ROOT=$SGE_ROOT" "SGE_CELL=$SGE_CELL" \
+    "SGE_QMASTER_PORT=$SGE_QMASTER_PORT" "SGE_EXECD_PORT=$SGE_EXECD_PORT"
+}
 
 # --- logging, errors, timing -------------------------------------------------
 TB_NAME=${TB_NAME:-testbed}
@@ -70,7 +129,7 @@ secs() { awk -v a="$1" -v b="${2:-$EPOCHREALTIME}" 'BEGIN { printf "%.1f", b - a
 
 dump_logs() {
   local f
-  for f in /var/log/munge/munged.log /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log \
+  for f in "$MUNGE_LOG" "$SLURM_LOG_DIR/slurmctld.log" "$SLURM_LOG_DIR/slurmd.log" \
            "$SSHD_LOG" "$SGE_SPOOL/qmaster/messages" "$SGE_SPOOL"/execd/*/messages; do
     [[ -f $f ]] || continue
     echo "----- last 30 lines of $f -----"
@@ -82,6 +141,14 @@ die() {
   trap - ERR
   printf '[%s] ERROR: %s\n' "$TB_NAME" "$*" >&2
   dump_logs >&2
+  exit 1
+}
+
+# The test bed cannot run here as configured (a port, user or directory of
+# someone else's): say so and what to change, and stop. Nothing was touched.
+refuse() {
+  trap - ERR
+  printf '[%s] REFUSED: %s\n' "$TB_NAME" "$*" >&2
   exit 1
 }
 
@@ -154,7 +221,7 @@ stop_daemon() {
   rm -f "$1"
 }
 
-# Grid Engine daemons write their pid files themselves, in their spool.
+# Grid Engine daemons write their pid files themselves, in the spool.
 sge_qmaster_pid() { running_pid "$PID_QMASTER" sge_qmaster; }
 sge_execd_pid() {
   local f
@@ -162,6 +229,21 @@ sge_execd_pid() {
     running_pid "$f" sge_execd && return 0
   done
   return 1
+}
+
+# --- ports ---------------------------------------------------------------------
+# What listens on TCP port $1 (any address), as ss prints it; empty if nothing.
+port_listeners() { ss -Hltnp "sport = :$1" 2>/dev/null || true; }
+
+# Refuse to start a daemon on port $1 when another program already listens
+# there: that program is not the test bed's (its own daemon would have been
+# found through its pid file), so it is left alone and the test bed moves.
+require_free_port() {
+  local port=$1 setting=$2 what=$3 who
+  who=$(port_listeners "$port")
+  [[ -z $who ]] && return 0
+  who=$(grep -o 'users:(([^)]*' <<<"$who" | head -n 1 | sed 's/users:((//')
+  refuse "port $port, which the test bed's $what would use, is taken by a program the test bed did not start (${who:-unknown process}); the test bed leaves it alone: set $setting to a free port"
 }
 
 # --- files -------------------------------------------------------------------
@@ -176,7 +258,30 @@ write_if_changed() {
   rm -f "$tmp"
 }
 
+# Print file $1 without the lines from $2 to $3 (a marked block), if it exists.
+without_block() {
+  [[ -f $1 ]] || return 0
+  awk -v b="$2" -v e="$3" '$0 == b { skip = 1; next } skip && $0 == e { skip = 0; next } !skip' "$1"
+}
+
+# Replace the marked block ($2..$3) of file $1 with stdin, placed first ($6 =
+# top) or last ($6 = bottom); stdin empty: remove it. The rest of the file,
+# its owner and mode stay as they are; a new file gets owner $4 and mode $5.
+# Returns 0 if the file changed.
+replace_block() {
+  local file=$1 begin=$2 end=$3 owner=$4 mode=$5 where=$6 body
+  body=$(cat)
+  [[ -f $file || -n $body ]] || return 1
+  if [[ -f $file ]]; then owner=$(stat -c %U "$file"); mode=$(stat -c %a "$file"); fi
+  {
+    if [[ $where == bottom ]]; then without_block "$file" "$begin" "$end"; fi
+    if [[ -n $body ]]; then printf '%s\n' "$begin" "$body" "$end"; fi
+    if [[ $where == top ]]; then without_block "$file" "$begin" "$end"; fi
+  } | write_if_changed "$file" "$mode" "$owner"
+}
+
 home_of() { getent passwd "$1" | cut -d: -f6; }
+gecos_of() { getent passwd "$1" | cut -d: -f5; }
 
 # --- apt -----------------------------------------------------------------------
 pkg_installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]; }
