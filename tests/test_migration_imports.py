@@ -15,7 +15,7 @@ import pytest
 import lxm3
 from lxm3 import xm, xm_cluster
 
-from conftest import ROOT, write_files
+from conftest import ROOT, lxm3_cli, write_files
 
 # What lxm3 0.4.2's modules export (read from its sdist: each module's public
 # names), plus upstream's later get_current_experiment.
@@ -335,9 +335,7 @@ def test_the_names_serve_a_launcher_written_for_042(tmp_path):
         """,
     })
     os.chmod(tmp_path / "app" / "build.sh", 0o755)
-    proc = subprocess.run([sys.executable, "-m", "lxm3", "launch", "launcher.py"], cwd=str(tmp_path),
-                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
-                          timeout=300)
+    proc = lxm3_cli("launch", "launcher.py", cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "ran with --n=1" in proc.stdout
     [record] = [r for r in lxm3.list_records() if r["title"] == "042 imports"]

@@ -18,11 +18,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
-from conftest import ROOT, write_files
+from conftest import lxm3_popen, write_files
 
 NUM_TASKS = 3
 
@@ -70,11 +69,10 @@ def test_stopped_tasks_leave_no_temporary_directory(tmp_path):
         "launcher.py": LAUNCHER.format(n=NUM_TASKS),
     })
     os.chmod(tmp_path / "app" / "build.sh", 0o755)
-    env = {**os.environ, "PYTHONPATH": ROOT, "TMPDIR": str(task_tmp),
-           "LXM_TEST_MARKS": str(marks), "PATH": f"{bindir}:{os.environ['PATH']}"}
-    proc = subprocess.Popen([sys.executable, "-m", "lxm3", "launch", "launcher.py"],
-                            cwd=str(tmp_path), env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {"TMPDIR": str(task_tmp), "LXM_TEST_MARKS": str(marks),
+           "PATH": f"{bindir}:{os.environ['PATH']}"}
+    proc = lxm3_popen("launch", "launcher.py", cwd=str(tmp_path), env=env,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while len(os.listdir(marks)) < NUM_TASKS:
