@@ -391,9 +391,8 @@ def test_result_is_fresh_and_mutable():
     "name, document, line", ERRORS + DATE_ERRORS, ids=_names(ERRORS + DATE_ERRORS)
 )
 def test_error_names_line(name, document, line):
-    with pytest.raises(TOMLDecodeError, match=r"line \d+") as info:
+    with pytest.raises(TOMLDecodeError, match=rf"\(line {line}\)$") as info:
         toml_loads(document)
-    assert str(info.value).endswith(f"(line {line})")
     assert isinstance(info.value, ValueError)
 
 
@@ -408,7 +407,8 @@ def test_dates_point_to_tomli(name, document, line):
 @needs_tomllib
 @pytest.mark.parametrize("name, document, line", ERRORS, ids=_names(ERRORS))
 def test_tomllib_rejects_error_cases_too(name, document, line):
-    with pytest.raises(tomllib.TOMLDecodeError):
+    with pytest.raises(tomllib.TOMLDecodeError,
+                       match=r"\((at )?(line \d+, column \d+|end of document)\)"):
         tomllib.loads(document)
 
 
