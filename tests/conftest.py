@@ -30,7 +30,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-# --- every test's private environment -----------------------------------------------
+# --- every test's private environment -------------------------------------------------
 
 
 def pytest_configure(config):
@@ -79,7 +79,7 @@ def runtime_dir(monkeypatch):
     shutil.rmtree(path, ignore_errors=True)
 
 
-# --- projects the tasks run ----------------------------------------------------------
+# --- projects the tasks run -----------------------------------------------------------
 
 
 def write_files(root, files):
@@ -202,7 +202,7 @@ def git(repo, *args):
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-# --- strings that break shells ---------------------------------------------------------
+# --- strings that break shells --------------------------------------------------------
 
 # Arguments and environment values that a shell, printf, echo or a careless quote
 # would change: every one must reach the task byte for byte.
@@ -243,7 +243,7 @@ AWKWARD = [
 ]
 
 
-# --- job scripts without packaging -------------------------------------------------------
+# --- job scripts without packaging ----------------------------------------------------
 
 
 def make_archive(directory, main_source=ECHO_MAIN):
@@ -296,7 +296,7 @@ def run_task(script, task_id, out_dir, env=None, path=None):
     return proc, report
 
 
-# --- lxm3 as users run it ----------------------------------------------------------------
+# --- lxm3 as users run it -------------------------------------------------------------
 
 
 def lxm3_cli(*args, env=None, cwd=None, timeout=300):
@@ -355,7 +355,24 @@ def wait_until(condition, timeout, what, interval=0.1):
         time.sleep(interval)
 
 
-# --- launches and their records ----------------------------------------------------------
+def interrupt_when(proc, ready, what, sig=None, timeout=120):
+    """Once ``ready()`` is true, send ``sig`` (default SIGINT, as Ctrl-C does) to a
+    command started with lxm3_popen, and wait for it to end: its (stdout, stderr).
+    It must not end before; it is killed if it outlives the ``timeout`` s."""
+    import signal
+
+    try:
+        wait_until(lambda: ready() or proc.poll() is not None, timeout, what)
+        assert proc.poll() is None, ("it ended on its own", proc.communicate())
+        proc.send_signal(signal.SIGINT if sig is None else sig)
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+# --- launches and their records -------------------------------------------------------
 
 # A launcher driven by spec.json beside it: a title and work units, each an
 # ArrayJob of LXMTASK_MAIN on an executor ("Local", "Slurm", "GridEngine").
@@ -463,7 +480,7 @@ def states(status, work_unit_id=1):
     return [(t["state"], t["exit_code"]) for t in tasks]
 
 
-# --- processes -----------------------------------------------------------------------------
+# --- processes ------------------------------------------------------------------------
 
 
 def processes_mentioning(*needles):
@@ -503,7 +520,7 @@ def is_gone(pid):
         return True
 
 
-# --- cluster workspaces ----------------------------------------------------------------------
+# --- cluster workspaces ---------------------------------------------------------------
 
 
 @pytest.fixture

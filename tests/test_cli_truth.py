@@ -16,6 +16,7 @@ import lxm3
 
 from conftest import (
     ROOT,
+    interrupt_when,
     is_gone,
     launch_local,
     local_unit,
@@ -94,20 +95,6 @@ SLOW_BUILD_LAUNCHER = """\
 """
 
 
-def interrupt_when(proc, marker, timeout=120):
-    """Ctrl-C (SIGINT) once ``marker`` exists; (stdout, stderr) once lxm3 has ended."""
-    wait_until(lambda: os.path.exists(marker) or proc.poll() is not None, timeout,
-               f"{marker} to appear")
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    try:
-        return proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
 @pytest.mark.parametrize("executor", ["Local", "Slurm"])
 def test_ctrl_c_while_packaging_says_nothing_was_launched(tmp_path, executor):
     marker = tmp_path / "building"
@@ -121,7 +108,7 @@ def test_ctrl_c_while_packaging_says_nothing_was_launched(tmp_path, executor):
     before = record_files()
     proc = lxm3_popen("launch", "launcher.py", executor, cwd=str(tmp_path),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, stderr = interrupt_when(proc, marker)
+    _, stderr = interrupt_when(proc, marker.exists, f"{marker} to appear")
     assert proc.returncode == 130, stderr
     assert stderr.splitlines()[-1] == ("lxm3: interrupted before anything was launched: "
                                        "nothing was submitted or run"), stderr
@@ -140,7 +127,7 @@ def test_ctrl_c_while_local_tasks_run_says_they_were_stopped(tmp_path, task_proj
     before = record_files()
     proc = lxm3_popen("launch", launcher, cwd=str(tmp_path), stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE, text=True)
-    _, stderr = interrupt_when(proc, out / "task-1")
+    _, stderr = interrupt_when(proc, (out / "task-1").exists, "task 1 to start")
     xid = new_record_id(before)
     assert proc.returncode == 130, stderr
     assert stderr.splitlines()[-1] == f"lxm3: interrupted; local tasks were stopped (lxm3 status {xid})"
@@ -164,7 +151,7 @@ def test_ctrl_c_while_submitting_says_so(tmp_path):
                       env={"PATH": f"{bindir}:{os.environ['PATH']}"},
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _, stderr = interrupt_when(proc, marker)
+        _, stderr = interrupt_when(proc, marker.exists, f"{marker} to appear")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the stand-in, if it outlived the launch
     xid = new_record_id(before)

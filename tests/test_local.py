@@ -2,7 +2,6 @@
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ import pytest
 import lxm3
 from lxm3 import xm
 
-from conftest import ROOT, echo_reports, is_gone, lxm3_popen, wait_until
+from conftest import ROOT, echo_reports, interrupt_when, is_gone, lxm3_popen, wait_until
 
 
 def launch(echo_project, out_dir, add, config=None, **local):
@@ -183,17 +182,8 @@ def test_ctrl_c_stops_every_task(echo_project, tmp_path):
     """))
     proc = lxm3_popen("launch", str(launcher), cwd=ROOT, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: len(os.listdir(out)) == 3 or proc.poll() is not None, 120,
-                   "the 3 tasks to start")
-        assert proc.poll() is None, proc.communicate()
-        pids = [int(p) for p in os.listdir(out)]
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    _, stderr = interrupt_when(proc, lambda: len(os.listdir(out)) == 3, "the 3 tasks to start")
+    pids = [int(p) for p in os.listdir(out)]  # each task wrote its pid as it started
     assert proc.returncode == 130, stderr
     assert "lxm3: interrupted; local tasks were stopped" in stderr, stderr
     wait_until(lambda: all(is_gone(pid) for pid in pids), 60, f"the tasks {pids} to end")

@@ -4,11 +4,10 @@ a misleading "can't start new thread"), and a stopped launch starts nothing more
 
 import json
 import os
-import signal
 import subprocess
 import time
 
-from conftest import lxm3_cli, lxm3_popen, read_record, write_files
+from conftest import interrupt_when, lxm3_cli, lxm3_popen, read_lines, read_record, write_files
 
 MAX_PARALLEL = 4
 # Threads besides the pool that a launch may have: the main thread, this test's
@@ -80,19 +79,12 @@ def test_stopping_drops_queued_tasks(tmp_path):
     proc = lxm3_popen("launch", "launcher.py", "20", "2", str(report), cwd=str(tmp_path),
                       env={"SLEEP": "60"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        seen = []
-        deadline = time.monotonic() + 120
-        while len(seen) < 2:  # the two running tasks have printed their line
-            assert time.monotonic() < deadline and proc.poll() is None
-            line = proc.stdout.readline()
-            if " says " in line:
-                seen.append(line)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        read_lines(proc, 2, r".* says .*", timeout=120)  # the two running tasks have printed their line
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    _, stderr = interrupt_when(proc, lambda: True, "the launch to run")
     assert proc.returncode == 130, stderr
     xid = json.loads(report.read_text())["experiment_id"]
     status = lxm3_cli("status", str(xid), "1", "--json", timeout=120)
