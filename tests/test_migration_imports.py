@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import venv
+import zipfile
 
 import pytest
 
@@ -265,8 +266,15 @@ def test_packaged_executables_are_042s_command(tmp_path):
     with xm_cluster.create_experiment("command", config=lxm3.Config()) as experiment:
         spec = xm_cluster.UniversalPackage(entrypoint=["true"], build_script="build.sh",
                                            path=str(tmp_path / "app"))
-        [executable] = experiment.package([xm.Packageable(spec, executor_spec=xm_cluster.Local.Spec())])
-    assert isinstance(executable, executables.Command)
+        [executable] = experiment.package([xm.Packageable(
+            spec, executor_spec=xm_cluster.Local.Spec(), args={"n": 1}, env_vars={"E": "v"})])
+    assert type(executable) is executables.Command
+    # What a 0.4.2 launcher reads from it: its name, arguments, environment and archive.
+    assert (executable.name, executable.args.to_list(), executable.env_vars) == (
+        "app", ["--n=1"], {"E": "v"})
+    assert os.path.isfile(executable.archive.path)
+    with zipfile.ZipFile(executable.archive.path) as archive:
+        assert "entrypoint.sh" in archive.namelist()
 
 
 def test_flatten_array_job():
