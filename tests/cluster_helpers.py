@@ -19,8 +19,8 @@ directory) into ``result.json``. Tasks run ``echoapp.main`` (``TASK_MAIN``), a
 program that writes what it received (argv, environment, start and end times)
 as JSON to ``$ECHO_OUT/task-$LXM_TASK_ID.json``.
 
-Each test gets a ``ClusterWorkspace`` from ``workspace_factory()`` (which each
-test module wraps in a ``cluster_workspaces`` fixture): a world-writable directory under /tmp (tasks run as the test user), a unique
+Each test gets a ``ClusterWorkspace`` from ``workspace_factory()`` (through the
+``cluster_workspaces`` fixture of conftest.py): a world-writable directory under /tmp (tasks run as the test user), a unique
 staging directory in the test user's home, and a teardown that cancels the
 test's jobs that are still queued, then removes both.
 """
@@ -47,9 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
-from test_job_script import AWKWARD
 
-from conftest import PYPROJECT, ROOT, write_files
+from conftest import AWKWARD, PYPROJECT, ROOT, write_files
 from testbed_env import Testbed
 
 SCHEDULERS = ("slurm", "sge")

@@ -1,7 +1,7 @@
 """The command line tells the truth and behaves in pipes: ``--version``; no
 traceback when the reader of its output goes away (``lxm3 status X | head -1``);
 a Ctrl-C message that says what had been launched; ``lxm3 logs -f`` that ends
-with the task. Local here; ``logs -f`` on the test bed's Slurm at the end."""
+with the task. All local; ``logs -f`` on Slurm is in test_status.py."""
 
 import os
 import re
@@ -11,7 +11,13 @@ import sys
 import time
 
 import pytest
-from test_records import (
+
+import lxm3
+
+from conftest import (
+    ROOT,
+    interrupt_when,
+    is_gone,
     launch_local,
     local_unit,
     lxm3_cli,
@@ -22,15 +28,10 @@ from test_records import (
     record_files,
     states,
     status_json,
-    task_project,  # noqa: F401 (a fixture)
+    wait_until,
+    write_files,
     write_launcher,
 )
-from test_status import Workspace, wait_no_processes, wait_status
-
-import lxm3
-
-from conftest import ROOT, write_files
-from testbed_env import require_testbed
 
 EXIT_LINE = re.compile(r"^lxm3-exit: task (\d+) status (\d+)$", re.M)
 
@@ -58,7 +59,7 @@ def run_with_closed_reader(*args):
     return proc
 
 
-def test_a_closed_pipe_ends_commands_quietly_with_141(tmp_path, task_project):  # noqa: F811
+def test_a_closed_pipe_ends_commands_quietly_with_141(tmp_path, task_project):
     _, record = launch_local(tmp_path, "pipe", {
         "title": "pipe", "project": task_project, "units": [local_unit(3, env={"LINES": "3", "EVERY": "0"})]})
     xid = str(record["experiment_id"])
@@ -69,7 +70,7 @@ def test_a_closed_pipe_ends_commands_quietly_with_141(tmp_path, task_project):  
         assert (proc.returncode, proc.stderr) == (141, ""), args
 
 
-def test_a_real_head_gets_its_line(tmp_path, task_project):  # noqa: F811
+def test_a_real_head_gets_its_line(tmp_path, task_project):
     _, record = launch_local(tmp_path, "head", {
         "title": "head", "project": task_project, "units": [local_unit(2)]})
     proc = subprocess.run(f"{sys.executable} -m lxm3 status {record['experiment_id']} 1 | head -1",
@@ -94,21 +95,6 @@ SLOW_BUILD_LAUNCHER = """\
 """
 
 
-def interrupt_when(proc, marker, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(marker):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{marker} did not appear"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    try:
-        return proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
 @pytest.mark.parametrize("executor", ["Local", "Slurm"])
 def test_ctrl_c_while_packaging_says_nothing_was_launched(tmp_path, executor):
     marker = tmp_path / "building"
@@ -122,20 +108,17 @@ def test_ctrl_c_while_packaging_says_nothing_was_launched(tmp_path, executor):
     before = record_files()
     proc = lxm3_popen("launch", "launcher.py", executor, cwd=str(tmp_path),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, stderr = interrupt_when(proc, marker)
+    _, stderr = interrupt_when(proc, marker.exists, f"{marker} to appear")
     assert proc.returncode == 130, stderr
     assert stderr.splitlines()[-1] == ("lxm3: interrupted before anything was launched: "
                                        "nothing was submitted or run"), stderr
     assert "local task" not in stderr
     assert read_record(new_record_id(before))["status"] == "interrupted"
     build = int(marker.read_text())
-    deadline = time.monotonic() + 30  # the build was stopped with the launch
-    while os.path.exists(f"/proc/{build}") and open(f"/proc/{build}/stat").read().split()[2] != "Z":
-        assert time.monotonic() < deadline, "the build still runs"
-        time.sleep(0.1)
+    wait_until(lambda: is_gone(build), 60, "the build to be stopped with the launch")
 
 
-def test_ctrl_c_while_local_tasks_run_says_they_were_stopped(tmp_path, task_project):  # noqa: F811
+def test_ctrl_c_while_local_tasks_run_says_they_were_stopped(tmp_path, task_project):
     gate, out = tmp_path / "gate", tmp_path / "out"
     out.mkdir()
     launcher = write_launcher(tmp_path / "running", {
@@ -144,7 +127,7 @@ def test_ctrl_c_while_local_tasks_run_says_they_were_stopped(tmp_path, task_proj
     before = record_files()
     proc = lxm3_popen("launch", launcher, cwd=str(tmp_path), stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE, text=True)
-    _, stderr = interrupt_when(proc, out / "task-1")
+    _, stderr = interrupt_when(proc, (out / "task-1").exists, "task 1 to start")
     xid = new_record_id(before)
     assert proc.returncode == 130, stderr
     assert stderr.splitlines()[-1] == f"lxm3: interrupted; local tasks were stopped (lxm3 status {xid})"
@@ -168,7 +151,7 @@ def test_ctrl_c_while_submitting_says_so(tmp_path):
                       env={"PATH": f"{bindir}:{os.environ['PATH']}"},
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _, stderr = interrupt_when(proc, marker)
+        _, stderr = interrupt_when(proc, marker.exists, f"{marker} to appear")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the stand-in, if it outlived the launch
     xid = new_record_id(before)
@@ -184,7 +167,7 @@ def test_ctrl_c_while_submitting_says_so(tmp_path):
 # --- logs -f ends with the task --------------------------------------------------------
 
 
-def test_logs_follow_of_a_finished_local_task_prints_its_end_and_returns(tmp_path, task_project):  # noqa: F811
+def test_logs_follow_of_a_finished_local_task_prints_its_end_and_returns(tmp_path, task_project):
     _, record = launch_local(tmp_path, "done", {
         "title": "done", "project": task_project,
         "units": [local_unit(2, env={"LINES": "5", "EVERY": "0", "CODES": '{"1": 3}'})]}, expect_rc=1)
@@ -205,7 +188,25 @@ def recorded_units(new_records):
         return []
 
 
-def follow_gated_local_task(tmp_path, task_project, name, env):  # noqa: F811
+def wait_first_task_log(launch, before, timeout=120):
+    """Wait until the record of the launch (the one not in ``before``) names the log
+    of its first task and that log exists, i.e. the task has started: (experiment
+    id, its work units)."""
+    found = {}
+
+    def started():
+        assert launch.poll() is None, launch.communicate()
+        new = [n for n in record_files() if n not in before]
+        units = recorded_units(new)
+        if units and units[0].get("log_paths") and os.path.exists(units[0]["log_paths"][0]):
+            found.update(xid=new[0][:-5], units=units)
+        return bool(found)
+
+    wait_until(started, timeout, "the first task to start", interval=0.2)
+    return found["xid"], found["units"]
+
+
+def follow_gated_local_task(tmp_path, task_project, name, env):
     """Launch one local task that waits for a gate; follow its log. Returns
     (launch, follower, gate) once the follower has shown the task's first line."""
     gate = tmp_path / f"gate-{name}"
@@ -215,22 +216,14 @@ def follow_gated_local_task(tmp_path, task_project, name, env):  # noqa: F811
     before = record_files()
     launch = lxm3_popen("launch", launcher, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while True:  # the record names the log once the task is started
-        new = [n for n in record_files() if n not in before]
-        units = recorded_units(new)
-        if units and units[0].get("log_paths") and os.path.exists(units[0]["log_paths"][0]):
-            break
-        assert launch.poll() is None, launch.communicate()
-        assert time.monotonic() < deadline, "the task did not start"
-        time.sleep(0.2)
-    follower = lxm3_popen("logs", new[0][:-5], "-f", stdout=subprocess.PIPE,
+    xid, _ = wait_first_task_log(launch, before)
+    follower = lxm3_popen("logs", xid, "-f", stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-    read_lines(follower, 1, r"task 0 argv=.*", timeout=60)
+    read_lines(follower, 1, r"task 0 argv=.*", timeout=120)
     return launch, follower, gate
 
 
-def test_logs_follow_of_a_running_local_task_ends_with_the_task(tmp_path, task_project):  # noqa: F811
+def test_logs_follow_of_a_running_local_task_ends_with_the_task(tmp_path, task_project):
     launch, follower, gate = follow_gated_local_task(tmp_path, task_project, "run", {})
     try:
         time.sleep(1)
@@ -248,7 +241,7 @@ def test_logs_follow_of_a_running_local_task_ends_with_the_task(tmp_path, task_p
                 proc.kill()
 
 
-def test_logs_follow_of_a_task_killed_outright_ends(tmp_path, task_project):  # noqa: F811
+def test_logs_follow_of_a_task_killed_outright_ends(tmp_path, task_project):
     """SIGKILL (the OOM killer): the job script's trap cannot write the exit record;
     the local runner, which saw the task end, writes it, and the follower stops."""
     launch, follower, gate = follow_gated_local_task(tmp_path, task_project, "oom", {"KILL_TASK": "0"})
@@ -264,7 +257,7 @@ def test_logs_follow_of_a_task_killed_outright_ends(tmp_path, task_project):  # 
                 proc.kill()
 
 
-def test_logs_follow_ends_when_the_launch_running_the_task_is_killed(tmp_path, task_project):  # noqa: F811
+def test_logs_follow_ends_when_the_launch_running_the_task_is_killed(tmp_path, task_project):
     """The launch itself is killed (-9): no exit record will ever come, nothing will
     be written; the follower notices that no lxm3 process writes the log, and stops."""
     launch, follower, gate = follow_gated_local_task(tmp_path, task_project, "gone", {})
@@ -272,8 +265,8 @@ def test_logs_follow_ends_when_the_launch_running_the_task_is_killed(tmp_path, t
         time.sleep(1)
         assert follower.poll() is None, ("stopped following a running task", follower.communicate())
         launch.kill()
-        launch.wait(60)
-        stdout, stderr = follower.communicate(timeout=60)
+        launch.wait(120)
+        stdout, stderr = follower.communicate(timeout=120)
         assert follower.returncode == 0, stderr
         assert not EXIT_LINE.search(stdout)
     finally:
@@ -282,43 +275,7 @@ def test_logs_follow_ends_when_the_launch_running_the_task_is_killed(tmp_path, t
             follower.kill()
 
 
-# --- logs -f on the test bed's Slurm, over ssh ------------------------------------------
-
-
-@pytest.mark.testbed
-def test_logs_follow_on_slurm_ends_with_the_task(tmp_path, task_project):  # noqa: F811
-    ws = Workspace(require_testbed("slurm"), "slurm", task_project)
-    try:
-        _, record = ws.launch([ws.unit(1, {"GATE": ws.gate("follow"), "LINES": "2", "EVERY": "0"})])
-        xid = str(record["experiment_id"])
-        wait_status(int(xid), lambda s: states(s) == [("running", None)], "the task to run")
-        follower = lxm3_popen("logs", xid, "-f", "-n", "5", stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            read_lines(follower, 1, r"task 0 argv=.*", timeout=60)
-            time.sleep(1)
-            assert follower.poll() is None, ("stopped following a running task", follower.communicate())
-            ws.open_gate("follow")
-            stdout, stderr = follower.communicate(timeout=120)
-        finally:
-            if follower.poll() is None:
-                os.killpg(follower.pid, signal.SIGKILL)
-        assert follower.returncode == 0, stderr
-        assert stdout.splitlines()[-3:] == ["task 0 done", "", "lxm3-exit: task 0 status 0"]
-        # Finished: -f shows the end and returns at once, also with -n 0.
-        proc = lxm3_cli("logs", xid, "-f", "-n", "2", timeout=120)
-        assert (proc.returncode, proc.stdout) == (0, "\nlxm3-exit: task 0 status 0\n"), proc.stderr
-        proc = lxm3_cli("logs", xid, "-f", "-n", "0", timeout=120)
-        assert (proc.returncode, proc.stdout) == (0, ""), proc.stderr
-        # Nothing is left following the log on the cluster.
-        log_dir = record["work_units"][0]["log_directory"]
-        assert wait_no_processes(log_dir, 10) == {}
-    finally:
-        ws.cleanup()
-
-
-
-def test_status_of_a_running_local_launch_shows_tasks_that_ended(tmp_path, task_project):  # noqa: F811
+def test_status_of_a_running_local_launch_shows_tasks_that_ended(tmp_path, task_project):
     """The exit record in a local task's log tells ``status`` it ended, before the
     launch that runs it has recorded anything."""
     gate = tmp_path / "gate"
@@ -348,7 +305,7 @@ def test_status_of_a_running_local_launch_shows_tasks_that_ended(tmp_path, task_
             launch.kill()
 
 
-def test_logs_follow_of_a_queued_local_task_shows_all_it_writes(tmp_path, task_project):  # noqa: F811
+def test_logs_follow_of_a_queued_local_task_shows_all_it_writes(tmp_path, task_project):
     """Followed before it starts (one task at a time; task 0 holds the slot), task 1's
     log appears later and is shown from its first line, as ``tail -F`` does."""
     gate = tmp_path / "gate"
@@ -360,27 +317,23 @@ def test_logs_follow_of_a_queued_local_task_shows_all_it_writes(tmp_path, task_p
     before = record_files()
     launch = lxm3_popen("launch", launcher, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE, text=True)
+    follower = None
     try:
-        deadline = time.monotonic() + 120
-        while True:  # task 0 runs, task 1 waits in the queue
-            new = [n for n in record_files() if n not in before]
-            units = recorded_units(new)
-            if units and units[0].get("log_paths") and os.path.exists(units[0]["log_paths"][0]):
-                break
-            assert launch.poll() is None and time.monotonic() < deadline, "task 0 did not start"
-            time.sleep(0.2)
+        xid, units = wait_first_task_log(launch, before)  # task 1 waits in the queue
         assert not os.path.exists(units[0]["log_paths"][1])
-        follower = lxm3_popen("logs", new[0][:-5], "--task", "1", "-f", "-n", "2",
+        follower = lxm3_popen("logs", xid, "--task", "1", "-f", "-n", "2",
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(1)
+        # Task 1 starts only once the follower has said it waits for it.
+        read_lines(follower, 1, r"lxm3: waiting for the task to start \(.* does not exist yet\)",
+                   timeout=120, stream="stderr")
         gate.touch()
         stdout, stderr = follower.communicate(timeout=120)
         assert follower.returncode == 0, stderr
-        assert "waiting for the task to start" in stderr
         assert stdout.splitlines() == ['task 1 argv=["--seed=1"]', *[f"line {i} of task 1" for i in range(40)],
                                        "task 1 done", "", "lxm3-exit: task 1 status 0"]
         assert launch.wait(120) == 0
     finally:
         gate.touch()
-        if launch.poll() is None:
-            launch.kill()
+        for proc in (follower, launch):
+            if proc is not None and proc.poll() is None:
+                proc.kill()

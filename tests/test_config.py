@@ -1,6 +1,7 @@
 """The config file: lxm3 0.4.2's format, found where users put it."""
 
 import os
+import re
 import textwrap
 
 import pytest
@@ -99,10 +100,8 @@ def test_missing_explicit_config_is_an_error(monkeypatch, tmp_path):
 def test_malformed_config_names_the_file_and_line(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('project = "ok"\n[local]\nstaging = \n')
-    with pytest.raises(lxm3.ConfigError) as info:
+    with pytest.raises(lxm3.ConfigError, match=re.escape(f"{path}: Invalid value (at line 3, column 11)")):
         lxm3.Config.from_file(str(path))
-    assert str(path) in str(info.value)
-    assert "line 3" in str(info.value)
 
 
 def test_wrong_shapes_are_explained(tmp_path):

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
-from cluster_helpers import job_unit, toml_string, workspace_factory
+from cluster_helpers import job_unit, toml_string
 
 import lxm3
 
-from conftest import ROOT
+from conftest import lxm3_cli
 
 # Each key of 0.4.2, in a config 0.4.2 read, and what lxm3 makes of it.
 CONFIG_042 = """\
@@ -127,12 +125,6 @@ def test_a_misspelt_route_key_is_still_an_unknown_key(tmp_path):
 # -- through the test bed's ssh -----------------------------------------------------
 
 
-@pytest.fixture
-def cluster_workspaces():
-    with workspace_factory() as make:
-        yield make
-
-
 def cluster_config(ws, **keys):
     lines = ["[[clusters]]", f'name = "{ws.cluster_name}"']
     lines += [f"{key} = {value if isinstance(value, int) else toml_string(value)}"
@@ -160,9 +152,7 @@ def launch_and_wait(ws, config):
 
 
 def status(launch):
-    proc = subprocess.run([sys.executable, "-m", "lxm3", "status", str(launch.experiment_id)],
-                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
-                          timeout=120)
+    proc = lxm3_cli("status", str(launch.experiment_id), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "work unit 1 on testbed-ssh (Slurm)" in proc.stdout
     assert "1 task(s): 1 completed" in proc.stdout, proc.stdout  # read over ssh

@@ -6,7 +6,6 @@ machine, so it must stop the launch before packaging."""
 import os
 import re
 import subprocess
-import sys
 import textwrap
 import uuid
 
@@ -14,7 +13,7 @@ import pytest
 
 import lxm3
 
-from conftest import ROOT
+from conftest import ROOT, lxm3_cli
 from testbed_env import require_testbed
 
 CLUSTER_KEYS = ("name, server, user, port, ssh_private_key, ssh_connect_timeout, "
@@ -218,10 +217,8 @@ def test_misspelt_server_stops_the_launch_before_anything_happens(tmp_path):
     config = tmp_path / "lxm.toml"
     config.write_text(f'[[clusters]]\nname = "hpc"\nservr = "localhost"\n'
                       f'[clusters.storage]\nstaging = "{staging}"\n')
-    proc = subprocess.run(
-        [sys.executable, "-m", "lxm3", "launch", "launcher.py", "--lxm_config", str(config)],
-        cwd=str(tmp_path), env=tb.local_env(PYTHONPATH=ROOT), stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=300)
+    proc = lxm3_cli("launch", "launcher.py", "--lxm_config", str(config), cwd=str(tmp_path),
+                    env=tb.local_env())
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert proc.stderr.startswith(f"lxm3: error: {config}: unknown key 'clusters[0].servr' "
                                   "(cluster 'hpc'); did you mean 'server'?"), proc.stderr

@@ -24,7 +24,7 @@ import pytest
 import lxm3
 from lxm3 import xm
 
-from conftest import ROOT, write_files
+from conftest import ROOT, echo_report, write_files
 from testbed_env import poll, require_testbed
 
 FAKE = os.path.join(ROOT, "tests", "fakes", "container_runtime.py")
@@ -77,11 +77,6 @@ def project(echo_project):
 def docker_context(tmp_path):
     """A build context for an image of the stand-in daemon, unique to the test (see ``project``)."""
     return write_files(tmp_path / "ctx", {"Dockerfile": f"FROM python:3.11\nLABEL test={uuid.uuid4().hex}\n"})
-
-
-def report(out, task=0):
-    with open(os.path.join(str(out), f"task-{task}.json")) as f:
-        return json.load(f)
 
 
 # --- The specs ------------------------------------------------------------------
@@ -144,7 +139,7 @@ def test_python_container_is_built_from_the_project_and_run_with_docker_locally(
     assert "RUN pip install --no-cache-dir -r /requirements.txt" in text
     assert (exe.container, exe.image) == ("docker", built["id"])  # run by id: what was just built
     for task in range(2):
-        got = report(out, task)
+        got = echo_report(out, task)
         assert got["argv"] == [f"--i={task}"]
         assert got["env"]["FAKE_RUNTIME"] == "docker"
     runs = calls(log, "docker", "run")
@@ -165,7 +160,7 @@ def test_pdm_project_image_holds_the_locked_dependencies(fake_bin, project, tmp_
     assert "RUN pdm export > /requirements.txt" in lines
     assert lines.index("FROM python:3.10") > lines.index("RUN pdm export > /requirements.txt")
     assert "COPY --from=lxm3-lock /requirements.txt /requirements.txt" in lines
-    assert report(out)["argv"] == ["--i=0"]
+    assert echo_report(out)["argv"] == ["--i=0"]
 
 
 def test_a_missing_requirements_or_lock_file_fails_the_build_clearly(fake_bin, project):
@@ -271,7 +266,7 @@ def test_a_local_singularity_run_uses_the_converted_sif(fake_bin, project, tmp_p
     exe = run_local(lxm3.SingularityContainer(entry, "docker-daemon:trainer"), out)
     [run] = calls(log, "apptainer", "exec")
     assert exe.image in run["argv"] and exe.image.endswith("/trainer_latest.sif")
-    assert report(out)["env"]["FAKE_RUNTIME"] == "apptainer"
+    assert echo_report(out)["env"]["FAKE_RUNTIME"] == "apptainer"
 
 
 def test_conversion_errors_say_what_is_missing(fake_bin, project, tmp_path):
@@ -354,7 +349,7 @@ def test_pdm_project_runs_on_slurm_in_the_converted_image(fake_bin, project, sha
         assert "copied 1 archive" in copy_line(capfd.readouterr().err)
         assert unit.image_path.startswith(f"{tb.user_home}/{staging}/images/echo_project_latest-")
         for task in range(2):
-            got = report(out, task)
+            got = echo_report(out, task)
             assert got["argv"] == [f"--i={task}"]
             assert got["env"]["FAKE_RUNTIME"] in ("apptainer", "singularity")
         node_calls = calls(os.path.join(out, "calls.jsonl"))
@@ -385,7 +380,7 @@ def test_a_docker_daemon_image_is_converted_and_sent_once(fake_bin, project, sha
         line = copy_line(capfd.readouterr().err)
         assert "images already there" in line and "image (" not in line, line  # ... nothing sent
         assert unit.image_path == first_image
-        assert report(out, 1)["argv"] == ["--i=1"]
+        assert echo_report(out, 1)["argv"] == ["--i=1"]
         assert tb.ssh(f"ls {staging}/images").stdout.split() == [os.path.basename(first_image)]
     finally:
         tb.ssh(["rm", "-rf", staging], check=False)

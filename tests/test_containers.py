@@ -15,12 +15,11 @@ import sys
 import uuid
 
 import pytest
-from test_job_script import AWKWARD
 
 import lxm3
 from lxm3 import xm
 
-from conftest import ROOT
+from conftest import AWKWARD, ROOT, echo_report
 from testbed_env import poll, require_testbed
 
 FAKE = os.path.join(ROOT, "tests", "fakes", "container_runtime.py")
@@ -62,11 +61,6 @@ def run_local(echo_project, out, spec_kind, image, executor, *, args=None, env=N
     return experiment
 
 
-def report(out, task=0):
-    with open(os.path.join(str(out), f"task-{task}.json")) as f:
-        return json.load(f)
-
-
 @pytest.fixture
 def image(tmp_path):
     path = tmp_path / "images" / "env.sif"
@@ -87,7 +81,7 @@ def test_singularity_runs_the_task_in_the_image_with_exact_arguments(
     log = fake_runtime("apptainer", "singularity")
     run_local(echo_project, out, "singularity", image, lxm3.Local(),
               args=[AWKWARD], env={"AWKWARD_ENV": AWKWARD[8]})
-    got = report(out)
+    got = echo_report(out)
     assert got["env"]["FAKE_RUNTIME"] == "apptainer"  # apptainer is preferred
     assert got["argv"] == [str(a) for a in AWKWARD]
     assert got["env"]["AWKWARD_ENV"] == AWKWARD[8]
@@ -104,7 +98,7 @@ def test_cleanenv_keeps_the_task_environment(fake_runtime, echo_project, out, im
     fake_runtime("apptainer")
     executor = lxm3.Local(singularity_options=lxm3.SingularityOptions(extra_options=["--cleanenv"]))
     run_local(echo_project, out, "singularity", image, executor, env={"MY_VAR": "a b $c"})
-    got = report(out)
+    got = echo_report(out)
     assert got["env"]["MY_VAR"] == "a b $c"
     assert got["env"]["LXM_NUM_TASKS"] == "1"
     assert "HOME" not in got["env"]  # the stand-in really cleaned the environment
@@ -114,13 +108,13 @@ def test_singularity_is_used_when_apptainer_is_missing_and_runtime_can_be_chosen
         fake_runtime, echo_project, out, image, tmp_path):
     log = fake_runtime("singularity")
     run_local(echo_project, out, "singularity", image, lxm3.Local())
-    assert report(out)["env"]["FAKE_RUNTIME"] == "singularity"
+    assert echo_report(out)["env"]["FAKE_RUNTIME"] == "singularity"
     fake_runtime("apptainer")
     out2 = tmp_path / "out2"
     out2.mkdir()
     executor = lxm3.Local(singularity_options=lxm3.SingularityOptions(runtime="singularity"))
     run_local(echo_project, out2, "singularity", image, executor)
-    assert report(out2)["env"]["FAKE_RUNTIME"] == "singularity"
+    assert echo_report(out2)["env"]["FAKE_RUNTIME"] == "singularity"
     assert [c["tool"] for c in calls(log)] == ["singularity", "singularity"]
 
 
@@ -176,7 +170,7 @@ def test_docker_on_local(fake_runtime, echo_project, out, monkeypatch):
     executor = lxm3.Local(requirements=xm.JobRequirements(gpu=1), docker_options=options)
     run_local(echo_project, out, "docker", "python:3.11", executor, args=[AWKWARD[:12]],
               env={"DOCKER_VAR": "x 'y' $z"})
-    got = report(out)
+    got = echo_report(out)
     assert got["argv"] == [str(a) for a in AWKWARD[:12]]
     assert got["env"]["DOCKER_VAR"] == "x 'y' $z"
     assert got["env"]["LXM_TASK_ID"] == "0"
@@ -275,7 +269,7 @@ def test_cluster_job_runs_in_a_deployed_image_sent_once(kind, echo_project, tmp_
             experiment, _ = cluster_launch(tb, kind, echo_project, out, image, staging, runtime)
             poll(lambda out=out: True if sum(n.startswith("task-") for n in os.listdir(out)) == 3 else None,
                  timeout=180, what=f"3 task reports in {out}")
-            got = report(out, 2)
+            got = echo_report(out, 2)
             assert got["argv"] == ["--i=2"]
             assert got["env"]["FAKE_RUNTIME"] == "apptainer"
             unit = experiment.work_units[1]
@@ -289,7 +283,6 @@ def test_cluster_job_runs_in_a_deployed_image_sent_once(kind, echo_project, tmp_
     finally:
         tb.ssh(["rm", "-rf", staging], check=False)
         subprocess.run(["rm", "-rf", shared])
-
 
 
 # --- With a real runtime, where one is installed (never on this project's CI) ---------
@@ -308,7 +301,7 @@ def test_real_runtime_runs_the_task_with_exact_arguments_and_environment(echo_pr
     options = lxm3.SingularityOptions(extra_options=["--cleanenv"])
     run_local(echo_project, out, "singularity", image, lxm3.Local(singularity_options=options),
               args=[AWKWARD], env={"AWKWARD_ENV": AWKWARD[8]})
-    got = report(out)
+    got = echo_report(out)
     assert got["argv"] == [str(a) for a in AWKWARD]
     assert got["env"]["AWKWARD_ENV"] == AWKWARD[8]
     assert got["env"]["LXM_TASK_ID"] == "0"

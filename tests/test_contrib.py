@@ -4,8 +4,6 @@
 import glob
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -13,7 +11,7 @@ import lxm3
 from lxm3 import xm
 from lxm3.contrib import ucl
 
-from conftest import ROOT, write_files
+from conftest import git, lxm3_cli, write_files
 
 GB8 = 8 * xm.GB
 
@@ -110,7 +108,9 @@ def test_other_arguments_are_grid_engines(ucl_config):
 
 
 def test_what_ucl_cannot_translate_is_refused(tmp_path, ucl_config):
-    with pytest.raises(ValueError, match="location"):
+    with pytest.raises(ValueError, match=re.escape(
+            "UclGridEngine does not take requirements.location: the cluster is cluster=..., else "
+            "$LXM_CLUSTER, else the first in the config")):
         ucl.UclGridEngine(xm.JobRequirements(ram=GB8, location="node-1"))
     with pytest.raises(ValueError, match="V100=1 has no rule"):
         ucl.UclGridEngine(xm.JobRequirements(v100=1))
@@ -141,9 +141,8 @@ def test_a_ucl_launcher_dry_runs_with_the_clusters_directives(tmp_path, ucl_conf
         """,
     })
     os.chmod(tmp_path / "app" / "build.sh", 0o755)
-    proc = subprocess.run([sys.executable, "-m", "lxm3", "launch", "--dry-run", "launcher.py"],
-                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": ROOT, "TMPDIR": str(tmp_path)})
+    proc = lxm3_cli("launch", "--dry-run", "launcher.py", cwd=str(tmp_path),
+                    env={"TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     [script] = glob.glob(str(tmp_path / "lxm3-dry-run-*" / "cs" / "experiments" / "*" / "wu1" / "job.sh"))
     with open(script) as f:
@@ -184,9 +183,7 @@ def launch_wandb(tmp_path, group="{title}_{xid}_{wid}"):
         "wandb.py": "raise SystemExit('wandb was imported')\n",
     })
     os.chmod(tmp_path / "app" / "build.sh", 0o755)
-    proc = subprocess.run([sys.executable, "-m", "lxm3", "launch", "launcher.py"], cwd=str(tmp_path),
-                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
-                          timeout=300)
+    proc = lxm3_cli("launch", "launcher.py", cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     [record] = [r.to_json() for r in lxm3.list_records() if r.title == "wandb run"]
     rows = {}
@@ -195,11 +192,6 @@ def launch_wandb(tmp_path, group="{title}_{xid}_{wid}"):
         if match:
             rows[int(match[1]), int(match[2] or 0)] = match[3].split("|")
     return record["experiment_id"], rows
-
-
-def git(cwd, *args):
-    return subprocess.run(["git", "-C", str(cwd), "-c", "user.name=t", "-c", "user.email=t@example.org",
-                           *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def test_configure_wandb_names_each_work_unit_and_task(tmp_path):

@@ -7,6 +7,7 @@ refused with an error when the scheduler cannot express it.
 
 import datetime
 import os
+import re
 import subprocess
 import textwrap
 
@@ -117,17 +118,20 @@ def test_slurm_disk_is_tmp_space():
     assert only(slurm(requirements=req(disk=10 * GiB)), "--tmp") == ["--tmp=10240M"]
 
 
-@pytest.mark.parametrize("requirements", [
-    lambda: xm.JobRequirements(tpu_v2="2x2"),
-    lambda: xm.JobRequirements(cpu=1, service_tier=xm.ServiceTier.BATCH),
+@pytest.mark.parametrize("requirements, message", [
+    (lambda: xm.JobRequirements(tpu_v2="2x2"), "Slurm cannot express the requirement TPU_V2=4"),
+    (lambda: xm.JobRequirements(cpu=1, service_tier=xm.ServiceTier.BATCH),
+     "Slurm cannot express the requirement service_tier=ServiceTier.BATCH"),
 ])  # fmt: skip
-def test_slurm_refuses_what_it_cannot_express(requirements):
-    with pytest.raises(ValueError, match="Slurm"):
+def test_slurm_refuses_what_it_cannot_express(requirements, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         slurm(requirements=requirements())
 
 
 def test_slurm_service_tier_error_points_to_qos():
-    with pytest.raises(ValueError, match="qos"):
+    with pytest.raises(ValueError, match=re.escape(
+            "Slurm cannot express the requirement service_tier=ServiceTier.FREEBIE; "
+            "use qos=... instead")):
         slurm(requirements=xm.JobRequirements(service_tier=xm.ServiceTier.FREEBIE))
 
 
@@ -152,12 +156,19 @@ def test_walltime_forms(walltime, slurm_time, sge_time):
     assert only(sge(walltime=walltime), "-l h_rt") == [f"-l h_rt={sge_time}"]
 
 
-@pytest.mark.parametrize("walltime", [
-    "abc", "2h", "1:2:3:4", "", "-5", "1-", "1.5:00", 0, -60, datetime.timedelta(0), True, [1],
+@pytest.mark.parametrize("walltime, error, message", [
+    *[(text, ValueError, f"walltime {text!r} is not like '30', '2:00:00' or '1-00:00:00'")
+      for text in ["abc", "2h", "1:2:3:4", "", "-5", "1-", "1.5:00"]],
+    *[(value, ValueError, f"walltime must be positive, got {value!r}")
+      for value in [0, -60, datetime.timedelta(0)]],
+    *[(value, TypeError, "walltime must be a timedelta, seconds or a string like '2:00:00', "
+                         f"not {value!r}")
+      for value in [True, [1]]],
 ])  # fmt: skip
 @pytest.mark.parametrize("executor", [lxm3.Slurm, lxm3.GridEngine])
-def test_invalid_walltime_is_an_error_where_the_executor_is_written(executor, walltime):
-    with pytest.raises((ValueError, TypeError)):
+def test_invalid_walltime_is_an_error_where_the_executor_is_written(executor, walltime, error,
+                                                                    message):
+    with pytest.raises(error, match=re.escape(message)):
         executor(walltime=walltime)
 
 
@@ -235,17 +246,6 @@ def test_slurm_header_prefix_and_skip_directives():
     ]
 
 
-@pytest.mark.parametrize("options", [
-    {"partition": "debug\n#SBATCH --uid=0"},
-    {"account": "a\rb"},
-    {"resources": {"constraint": "x\ny"}},
-    {"requirements": xm.JobRequirements(location="node1\nnode2")},
-])  # fmt: skip
-def test_slurm_values_with_newlines_are_refused(options):
-    with pytest.raises(ValueError):
-        slurm(**options)
-
-
 # --- Grid Engine: requirements --------------------------------------------------------
 
 
@@ -298,19 +298,23 @@ def test_sge_location_is_a_hostname_request():
     assert "-l hostname=node07" in sge(requirements=xm.JobRequirements(location="node07"))
 
 
-@pytest.mark.parametrize("requirements", [
-    lambda: xm.JobRequirements(replicas=2),
-    lambda: xm.JobRequirements(disk=10 * GiB),
-    lambda: xm.JobRequirements(tpu_v3="2x2"),
-    lambda: xm.JobRequirements(service_tier=xm.ServiceTier.BATCH),
+@pytest.mark.parametrize("requirements, message", [
+    (lambda: xm.JobRequirements(replicas=2), "Grid Engine cannot express the requirement replicas=2"),
+    (lambda: xm.JobRequirements(disk=10 * GiB),
+     "Grid Engine cannot express the requirement EPHEMERAL_STORAGE=1.07374e+10"),
+    (lambda: xm.JobRequirements(tpu_v3="2x2"), "Grid Engine cannot express the requirement TPU_V3=4"),
+    (lambda: xm.JobRequirements(service_tier=xm.ServiceTier.BATCH),
+     "Grid Engine cannot express the requirement service_tier=ServiceTier.BATCH"),
 ])  # fmt: skip
-def test_sge_refuses_what_it_cannot_express(requirements):
-    with pytest.raises(ValueError, match="Grid Engine"):
+def test_sge_refuses_what_it_cannot_express(requirements, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         sge(requirements=requirements())
 
 
 def test_sge_replicas_error_suggests_a_parallel_environment():
-    with pytest.raises(ValueError, match="parallel_environments"):
+    with pytest.raises(ValueError, match=re.escape(
+            "Grid Engine cannot express the requirement replicas=4; use a parallel environment "
+            "(parallel_environments={'mpi': N})")):
         sge(requirements=xm.JobRequirements(replicas=4))
 
 
@@ -365,23 +369,39 @@ def test_sge_header_prefix_and_skip_directives():
     ]
 
 
-@pytest.mark.parametrize("options", [
-    {"queue": "all.q\n#$ -u root"},
-    {"resources": {"arch": "x\ny"}},
-    {"parallel_environments": {"mpi\n": 2}},
-])  # fmt: skip
-def test_sge_values_with_newlines_are_refused(options):
-    with pytest.raises(ValueError):
-        sge(**options)
+# --- both schedulers: options refused ---------------------------------------------------
+
+
+@pytest.mark.parametrize("render, options, message", [
+    (slurm, {"partition": "debug\n#SBATCH --uid=0"},
+     "Slurm(partition=...): 'debug\\n#SBATCH --uid=0' contains a newline"),
+    (slurm, {"account": "a\rb"}, "Slurm(account=...): 'a\\rb' contains a carriage return"),
+    (slurm, {"resources": {"constraint": "x\ny"}},
+     "Slurm(resources={'constraint': ...}): 'x\\ny' contains a newline"),
+    (slurm, {"requirements": xm.JobRequirements(location="node1\nnode2")},
+     "Slurm(requirements=xm.JobRequirements(location=...)): 'node1\\nnode2' contains a newline"),
+    (sge, {"queue": "all.q\n#$ -u root"},
+     "GridEngine(queue=...): 'all.q\\n#$ -u root' contains a newline"),
+    (sge, {"resources": {"arch": "x\ny"}},
+     "GridEngine(resources={'arch': ...}): 'x\\ny' contains a newline"),
+    (sge, {"parallel_environments": {"mpi\n": 2}},
+     "GridEngine(parallel_environments=...) name: 'mpi\\n' contains a newline"),
+], ids=["slurm-partition", "slurm-account", "slurm-resources", "slurm-location", "sge-queue",
+        "sge-resources", "sge-parallel_environments"])  # fmt: skip
+def test_values_with_newlines_are_refused(render, options, message):
+    with pytest.raises(ValueError, match=re.escape(
+            message + "; scheduler directives and arguments are single lines of printable text")):
+        render(**options)
 
 
 @pytest.mark.parametrize("executor", [lxm3.Slurm, lxm3.GridEngine])
 def test_options_checked_where_the_executor_is_written(executor):
-    with pytest.raises(ValueError):
+    name = executor.__name__
+    with pytest.raises(ValueError, match=re.escape(f"{name}(max_parallel_tasks=...) must be at least 1")):
         executor(max_parallel_tasks=0)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=re.escape(f"{name}(extra_directives=...) must be a list of strings")):
         executor(extra_directives="--mem=1G")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=re.escape(f"{name}(modules=...) must be a list of strings")):
         executor(modules="gcc")
 
 

@@ -1,96 +1,16 @@
 """The job script: real bash runs it, and every value must arrive byte for byte."""
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 import lxm3
 from lxm3 import xm
 
-from conftest import ECHO_MAIN
-
-AWKWARD = [
-    "plain",
-    "two  spaces",
-    " leading and trailing ",
-    "",
-    "single ' quote",
-    'double " quote',
-    "$HOME",
-    "${PATH}",
-    "$(touch /tmp/lxm3-pwned)",
-    "`touch /tmp/lxm3-pwned`",
-    "*",
-    "?[a-z]*",
-    "{a,b}",
-    "~",
-    "~root",
-    "a;b && c || d | e & f",
-    "line one\nline two",
-    "trailing newline\n",
-    "\n",
-    "tab\there",
-    "carriage\rreturn",
-    "back\\slash \\n \\x41 \\0 \\c",
-    "%s %b %d %%",
-    "-n",
-    "-e",
-    "--",
-    "--flag=value with spaces",
-    "héllo wörld ✓ 日本語 🚀",
-    "!history",
-    "#not a comment",
-    "<redirect> >out 2>&1",
-    "=",
-    "x" * 5000,
-]
-
-
-def make_archive(directory, main_source=ECHO_MAIN):
-    """An archive like packaging makes, built without pip: echoapp + entrypoint.sh."""
-    src = os.path.join(directory, "archive-src")
-    os.makedirs(os.path.join(src, "echoapp"))
-    with open(os.path.join(src, "echoapp", "__init__.py"), "w"):
-        pass
-    with open(os.path.join(src, "echoapp", "main.py"), "w") as f:
-        f.write(textwrap.dedent(main_source))
-    with open(os.path.join(src, "entrypoint.sh"), "w") as f:
-        f.write(lxm3.entrypoint_script(xm.ModuleName("echoapp.main")))
-    path = os.path.join(directory, "echo.zip")
-    files = [(os.path.join(dp, n), os.path.relpath(os.path.join(dp, n), src))
-             for dp, _, names in os.walk(src) for n in names]
-    lxm3.write_reproducible_zip(path, files)
-    return path
-
-
-def write_job(directory, tasks, common_env=None, archive=None, num_tasks=None):
-    archive = archive or make_archive(directory)
-    job_dir = os.path.join(directory, "job")
-    script = lxm3.render_job_script(
-        header=lxm3.LOCAL_HEADER, task_id=lxm3.LOCAL_TASK_ID, experiment_id=1234,
-        work_unit_id=7, num_tasks=num_tasks or len(tasks), archive=archive,
-        tasks_file=os.path.join(job_dir, "tasks"),
-    )
-    script_path, _ = lxm3.write_job_files(job_dir, script, tasks, common_env or {})
-    return script_path
-
-
-def run_task(script, task_id, out_dir, env=None, path=None):
-    full_env = {**os.environ, "LXM_TASK_ID": str(task_id), "ECHO_OUT": str(out_dir), **(env or {})}
-    if path is not None:
-        full_env["PATH"] = path
-    proc = subprocess.run(["bash", script], env=full_env, capture_output=True, text=True)
-    report_path = os.path.join(str(out_dir), f"task-{task_id}.json")
-    report = None
-    if os.path.exists(report_path):
-        with open(report_path) as f:
-            report = json.load(f)
-    return proc, report
+from conftest import AWKWARD, make_archive, run_task, write_job
 
 
 def test_awkward_arguments_arrive_byte_for_byte(tmp_path):

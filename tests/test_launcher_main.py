@@ -4,22 +4,18 @@ launcher and ran ``app.run(main)`` itself, so its launchers may have no guard. `
 runs exactly once either way."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 import lxm3
 
-from conftest import ROOT, write_files
+from conftest import lxm3_cli, write_files
 
 
 def launch(tmp_path, source, *args, name="launcher.py"):
     write_files(tmp_path, {name: source})
-    return subprocess.run([sys.executable, "-m", "lxm3", "launch", name, *args], cwd=str(tmp_path),
-                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
-                          timeout=300)
+    return lxm3_cli("launch", name, *args, cwd=str(tmp_path))
 
 
 def ran(proc):
@@ -193,8 +189,6 @@ def test_create_experiment_without_a_title_is_named_after_the_launcher(tmp_path)
         with xm_cluster.create_experiment() as experiment:
             print("title", experiment.experiment_title)
     """))
-    proc = subprocess.run([sys.executable, "-m", "lxm3", "launch", str(launcher)],
-                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
-                          timeout=300, cwd=str(tmp_path))
+    proc = lxm3_cli("launch", str(launcher), cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "title my_sweep" in proc.stdout

@@ -1,19 +1,17 @@
 """The Local executor end to end: real packaging, real bash, real subprocesses."""
 
-import json
 import os
-import signal
+import re
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 import lxm3
 from lxm3 import xm
 
-from conftest import ROOT
+from conftest import ROOT, echo_reports, interrupt_when, is_gone, lxm3_popen, wait_until
 
 
 def launch(echo_project, out_dir, add, config=None, **local):
@@ -29,18 +27,13 @@ def launch(echo_project, out_dir, add, config=None, **local):
     return experiment
 
 
-def reports(out_dir):
-    return {int(p.split("-")[1].split(".")[0]): json.load(open(os.path.join(out_dir, p)))
-            for p in os.listdir(out_dir) if p.endswith(".json")}
-
-
 def test_array_job_runs_every_task_with_its_arguments(echo_project, tmp_path, capfd):
     out = tmp_path / "out"
     out.mkdir()
     args = [{"seed": i, "name": f"it's {i} $HOME"} for i in range(4)]
     experiment = launch(echo_project, out, lambda e, x, ex: e.add(
         lxm3.ArrayJob(x, ex, args=args, env_vars=[{"SHARED": "one for all"}])))
-    got = reports(out)
+    got = echo_reports(out)
     assert sorted(got) == [0, 1, 2, 3]
     for i, report in got.items():
         assert report["argv"] == ["--common=yes", f"--seed={i}", f"--name=it's {i} $HOME"]
@@ -76,7 +69,7 @@ def test_config_env_is_exported_unless_the_job_sets_it(echo_project, tmp_path):
     config = lxm3.Config(local_env={"FROM_CONFIG": "c", "OVERRIDDEN": "config"})
     launch(echo_project, out, lambda e, x, ex: e.add(
         xm.Job(x, ex, env_vars={"OVERRIDDEN": "job"})), config=config)
-    [report] = reports(out).values()
+    [report] = echo_reports(out).values()
     assert report["env"]["FROM_CONFIG"] == "c"
     assert report["env"]["OVERRIDDEN"] == "job"
 
@@ -84,14 +77,11 @@ def test_config_env_is_exported_unless_the_job_sets_it(echo_project, tmp_path):
 def test_failing_task_fails_the_launch_with_exit_code_and_log(echo_project, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(lxm3.TaskFailedError) as info:
+    with pytest.raises(lxm3.TaskFailedError, match=(
+            r"^1 of 3 task\(s\) failed:\n  work unit 1 task 1: exit code 7 \(log: \S+/task-1\.log\)$")):
         launch(echo_project, out, lambda e, x, ex: e.add(lxm3.ArrayJob(
             x, ex, args=[{}], env_vars=[{}, {"ECHO_EXIT": "7"}, {}])))
-    message = str(info.value)
-    assert "1 of 3 task(s) failed" in message
-    assert "work unit 1 task 1: exit code 7" in message
-    assert "task-1.log" in message
-    assert sorted(reports(out)) == [0, 1, 2]  # the others ran to the end
+    assert sorted(echo_reports(out)) == [0, 1, 2]  # the others ran to the end
 
 
 def test_tasks_run_in_parallel_up_to_the_limit(tmp_path):
@@ -168,7 +158,7 @@ def test_job_generator_adds_jobs(echo_project, tmp_path):
         experiment.add(generator, args={"seed": 42})
 
     launch(echo_project, out, add)
-    [report] = reports(out).values()
+    [report] = echo_reports(out).values()
     assert report["argv"] == ["--common=yes", "--seed=42"]
 
 
@@ -190,20 +180,13 @@ def test_ctrl_c_stops_every_task(echo_project, tmp_path):
             experiment.add(xm_cluster.ArrayJob(exe, executor, args=[{{}}] * 3,
                                                env_vars=[{{"OUT": {str(out)!r}}}]))
     """))
-    proc = subprocess.Popen([sys.executable, "-m", "lxm3", "launch", str(launcher)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while len(os.listdir(out)) < 3:
-        assert time.monotonic() < deadline, proc.communicate(timeout=5)
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    pids = [int(p) for p in os.listdir(out)]
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=30)
+    proc = lxm3_popen("launch", str(launcher), cwd=ROOT, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+    _, stderr = interrupt_when(proc, lambda: len(os.listdir(out)) == 3, "the 3 tasks to start")
+    pids = [int(p) for p in os.listdir(out)]  # each task wrote its pid as it started
     assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
-    for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert "lxm3: interrupted; local tasks were stopped" in stderr, stderr
+    wait_until(lambda: all(is_gone(pid) for pid in pids), 60, f"the tasks {pids} to end")
 
 
 def test_array_job_broadcasting_and_errors():
@@ -218,14 +201,16 @@ def test_array_job_broadcasting_and_errors():
         lxm3.ArrayJob(exe, executor)
     with pytest.raises(ValueError, match="must be a list with one entry per task"):
         lxm3.ArrayJob(exe, executor, args={"a": 1})
-    with pytest.raises(ValueError, match="from a string"):
+    with pytest.raises(ValueError, match=re.escape(
+            "Tried to construct xm.SequentialArgs from a string: '--a=1'. "
+            "Wrap it in a list: ['--a=1'] to make it a single argument.")):
         lxm3.ArrayJob(exe, executor, args=["--a=1"])
 
 
 def test_sys_exit_zero_inside_the_experiment_is_a_normal_end(echo_project, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^0$"):
         with lxm3.create_experiment("exits", config=lxm3.Config()) as experiment:
             executor = lxm3.Local()
             spec = lxm3.PythonPackage(entrypoint=xm.ModuleName("echoapp.main"), path=echo_project)
@@ -233,5 +218,5 @@ def test_sys_exit_zero_inside_the_experiment_is_a_normal_end(echo_project, tmp_p
                                                        env_vars={"ECHO_OUT": str(out)})])
             experiment.add(xm.Job(exe, executor))
             sys.exit(0)
-    assert sorted(reports(out)) == [0]  # the task ran to the end, as without the exit
+    assert sorted(echo_reports(out)) == [0]  # the task ran to the end, as without the exit
     assert lxm3.load_record(experiment.experiment_id).status == "completed"

@@ -4,12 +4,10 @@ a misleading "can't start new thread"), and a stopped launch starts nothing more
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 
-from conftest import ROOT, write_files
+from conftest import interrupt_when, lxm3_cli, lxm3_popen, read_lines, read_record, write_files
 
 MAX_PARALLEL = 4
 # Threads besides the pool that a launch may have: the main thread, this test's
@@ -50,24 +48,12 @@ def write_launcher(tmp_path):
     os.chmod(tmp_path / "app" / "build.sh", 0o755)
 
 
-def lxm3_argv(*args):
-    return [sys.executable, "-m", "lxm3", *args]
-
-
-def env(**more):
-    """The environment of an lxm3 command: the test's (private XDG directories)."""
-    return {**os.environ, "PYTHONPATH": ROOT, **more}
-
-
 def test_a_sweep_of_2000_tasks_runs_on_a_bounded_pool(tmp_path):
     write_launcher(tmp_path)
     num_tasks = 2000
     report = tmp_path / "report.json"
-    with open(tmp_path / "stdout", "w") as out:
-        proc = subprocess.run(lxm3_argv("launch", "launcher.py", str(num_tasks), str(MAX_PARALLEL),
-                                        str(report)),
-                              cwd=str(tmp_path), env=env(), stdin=subprocess.DEVNULL, stdout=out,
-                              stderr=subprocess.PIPE, text=True, timeout=1800)
+    proc = lxm3_cli("launch", "launcher.py", str(num_tasks), str(MAX_PARALLEL), str(report),
+                    cwd=str(tmp_path), timeout=1800)
     assert proc.returncode == 0, proc.stderr
     assert f"all {num_tasks} task(s) of experiment" in proc.stderr
     result = json.loads(report.read_text())
@@ -80,7 +66,7 @@ def test_a_sweep_of_2000_tasks_runs_on_a_bounded_pool(tmp_path):
         with open(os.path.join(log_dir, f"task-{task}.log")) as f:
             text = f.read()
         assert text == f"task {task} says --n={task}\n\nlxm3-exit: task {task} status 0\n", (task, text)
-    printed = (tmp_path / "stdout").read_text()
+    printed = proc.stdout
     assert f"[1:{num_tasks - 1}] task {num_tasks - 1} says --n={num_tasks - 1}" in printed
     assert "lxm3-exit" not in printed  # the exit record is for lxm3, not the terminal
 
@@ -90,27 +76,18 @@ def test_stopping_drops_queued_tasks(tmp_path):
     status says so; the launch ends without waiting for them."""
     write_launcher(tmp_path)
     report = tmp_path / "report.json"
-    proc = subprocess.Popen(lxm3_argv("launch", "launcher.py", "20", "2", str(report)),
-                            cwd=str(tmp_path), env=env(SLEEP="60"), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = lxm3_popen("launch", "launcher.py", "20", "2", str(report), cwd=str(tmp_path),
+                      env={"SLEEP": "60"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        seen = []
-        deadline = time.monotonic() + 120
-        while len(seen) < 2:  # the two running tasks have printed their line
-            assert time.monotonic() < deadline and proc.poll() is None
-            line = proc.stdout.readline()
-            if " says " in line:
-                seen.append(line)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        read_lines(proc, 2, r".* says .*", timeout=120)  # the two running tasks have printed their line
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    _, stderr = interrupt_when(proc, lambda: True, "the launch to run")
     assert proc.returncode == 130, stderr
     xid = json.loads(report.read_text())["experiment_id"]
-    status = subprocess.run(lxm3_argv("status", str(xid), "1", "--json"), env=env(),
-                            capture_output=True, text=True, timeout=120)
+    status = lxm3_cli("status", str(xid), "1", "--json", timeout=120)
     assert status.returncode == 0, status.stderr
     tasks = json.loads(status.stdout)["work_units"]["1"]["tasks"]
     never = [t["task"] for t in tasks if t["detail"] == "stopped before it started"]
@@ -118,13 +95,6 @@ def test_stopping_drops_queued_tasks(tmp_path):
     assert sorted(stopped) == [0, 1], tasks
     assert never == list(range(2, 20)), tasks
     time.sleep(2)  # nothing starts after the launch has ended
-    log_dir = os.path.dirname(_first_log(xid))
+    log_dir = os.path.dirname(read_record(xid)["work_units"][0]["log_paths"][0])
     started = [n for n in os.listdir(log_dir) if os.path.getsize(os.path.join(log_dir, n))]
     assert sorted(started) == ["task-0.log", "task-1.log"], started
-
-
-def _first_log(xid):
-    path = os.path.join(os.environ["XDG_STATE_HOME"], "lxm3", "experiments", f"{xid}.json")
-    with open(path) as f:
-        record = json.load(f)
-    return record["work_units"][0]["log_paths"][0]

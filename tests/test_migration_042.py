@@ -53,9 +53,9 @@ import time
 from typing import Any, Dict, List, Optional
 
 import pytest
-from cluster_helpers import TASK_MAIN, Launch, read_reports, toml_string, workspace_factory
+from cluster_helpers import TASK_MAIN, Launch, read_reports, toml_string
 
-from conftest import PYPROJECT, ROOT, write_files
+from conftest import PYPROJECT, ROOT, lxm3_cli, write_files
 from testbed_env import REQUIRE_VAR, require_testbed
 
 FAKE_RUNTIME = os.path.join(ROOT, "tests", "fakes", "container_runtime.py")
@@ -223,10 +223,7 @@ def absl_argv(args: Any) -> List[str]:
 def lxm3_launch(launcher: str, *args: str, cwd: str,
                 env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """``python -m lxm3 launch LAUNCHER ARGS`` of this checkout."""
-    return subprocess.run(
-        [sys.executable, "-m", "lxm3", "launch", launcher, *args],
-        cwd=cwd, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    return lxm3_cli("launch", launcher, *args, cwd=cwd, env=env, timeout=LAUNCH_TIMEOUT)
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:
@@ -380,12 +377,6 @@ def test_readme_launcher_locally(sdist_042, tmp_path, name):
     assert proc.returncode == 0, describe(proc)
     assert the_record(proc)["status"] == "completed", describe(proc)
     check_reports(read_reports(str(out)), launcher_sweep(read(launcher)))
-
-
-@pytest.fixture
-def cluster_workspaces():
-    with workspace_factory() as make:
-        yield make
 
 
 def launched(ws, proc: subprocess.CompletedProcess, seconds: float) -> Launch:

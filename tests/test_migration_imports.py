@@ -9,13 +9,14 @@ import subprocess
 import sys
 import textwrap
 import venv
+import zipfile
 
 import pytest
 
 import lxm3
 from lxm3 import xm, xm_cluster
 
-from conftest import ROOT, write_files
+from conftest import ROOT, lxm3_cli, write_files
 
 # What lxm3 0.4.2's modules export (read from its sdist: each module's public
 # names), plus upstream's later get_current_experiment.
@@ -265,8 +266,15 @@ def test_packaged_executables_are_042s_command(tmp_path):
     with xm_cluster.create_experiment("command", config=lxm3.Config()) as experiment:
         spec = xm_cluster.UniversalPackage(entrypoint=["true"], build_script="build.sh",
                                            path=str(tmp_path / "app"))
-        [executable] = experiment.package([xm.Packageable(spec, executor_spec=xm_cluster.Local.Spec())])
-    assert isinstance(executable, executables.Command)
+        [executable] = experiment.package([xm.Packageable(
+            spec, executor_spec=xm_cluster.Local.Spec(), args={"n": 1}, env_vars={"E": "v"})])
+    assert type(executable) is executables.Command
+    # What a 0.4.2 launcher reads from it: its name, arguments, environment and archive.
+    assert (executable.name, executable.args.to_list(), executable.env_vars) == (
+        "app", ["--n=1"], {"E": "v"})
+    assert os.path.isfile(executable.archive.path)
+    with zipfile.ZipFile(executable.archive.path) as archive:
+        assert "entrypoint.sh" in archive.namelist()
 
 
 def test_flatten_array_job():
@@ -335,9 +343,7 @@ def test_the_names_serve_a_launcher_written_for_042(tmp_path):
         """,
     })
     os.chmod(tmp_path / "app" / "build.sh", 0o755)
-    proc = subprocess.run([sys.executable, "-m", "lxm3", "launch", "launcher.py"], cwd=str(tmp_path),
-                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
-                          timeout=300)
+    proc = lxm3_cli("launch", "launcher.py", cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "ran with --n=1" in proc.stdout
     [record] = [r for r in lxm3.list_records() if r.title == "042 imports"]

@@ -19,11 +19,11 @@ import subprocess
 import textwrap
 
 import pytest
-from cluster_helpers import job_unit, workspace_factory
-from test_job_script import make_archive, run_task
+from cluster_helpers import job_unit
 
 import lxm3
 
+from conftest import run_task, write_job
 from testbed_env import poll, require_testbed
 
 PROFILE = """\
@@ -61,14 +61,9 @@ def make_home(root, profile=PROFILE, modules=("gcc/12", "cuda")):
 
 
 def run_with_modules(tmp_path, modules, home, node_env=None, task_env=None):
-    job_dir = os.path.join(str(tmp_path), "job")
-    script = lxm3.render_job_script(
-        header=lxm3.LOCAL_HEADER, task_id=lxm3.LOCAL_TASK_ID, experiment_id=1, work_unit_id=1,
-        num_tasks=1, archive=make_archive(str(tmp_path)), tasks_file=os.path.join(job_dir, "tasks"),
-        setup=lxm3.module_lines(modules))
     tasks = [lxm3.Task(["arg"], {"LXM_IT_TASK_VAR": "the task's value", **(task_env or {})})]
-    script_path, _ = lxm3.write_job_files(job_dir, script, tasks, {})
-    return run_task(script_path, 0, tmp_path, env={"HOME": home, **(node_env or {})})
+    script = write_job(str(tmp_path), tasks, setup=lxm3.module_lines(modules))
+    return run_task(script, 0, tmp_path, env={"HOME": home, **(node_env or {})})
 
 
 def test_module_from_the_login_profile_loads_and_the_tasks_variables_win(tmp_path):
@@ -117,12 +112,6 @@ def test_no_modules_no_profile():
 
 
 # -- Slurm and Grid Engine on the test bed ---------------------------------------
-
-
-@pytest.fixture
-def cluster_workspaces():
-    with workspace_factory() as make:
-        yield make
 
 
 def exit_line(path):

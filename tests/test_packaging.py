@@ -1,6 +1,7 @@
 """Packaging with real pip: reproducible, content-addressed, cached archives."""
 
 import os
+import re
 import zipfile
 
 import pytest
@@ -100,11 +101,9 @@ def test_pip_errors_reach_the_user(tmp_path):
         "pyproject.toml": "[project]\nname = 'broken'\nversion = 'not a version'\n",
         "broken/__init__.py": "",
     })
-    with pytest.raises(lxm3.BuildError) as info:
+    with pytest.raises(lxm3.BuildError, match=re.escape(f"pip install of {broken} failed")) as info:
         lxm3.build_archive(lxm3.PythonPackage(xm.ModuleName("broken"), path=broken))
-    message = str(info.value)
-    assert f"pip install of {broken} failed" in message
-    assert "not a version" in message  # pip's own explanation is quoted
+    assert "not a version" in str(info.value)  # pip's own explanation is quoted
 
 
 def test_missing_path_is_reported(tmp_path):
@@ -123,7 +122,7 @@ def test_bad_entrypoint_is_rejected_when_written():
         lxm3.PythonPackage(entrypoint=xm.ModuleName("my-module.py"))
     with pytest.raises(TypeError, match="entrypoint must be xm_cluster.ModuleName"):
         lxm3.PythonPackage(entrypoint="pkg.main")
-    with pytest.raises(ValueError, match="non-empty list"):
+    with pytest.raises(ValueError, match="^CommandList needs a non-empty list of shell commands$"):
         lxm3.PythonPackage(entrypoint=xm.CommandList([]))
 
 
@@ -144,9 +143,8 @@ def test_universal_package_ships_what_the_build_script_writes(tmp_path):
 
 def test_failing_build_script_is_reported_with_its_output(tmp_path):
     spec = universal(tmp_path, "#!/bin/sh\necho 'compiler exploded' >&2\nexit 4\n")
-    with pytest.raises(lxm3.BuildError) as info:
+    with pytest.raises(lxm3.BuildError, match=r"failed \(exit code 4\)") as info:
         lxm3.build_archive(spec)
-    assert "failed (exit code 4)" in str(info.value)
     assert "compiler exploded" in str(info.value)
 
 

@@ -8,7 +8,6 @@ filesystems: nothing may be renamed from one to the other.
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import textwrap
 import zipfile
@@ -18,7 +17,7 @@ import pytest
 import lxm3
 from lxm3 import xm
 
-from conftest import ROOT, write_files
+from conftest import lxm3_cli, write_files
 
 LAUNCHER = """\
     import os
@@ -38,10 +37,7 @@ def run_launcher(tmp_path, project, out, env, executor="Local"):
     launcher = tmp_path / "launcher.py"
     launcher.write_text(textwrap.dedent(LAUNCHER.format(
         executor=executor, project=project, out=str(out))))
-    full_env = {**os.environ, "PYTHONPATH": ROOT, **env}
-    return subprocess.run([sys.executable, "-m", "lxm3", "launch", str(launcher)],
-                          cwd=str(tmp_path), env=full_env, capture_output=True, text=True,
-                          timeout=600)
+    return lxm3_cli("launch", str(launcher), cwd=str(tmp_path), env=env, timeout=600)
 
 
 def _required_or_skip(reason):

@@ -6,7 +6,7 @@ list``, ``status``, ``logs``, ``cancel``, ``launch --dry-run`` and
 (``python -m lxm3 ...`` in a subprocess) or through the xm API in process.
 The same commands on Slurm and Grid Engine are in test_status.py.
 
-The tasks run ``lxmtask.main`` (``TASK_MAIN``): it prints a line naming its
+The tasks run ``lxmtask.main`` (``LXMTASK_MAIN`` in conftest.py): it prints a line naming its
 task, optionally waits for a gate file to exist (so that a test decides when it
 ends), prints ``$LINES`` numbered lines, and exits with the code ``$CODES``
 gives its task.
@@ -20,8 +20,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 
@@ -30,175 +28,23 @@ import pytest
 import lxm3
 from lxm3 import xm
 
-from conftest import PYPROJECT, ROOT, write_files
-
-TASK_MAIN = """\
-    import json, os, signal, sys, time
-    task = os.environ.get("LXM_TASK_ID")
-    print("task %s argv=%s" % (task, json.dumps(sys.argv[1:])), flush=True)
-    out = os.environ.get("OUT")
-    if out:  # proof that the task ran
-        with open(os.path.join(out, "task-%s" % task), "w") as f:
-            f.write(json.dumps(sys.argv[1:]))
-    gate = os.environ.get("GATE")
-    deadline = time.time() + float(os.environ.get("MAX_WAIT", "300"))
-    while gate and not os.path.exists(gate):
-        if time.time() > deadline:  # never hold a cluster's slot for long
-            print("task %s: gave up waiting for %s" % (task, gate), flush=True)
-            sys.exit(99)
-        time.sleep(0.2)
-    for i in range(int(os.environ.get("LINES", "0"))):
-        print("line %d of task %s" % (i, task), flush=True)
-        time.sleep(float(os.environ.get("EVERY", "0.5")))
-    print("task %s done" % task, flush=True)
-    if os.environ.get("KILL_TASK") == task:  # as the OOM killer would: no trap runs
-        os.killpg(0, signal.SIGKILL)
-    sys.exit(int(json.loads(os.environ.get("CODES") or "{}").get(task, 0)))
-"""
-
-# A launcher driven by spec.json beside it: a title and work units, each an
-# ArrayJob of the task program on an executor ("Local", "Slurm", "GridEngine").
-LAUNCHER = """\
-    import json
-    import os
-    import time
-
-    from lxm3 import xm, xm_cluster
-
-    HERE = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(HERE, "spec.json"), encoding="utf-8") as f:
-        SPEC = json.load(f)
-
-    if SPEC.get("start_at"):  # launches started together create their experiments together
-        while time.time() < SPEC["start_at"]:
-            time.sleep(0.0002)
-
-    with xm_cluster.create_experiment(SPEC["title"]) as experiment:
-        executables = {}
-        for unit in SPEC["units"]:
-            options = dict(unit.get("options") or {})
-            if "cpu" in options:
-                options["requirements"] = xm.JobRequirements(cpu=options.pop("cpu"))
-            executor = getattr(xm_cluster, unit["executor"])(**options)
-            if unit["executor"] not in executables:
-                package = xm_cluster.PythonPackage(
-                    path=SPEC["project"], entrypoint=xm_cluster.ModuleName("lxmtask.main"))
-                [executables[unit["executor"]]] = experiment.package(
-                    [xm.Packageable(package, executor_spec=executor.Spec())])
-            experiment.add(xm_cluster.ArrayJob(executables[unit["executor"]], executor,
-                                               args=unit["args"], env_vars=unit["env_vars"]))
-        if SPEC.get("raise"):
-            raise RuntimeError(SPEC["raise"])
-"""
-
-
-@pytest.fixture(scope="session")
-def task_project(tmp_path_factory):
-    """The task program's project, once per session (so it is packaged once)."""
-    root = tmp_path_factory.mktemp("lxmtask")
-    os.chmod(str(root), 0o755)
-    return write_files(root / "lxmtask_project", {
-        "pyproject.toml": PYPROJECT.format(name="lxmtask"),
-        "lxmtask/__init__.py": "",
-        "lxmtask/main.py": TASK_MAIN,
-    })  # fmt: skip
-
-
-def lxm3_cli(*args, env=None, cwd=None, timeout=300):
-    """``python -m lxm3 ARGS`` as a user runs it; text output captured."""
-    full_env = {**os.environ, **(env or {}), "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "lxm3", *args], env=full_env, cwd=cwd,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def lxm3_popen(*args, env=None, **kwargs):
-    full_env = {**os.environ, **(env or {}), "PYTHONPATH": ROOT}
-    return subprocess.Popen([sys.executable, "-m", "lxm3", *args], env=full_env,
-                            stdin=subprocess.DEVNULL, **kwargs)
-
-
-def write_launcher(directory, spec):
-    """launcher.py and its spec.json in ``directory``; returns the launcher's path."""
-    os.makedirs(str(directory), exist_ok=True)
-    with open(os.path.join(str(directory), "spec.json"), "w", encoding="utf-8") as f:
-        json.dump(spec, f)
-    path = os.path.join(str(directory), "launcher.py")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(textwrap.dedent(LAUNCHER))
-    return path
-
-
-def local_unit(num_tasks, env=None, task_env=None):
-    """A Local ArrayJob of ``num_tasks`` tasks with arguments --seed=i."""
-    if task_env is None:
-        env_vars = [dict(env or {})]
-    else:
-        env_vars = [{**(env or {}), **task_env(i)} for i in range(num_tasks)]
-    return {"executor": "Local", "args": [{"seed": i} for i in range(num_tasks)],
-            "env_vars": env_vars}
-
-
-def experiments_dir():
-    return os.path.join(os.environ["XDG_STATE_HOME"], "lxm3", "experiments")
-
-
-def record_files():
-    try:
-        return sorted(os.listdir(experiments_dir()))
-    except FileNotFoundError:
-        return []
-
-
-def read_record(experiment_id):
-    """The record, read as any script would: the standard library's json."""
-    with open(os.path.join(experiments_dir(), f"{experiment_id}.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def new_record_id(before):
-    """The id of the one record file that is not in ``before``."""
-    new = [name for name in record_files() if name not in before]
-    assert len(new) == 1, f"expected one new record, found {new} in {experiments_dir()}"
-    assert new[0].endswith(".json")
-    return int(new[0][:-5])
-
-
-def launch_local(tmp_path, name, spec, args=(), expect_rc=0):
-    """Run ``lxm3 launch`` on a launcher in tmp_path/name; returns (proc, record)."""
-    launcher = write_launcher(tmp_path / name, spec)
-    before = record_files()
-    proc = lxm3_cli("launch", launcher, *args, cwd=str(tmp_path))
-    assert proc.returncode == expect_rc, f"exit {proc.returncode}\n{proc.stderr}\n{proc.stdout}"
-    return proc, read_record(new_record_id(before))
-
-
-def status_json(experiment_id, *more):
-    proc = lxm3_cli("status", str(experiment_id), *more, "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def states(status, work_unit_id=1):
-    """[(state, exit code)] of each task of a work unit in ``status --json`` output."""
-    tasks = status["work_units"][str(work_unit_id)]["tasks"]
-    assert [t["task"] for t in tasks] == list(range(len(tasks)))
-    return [(t["state"], t["exit_code"]) for t in tasks]
-
-
-def error_line(proc):
-    """The one-line error of a failed command: exit code 1, no traceback."""
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lxm3: error: "), proc.stderr
-    return lines[0]
-
-
-def git(repo, *args):
-    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=Test", "-c",
-                           "user.email=test@example.com", *args],
-                          capture_output=True, text=True, check=True).stdout.strip()
+from conftest import (
+    error_line,
+    experiments_dir,
+    git,
+    launch_local,
+    local_unit,
+    lxm3_cli,
+    lxm3_popen,
+    new_record_id,
+    read_lines,
+    read_record,
+    record_files,
+    states,
+    status_json,
+    wait_until,
+    write_launcher,
+)
 
 
 def make_out(tmp_path, name="out"):
@@ -463,22 +309,23 @@ def test_logs_shows_the_end_of_the_right_tasks_log(tmp_path, task_project):
 
 def test_status_and_logs_follow_while_a_local_launch_runs(tmp_path, task_project):
     """A local launch runs in the foreground; from another terminal, status says
-    running and ``logs -f`` streams the task's output as it is written."""
-    gate = str(tmp_path / "gate")
+    running and ``logs -f`` streams the task's output as it is written: the lines
+    arrive while the task cannot end yet (it waits for the HOLD gate)."""
+    gate, hold = str(tmp_path / "gate"), str(tmp_path / "hold")
     out = make_out(tmp_path)
     launcher = write_launcher(tmp_path / "running", {
         "title": "local follow", "project": task_project,
-        "units": [local_unit(1, env={"OUT": out, "GATE": gate, "LINES": "12", "EVERY": "0.4"})]})
+        "units": [local_unit(1, env={"OUT": out, "GATE": gate, "HOLD": hold, "LINES": "3",
+                                     "EVERY": "0.2"})]})
     before = record_files()
     launch = lxm3_popen("launch", launcher, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE, text=True)
     follower = None
     try:
-        deadline = time.monotonic() + 120
-        while ran(out) != ["task-0"]:  # the task has started (and waits for the gate)
-            assert launch.poll() is None, launch.stderr.read()
-            assert time.monotonic() < deadline, "the task never started"
-            time.sleep(0.2)
+        # The task has started (and waits for the gate).
+        wait_until(lambda: ran(out) == ["task-0"] or launch.poll() is not None, 120,
+                   "the task to start")
+        assert launch.poll() is None, launch.stderr.read()
         xid = str(new_record_id(before))
         status = status_json(xid)
         assert status["status"] == "launching"
@@ -488,17 +335,19 @@ def test_status_and_logs_follow_while_a_local_launch_runs(tmp_path, task_project
 
         follower = lxm3_popen("logs", xid, "-f", "-n", "5", stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-        [(_, first)] = read_lines(follower, 1, r"task 0 argv=.*", timeout=30)
+        [(_, first)] = read_lines(follower, 1, r"task 0 argv=.*", timeout=120)
         assert first == 'task 0 argv=["--seed=0"]'
         open(gate, "w").close()
-        streamed = read_lines(follower, 3, r"line \d+ of task 0", timeout=60)
-        numbers = [int(text.split()[1]) for _, text in streamed]
-        assert numbers == sorted(numbers) and len(set(numbers)) == 3, streamed
-        assert streamed[-1][0] - streamed[0][0] >= 0.5, f"not streamed as written: {streamed}"
+        streamed = read_lines(follower, 3, r"line \d+ of task 0", timeout=120)
+        assert [text for _, text in streamed] == [f"line {i} of task 0" for i in range(3)]
+        assert states(status_json(xid)) == [("running", None)]  # held: it has not ended
         os.killpg(follower.pid, signal.SIGINT)  # Ctrl-C
-        follower.wait(15)
+        assert follower.wait(120) == 130
+        open(hold, "w").close()
         assert launch.wait(120) == 0, launch.stderr.read()
     finally:
+        for path in (gate, hold):
+            open(path, "w").close()
         for proc in (follower, launch):
             if proc is not None and proc.poll() is None:
                 proc.kill()
@@ -506,28 +355,6 @@ def test_status_and_logs_follow_while_a_local_launch_runs(tmp_path, task_project
     status = status_json(xid)
     assert status["status"] == "completed"
     assert states(status) == [("completed", 0)]
-
-
-def read_lines(proc, count, pattern, timeout):
-    """Read ``count`` lines matching ``pattern`` from proc.stdout within ``timeout`` s:
-    [(arrival time, text)]."""
-    found, done = [], threading.Event()
-
-    def reader():
-        for line in proc.stdout:
-            if re.fullmatch(pattern, line.rstrip("\n")):
-                found.append((time.monotonic(), line.rstrip("\n")))
-                if len(found) >= count:
-                    break
-        done.set()
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    if not done.wait(timeout):
-        pytest.fail(f"read {len(found)} of {count} lines matching {pattern!r} in {timeout} s: "
-                    f"{found}")
-    assert len(found) >= count, f"the output ended after {found}"
-    return found
 
 
 def test_command_errors_say_what_is_wrong(tmp_path, task_project):
@@ -590,7 +417,8 @@ def test_xm_unit_api_on_local_units(tmp_path, task_project, monkeypatch):
     monkeypatch.setenv("LXM_POLL_INTERVAL", "1")
     gate = str(tmp_path / "gate")
     experiment = lxm3.create_experiment("xm api local", config=lxm3.Config())
-    with pytest.raises(lxm3.LaunchError, match="1 of 3 task"):
+    with pytest.raises(lxm3.TaskFailedError,
+                       match=r"^1 of 3 task\(s\) failed:\n  work unit 2 task 0: exit code 6 \(log: "):
         with experiment:
             executor = lxm3.Local()
             spec = lxm3.PythonPackage(entrypoint=xm.ModuleName("lxmtask.main"), path=task_project)
@@ -617,7 +445,7 @@ def test_xm_unit_api_on_local_units(tmp_path, task_project, monkeypatch):
     unit = loaded.work_units[1]
     assert unit.get_status().is_completed
     assert asyncio.run(unit.wait_until_complete()) is unit
-    with pytest.raises(xm.ExperimentUnitFailedError):
+    with pytest.raises(xm.ExperimentUnitFailedError, match=r"^1 task\(s\): 1 failed$"):
         asyncio.run(loaded.work_units[2].wait_until_complete())
     with pytest.raises(lxm3.LaunchError, match="no record of experiment 42"):
         lxm3.get_experiment(42)

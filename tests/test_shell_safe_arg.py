@@ -10,12 +10,12 @@ import subprocess
 import textwrap
 
 import pytest
-from cluster_helpers import LAUNCHER, job_unit, workspace_factory
-from test_job_script import AWKWARD, run_task, write_job
+from cluster_helpers import LAUNCHER, job_unit
 
 import lxm3
 from lxm3 import xm
 
+from conftest import AWKWARD, run_task, write_job
 from testbed_env import require_testbed
 
 Shell = xm.ShellSafeArg
@@ -144,12 +144,6 @@ def shell_safe(args):
 
 """
 JOB_LINE = 'experiment.add(xm.Job(exe, executor, args=unit.get("args") or {},'
-
-
-@pytest.fixture
-def cluster_workspaces():
-    with workspace_factory() as make:
-        yield make
 
 
 @pytest.mark.testbed

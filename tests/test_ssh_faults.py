@@ -24,18 +24,18 @@ import time
 from typing import Iterator, List, Tuple
 
 import pytest
-from cluster_helpers import Launch, job_unit, workspace_factory
-from test_records import (
+from cluster_helpers import Launch, job_unit
+
+from conftest import (
     experiments_dir,
     lxm3_cli,
     lxm3_popen,
     new_record_id,
+    processes_mentioning,
     read_record,
     record_files,
-    task_project,  # noqa: F401 (a fixture)
     write_launcher,
 )
-
 from testbed_env import require_testbed
 
 OUTER_TIMEOUT = 120  # seconds; lxm3 gives up after ssh_connect_timeout (3 s here)
@@ -105,7 +105,7 @@ def slurm_unit():
     return {"executor": "Slurm", "args": [{"seed": 0}], "env_vars": [{}]}
 
 
-def test_launch_to_a_server_that_never_answers_fails_naming_it(tmp_path, task_project,  # noqa: F811
+def test_launch_to_a_server_that_never_answers_fails_naming_it(tmp_path, task_project,
                                                                silent_server):
     port, accepted = silent_server
     config = silent_config(str(tmp_path), port, ssh_connect_timeout=CONNECT_TIMEOUT)
@@ -187,12 +187,6 @@ def test_a_bad_connect_timeout_in_the_config_is_an_error(tmp_path, value, silent
 # --- on the test bed ------------------------------------------------------------
 
 
-@pytest.fixture
-def cluster_workspaces():
-    with workspace_factory() as make:
-        yield make
-
-
 @pytest.mark.testbed
 def test_the_record_keeps_the_cluster_timeouts_for_status(cluster_workspaces, silent_server):
     """A real launch with ssh_connect_timeout in the config: the record carries it, a kept
@@ -239,22 +233,6 @@ os.execv({ssh!r}, ["ssh"] + sys.argv[1:])
 """
 
 
-def processes_mentioning(*needles: str) -> List[Tuple[int, str]]:
-    """(pid, command line) of every process whose command line contains a needle."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(needle in cmdline for needle in needles):
-            found.append((int(name), cmdline))
-    return found
-
-
 # The same launch in an ``async with`` block, whose deployment runs on a worker thread.
 ASYNC_LAUNCHER = """\
 import asyncio, json, os
@@ -279,7 +257,7 @@ asyncio.run(main())
 @pytest.mark.parametrize("how, block", [(signal.SIGTERM, "with"), (signal.SIGHUP, "with"),
                                         (signal.SIGTERM, "async with")])
 def test_an_interrupted_launch_leaves_no_rsync_or_ssh_running(cluster_workspaces,
-                                                              task_project, how, block):  # noqa: F811
+                                                              task_project, how, block):
     tb = require_testbed("slurm")
     ws = cluster_workspaces(tb, "slurm", "ssh")
     bindir = os.path.join(ws.root, "slow-ssh-bin")
@@ -304,7 +282,7 @@ def test_an_interrupted_launch_leaves_no_rsync_or_ssh_running(cluster_workspaces
         deadline = time.monotonic() + OUTER_TIMEOUT
         # The copy is under way: the line before it was printed and rsync runs the slow ssh.
         while not (any(re.search(r": (sending|copying) ", line) for line in stderr)
-                   and any("rsync" in cmd for _, cmd in processes_mentioning(wrapper))):
+                   and any("rsync" in cmd for cmd in processes_mentioning(wrapper).values())):
             assert proc.poll() is None, "".join(stderr)
             assert time.monotonic() < deadline, "".join(stderr)
             time.sleep(0.1)
@@ -320,12 +298,12 @@ def test_an_interrupted_launch_leaves_no_rsync_or_ssh_running(cluster_workspaces
         while processes_mentioning(*needles) and time.monotonic() < deadline:
             time.sleep(0.2)
         left = processes_mentioning(*needles)
-        assert left == [], f"left running after the launch ended: {left}\n{output}"
+        assert left == {}, f"left running after the launch ended: {left}\n{output}"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid, _ in processes_mentioning(*needles):  # what this test started, if it failed
+        for pid in processes_mentioning(*needles):  # what this test started, if it failed
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -30,7 +30,6 @@ from cluster_helpers import (
     archive_files,
     job_unit,
     path_without,
-    workspace_factory,
 )
 
 import lxm3
@@ -38,12 +37,6 @@ import lxm3
 from testbed_env import require_testbed
 
 pytestmark = pytest.mark.testbed
-
-
-@pytest.fixture
-def cluster_workspaces():
-    with workspace_factory() as make:
-        yield make
 
 
 def sha256_of(path: str) -> str:

@@ -27,9 +27,9 @@ import uuid
 from typing import Dict, List
 
 import pytest
-from cluster_helpers import array_limit, workspace_factory
+from cluster_helpers import array_limit
 
-from conftest import ROOT
+from conftest import lxm3_cli, read_record
 from testbed_env import require_testbed
 
 pytestmark = pytest.mark.testbed
@@ -127,24 +127,6 @@ class FaultySsh:
             return [line.split()[-1] for line in f.read().splitlines()]
 
 
-@pytest.fixture
-def cluster_workspaces():
-    with workspace_factory() as make:
-        yield make
-
-
-def lxm3_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "lxm3", *args], env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def load_record(xid: int) -> dict:
-    path = os.path.join(os.environ["XDG_STATE_HOME"], "lxm3", "experiments", f"{xid}.json")
-    with open(path) as f:
-        return json.load(f)
-
-
 def recorded_arrays(record: dict) -> Dict[int, str]:
     return {a["first_task"]: a["job_id"] for u in record["work_units"] for a in u["arrays"]}
 
@@ -178,7 +160,7 @@ def test_a_connection_lost_while_submitting_submits_each_array_once(
     firsts = ssh.submitted_arrays()
     assert sorted(firsts, key=int) == ["0", str(limit), str(2 * limit)], (
         f"each array must be submitted exactly once: calls {firsts}")
-    record = load_record(launch.experiment_id)
+    record = read_record(launch.experiment_id)
     arrays = recorded_arrays(record)
     assert sorted(arrays) == [0, limit, 2 * limit], record["work_units"]
     assert record["status"] == "launched" and record["work_units"][0]["state"] == "submitted"
@@ -213,7 +195,7 @@ def test_ctrl_c_while_submitting_records_what_was_submitted(cluster_workspaces, 
 
     assert launch.returncode == 130, launch.describe()
     xid = experiment_id_from(stderr)
-    record = load_record(xid)
+    record = read_record(xid)
     [unit] = record["work_units"]
     # The array being submitted went through; no array was started after Ctrl-C.
     assert ssh.submitted_arrays() == ["0"]
@@ -257,15 +239,15 @@ def test_a_full_disk_after_submission_loses_no_job(cluster_workspaces, tmp_path,
         xid = experiment_id_from(launch.stderr)
         submitted = re.findall(r"\(job (\d+)\)", launch.stderr)
         assert len(submitted) == 2, launch.describe()
-        assert load_record(xid)["work_units"][0]["arrays"] == []  # the save before submitting
+        assert read_record(xid)["work_units"][0]["arrays"] == []  # the save before submitting
 
         os.unlink(state / "filler")
         shown = lxm3_cli("status", str(xid), "--json")
         assert shown.returncode == 0, shown.stderr
         tasks = json.loads(shown.stdout)["work_units"]["1"]["tasks"]
         assert len(tasks) == limit + 2 and all(t["job"] for t in tasks), tasks
-        assert sorted(recorded_arrays(load_record(xid)).values()) == sorted(submitted)
-        assert load_record(xid)["work_units"][0]["state"] == "submitted"
+        assert sorted(recorded_arrays(read_record(xid)).values()) == sorted(submitted)
+        assert read_record(xid)["work_units"][0]["state"] == "submitted"
     finally:
         subprocess.run(["umount", "-l", str(state)], check=False)
 
@@ -292,7 +274,7 @@ def test_cancel_names_jobs_that_had_already_ended(cluster_workspaces, scheduler,
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [f"cancelled job(s) {running}",
                                         f"job(s) {ended} had already ended"], proc.stdout
-    units = {u["id"]: u for u in load_record(launch.experiment_id)["work_units"]}
+    units = {u["id"]: u for u in read_record(launch.experiment_id)["work_units"]}
     assert not units[1]["cancelled"] and units[2]["cancelled"]
     again = lxm3_cli("cancel", str(launch.experiment_id), "1")
     assert again.stdout.strip() == f"nothing to cancel: job(s) {ended} had already ended"

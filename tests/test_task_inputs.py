@@ -12,17 +12,15 @@ import errno
 import os
 import pathlib
 import subprocess
-import sys
 import textwrap
 
 import pytest
-from cluster_helpers import array_unit, job_unit, workspace_factory
-from test_job_script import run_task, write_job
+from cluster_helpers import array_unit, job_unit
 
 import lxm3
 from lxm3 import xm
 
-from conftest import ROOT
+from conftest import lxm3_cli, run_task, write_job
 from testbed_env import require_testbed
 
 MAX = lxm3.MAX_ARG_STRLEN
@@ -64,11 +62,11 @@ def test_max_arg_strlen_is_linuxs_limit():
     """The constant is what the kernel enforces: one byte more and exec fails."""
     true = "/bin/true"
     subprocess.run([true, "x" * (MAX - 1)], check=True)  # MAX bytes with its NUL
-    with pytest.raises(OSError) as failure:
+    with pytest.raises(OSError, match=r"\[Errno 7\] Argument list too long") as failure:
         subprocess.run([true, "x" * MAX])
     assert failure.value.errno == errno.E2BIG
     subprocess.run([true], env={"A": "x" * (MAX - 3)}, check=True)  # "A=" + value + NUL
-    with pytest.raises(OSError) as failure:
+    with pytest.raises(OSError, match=r"\[Errno 7\] Argument list too long") as failure:
         subprocess.run([true], env={"A": "x" * (MAX - 2)})
     assert failure.value.errno == errno.E2BIG
 
@@ -277,9 +275,7 @@ def test_a_local_launch_with_a_bad_task_runs_nothing(echo_project, tmp_path):
     launcher = tmp_path / "launcher.py"
     launcher.write_text(textwrap.dedent(LAUNCHER.format(project=echo_project, out=str(out))))
     data = tmp_path / "xdg_data_home"
-    proc = subprocess.run([sys.executable, "-m", "lxm3", "launch", str(launcher)],
-                          cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ROOT},
-                          capture_output=True, text=True, timeout=600)
+    proc = lxm3_cli("launch", str(launcher), cwd=str(tmp_path), timeout=600)
     assert proc.returncode == 1
     assert ("TypeError: ArrayJob task 1: argument --handle is an instance of object, which "
             "defines neither __str__ nor __repr__") in proc.stderr, proc.stderr
@@ -291,11 +287,6 @@ def test_a_local_launch_with_a_bad_task_runs_nothing(echo_project, tmp_path):
 
 
 # -- On the test bed: nothing is submitted ----------------------------------
-
-@pytest.fixture
-def cluster_workspaces():
-    with workspace_factory() as make:
-        yield make
 
 
 @pytest.mark.testbed

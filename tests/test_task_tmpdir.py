@@ -18,11 +18,9 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
-import time
 
-from conftest import ROOT, write_files
+from conftest import interrupt_when, lxm3_popen, write_files
 
 NUM_TASKS = 3
 
@@ -70,23 +68,12 @@ def test_stopped_tasks_leave_no_temporary_directory(tmp_path):
         "launcher.py": LAUNCHER.format(n=NUM_TASKS),
     })
     os.chmod(tmp_path / "app" / "build.sh", 0o755)
-    env = {**os.environ, "PYTHONPATH": ROOT, "TMPDIR": str(task_tmp),
-           "LXM_TEST_MARKS": str(marks), "PATH": f"{bindir}:{os.environ['PATH']}"}
-    proc = subprocess.Popen([sys.executable, "-m", "lxm3", "launch", "launcher.py"],
-                            cwd=str(tmp_path), env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while len(os.listdir(marks)) < NUM_TASKS:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, f"tasks did not start: {os.listdir(marks)}"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    env = {"TMPDIR": str(task_tmp), "LXM_TEST_MARKS": str(marks),
+           "PATH": f"{bindir}:{os.environ['PATH']}"}
+    proc = lxm3_popen("launch", "launcher.py", cwd=str(tmp_path), env=env,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = interrupt_when(proc, lambda: len(os.listdir(marks)) == NUM_TASKS,
+                               "the tasks to start", sig=signal.SIGTERM)
     assert proc.returncode == 130, stderr
     assert "task ran" not in stderr
     left = [name for name in os.listdir(task_tmp) if name.startswith("lxm3")]

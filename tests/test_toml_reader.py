@@ -6,6 +6,7 @@ Results are compared through ``repr`` so that 1, 1.0 and True differ, nan
 equals nan, and key order counts.
 """
 
+import datetime
 import math
 import random
 import re
@@ -391,9 +392,8 @@ def test_result_is_fresh_and_mutable():
     "name, document, line", ERRORS + DATE_ERRORS, ids=_names(ERRORS + DATE_ERRORS)
 )
 def test_error_names_line(name, document, line):
-    with pytest.raises(TOMLDecodeError, match=r"line \d+") as info:
+    with pytest.raises(TOMLDecodeError, match=rf"\(line {line}\)$") as info:
         toml_loads(document)
-    assert str(info.value).endswith(f"(line {line})")
     assert isinstance(info.value, ValueError)
 
 
@@ -408,14 +408,19 @@ def test_dates_point_to_tomli(name, document, line):
 @needs_tomllib
 @pytest.mark.parametrize("name, document, line", ERRORS, ids=_names(ERRORS))
 def test_tomllib_rejects_error_cases_too(name, document, line):
-    with pytest.raises(tomllib.TOMLDecodeError):
+    with pytest.raises(tomllib.TOMLDecodeError,
+                       match=r"\((at )?(line \d+, column \d+|end of document)\)"):
         tomllib.loads(document)
 
 
 @needs_tomllib
 @pytest.mark.parametrize("name, document, line", DATE_ERRORS, ids=_names(DATE_ERRORS))
 def test_tomllib_reads_dates(name, document, line):
-    tomllib.loads(document)
+    """What the built-in reader refuses is valid TOML: tomllib reads dates and times."""
+    values = list(tomllib.loads(document).values())
+    if isinstance(values[-1], list):
+        values = values[-1]
+    assert any(isinstance(v, (datetime.date, datetime.time)) for v in values), values
 
 
 def _mutations(seed, count):

@@ -13,8 +13,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 import textwrap
 import uuid
 
@@ -27,7 +25,7 @@ from cluster_helpers import (
     job_unit,
 )
 
-from conftest import PYPROJECT, ROOT, write_files
+from conftest import PYPROJECT, lxm3_cli, write_files
 from testbed_env import require_testbed
 
 UMASK_MAIN = textwrap.dedent(TASK_MAIN).replace(
@@ -125,9 +123,7 @@ LOCAL_LAUNCHER = """\
 def run_launcher(tmp_path, *args):
     old = os.umask(LOGIN_UMASK)
     try:
-        return subprocess.run([sys.executable, "-m", "lxm3", "launch", *args], cwd=str(tmp_path),
-                              env={**os.environ, "PYTHONPATH": ROOT}, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=300)
+        return lxm3_cli("launch", *args, cwd=str(tmp_path))
     finally:
         os.umask(old)
 

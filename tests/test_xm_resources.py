@@ -85,7 +85,7 @@ def test_subset_errors():
         xm.GpuType["TPU_V3"]
     with pytest.raises(ValueError, match="22 is not a valid TpuType"):
         xm.TpuType(22)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="170 is not a valid ResourceType"):
         xm.GpuType(170)
     with pytest.raises(KeyError, match="Unknown ResourceType 'nope'"):
         xm.GpuType["nope"]
@@ -127,7 +127,7 @@ def test_resource_dict_is_a_mutable_mapping():
     assert len(resource_dict) == 1 and ResourceType.CPU in resource_dict
     del resource_dict[ResourceType.CPU]
     assert len(resource_dict) == 0
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match=re.escape("<ResourceType.CPU: 100002>")):
         resource_dict[ResourceType.CPU]
 
 
@@ -339,7 +339,7 @@ def test_accelerator_membership_helpers():
 
 def test_default_resources_mapping_is_immutable():
     default = JobRequirements.__init__.__defaults__[0]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="'mappingproxy' object does not support item assignment"):
         default["cpu"] = 1
     assert resources._NO_RESOURCES == {}
 

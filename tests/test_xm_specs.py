@@ -165,7 +165,7 @@ def test_flatten_and_collect():
     group = xm.JobGroup(x=a, y=xm.JobGroup(z=b, w=c))
     assert job_operators.flatten_jobs(group) == [a, b, c]
     assert job_operators.collect_jobs_by_filter(group, lambda j: j.name != "b") == [a, c]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="^Expected xm.Job or xm.JobGroup, got <function "):
         job_operators.flatten_jobs(xm.JobGroup(g=lambda wu: None))
 
 
@@ -192,7 +192,8 @@ def test_shallow_copy_job_type():
         pass
 
     assert job_operators.shallow_copy_job_type(generator) is generator
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError,
+                       match="^42 is not an xm.Job, xm.JobGroup, job generator or xm.JobConfig$"):
         job_operators.shallow_copy_job_type(42)
 
 
