@@ -8,19 +8,12 @@ and ``lxm3 list`` names it rather than failing on it.
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import lxm3
 
-from conftest import ROOT
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lxm3", *args], env={**os.environ, "PYTHONPATH": ROOT},
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+from conftest import lxm3_cli as run_cli
 
 
 def write_record(data):
