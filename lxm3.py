@@ -2624,7 +2624,10 @@ class Connection:
         if not self.remote:
             return subprocess.call(["bash", "-c", command])
         self.open()
-        return subprocess.call(["ssh", *self._ssh_options(), self.cluster.server, command])
+        # stdin: a pipe held open until the call ends, so that the command there
+        # sees EOF when lxm3 ends (see _follow_command), and reads no keystrokes.
+        return subprocess.call(["ssh", *self._ssh_options(), self.cluster.server, command],
+                               stdin=subprocess.PIPE)
 
     def copy_tree(self, local_dir: str, remote_dir: str) -> List[Tuple[str, int]]:
         """Copy ``local_dir``'s contents into ``remote_dir``; existing files are kept.
@@ -6369,10 +6372,15 @@ def _follow_command(path: str, lines: int, follow: bool) -> str:
         f"if tail -n 1 -- {quoted} 2>/dev/null | grep -qE '{_EXIT_LINE}'; then "
         f"tail -n {int(lines)} -- {quoted}; exit; fi; "
         f"coproc lxm_tail {{ exec tail -n {int(lines)} -F -- {quoted}; }}; "
+        # lxm3 holds our stdin open: when it ends (Ctrl-C, killed, connection
+        # lost) the watcher sees EOF and ends tail, which on a quiet log would
+        # otherwise wait for its next write to find nobody reading.
+        'exec 3<&0; { cat <&3 >/dev/null 2>&1; kill "$lxm_tail_PID" 2>/dev/null; } 2>/dev/null & '
+        'lxm_watch=$!; '
         'while IFS= read -r lxm_line <&"${lxm_tail[0]}" || [[ -n $lxm_line ]]; do '
         'printf "%s\\n" "$lxm_line"; '
         f"[[ $lxm_line =~ {_EXIT_LINE.replace(' ', '[[:space:]]')} ]] && break; done; "
-        'kill "$lxm_tail_PID" 2>/dev/null; exit 0'
+        'kill "$lxm_tail_PID" "$lxm_watch" 2>/dev/null; exit 0'
     )
     return "bash -c " + shell_quote(script)
 

@@ -385,14 +385,14 @@ def short_tmpdir():
 
 
 def follow_running_task(ws: Workspace, tmpdir: str):
-    """Launch a task that prints a line every 0.4 s for a minute, then waits for a
+    """Launch a task that prints a few lines 0.4 s apart, then waits quietly for a
     gate the test never opens; start ``lxm3 logs -f`` on it and check that lines
     stream while the task runs. Returns the follower (still running) and the record.
 
-    The task keeps writing because the ``tail`` that a stopped follower leaves on
-    the cluster ends only at its next write (SIGPIPE): lxm3 does not end it, and on
-    a quiet log it would stay."""
-    _, record = ws.launch([ws.unit(1, {"GATE": ws.gate("follow"), "LINES": "150",
+    The log then stays quiet: a ``tail`` left on the cluster by a stopped follower
+    would wait there for a write that never comes (a remote tail learns that
+    nobody reads only when it writes), so the tests below see it."""
+    _, record = ws.launch([ws.unit(1, {"GATE": ws.gate("follow"), "LINES": "3",
                                        "EVERY": "0.4", "HOLD": ws.gate("never")})])
     xid = record["experiment_id"]
     wait_status(xid, lambda s: states(s) == [("running", None)], "the task to run")
