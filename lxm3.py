@@ -8020,6 +8020,261 @@ if __name__ != "__main__":  # ``python -m lxm3`` imports lxm3 again, which does 
 
 
 # ---------------------------------------------------------------------------
+# Cleaning up: what no experiment still needs
+# ---------------------------------------------------------------------------
+#
+# ``lxm3 clean`` removes, on each cluster of the config, what no kept
+# experiment references: for now the managed environments (``--type env``).
+# One cleaner per type, each given the cluster's connection and the records of
+# this machine; ``CLEANERS`` lists those built. A cleaner never removes what a
+# queued or running job of a record uses, nor what a launch holds (the lock of
+# an environment being made).
+
+CLEAN_TYPES = ("job", "archive", "container", "env")  # lxm3 0.4.2's --type words, and env
+CLEAN_DEFAULT_DAYS = 30
+
+
+class CleanItem(ValueObject):
+    """One thing a cleaner found: removed (or, in a dry run, to remove) or kept, and why."""
+
+    def __init__(self, cluster: str, kind: str, path: str, files: Optional[int], size: Optional[int],
+                 remove: bool, why: str):
+        self.cluster = cluster
+        self.kind = kind  # a CLEAN_TYPES word
+        self.path = path
+        self.files = files
+        self.size = size
+        self.remove = remove
+        self.why = why
+
+
+# Bash: what the environments' directory $1 holds, one line each: "env KEY FILES
+# BYTES USED_EPOCH LOCKED COMPLETE", "junk NAME LOCKED" (a build's leftovers),
+# "incoming NAME EPOCH" (archives in the staging directory's incoming/, $2).
+_LIST_ENVIRONMENTS = f"""
+lxm_locked() {{  # 1 when a launch holds the environment's lock (building or checking it)
+  [ -e "$1" ] && command -v flock >/dev/null 2>&1 || {{ echo 0; return; }}
+  if flock -n "$1" true 2>/dev/null; then echo 0; else echo 1; fi
+}}
+cd "$HOME"
+if [ -d "$1" ] && cd -- "$1"; then
+  echo "envs $(pwd -P)"
+  for lxm_d in *; do
+    [ -d "$lxm_d" ] || continue
+    case $lxm_d in
+      *.tmp-*|*.broken-*|*.removing-*) echo "junk $lxm_d $(lxm_locked ".${{lxm_d%%.*}}.lock")" ;;
+      *)
+        lxm_m="$lxm_d/{ENVIRONMENT_MARKER}"
+        lxm_used=$(stat -c %Y -- ".$lxm_d.used" 2>/dev/null || stat -c %Y -- "$lxm_d")
+        if [ -f "$lxm_m" ]; then
+          echo "env $lxm_d $(sed -n 's/^files //p' "$lxm_m") $(sed -n 's/^bytes //p' "$lxm_m") $lxm_used $(lxm_locked ".$lxm_d.lock") 1"
+        else
+          echo "env $lxm_d - - $lxm_used $(lxm_locked ".$lxm_d.lock") 0"
+        fi ;;
+    esac
+  done
+else
+  echo "envs-missing"
+fi
+cd "$HOME"
+if [ -d "$2" ]; then
+  for lxm_f in "$2"/*.tar.gz; do
+    [ -f "$lxm_f" ] && echo "incoming $(basename -- "$lxm_f") $(stat -c %Y -- "$lxm_f")"
+  done
+fi
+true
+"""
+
+# Bash: remove the environment $2 of directory $1 unless a launch holds its lock.
+_REMOVE_ENVIRONMENT = """lxm_remove() {
+  cd "$HOME" && cd -- "$1" || return 0
+  local lock=".${2%%.*}.lock"
+  if command -v flock >/dev/null 2>&1 && [ -e "$lock" ]; then
+    exec 8>>"$lock"
+    flock -n 8 || { echo "busy $2"; exec 8>&-; return 0; }
+  fi
+  if [ -e "$2" ]; then
+    mv -- "$2" "$2.removing-$$" && chmod -R u+rwX -- "$2.removing-$$" 2>/dev/null
+    rm -rf -- "$2.removing-$$" && echo "removed $2" || echo "failed $2"
+  fi
+  case $2 in *.*) ;; *) rm -f -- ".$2.used" ;; esac
+  exec 8>&- 2>/dev/null
+  return 0
+}
+"""
+
+
+def _active_job_ids(connection: Connection, schedulers: Iterable[str]) -> Optional[Set[str]]:
+    """The user's queued and running jobs there (None: the queue could not be read)."""
+    names = sorted(set(schedulers))
+    if not names:
+        return set()
+    script = "\n".join(f"echo '== {name}'; {{ {scheduler_named(name).active_jobs_command()}; }} 2>/dev/null "
+                       f"|| echo lxm3-no-queue" for name in names) + "\ntrue\n"
+    output = connection.run_script(script, "reading the queue")
+    ids: Set[str] = set()
+    for lines in _sections(output).values():
+        if "lxm3-no-queue" in lines:
+            return None
+        ids.update(line.strip().split(".")[0] for line in lines if line.strip())
+    return ids
+
+
+def clean_environments(cluster: ClusterConfig, connection: Connection, records: Sequence[ExperimentRecord],
+                       days: float, dry_run: bool, confirm: Callable[[List[CleanItem]], bool]) -> List[CleanItem]:
+    """Remove the managed environments of ``cluster`` that no record younger than
+    ``days`` references, that no queued or running job of a record uses, and
+    that no launch (from any machine) used in the last ``days``; and what
+    interrupted builds left. Returns every environment found, kept or not."""
+    import datetime
+
+    envs_path = _environments_path(cluster)
+    staging = _staging_path(cluster)
+    output = connection.run_script(f"set -- {shell_quote(envs_path)} {shell_quote(staging + '/' + ENVIRONMENT_INCOMING)}\n"
+                                   + _LIST_ENVIRONMENTS, "listing the managed environments")
+    lines = [line.split() for line in output.splitlines() if line.strip()]
+    envs = next((words[1] for words in lines if words[0] == "envs"), None)
+    if envs is None:
+        return []
+    now = time.time()
+    cutoff = now - days * 86400
+    units = [(record, unit) for record in records for unit in record.work_units
+             if unit.cluster == cluster.name and unit.environment and os.path.dirname(unit.environment) == envs]
+    recent, running = {}, {}
+    active = _active_job_ids(connection, {unit.scheduler for _, unit in units if unit.arrays})
+    for record, unit in units:
+        key = os.path.basename(unit.environment)
+        try:
+            created = datetime.datetime.fromisoformat(record.created).timestamp()
+        except ValueError:
+            created = now  # unreadable: as if new, to be safe
+        if created >= cutoff:
+            recent[key] = record.experiment_id
+        if unit.state == UnitState.SUBMITTING or active is None and unit.arrays \
+                or active and any(job_id in active for job_id in unit.job_ids):
+            running[key] = record.experiment_id
+    items = []
+    for words in lines:
+        if words[0] == "env" and len(words) >= 7:
+            key, files, size, used, locked, complete = words[1:7]
+            path = f"{envs}/{key}"
+            files_n = int(files) if files.isdigit() else None
+            size_n = int(size) if size.isdigit() else None
+            used_at = int(used) if used.isdigit() else int(now)
+            if locked == "1":
+                why, remove = "a launch holds it now", False
+            elif key in running:
+                why, remove = f"jobs of experiment {running[key]} may be using it (queued or running)", False
+            elif key in recent:
+                why, remove = f"experiment {recent[key]} uses it (younger than {days:g} days)", False
+            elif used_at >= cutoff:
+                why, remove = f"a launch used it {(now - used_at) / 86400:.1f} days ago", False
+            else:
+                why, remove = ("no recent experiment uses it" if complete == "1" else
+                               "incomplete (no completion marker)"), True
+            items.append(CleanItem(cluster.name, "env", path, files_n, size_n, remove, why))
+        elif words[0] == "junk" and len(words) >= 3:
+            items.append(CleanItem(cluster.name, "env", f"{envs}/{words[1]}", None, None, words[2] != "1",
+                                   "being built now" if words[2] == "1" else "left by an interrupted build"))
+        elif words[0] == "incoming" and len(words) >= 3:
+            key = words[1].split(".")[0]
+            done = any(item.path.endswith("/" + key) for item in items)
+            old = int(words[2]) < cutoff if words[2].isdigit() else False
+            items.append(CleanItem(cluster.name, "env", f"{staging}/{ENVIRONMENT_INCOMING}/{words[1]}", 1, None,
+                                   done or old, "an environment archive left after its environment was made"
+                                   if done else "an environment archive on its way in"))
+    doomed = [item for item in items if item.remove]
+    if dry_run or not doomed or not confirm(doomed):
+        return items
+    script = _REMOVE_ENVIRONMENT + "".join(
+        f"lxm_remove {shell_quote(os.path.dirname(item.path))} {shell_quote(os.path.basename(item.path))}\n"
+        for item in doomed)
+    output = connection.run_script(script, "removing managed environments")
+    removed = {words[1] for words in (line.split() for line in output.splitlines()) if words[:1] == ["removed"]}
+    for item in doomed:
+        name = os.path.basename(item.path)
+        if name not in removed and not item.path.endswith(".tar.gz"):
+            item.remove, item.why = False, "in use: a launch took its lock meanwhile" if f"busy {name}" in output \
+                else "could not be removed"
+    return items
+
+
+CLEANERS = {"env": clean_environments}  # CLEAN_TYPES word -> cleaner; lxm3 0.4.2's types come with issue 15
+
+
+def clean(config: Config, types: Sequence[str], days: float, dry_run: bool,
+          confirm: Callable[[List[CleanItem]], bool], clusters: Optional[Sequence[str]] = None) -> List[CleanItem]:
+    """Run the cleaners of ``types`` on each cluster of ``config`` (or those named)."""
+    for kind in types:
+        if kind not in CLEAN_TYPES:
+            raise LaunchError(f"lxm3 clean --type {kind}: the types are {', '.join(CLEAN_TYPES)}")
+        if kind not in CLEANERS:
+            raise LaunchError(f"lxm3 clean --type {kind} is not available in this lxm3, which cleans "
+                              f"{', '.join(CLEANERS)} (--type {','.join(CLEANERS)})")
+    config.require_clusters()
+    chosen = [config.cluster(name) for name in clusters] if clusters else config.clusters
+    records = list_records()
+    items: List[CleanItem] = []
+    for cluster in chosen:
+        connection = Connection(cluster)
+        try:
+            for kind in types:
+                items += CLEANERS[kind](cluster, connection, records, days, dry_run, confirm)
+        finally:
+            connection.close()
+    return items
+
+
+def _confirm_removal(items: List[CleanItem]) -> bool:
+    """Ask on the terminal before removing (``--force`` does not ask)."""
+    size = sum(item.size or 0 for item in items)
+    print(f"remove {_counted(len(items), 'item')} ({_size_text(size)}) listed above? [y/N] ", end="", flush=True)
+    try:
+        return sys.stdin.readline().strip().lower() in ("y", "yes")
+    except KeyboardInterrupt:
+        return False
+
+
+def _cmd_clean(args) -> int:
+    types = [t.strip() for t in args.type.split(",") if t.strip()]
+    if args.days < 0:
+        raise LaunchError("lxm3 clean --days must be 0 or more")
+    if not (args.force or args.dry_run or sys.stdin.isatty()):
+        raise LaunchError("lxm3 clean removes without asking only with --force (stdin is not a terminal); "
+                          "--dry-run lists what it would remove")
+    if args.project:
+        _progress(f"--project {args.project}: environments are shared by every project: one is removed "
+                  "only when no recent experiment of any project uses it")
+
+    def confirm(doomed: List[CleanItem]) -> bool:
+        if args.force:
+            return True
+        _print_clean(doomed, dry_run=True)
+        return _confirm_removal(doomed)
+
+    items = clean(load_config(args.lxm_config), types, args.days, args.dry_run, confirm, args.cluster or None)
+    _print_clean(items, dry_run=args.dry_run)
+    return 0
+
+
+def _print_clean(items: Sequence[CleanItem], dry_run: bool) -> None:
+    if not items:
+        print("nothing to clean: no managed environments there")
+        return
+    verb = "would remove" if dry_run else "removed"
+    for cluster in sorted({item.cluster for item in items}):
+        mine = [item for item in items if item.cluster == cluster]
+        gone = [item for item in mine if item.remove]
+        files = sum(item.files or 0 for item in gone)
+        print(f"{cluster}: {verb} {len(gone)} of {len(mine)} "
+              f"({files:,} files, {_size_text(sum(item.size or 0 for item in gone))}):")
+        rows = [[("remove" if dry_run else "removed") if item.remove else "keep", item.path,
+                 "-" if item.files is None else f"{item.files:,} files",
+                 "-" if item.size is None else _size_text(item.size), item.why] for item in mine]
+        _print_table([["  " + row[0], *row[1:]] for row in rows])
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -8373,6 +8628,27 @@ def _parser():
     cancel_command.add_argument("experiment", metavar="XID", help="experiment id (see 'lxm3 list')")
     cancel_command.add_argument("work_unit", metavar="WID", type=int, nargs="?", help="only this work unit")
 
+    clean_command = commands.add_parser(
+        "clean", help="remove managed environments no recent experiment uses",
+        description="On each cluster of the config, remove what no experiment still needs: managed "
+                    "environments that no record of this machine younger than --days references, "
+                    "that no queued or running job of a record uses, and that no launch (from any "
+                    "machine) used in the last --days; and what interrupted builds left. Never one a "
+                    "launch holds.")
+    clean_command.add_argument("--type", default="env",
+                               help=f"what to clean, comma-separated, of {', '.join(CLEAN_TYPES)} "
+                                    f"(default env; this lxm3 cleans {', '.join(CLEANERS)})")
+    clean_command.add_argument("--days", type=float, default=CLEAN_DEFAULT_DAYS,
+                               help=f"keep what was used in the last DAYS days (default {CLEAN_DEFAULT_DAYS})")
+    clean_command.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                               help="list what would be removed, with sizes; remove nothing")
+    clean_command.add_argument("--force", action="store_true", help="remove without asking")
+    clean_command.add_argument("--project", help="accepted as lxm3 0.4.2 took it (environments are shared "
+                                                 "by every project)")
+    clean_command.add_argument("--cluster", action="append", metavar="NAME",
+                               help="only this cluster of the config (repeatable; default: all)")
+    clean_command.add_argument("--lxm_config", metavar="PATH", help="the config file (default: the usual search)")
+
     commands.add_parser("version", help="print lxm3's version")
     return parser
 
@@ -8407,7 +8683,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.args = theirs
     else:
         args = parser.parse_args(argv)
-    handlers = {"list": _cmd_list, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel}
+    handlers = {"list": _cmd_list, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
+                "clean": _cmd_clean}
     try:
         if args.command == "launch":
             return _launch(args.launcher, list(args.args), dry_run=args.dry_run)
