@@ -3893,10 +3893,10 @@ def locked():
 try:
     lock, waited = locked()
     outcome = build()
-except EnvironmentError as e:
-    say("env-failed", key, "os", errno.errorcode.get(e.errno, "?"), e.filename or envs, "|", e.strerror)
-except ValueError as e:
-    say("env-failed", key, "archive", str(e))
+except EnvironmentError as e:  # CODE|what it means|the file (the file last: it may hold anything)
+    say("env-failed", key, "os", "%s|%s|%s" % (errno.errorcode.get(e.errno, "?"), e.strerror, e.filename or envs))
+except Exception as e:  # a damaged archive (ValueError: ours; tarfile's errors)
+    say("env-failed", key, "archive", "%s: %s" % (type(e).__name__, e))
 else:
     if outcome == "exists":
         found = marker(final) or {}
@@ -3994,10 +3994,10 @@ def create_environments(connection: Connection, cluster: ClusterConfig, info: Cl
         retry = []
         for plan in pending:
             env = plan.environment
-            lines = [line.split() for line in output.splitlines() if line.split()[1:2] == [env.key]]
-            outcome = next((w for w in lines if w[0] != "env-note"), None)
+            lines = [line for line in output.splitlines() if line.split()[1:2] == [env.key]]
+            outcome = next((line.split() for line in lines if not line.startswith("env-note ")), None)
             what = f"{cluster.name}: environment {env.short}"
-            if any(w[0] == "env-note" for w in lines):
+            if any(line.startswith("env-note ") for line in lines):
                 _progress(f"{what} on {connection.target} was incomplete ({plan.detail or 'no marker'}): "
                           "rebuilt it")
             if outcome is None:
@@ -4005,8 +4005,8 @@ def create_environments(connection: Connection, cluster: ClusterConfig, info: Cl
                                    f"said nothing about it; its output was: {output.strip()[-2000:]!r}")
             if outcome[0] == "env-created":
                 files, size, seconds = int(outcome[2]), int(outcome[3]), outcome[4]
-                _progress(f"{what} created: {files:,} files, {_size_text(size)} (unpacked and compiled "
-                          f"in {seconds} s) in {info.environments}")
+                _progress(f"{what} created: {files:,} files, {_size_text(size)} ({env.pins_text(4)}; "
+                          f"unpacked and compiled in {seconds} s) in {info.environments}")
             elif outcome[0] == "env-exists":
                 by = "made meanwhile by another launch" if outcome[2] == "yes" else "already there"
                 _progress(f"{what} {by}: using it")
@@ -4014,21 +4014,22 @@ def create_environments(connection: Connection, cluster: ClusterConfig, info: Cl
                 _progress(f"{what}: its archive did not arrive whole; sending it again")
                 retry.append(plan)
             else:
-                raise _environment_error(outcome, plan, connection, cluster, info)
+                failed = next(line for line in lines if line.split()[0] == outcome[0])
+                raise _environment_error(failed, plan, connection, cluster, info)
         if retry:
             send_staging_tree(connection, info, tree)
             resent = True
         pending = retry
 
 
-def _environment_error(words: List[str], plan: EnvironmentPlan, connection: Connection,
+def _environment_error(line: str, plan: EnvironmentPlan, connection: Connection,
                        cluster: ClusterConfig, info: ClusterInfo) -> ClusterError:
-    """A failed creation, as what happened where, and what to do."""
+    """A failed creation (``env-failed KEY KIND DETAIL``), as what happened where, and what to do."""
     where = f"{plan.path} on {connection.target} (cluster {cluster.name!r})"
-    kind = words[2] if len(words) > 2 else ""
-    if kind == "os":
-        code, path = words[3], words[4]
-        reason = " ".join(words[6:])
+    words = line.split(" ", 3) + ["", "", "", ""]
+    kind, detail = words[2], words[3].strip()
+    if words[0] == "env-failed" and kind == "os":
+        code, reason, path = (detail.split("|", 2) + ["", ""])[:3]
         if code in ("ENOSPC", "EDQUOT"):
             space = "no space is left" if code == "ENOSPC" else "your disk quota is exceeded"
             return ClusterError(
@@ -4038,14 +4039,11 @@ def _environment_error(words: List[str], plan: EnvironmentPlan, connection: Conn
                 f"config of cluster {cluster.name!r} (lxm3 clean --type env removes unused ones)")
         return ClusterError(f"cannot create the managed environment {where}: {reason}: {path} "
                             f"({code}); nothing was submitted")
-    if kind == "modules":
-        return ClusterError(f"cannot create the managed environment {where}: "
-                            f"{' '.join(words[3:])}; nothing was submitted")
-    if kind == "python":
-        return ClusterError(f"cannot create the managed environment {where}: "
-                            f"{cluster.python_command} failed there (exit {' '.join(words[3:])}); "
-                            "nothing was submitted")
-    return ClusterError(f"cannot create the managed environment {where}: {' '.join(words[1:])}; "
+    if words[0] == "env-failed" and kind in ("modules", "python"):
+        what = "loading its modules" if kind == "modules" else f"{cluster.python_command} failed there (exit"
+        return ClusterError(f"cannot create the managed environment {where}: {what} {detail}"
+                            f"{')' if kind == 'python' else ''}; nothing was submitted")
+    return ClusterError(f"cannot create the managed environment {where}: {line.split(' ', 2)[-1]}; "
                         "nothing was submitted")
 
 
