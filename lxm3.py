@@ -11,9 +11,11 @@ of a launch in the order data flows through it, then the command line:
     errors, constants and states; helpers used everywhere
     configuration; executable specs; executors
     packaging (specs -> one zip); deployment (one SSH connection per launch)
+    managed environments (dependencies resolved here for the cluster's Python)
     job scripts; schedulers (one block each: Slurm, Grid Engine); submission
     records; running locally; jobs and experiments (the ``xm`` API)
-    status, logs and cancel; lxm3 0.4.2's module names; the command line
+    status, logs and cancel; lxm3 0.4.2's module names; cleaning up
+    the command line
     appendix: a TOML reader for Pythons without tomllib
 
 Only the standard library is used, so this file and the ``xm`` package can be
@@ -2432,8 +2434,18 @@ def package(packageable: xm.Packageable) -> ClusterExecutable:
         image=image,
         container=container,
         environment=spec.environment if python else None,
-        requirements=declared_requirements(spec) if python else None,
+        requirements=_requirements_of(spec) if python else None,
     )
+
+
+def _requirements_of(spec: PythonPackage) -> Optional[Requirements]:
+    """declared_requirements, whose failure matters only to a managed environment."""
+    try:
+        return declared_requirements(spec)
+    except BuildError as e:
+        if spec.environment == "managed":
+            raise
+        return Requirements([], spec.path, spec.path, [], {}, error=str(e))
 
 
 def _package_all(packageables: Sequence[xm.Packageable]) -> List[ClusterExecutable]:
@@ -3200,7 +3212,8 @@ class Requirements(ValueObject):
     """
 
     def __init__(self, lines: List[str], source: str, directory: str, names: List[str],
-                 inputs: Dict[str, str], bundled: bool = False, note: Optional[str] = None):
+                 inputs: Dict[str, str], bundled: bool = False, note: Optional[str] = None,
+                 error: Optional[str] = None):
         self.lines = lines
         self.source = source
         self.directory = directory
@@ -3208,6 +3221,7 @@ class Requirements(ValueObject):
         self.inputs = inputs
         self.bundled = bundled  # pip_args without --no-deps: the archive holds them already
         self.note = note
+        self.error = error  # they could not be read: a BuildError if a managed environment needs them
 
 
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
@@ -3284,11 +3298,11 @@ def _pyproject_dependencies(project: str) -> Tuple[Optional[List[str]], str]:
     return [str(d) for d in section.get("dependencies") or []], path
 
 
-def declared_requirements(spec: PythonPackage) -> Optional[Requirements]:
+def declared_requirements(spec: PythonPackage) -> Requirements:
     """What a PythonPackage's tasks need besides its code: the pins beside the
     project (``pylock.toml``, else ``requirements.txt``), else ``[project]
-    dependencies`` of its pyproject.toml and of its ``extra_packages`` paths.
-    None when there is nothing to read (no pyproject.toml, no pins)."""
+    dependencies`` of its pyproject.toml and of its ``extra_packages`` paths;
+    with none of these (dynamic dependencies, setup.py only), none and a note saying why."""
     bundled = "--no-deps" not in spec.pip_args
     for name in ("pylock.toml", "requirements.txt"):
         path = os.path.join(spec.path, name)
@@ -3303,10 +3317,8 @@ def declared_requirements(spec: PythonPackage) -> Optional[Requirements]:
             return Requirements(lines, path, spec.path, names, inputs, bundled)
     dependencies, where = _pyproject_dependencies(spec.path)
     if dependencies is None:
-        if not os.path.isfile(os.path.join(spec.path, "pyproject.toml")):
-            return None
-        return Requirements([], where, spec.path, [], {}, bundled, note=(
-            f"{where}: list them in requirements.txt beside it for a managed environment"))
+        return Requirements([], spec.path, spec.path, [], {}, bundled, note=(
+            f"{where}: list the dependencies in requirements.txt beside it for a managed environment"))
     lines, inputs = list(dependencies), {where: _read_text(where)}
     for extra in spec.extra_packages:
         if os.path.isdir(extra):
@@ -3622,8 +3634,9 @@ def pack_environment(directory: str, archive: str) -> Tuple[str, int, int]:
         for name in dirnames + filenames:
             entries.append(os.path.join(dirpath, name))
     files = size = 0
+    # Level 3: numpy's 56 MiB in 1.2 s to 17.3 MiB; level 6 took 3.2 s for 15.9 MiB.
     with open(archive, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
-                                                   compresslevel=6) as zipped, \
+                                                   compresslevel=3) as zipped, \
             tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(entries, key=lambda p: os.path.relpath(p, directory).split(os.sep)):
             st = os.lstat(path)
@@ -3875,7 +3888,7 @@ def build():
             else:
                 tar.extractall(tmp, members)
         import compileall
-        compileall.compile_dir(tmp, maxlevels=64, quiet=2, ddir=final, workers=min(4, os.cpu_count() or 1))
+        compileall.compile_dir(tmp, maxlevels=64, quiet=2, ddir=final, workers=min(8, os.cpu_count() or 1))
         checked, files, size = counted(tmp)
         if str(checked) != expected:
             raise ValueError("incomplete %d of %s files" % (checked, expected))
@@ -3951,6 +3964,8 @@ def plan_environments(cluster: ClusterConfig, launches: Sequence[PendingLaunch],
         if not wants_environment(executable, cluster):
             continue
         requirements = executable.requirements
+        if requirements.error:
+            raise BuildError(f"{executable.name}: its managed environment: {requirements.error}")
         if requirements.note:
             _progress(f"{executable.name}: note: {requirements.note}")
         if not requirements.lines:

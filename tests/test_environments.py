@@ -178,7 +178,8 @@ def test_what_cannot_be_read_is_said(tmp_path):
     note = lxm3.declared_requirements(package(locked)).note
     assert "uv.lock is not read" in note and "uv export --format requirements-txt" in note
     bare = write_files(tmp_path / "setup_only", {"setup.py": "from setuptools import setup\nsetup()\n"})
-    assert lxm3.declared_requirements(package(bare)) is None
+    setup_only = lxm3.declared_requirements(package(bare))
+    assert setup_only.lines == [] and "has no pyproject.toml" in setup_only.note
 
 
 # -- the cluster's Python as pip's target ---------------------------------------
