@@ -3312,7 +3312,7 @@ def declared_requirements(spec: PythonPackage) -> Requirements:
                 inputs = {path: _read_text(path)}
             else:
                 inputs = _requirements_file_inputs(path)
-                lines = [f"-r {path}"]
+                lines = [f"-r {shell_quote(path)}"]  # pip reads its options as shell words
             names = _requirement_names(lines if name == "pylock.toml" else inputs[path].splitlines())
             return Requirements(lines, path, spec.path, names, inputs, bundled)
     dependencies, where = _pyproject_dependencies(spec.path)
@@ -3412,8 +3412,10 @@ def manylinux_platforms(machine: str, glibc: Tuple[int, int]) -> List[str]:
     major, minor = glibc
     oldest = 5 if machine in ("x86_64", "i686") else 17
     legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
-    tags = []
-    for version in range(minor, oldest - 1, -1) if major == 2 else []:
+    tags: List[str] = []
+    if major != 2:  # no glibc 3 yet: what it would run is not known
+        return tags
+    for version in range(minor, oldest - 1, -1):
         tags.append(f"manylinux_2_{version}_{machine}")
         if version in legacy:
             tags.append(f"{legacy[version]}_{machine}")
@@ -3441,6 +3443,9 @@ class PythonTarget(ValueObject):
         self.tag = python_tag(python)
         self.machine = str(python.get("machine"))
         self.platforms = manylinux_platforms(self.machine, (int(libc.group(1)), int(libc.group(2))))
+        if not self.platforms:
+            raise ClusterError(f"the Python of {where} runs on {python.get('libc')} ({self.machine}), "
+                               "which no manylinux wheel targets: use a container there")
         self.markers = dict(python.get("markers") or {})
 
     def key_parts(self) -> List[Any]:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -148,7 +149,7 @@ def test_pins_beside_the_project_are_honoured_first(tmp_path):
         "requirements.txt": "-r base.txt\nnumpy==1.26.4  # pinned\n",
         "base.txt": "absl-py==2.1.0\n"})
     requirements = lxm3.declared_requirements(package(path))
-    assert requirements.lines == [f"-r {os.path.join(path, 'requirements.txt')}"]
+    assert requirements.lines == [f"-r {shlex.quote(os.path.join(path, 'requirements.txt'))}"]
     assert requirements.names == ["numpy"]
     # The included file is part of what decides the environment (the cache's inputs).
     assert set(requirements.inputs) == {os.path.join(path, "requirements.txt"), os.path.join(path, "base.txt")}
