@@ -11,9 +11,11 @@ of a launch in the order data flows through it, then the command line:
     errors, constants and states; helpers used everywhere
     configuration; executable specs; executors
     packaging (specs -> one zip); deployment (one SSH connection per launch)
+    managed environments (dependencies resolved here for the cluster's Python)
     job scripts; schedulers (one block each: Slurm, Grid Engine); submission
     records; running locally; jobs and experiments (the ``xm`` API)
-    status, logs and cancel; lxm3 0.4.2's module names; the command line
+    status, logs and cancel; lxm3 0.4.2's module names; cleaning up
+    the command line
     appendix: a TOML reader for Pythons without tomllib
 
 Only the standard library is used, so this file and the ``xm`` package can be
@@ -377,6 +379,21 @@ class ClusterConfig(ValueObject):
         A missing file is a ConfigError when lxm3 connects. Default None.
       proxycommand: ``proxycommand``: ``ssh -o ProxyCommand=...``, as lxm3
         0.4.2 read it. Default None.
+      python: ``python``: the Python tasks run there without a container: a
+        command found on the PATH after the executor's ``modules`` are loaded
+        (``"python3.11"``) or an absolute path. Each launch asks it for its
+        version and platform (shown by ``--dry-run``, kept in the record), and
+        the job script sets ``LXM_PYTHON`` to it unless the task sets
+        ``LXM_PYTHON`` itself. A configured one that is missing is a
+        ClusterError naming this key. Default None: ``python3``.
+      environment: ``environment``: ``"managed"`` gives every ``PythonPackage``
+        launched here that does not say otherwise a managed environment of
+        its declared dependencies (see ``PythonPackage(environment=...)``);
+        ``"none"``: no managed environment. Default None: ``"none"``.
+      environments: ``environments``: the directory on the cluster that holds
+        managed environments, e.g. a scratch file system with a larger
+        file-count quota; ``~/...`` or a relative path starts at your home
+        directory there. Default None: ``<staging>/envs``.
     """
 
     _repr_hidden = ("raw",)
@@ -396,6 +413,9 @@ class ClusterConfig(ValueObject):
         ssh_keepalive_interval: Optional[float] = None,  # seconds; None: SSH_KEEPALIVE_INTERVAL
         ssh_config: Optional[str] = None,  # an ssh config file to read instead of ~/.ssh/config
         proxycommand: Optional[str] = None,  # ssh's ProxyCommand
+        python: Optional[str] = None,  # the interpreter tasks run; None: python3
+        environment: Optional[str] = None,  # "managed" or "none"; None: "none"
+        environments: Optional[str] = None,  # where managed environments live; None: <staging>/envs
     ):
         self.name = name
         self.server = server
@@ -411,6 +431,19 @@ class ClusterConfig(ValueObject):
         self.ssh_keepalive_interval = ssh_keepalive_interval
         self.ssh_config = ssh_config
         self.proxycommand = proxycommand
+        for key, value, check in (("python", python, _python_command),
+                                  ("environment", environment, _environment_choice)):
+            problem = None if value is None else check(value)
+            if problem:
+                raise ValueError(f"'{key}' of cluster {name!r} {problem}, not {_kind(value)}")
+        self.python = python
+        self.environment = environment
+        self.environments = environments
+
+    @property
+    def python_command(self) -> str:
+        """The interpreter tasks run: the configured ``python``, else ``python3``."""
+        return self.python or "python3"
 
 
 class Config(ValueObject):
@@ -549,6 +582,21 @@ def _seconds(value: Any) -> Optional[str]:
     return None if ok else "must be a number of seconds above 0"
 
 
+def _python_command(value: Any) -> Optional[str]:
+    """A command (``python3.11``) or an absolute path: one word, as ``"$LXM_PYTHON"`` runs it."""
+    if not isinstance(value, str) or not value or re.search(r"[\s\x00-\x1f]", value) \
+            or ("/" in value and not value.startswith("/")):
+        return "must be a command name such as \"python3.11\" or an absolute path, one word"
+    return None
+
+
+def _environment_choice(value: Any) -> Optional[str]:
+    return None if value in ENVIRONMENT_CHOICES else f"must be one of {', '.join(map(repr, ENVIRONMENT_CHOICES))}"
+
+
+ENVIRONMENT_CHOICES = ("managed", "none")
+
+
 class _Refused:
     """A key lxm3 0.4.2 read that lxm3 does not: refused, with what to do instead."""
 
@@ -581,6 +629,9 @@ CLUSTER_SCHEMA = {
         "remove the key (ssh-copy-id installs a key for logins without one)"),
     "proxycommand": str,  # as lxm3 0.4.2: ssh -o ProxyCommand=...
     "ssh_config": str,  # ssh -F FILE
+    "python": _python_command,
+    "environment": _environment_choice,
+    "environments": str,
 }
 CONFIG_SCHEMA = {
     "project": str,
@@ -693,6 +744,9 @@ def _cluster_config(data: Mapping[str, Any], config_dir: Optional[str] = None) -
         ssh_keepalive_interval=data.get("ssh_keepalive_interval"),
         ssh_config=ssh_config,
         proxycommand=data.get("proxycommand") or None,
+        python=data.get("python"),
+        environment=data.get("environment"),
+        environments=data.get("environments") or None,
     )
 
 
@@ -854,6 +908,20 @@ class PythonPackage(xm.ExecutableSpec, ValueObject):
         requirements (``[build-system] requires``) are installed once into a
         cached environment used with ``--no-build-isolation``, unless
         ``pip_args`` holds ``--no-build-isolation`` or ``--use-pep517``.
+      environment: where tasks on a cluster find the project's dependencies.
+        ``"managed"``: in a managed environment lxm3 makes on the cluster for
+        the cluster's Python (config ``python``): the dependencies are
+        resolved on this machine, as wheels for that Python and platform, by
+        this machine's pip, from the pins beside the project (``pylock.toml``,
+        else ``requirements.txt``) or else ``[project] dependencies`` of its
+        ``pyproject.toml`` (and those of ``extra_packages`` paths); the
+        environment is sent once, unpacked under its content hash (config
+        ``environments``, default ``<staging>/envs``), shared by every task
+        and later launch with the same key, and put on ``PYTHONPATH`` after
+        the code. ``"none"``: no managed environment (the node's Python or
+        the image must have them). Default None: the cluster's
+        ``environment`` setting, else ``"none"``. Containers and ``Local``
+        tasks never use one. Anything else is a ValueError, at once.
     """
 
     def __init__(
@@ -863,13 +931,18 @@ class PythonPackage(xm.ExecutableSpec, ValueObject):
         resources: Optional[List[Fileset]] = None,
         extra_packages: Optional[List[str]] = None,
         pip_args: Optional[List[str]] = None,
+        environment: Optional[str] = None,
     ):
         _check_entrypoint(entrypoint)
+        if environment is not None and environment not in ENVIRONMENT_CHOICES:
+            raise ValueError(f"PythonPackage(environment={environment!r}) must be one of "
+                             f"{', '.join(map(repr, ENVIRONMENT_CHOICES))} or None (the cluster's setting)")
         self.entrypoint = entrypoint
         self.path = resolve_path(path)
         self.resources = [] if resources is None else resources
         self.extra_packages = [_resolve_if_local(p) for p in extra_packages or []]
         self.pip_args = ["--no-deps", "--no-compile"] if pip_args is None else pip_args
+        self.environment = environment
 
     @property
     def name(self) -> str:
@@ -1729,6 +1802,8 @@ class ClusterExecutable(xm.Executable):
         env_vars: Optional[Dict[str, str]] = None,
         image: Optional[str] = None,  # Singularity image path/URI, or Docker image
         container: Optional[str] = None,  # "singularity" or "docker"
+        environment: Optional[str] = None,  # PythonPackage(environment=...): "managed", "none", None
+        requirements: Optional[Requirements] = None,  # the project's declared dependencies
     ):
         super().__init__(name)
         self.archive = archive
@@ -1736,6 +1811,8 @@ class ClusterExecutable(xm.Executable):
         self.env_vars = {} if env_vars is None else env_vars
         self.image = image
         self.container = container
+        self.environment = environment
+        self.requirements = requirements
 
 
 # Directories that never belong to a build's input: VCS data, caches, and what
@@ -2338,11 +2415,17 @@ def package(packageable: xm.Packageable) -> ClusterExecutable:
         if container == "singularity" and docker_transport(image):
             image = sif_from_docker(image)
         spec = spec.entrypoint
+        if getattr(spec, "environment", None) == "managed":
+            raise BuildError(f"{spec.name}: PythonPackage(environment='managed') runs in a container "
+                             f"({image}), whose Python brings its own packages: a managed environment "
+                             "is made for the cluster's Python. Install the dependencies into the "
+                             "image, or run the PythonPackage without a container")
     if not isinstance(spec, (PythonPackage, UniversalPackage)):
         raise TypeError(
             f"lxm3 cannot package {type(spec).__name__}: use xm_cluster.PythonPackage, "
             "UniversalPackage, SingularityContainer, DockerContainer, PDMProject or PythonContainer"
         )
+    python = isinstance(spec, PythonPackage) and container is None
     return ClusterExecutable(
         name=spec.name,
         archive=build_archive(spec),
@@ -2350,7 +2433,19 @@ def package(packageable: xm.Packageable) -> ClusterExecutable:
         env_vars=dict(packageable.env_vars),
         image=image,
         container=container,
+        environment=spec.environment if python else None,
+        requirements=_requirements_of(spec) if python else None,
     )
+
+
+def _requirements_of(spec: PythonPackage) -> Optional[Requirements]:
+    """declared_requirements, whose failure matters only to a managed environment."""
+    try:
+        return declared_requirements(spec)
+    except BuildError as e:
+        if spec.environment == "managed":
+            raise
+        return Requirements([], spec.path, spec.path, [], {}, error=str(e))
 
 
 def _package_all(packageables: Sequence[xm.Packageable]) -> List[ClusterExecutable]:
@@ -2774,12 +2869,19 @@ class ClusterInfo(ValueObject):
         max_array_size: Optional[int] = None,  # Slurm: tasks 0..N-1 per array
         max_array_tasks: Optional[int] = None,  # Grid Engine's max_aj_tasks (0: no limit)
         umask: Optional[str] = None,  # of the user's own commands there, e.g. "0022"
+        python: Optional[Dict[str, Any]] = None,  # the config's python as it reported itself (PYTHON_INFO_CODE)
+        module_pythons: Optional[Dict[str, Dict[str, Any]]] = None,  # the same after module loads, by modules
+        environments: Optional[str] = None,  # absolute path of the managed environments' directory
     ):
         self.staging = staging
         self.home = home
         self.max_array_size = max_array_size
         self.max_array_tasks = max_array_tasks
         self.umask = umask
+        self.python = python
+        self.module_pythons = {} if module_pythons is None else module_pythons
+        self.environments = environments
+        self._environment_states: Dict[str, Tuple[str, str]] = {}  # this probe's, of the keys it was given
 
 
 def _staging_path(cluster: ClusterConfig) -> str:
@@ -2790,12 +2892,17 @@ def _staging_path(cluster: ClusterConfig) -> str:
     return staging
 
 
-def probe_cluster(connection: Connection, scheduler: Scheduler) -> ClusterInfo:
-    """Create the private staging directory, read the user's umask and the
-    scheduler's array limit.
+def probe_cluster(connection: Connection, scheduler: Scheduler, module_sets: Sequence[Sequence[str]] = (),
+                  environments: bool = False, candidates: Sequence[str] = ()) -> ClusterInfo:
+    """Create the private staging directory, read the user's umask, the
+    scheduler's array limit and what the cluster's Python is.
 
     One round trip. The umask is read before lxm3 sets its own: tasks get it
-    (see render_job_script).
+    (see render_job_script). The Python (config ``python``) is asked in the
+    shell submissions run in, as is, and after loading each of
+    ``module_sets``, as tasks load them. With ``environments``, the managed
+    environments' directory is made (a ClusterError if it cannot be written)
+    and ``candidates``, keys this machine expects, are checked there.
     """
     command = scheduler.submit_command
     staging = _staging_path(connection.cluster)
@@ -2812,8 +2919,12 @@ echo "staging $(pwd -P)"
 echo "home $HOME"
 """
     script += scheduler.probe_lines()
+    script += _python_probe_lines(connection.cluster, module_sets)
+    if environments:
+        script += _environments_probe_lines(connection.cluster, candidates)
+    output = connection.run_script(script, "preparing the staging directory")
     values = {}
-    for line in connection.run_script(script, "preparing the staging directory").splitlines():
+    for line in output.splitlines():
         key, _, value = line.partition(" ")
         values[key] = value.strip()
     if "lxm3-missing" in values:
@@ -2829,7 +2940,80 @@ echo "home $HOME"
         raise ClusterError(f"'umask' in a shell on {connection.target} (cluster {connection.cluster.name!r}) "
                            f"printed {umask!r}, not an octal mask such as 0022; tasks would not know "
                            "which permissions their files should get")
-    return ClusterInfo(staging=values["staging"], home=values["home"], umask=umask, **limits)
+    info = ClusterInfo(staging=values["staging"], home=values["home"], umask=umask, **limits)
+    info.python = _read_python(values.get("python", ""), connection, ())
+    for index, modules in enumerate(module_sets):
+        info.module_pythons["\n".join(modules)] = _read_python(values.get(f"python_m{index}", ""),
+                                                                connection, modules)
+    if environments:
+        if "envs-error" in values or "envs" not in values:
+            raise ClusterError(
+                f"cannot use {_environments_path(connection.cluster)} on {connection.target} (cluster "
+                f"{connection.cluster.name!r}) for managed environments: "
+                f"{values.get('envs-error') or 'no answer'}. Set environments = \"/a/writable/path\" in "
+                "the cluster's config, or fix the directory's permissions; nothing was submitted")
+        info.environments = values["envs"]
+        info._environment_states = _read_environment_states(output)
+    return info
+
+
+def _python_probe_lines(cluster: ClusterConfig, module_sets: Sequence[Sequence[str]]) -> str:
+    """Bash printing ``python <json>`` (or ``python missing``) for the configured
+    interpreter, and ``python_m<i> ...`` for it after each set of modules."""
+    lines = [f"lxm_python={shell_quote(cluster.python_command)}",
+             "lxm_python_info() {",
+             '  command -v -- "$lxm_python" >/dev/null 2>&1 || { echo "$1 missing"; return 0; }',
+             f'  echo "$1 $("$lxm_python" -c {shell_quote(PYTHON_INFO_CODE)} 2>&1 | tr \'\\n\' \' \')"',
+             "}",
+             "lxm_python_info python"]
+    for index, modules in enumerate(module_sets):
+        fail = f'echo "python_m{index} module-error $*"; exit 0'
+        lines += ["(", "lxm_env_names=()", f"lxm_fail() {{ {fail}; }}", module_lines(modules),
+                  f"lxm_python_info python_m{index}",
+                  f") 2>/dev/null || echo 'python_m{index} module-error setting up the modules failed'"]
+    return "\n".join(lines) + "\n"
+
+
+def _environments_probe_lines(cluster: ClusterConfig, candidates: Sequence[str]) -> str:
+    """Bash making the environments' directory (``envs PATH`` or ``envs-error WHY``)
+    and checking the candidate keys there (ENVIRONMENT_CHECK): builtins but for
+    what must run, since every launch with an environment runs it."""
+    path = shell_quote(_environments_path(cluster))
+    return "\n".join([
+        'cd "$HOME"',
+        f"[ -d {path} ] || mkdir -p -- {path} 2>/dev/null || true",
+        f"if [ -d {path} ] && [ -w {path} ] && cd -P -- {path}; then",
+        '  lxm_envs=$PWD; cd "$HOME"; echo "envs $lxm_envs"',
+        ENVIRONMENT_CHECK,
+        *[f'  lxm_env_check "$lxm_envs" {key}' for key in candidates],
+        "else",
+        f"  lxm_err=$({{ mkdir -p -- {path} && cd -- {path} && : >.lxm3-writable && rm -f .lxm3-writable; }} 2>&1) || true",
+        '  echo "envs-error $(echo ${lxm_err:-it is not a writable directory})"',
+        "fi",
+    ]) + "\n"
+
+
+def _read_python(value: str, connection: Connection, modules: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """The probe's line about an interpreter: its facts, or None when it is missing.
+    Output that is not ours (a crash, a Python that cannot run the probe) is a ClusterError."""
+    import json
+
+    if not value or value == "missing":
+        return None
+    after = f" after module load {' '.join(modules)}" if modules else ""
+    where = f"{connection.target} (cluster {connection.cluster.name!r})"
+    if value.startswith("module-error"):
+        raise ClusterError(f"on {where}: {value[len('module-error'):].strip()} (loading the modules of "
+                           "a job to ask its Python what it is)")
+    try:
+        python = json.loads(value)
+        if not isinstance(python, dict):
+            raise ValueError(value)
+    except ValueError:
+        raise ClusterError(f"the Python of {where}, {connection.cluster.python_command!r}{after} (config key "
+                           f"python), could not say what it is: {value[:500]}") from None
+    python["command"] = connection.cluster.python_command
+    return python
 
 
 UMASK_PATTERN = re.compile(r"^[0-7]{3,4}$")
@@ -2852,7 +3036,8 @@ def process_umask() -> str:
 def _copied_text(copied: Sequence[Tuple[str, int]], tree: str) -> str:
     """What a copy really sent, as rsync (or the local copy) reported it."""
     sent, there = [], []
-    for noun, folder in (("archive", "archives"), ("image", "images")):
+    for noun, folder in (("archive", "archives"), ("image", "images"),
+                         ("environment archive", ENVIRONMENT_INCOMING)):
         sizes = [size for path, size in copied if path.startswith(folder + "/")]
         if sizes:
             sent.append(f"{_counted(len(sizes), noun)} ({_size_text(sum(sizes))})")
@@ -2990,6 +3175,937 @@ def verify_staged_files(connection: Connection, info: ClusterInfo, tree: str,
         raise ClusterError(f"{info.staging}/{path} on {connection.target} (cluster "
                            f"{connection.cluster.name!r}) still does not match its sha256 "
                            f"{digests[path]} after sending it again; {hint}")
+
+
+# ---------------------------------------------------------------------------
+# Managed environments: a project's dependencies, made for the cluster's Python
+# ---------------------------------------------------------------------------
+#
+# ``PythonPackage(environment="managed")`` (or a cluster's ``environment =
+# "managed"``) gives tasks the project's declared dependencies without a
+# container. They are resolved HERE, by this machine's pip, as wheels for the
+# cluster's interpreter and platform (probed over the launch's connection):
+# ``pip install --target DIR --only-binary=:all: --python-version X.Y
+# --implementation cp --abi cpXY --platform manylinux_2_N_<machine> ...
+# --report``, with pip's environment markers set to the cluster's (pip
+# evaluates markers for the Python it runs on, whatever --python-version says:
+# resolving from 3.13 for 3.11 dropped ``typing_extensions; python_version <
+# "3.13"``). DIR becomes one reproducible .tar.gz, cached here under the key
+# of what it holds (the resolved pins with their hashes, the Python and the
+# platform), and found again from the inputs (requirements, target, pip's index
+# settings) without resolving. On the cluster each key is one directory,
+# ``<environments>/<key>``, unpacked under a temporary name, checked, marked
+# complete and renamed: a half-built one is never used, one lock per key makes
+# two launches build it once, and a complete one is never modified. Tasks get
+# it on PYTHONPATH after their code. README: "Dependencies: container,
+# managed environment, or your own" says why this way, with measurements.
+
+ENVIRONMENT_FORMAT = 1  # in every key: a change of what lxm3 writes into an environment makes new ones
+ENVIRONMENT_MARKER = ".lxm3-complete"  # in a complete environment: key, python, files, bytes
+ENVIRONMENT_INCOMING = "incoming"  # in the staging directory: environment archives on their way in
+
+
+class Requirements(ValueObject):
+    """A project's declared dependencies, as packaging read them.
+
+    ``lines`` is a requirements file's text for pip, run in ``directory``;
+    ``names`` the top-level distributions; ``inputs`` the contents of the
+    files read (part of the cache key); ``note`` something the user should
+    know (a lock file lxm3 does not read, dependencies it cannot see).
+    """
+
+    def __init__(self, lines: List[str], source: str, directory: str, names: List[str],
+                 inputs: Dict[str, str], bundled: bool = False, note: Optional[str] = None,
+                 error: Optional[str] = None):
+        self.lines = lines
+        self.source = source
+        self.directory = directory
+        self.names = names
+        self.inputs = inputs
+        self.bundled = bundled  # pip_args without --no-deps: the archive holds them already
+        self.note = note
+        self.error = error  # they could not be read: a BuildError if a managed environment needs them
+
+
+_REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
+_UNREAD_LOCKS = {"uv.lock": "uv export --format requirements-txt -o requirements.txt",
+                 "pdm.lock": "pdm export -o requirements.txt",
+                 "poetry.lock": "poetry export -o requirements.txt"}
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BuildError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _requirement_names(lines: Iterable[str]) -> List[str]:
+    names = []
+    for line in lines:
+        line = line.split(" #")[0].strip()
+        match = _REQUIREMENT_NAME.match(line) if line and not line.startswith(("-", "#")) else None
+        if match and "/" not in line.split(";")[0] and not line.startswith("."):
+            names.append(match.group(1))
+    return names
+
+
+def _requirements_file_inputs(path: str, seen: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The text of a requirements file and of the files it includes (``-r``, ``-c``)."""
+    seen = {} if seen is None else seen
+    if path in seen:
+        return seen
+    seen[path] = _read_text(path)
+    for line in seen[path].splitlines():
+        match = re.match(r"^\s*(?:-r|-c|--requirement|--constraint)[\s=]+(\S+)", line)
+        if match and "://" not in match.group(1):
+            included = os.path.join(os.path.dirname(path), os.path.expanduser(match.group(1)))
+            if os.path.isfile(included):
+                _requirements_file_inputs(included, seen)
+    return seen
+
+
+def _pylock_lines(path: str) -> List[str]:
+    """``name==version ; marker`` for each package of a PEP 751 lock (its sources are
+    left to the index: the pins are what is honoured); the project itself and
+    packages from a directory or VCS are left out."""
+    try:
+        packages = _toml_loads(_read_text(path)).get("packages", [])
+    except ValueError as e:
+        raise BuildError(f"{path} is not a readable lock file: {e}") from None
+    lines = []
+    for package in packages:
+        if not isinstance(package, Mapping) or not package.get("name") or not package.get("version") \
+                or "directory" in package or "vcs" in package:
+            continue
+        marker = package.get("marker")
+        lines.append(f"{package['name']}=={package['version']}{' ; ' + marker if marker else ''}")
+    return lines
+
+
+def _pyproject_dependencies(project: str) -> Tuple[Optional[List[str]], str]:
+    """``[project] dependencies`` of a project, or None and why they cannot be read."""
+    path = os.path.join(project, "pyproject.toml")
+    if not os.path.isfile(path):
+        return None, f"{project} has no pyproject.toml to read its dependencies from"
+    try:
+        data = _toml_loads(_read_text(path))
+    except ValueError as e:
+        return None, f"{path} cannot be read: {e}"
+    section = data.get("project")
+    if not isinstance(section, Mapping):
+        return None, f"{path} has no [project] table"
+    if "dependencies" in (section.get("dynamic") or []):
+        return None, f"{path} declares its dependencies dynamic (from setup.py or a plug-in)"
+    return [str(d) for d in section.get("dependencies") or []], path
+
+
+def declared_requirements(spec: PythonPackage) -> Requirements:
+    """What a PythonPackage's tasks need besides its code: the pins beside the
+    project (``pylock.toml``, else ``requirements.txt``), else ``[project]
+    dependencies`` of its pyproject.toml and of its ``extra_packages`` paths;
+    with none of these (dynamic dependencies, setup.py only), none and a note saying why."""
+    bundled = "--no-deps" not in spec.pip_args
+    for name in ("pylock.toml", "requirements.txt"):
+        path = os.path.join(spec.path, name)
+        if os.path.isfile(path):
+            if name == "pylock.toml":
+                lines = _pylock_lines(path)
+                inputs = {path: _read_text(path)}
+            else:
+                inputs = _requirements_file_inputs(path)
+                lines = [f"-r {shell_quote(path)}"]  # pip reads its options as shell words
+            names = _requirement_names(lines if name == "pylock.toml" else inputs[path].splitlines())
+            return Requirements(lines, path, spec.path, names, inputs, bundled)
+    dependencies, where = _pyproject_dependencies(spec.path)
+    if dependencies is None:
+        return Requirements([], spec.path, spec.path, [], {}, bundled, note=(
+            f"{where}: list the dependencies in requirements.txt beside it for a managed environment"))
+    lines, inputs = list(dependencies), {where: _read_text(where)}
+    for extra in spec.extra_packages:
+        if os.path.isdir(extra):
+            more, extra_where = _pyproject_dependencies(extra)
+            if more:
+                lines += more
+                inputs[extra_where] = _read_text(extra_where)
+    locks = [name for name in _UNREAD_LOCKS if os.path.isfile(os.path.join(spec.path, name))]
+    note = (f"{os.path.join(spec.path, locks[0])} is not read (lxm3 reads pylock.toml and "
+            f"requirements.txt): the dependencies of pyproject.toml are resolved afresh; "
+            f"`{_UNREAD_LOCKS[locks[0]]}` pins them" if locks else None)
+    return Requirements(lines, where, spec.path, _requirement_names(lines), inputs, bundled, note)
+
+
+def wants_environment(executable: ClusterExecutable, cluster: ClusterConfig) -> bool:
+    """Whether a job of ``executable`` on ``cluster`` gets a managed environment."""
+    if executable.container is not None or executable.requirements is None:
+        return False
+    return (executable.environment or cluster.environment or "none") == "managed"
+
+
+def warn_missing_dependencies(executable: ClusterExecutable, cluster: ClusterConfig) -> None:
+    """Say so when the project declares dependencies its tasks on ``cluster`` will
+    not have: no managed environment, no container, not bundled (--no-deps)."""
+    requirements = executable.requirements
+    if requirements is None or not requirements.names or requirements.bundled \
+            or wants_environment(executable, cluster):
+        return
+    names = ", ".join(requirements.names[:8]) + (", ..." if len(requirements.names) > 8 else "")
+    _progress(f"{executable.name}: warning: {requirements.source} declares dependencies ({names}) "
+              f"that tasks on {cluster.name} will not get: the archive holds the code only "
+              "(pip_args has --no-deps), and no managed environment or container brings them. "
+              "Unless the cluster's Python has them, give PythonPackage(environment=\"managed\") "
+              f"(or environment = \"managed\" in the config of cluster {cluster.name!r}), or run "
+              "in a container (SingularityContainer)")
+
+
+# -- The cluster's Python, as a target for wheels ------------------------------
+
+# Run by the cluster's interpreter in the probe; one JSON line. Python 2 can run
+# it too, so that an old interpreter is named rather than a SyntaxError shown.
+PYTHON_INFO_CODE = r'''
+import json, os, platform, sys
+impl = getattr(sys, "implementation", None)
+def full(v):
+    text = "%d.%d.%d" % (v[0], v[1], v[2])
+    return text if v[3] == "final" else text + v[3][0] + str(v[4])
+try:
+    libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+except (AttributeError, ValueError, OSError):
+    libc = ""
+print(json.dumps({
+    "executable": sys.executable, "version": platform.python_version(),
+    "implementation": impl.name if impl else platform.python_implementation().lower(),
+    "cache_tag": impl.cache_tag if impl else None, "abiflags": getattr(sys, "abiflags", ""),
+    "machine": platform.machine(), "libc": libc,
+    "markers": {
+        "implementation_name": impl.name if impl else "",
+        "implementation_version": full(impl.version) if impl else "0",
+        "os_name": os.name, "platform_machine": platform.machine(),
+        "platform_release": platform.release(), "platform_system": platform.system(),
+        "platform_version": platform.version(), "python_full_version": platform.python_version(),
+        "platform_python_implementation": platform.python_implementation(),
+        "python_version": ".".join(platform.python_version_tuple()[:2]),
+        "sys_platform": sys.platform}}))
+'''
+
+
+def python_text(python: Optional[Mapping[str, Any]]) -> str:
+    """``CPython 3.11.2 (cpython-311, x86_64, glibc 2.36) at /usr/bin/python3``."""
+    if not python:
+        return "not known"
+    name = {"cpython": "CPython", "pypy": "PyPy"}.get(python.get("implementation"), python.get("implementation"))
+    details = ", ".join(filter(None, [python_tag(python), python.get("machine"), python.get("libc")]))
+    return f"{name} {python.get('version')} ({details}) at {python.get('executable')}"
+
+
+def python_tag(python: Mapping[str, Any]) -> str:
+    """``cpython-311``: what an environment's compiled files must match (with ABI flags)."""
+    return f"{python.get('cache_tag') or '?'}{python.get('abiflags') or ''}"
+
+
+def manylinux_platforms(machine: str, glibc: Tuple[int, int]) -> List[str]:
+    """Every manylinux tag a glibc ``glibc`` on ``machine`` runs, newest first.
+
+    pip takes ``--platform`` literally (it expands only manylinux2014/2010), so
+    each is given: ``manylinux_2_36_x86_64``, ..., ``manylinux_2_17_x86_64``,
+    ``manylinux2014_x86_64``, ... down to 2.5 (``manylinux1``) on x86, 2.17
+    elsewhere, as the ``packaging`` library lists what a Python supports.
+    """
+    major, minor = glibc
+    oldest = 5 if machine in ("x86_64", "i686") else 17
+    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+    tags: List[str] = []
+    if major != 2:  # no glibc 3 yet: what it would run is not known
+        return tags
+    for version in range(minor, oldest - 1, -1):
+        tags.append(f"manylinux_2_{version}_{machine}")
+        if version in legacy:
+            tags.append(f"{legacy[version]}_{machine}")
+    return tags
+
+
+class PythonTarget(ValueObject):
+    """The cluster's interpreter as pip's target: version, ABI and platform tags."""
+
+    def __init__(self, python: Mapping[str, Any], where: str):
+        self.python = dict(python)
+        implementation, version = python.get("implementation"), str(python.get("version", ""))
+        match = re.match(r"^(\d+)\.(\d+)", version)
+        libc = re.match(r"^glibc (\d+)\.(\d+)", python.get("libc") or "")
+        if implementation != "cpython" or not match or int(match.group(1)) < 3:
+            raise ClusterError(f"a managed environment needs CPython 3, but the Python of {where} is "
+                               f"{python_text(python)}: set python in the cluster's config to a "
+                               "CPython 3 interpreter, or use a container")
+        if not libc:
+            raise ClusterError(f"a managed environment needs a Linux with glibc (manylinux wheels), "
+                               f"but the Python of {where} reports libc {python.get('libc')!r}: use a "
+                               "container there")
+        self.version = f"{match.group(1)}.{match.group(2)}"
+        self.abi = f"cp{match.group(1)}{match.group(2)}{python.get('abiflags') or ''}"
+        self.tag = python_tag(python)
+        self.machine = str(python.get("machine"))
+        self.platforms = manylinux_platforms(self.machine, (int(libc.group(1)), int(libc.group(2))))
+        if not self.platforms:
+            raise ClusterError(f"the Python of {where} runs on {python.get('libc')} ({self.machine}), "
+                               "which no manylinux wheel targets: use a container there")
+        self.markers = dict(python.get("markers") or {})
+
+    def key_parts(self) -> List[Any]:
+        """What of the target decides which wheels fit (the micro version does not)."""
+        return ["cp", self.version, self.abi, self.tag, self.platforms]
+
+    def describe(self) -> str:
+        return f"CPython {self.version} ({self.abi}) on {self.platforms[0] if self.platforms else self.machine}"
+
+
+# -- Resolving and packing, on this machine -----------------------------------
+
+
+class Environment(ValueObject):
+    """A managed environment built here: its key and its archive in the cache."""
+
+    def __init__(self, key: str, archive: str, digest: str, files: int, bytes: int,  # noqa: A002
+                 pins: List[List[str]], tag: str):
+        self.key = key  # sha256 of the pins (with hashes), the Python and the platform
+        self.archive = archive  # ~/.cache/lxm3/envs/<key>.tar.gz
+        self.digest = digest  # sha256 of the archive
+        self.files = files  # files in it (none in __pycache__)
+        self.bytes = bytes
+        self.pins = pins  # [name, version] of every distribution, sorted
+        self.tag = tag  # the python_tag its compiled files are for
+        self._resolved_now = False  # made by this call: say how long it took
+
+    @property
+    def short(self) -> str:
+        return self.key[:12]
+
+    def pins_text(self, most: int = 6) -> str:
+        shown = ", ".join(f"{name} {version}" for name, version in self.pins[:most])
+        return shown + (f" and {len(self.pins) - most} more" if len(self.pins) > most else "") or "nothing"
+
+
+def _environments_cache() -> str:
+    return os.path.join(cache_dir(), "envs")
+
+
+def _pip_settings() -> List[Any]:
+    """What, besides the requirements, decides what pip resolves: its PIP_*
+    variables and config files (index URLs, find-links, constraints)."""
+    paths = [os.environ.get("PIP_CONFIG_FILE") or "", "/etc/pip.conf",
+             os.path.join(_xdg_dir("XDG_CONFIG_HOME", ".config"), "pip", "pip.conf"),
+             os.path.join(os.path.expanduser("~"), ".pip", "pip.conf"), os.path.join(sys.prefix, "pip.conf")]
+    paths += [os.path.join(d, "pip", "pip.conf")
+              for d in (os.environ.get("XDG_CONFIG_DIRS") or "/etc/xdg").split(":") if d]
+    files = []
+    for path in paths:
+        if path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    files.append((path, f.read()))
+            except OSError:
+                pass
+    variables = sorted((k, v) for k, v in os.environ.items() if k.startswith("PIP_"))
+    return [variables, files]
+
+
+# pip, with the environment markers of the cluster's Python: pip evaluates
+# markers for the interpreter it runs on even with --python-version, so that
+# ``typing_extensions; python_version < "3.13"`` is dropped when resolving from
+# 3.13 for 3.11. pip's vendored ``packaging`` asks default_environment() on
+# every evaluation; the report's "environment" shows the values used, and
+# resolve_environment checks it.
+_PIP_FOR_TARGET = """\
+import json, runpy, sys
+with open(sys.argv.pop(1)) as f:
+    environment = json.load(f)
+try:
+    from pip._vendor.packaging import markers
+except ImportError:
+    sys.exit("lxm3-no-pip")
+markers.default_environment = lambda: dict(environment)
+sys.argv[0] = "pip"
+runpy.run_module("pip", run_name="__main__", alter_sys=True)
+"""
+
+_NETWORK_ERRORS = re.compile(r"NewConnectionError|Failed to establish a new connection|Temporary failure "
+                             r"in name resolution|Name or service not known|Network is unreachable|"
+                             r"ConnectTimeoutError|Max retries exceeded|Could not fetch URL|"
+                             r"ProxyError|SSLError|Connection refused|timed out", re.I)
+
+
+def _environment_failure(output: str, requirements: Requirements, target: PythonTarget,
+                         what: str) -> BuildError:
+    """pip's failure as what to do: no wheel for the target, no index, an old pip."""
+    tail = "\n".join(line for line in output.strip().splitlines()
+                     if not line.startswith(("WARNING: Running pip as", "[notice]")))[-3000:]
+    if "lxm3-no-pip" in output:
+        return BuildError(f"{what}: a managed environment is resolved with this Python's pip "
+                          f"({sys.executable}), which has none: {sys.executable} -m ensurepip")
+    if re.search(r"no such option: --(report|python-version)", output):
+        return BuildError(f"{what}: the pip of {sys.executable} is too old for managed environments "
+                          f"(it needs --report, pip 22.2 or later): {sys.executable} -m pip install -U pip")
+    missing = re.findall(r"No matching distribution found for (\S+)", output)
+    index = re.findall(r"Looking in (?:indexes|links): (.+)", output)
+    where = f" (pip looked in {'; '.join(index)})" if index else ""
+    if _NETWORK_ERRORS.search(output):
+        return BuildError(
+            f"{what}: this machine cannot reach the package index{where}, so the environment cannot be "
+            f"resolved for {target.describe()}. Check the network, proxy (HTTPS_PROXY) and index "
+            f"settings (PIP_INDEX_URL, pip.conf) here; pip said:\n{tail}")
+    if missing:
+        name = missing[0]
+        platform = target.platforms[0] if target.platforms else target.machine
+        return BuildError(
+            f"{what}: no wheel of {name} for the cluster's {target.describe()} "
+            f"({target.abi}-{target.abi}-{platform} or older manylinux, abi3 or pure Python){where}. "
+            "lxm3 installs only wheels, resolved here: no compiler runs for the cluster. Options: pin a "
+            f"version of {name} that has such a wheel in {requirements.source} (`pip download "
+            f"{name} --only-binary=:all: --python-version {target.version} --platform {platform} "
+            "--no-deps -d /tmp/w` shows which do), use a pure-Python alternative, or run in a "
+            "container (SingularityContainer) that has it. If this machine cannot reach the index, "
+            f"pip says the same: check its network. pip said:\n{tail}")
+    return BuildError(f"{what}: pip could not resolve the environment for {target.describe()} "
+                      f"from {requirements.source}:\n{tail}")
+
+
+def _fix_scripts(target_dir: str) -> None:
+    """Console scripts pip wrote start with this machine's interpreter: make them
+    start the task's (``$LXM_PYTHON``), whatever its path on the node."""
+    bindir = os.path.join(target_dir, "bin")
+    if not os.path.isdir(bindir):
+        return
+    trampoline = (b"#!/bin/sh\n'''exec' \"${LXM_PYTHON:-python3}\" \"$0\" \"$@\"\n' '''\n"
+                  b"# The line above: lxm3 made this script run the task's Python.\n")
+    for name in sorted(os.listdir(bindir)):
+        path = os.path.join(bindir, name)
+        if not os.path.isfile(path) or os.path.islink(path):
+            continue
+        with open(path, "rb") as f:
+            text = f.read()
+        first, _, rest = text.partition(b"\n")
+        if first.startswith(b"#!") and b"python" in first:
+            with open(path, "wb") as f:
+                f.write(trampoline + rest)
+
+
+# Written into an environment that holds .pth files: a PYTHONPATH entry is not
+# a site directory, so Python would not read them. It runs the sitecustomize it
+# hides (the interpreter's own, if any) too.
+SITECUSTOMIZE = '''\
+# Written by lxm3: makes Python read this managed environment's .pth files,
+# which it does for site directories but not for PYTHONPATH entries, then runs
+# the sitecustomize module this one hides, if there is one.
+import os
+import site
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+site.addsitedir(_here)
+try:
+    import importlib.machinery
+    import importlib.util
+
+    _later = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    _spec = importlib.machinery.PathFinder.find_spec("sitecustomize", _later)
+    if _spec is not None and _spec.origin and os.path.dirname(os.path.abspath(_spec.origin)) != _here:
+        _module = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(_module)
+except Exception as _error:  # as Python treats a failing sitecustomize: a warning
+    sys.stderr.write("lxm3: the sitecustomize hidden by the managed environment failed: %r\\n" % (_error,))
+'''
+
+
+def _add_sitecustomize(target_dir: str) -> bool:
+    """Whether the environment holds .pth files (and so got lxm3's sitecustomize)."""
+    if not any(name.endswith(".pth") for name in os.listdir(target_dir)):
+        return False
+    path = os.path.join(target_dir, "sitecustomize.py")
+    if os.path.exists(path):
+        raise BuildError("a package of the managed environment installs sitecustomize.py, and the "
+                         "environment holds .pth files, which lxm3 makes Python read with a "
+                         "sitecustomize of its own; install that package in a container instead")
+    with open(path, "w") as f:
+        f.write(SITECUSTOMIZE)
+    return True
+
+
+def pack_environment(directory: str, archive: str) -> Tuple[str, int, int]:
+    """A reproducible .tar.gz of ``directory``: equal files give equal bytes.
+    Returns its sha256, the number of files and their bytes."""
+    import gzip
+    import tarfile
+
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in dirnames + filenames:
+            entries.append(os.path.join(dirpath, name))
+    files = size = 0
+    # Level 3: numpy's 56 MiB in 1.2 s to 17.3 MiB; level 6 took 3.2 s for 15.9 MiB.
+    with open(archive, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                                                   compresslevel=3) as zipped, \
+            tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(entries, key=lambda p: os.path.relpath(p, directory).split(os.sep)):
+            st = os.lstat(path)
+            info = tarfile.TarInfo(os.path.relpath(path, directory).replace(os.sep, "/"))
+            info.mtime = 315532800  # 1980-01-01, as the code archives' entries
+            if os.path.isdir(path) and not os.path.islink(path):
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            elif os.path.isfile(path) and not os.path.islink(path):
+                info.size, info.mode = st.st_size, 0o755 if st.st_mode & 0o111 else 0o644
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+                files, size = files + 1, size + st.st_size
+            else:
+                raise BuildError(f"{path} is a link or a special file: a managed environment holds "
+                                 "files and directories only")
+    return _hash_file(archive), files, size
+
+
+def _environment_inputs_file(requirements: Requirements, target: PythonTarget) -> str:
+    """Where the key resolved from these inputs is kept: the requirements (and the
+    files they come from), the target, and pip's index settings."""
+    # Not the kernel's release and version: login nodes behind one name may differ in them,
+    # and a kernel update is no reason to resolve again.
+    markers = {k: v for k, v in target.markers.items() if k not in ("platform_release", "platform_version")}
+    inputs = _cache_key("lxm3-env-inputs", ENVIRONMENT_FORMAT, requirements.lines,
+                        sorted(requirements.inputs.items()), target.key_parts(), markers, _pip_settings())
+    return os.path.join(_environments_cache(), "inputs", inputs + ".json")
+
+
+def resolve_environment(requirements: Requirements, target: PythonTarget, what: str) -> Environment:
+    """The environment of ``requirements`` for ``target``: from the cache when the
+    same inputs were resolved before (no pip, no network), else resolved and packed."""
+    import json
+    import shutil
+    import tempfile
+
+    cache = _environments_cache()
+    index = _environment_inputs_file(requirements, target)
+    known = _read_json(index)
+    if isinstance(known, dict):
+        manifest = _read_json(os.path.join(cache, f"{known.get('key')}.json"))
+        if isinstance(manifest, dict) and os.path.isfile(manifest.get("archive", "")):
+            try:
+                return Environment(**manifest)
+            except TypeError:  # written by another version of lxm3: resolve again
+                pass
+    start = time.monotonic()
+    _progress(f"{what}: resolving its environment ({_counted(len(requirements.names), 'requirement')} "
+              f"from {requirements.source}) for {target.describe()} ...")
+    make_private_dirs(os.path.join(cache, "inputs"))
+    workdir = tempfile.mkdtemp(prefix="lxm3-env-")
+    tmp_archive = None
+    try:
+        site_dir, report_path = os.path.join(workdir, "site"), os.path.join(workdir, "report.json")
+        requirements_path, markers_path = os.path.join(workdir, "requirements.txt"), os.path.join(workdir, "markers.json")
+        with open(requirements_path, "w", encoding="utf-8") as f:
+            f.write("\n".join(requirements.lines) + "\n")
+        with open(markers_path, "w", encoding="utf-8") as f:
+            json.dump(target.markers, f)
+        argv = [sys.executable, "-c", _PIP_FOR_TARGET, markers_path, "install",
+                "--disable-pip-version-check", "--no-input", "--target", site_dir,
+                "--only-binary=:all:", "--python-version", target.version, "--implementation", "cp",
+                "--abi", target.abi, *[a for p in target.platforms for a in ("--platform", p)],
+                "--no-compile", "--report", report_path, "-r", requirements_path]
+        try:
+            _run_build_step(argv, what, cwd=requirements.directory)
+        except BuildError as e:
+            raise _environment_failure(str(e), requirements, target, what) from None
+        with open(report_path, encoding="utf-8") as f:
+            report = json.load(f)
+        used = report.get("environment", {}).get("python_version")
+        if used != target.markers.get("python_version"):
+            raise BuildError(f"{what}: pip resolved with the environment markers of Python {used}, not "
+                             f"the cluster's {target.markers.get('python_version')}: this pip "
+                             f"({report.get('pip_version')}) cannot be told the cluster's markers; "
+                             "please report it")
+        pins = []
+        for item in report.get("install", []):
+            info = item.get("download_info", {})
+            hashes = (info.get("archive_info") or {}).get("hashes") or {}
+            pins.append([str(item["metadata"]["name"]), str(item["metadata"]["version"]),
+                         hashes.get("sha256") or (info.get("archive_info") or {}).get("hash") or info.get("url")])
+        pins.sort(key=lambda pin: re.sub(r"[-_.]+", "-", pin[0]).lower())
+        os.makedirs(site_dir, exist_ok=True)  # no dependencies: an empty environment
+        _fix_scripts(site_dir)
+        _add_sitecustomize(site_dir)
+        key = _cache_key("lxm3-env", ENVIRONMENT_FORMAT, pins, target.key_parts())
+        fd, tmp_archive = tempfile.mkstemp(prefix=f".{key[:12]}-", suffix=".tar.gz.tmp", dir=cache)
+        os.close(fd)
+        digest, files, size = pack_environment(site_dir, tmp_archive)
+        archive = os.path.join(cache, f"{key}.tar.gz")
+        os.replace(tmp_archive, archive)
+        environment = Environment(key, archive, digest, files, size,
+                                  [[name, version] for name, version, _ in pins], target.tag)
+        _write_json_atomic(os.path.join(cache, f"{key}.json"), environment._fields())
+        _write_json_atomic(index, {"key": key})
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if tmp_archive is not None and os.path.exists(tmp_archive):
+            os.unlink(tmp_archive)
+    environment._resolved_now = True
+    _progress(f"{what}: environment {environment.short}: {environment.pins_text()} (resolved and packed "
+              f"in {time.monotonic() - start:.1f} s: {environment.files:,} files, "
+              f"{_size_text(environment.bytes)}, {_size_text(os.path.getsize(archive))} to send)")
+    return environment
+
+
+# -- On the cluster: check, create, use ----------------------------------------
+
+# Bash: is the environment $2 in directory $1 complete? A marker, and as many
+# files (outside __pycache__) as it says: a scratch purge that took some is seen.
+# Prints "env KEY ok FILES BYTES", "env KEY missing" or "env KEY broken WHY";
+# marks one found whole as used now (for lxm3 clean). It runs in every warm
+# launch's probe, so find is its only program: the rest are bash builtins.
+ENVIRONMENT_CHECK = f"""lxm_env_check() {{
+  local d="$1/$2" k v want='' files='' bytes='' have
+  if [ ! -e "$d" ]; then echo "env $2 missing"; return 0; fi
+  if [ ! -f "$d/{ENVIRONMENT_MARKER}" ]; then echo "env $2 broken: it has no completion marker"; return 0; fi
+  while read -r k v; do
+    case $k in checked_files) want=$v ;; files) files=$v ;; bytes) bytes=$v ;; esac
+  done <"$d/{ENVIRONMENT_MARKER}" || true
+  # A dot per file, read as one word (bash reads a pipe line by line, byte by byte:
+  # 80 ms for numpy's 1,078 paths); a find without -printf counts lines with wc.
+  if have=$(find "$d" -name __pycache__ -prune -o -type f ! -name {ENVIRONMENT_MARKER} -printf . 2>/dev/null); then
+    have=${{#have}}
+  else
+    have=$(find "$d" -name __pycache__ -prune -o -type f ! -name {ENVIRONMENT_MARKER} -print | wc -l) || true
+  fi
+  if [ -n "$want" ] && [ "$want" = "$((have))" ]; then
+    : >"$1/.$2.used" 2>/dev/null || true  # truncating sets its time: used now
+    echo "env $2 ok $files $bytes"
+  else
+    echo "env $2 broken: it has $((have)) of its ${{want:-?}} files"
+  fi
+}}
+"""
+
+
+def _environments_path(cluster: ClusterConfig) -> str:
+    """The environments directory as the remote shell in $HOME should see it."""
+    if cluster.environments:
+        path = cluster.environments
+        return path[2:] or "." if path == "~" or path.startswith("~/") else path
+    return f"{_staging_path(cluster).rstrip('/')}/envs"
+
+
+def _read_environment_states(output: str) -> Dict[str, Tuple[str, str]]:
+    """{key: (ok|missing|broken, the rest of the line)} from ENVIRONMENT_CHECK lines."""
+    states = {}
+    for line in output.splitlines():
+        word, key, rest = (line.split(None, 2) + ["", "", ""])[:3]
+        if word == "env" and key:
+            state, _, detail = rest.partition(" ")
+            states[key] = (state.rstrip(":"), detail.strip())
+    return states
+
+
+def check_environments(connection: Connection, envs: str, keys: Sequence[str]) -> Dict[str, Tuple[str, str]]:
+    """Which of ``keys`` are complete in ``envs`` there: one round trip."""
+    script = ENVIRONMENT_CHECK + "".join(f"lxm_env_check {shell_quote(envs)} {k}\n" for k in keys)
+    return _read_environment_states(connection.run_script(script, "checking the managed environments"))
+
+
+# Run on the cluster by its Python, under the environment's lock: unpacks the
+# archive into <key>.tmp-*, checks it, compiles it, marks it complete and
+# renames it to <key>. Prints one "env-<what> KEY ..." line. Python 3.6+.
+CREATE_ENVIRONMENT_CODE = r'''
+import errno, fcntl, hashlib, os, random, shutil, sys, tarfile, tempfile, time
+envs, key, archive, digest, tag, expected, version, MARKER = sys.argv[1:9]
+final = os.path.join(envs, key)
+
+
+def say(*words):
+    sys.stdout.write(" ".join(str(w) for w in words) + "\n")
+    sys.stdout.flush()
+
+
+def counted(root):
+    """Files outside __pycache__ (what the marker's check counts), all files, their bytes."""
+    checked = files = size = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        cached = "__pycache__" in os.path.relpath(dirpath, root).split(os.sep)
+        for name in filenames:
+            if name == MARKER and dirpath == root:
+                continue
+            files += 1
+            size += os.lstat(os.path.join(dirpath, name)).st_size
+            checked += 0 if cached else 1
+    return checked, files, size
+
+
+def marker(root):
+    try:
+        with open(os.path.join(root, MARKER)) as f:
+            return dict(line.rstrip("\n").split(" ", 1) for line in f if " " in line)
+    except (IOError, OSError):
+        return None
+
+
+def complete(root):
+    found = marker(root)
+    return found is not None and found.get("key") == key and found.get("checked_files") == str(counted(root)[0])
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def build():
+    if complete(final):
+        remove(archive)
+        return "exists"
+    if os.path.lexists(final):
+        aside = "%s.broken-%06d" % (final, random.randrange(10 ** 6))
+        os.rename(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        say("env-note", key, "moved-aside")
+    for name in os.listdir(envs):  # left by builds that were interrupted: this one holds the lock
+        if name.startswith(key + ".tmp-"):
+            shutil.rmtree(os.path.join(envs, name), ignore_errors=True)
+    if not os.path.isfile(archive):
+        return "missing-archive"
+    if sha256(archive) != digest:
+        remove(archive)
+        return "bad-archive"
+    start = time.time()
+    tmp = tempfile.mkdtemp(prefix=key + ".tmp-", dir=envs)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            for member in members:
+                parts = member.name.split("/")
+                if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+                    raise ValueError("unsafe-member " + member.name)
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, members, filter="data")
+            else:
+                tar.extractall(tmp, members)
+        import compileall
+        compileall.compile_dir(tmp, maxlevels=64, quiet=2, ddir=final, workers=min(8, os.cpu_count() or 1))
+        checked, files, size = counted(tmp)
+        if str(checked) != expected:
+            raise ValueError("incomplete %d of %s files" % (checked, expected))
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            f.write("lxm3-environment 1\nkey %s\npython %s\nfiles %d\nchecked_files %d\nbytes %d\n"
+                    "created %s\nlxm3 %s\n" % (key, tag, files, checked, size,
+                                               time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), version))
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    remove(archive)
+    return "created %d %d %.1f" % (files, size, time.time() - start)
+
+
+def locked():
+    """Take the environment's lock: whether another launch held it (and built it meanwhile)."""
+    lock = open(os.path.join(envs, "." + key + ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock, "no"
+    except (IOError, OSError):
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another launch builds it: wait, then use it
+        return lock, "yes"
+
+
+try:
+    lock, waited = locked()
+    outcome = build()
+except EnvironmentError as e:  # CODE|what it means|the file (the file last: it may hold anything)
+    say("env-failed", key, "os", "%s|%s|%s" % (errno.errorcode.get(e.errno, "?"), e.strerror, e.filename or envs))
+except Exception as e:  # a damaged archive (ValueError: ours; tarfile's errors)
+    say("env-failed", key, "archive", "%s: %s" % (type(e).__name__, e))
+else:
+    if outcome == "exists":
+        found = marker(final) or {}
+        say("env-exists", key, waited, found.get("files", "?"), found.get("bytes", "?"))
+    else:
+        say("env-" + outcome.split()[0], key, *outcome.split()[1:])
+    try:
+        os.utime(os.path.join(envs, "." + key + ".used"), None)
+    except OSError:
+        open(os.path.join(envs, "." + key + ".used"), "a").close()
+'''
+
+
+class EnvironmentPlan(ValueObject):
+    """A work unit's managed environment: built here, and where it is (or goes) there."""
+
+    def __init__(self, environment: Environment, path: str, modules: List[str], state: str = "unknown",
+                 detail: str = ""):
+        self.environment = environment
+        self.path = path  # <environments>/<key> on the cluster
+        self.modules = modules  # loaded before its Python runs (the executor's)
+        self.state = state  # ok, missing, broken (ENVIRONMENT_CHECK), unknown
+        self.detail = detail
+
+
+def _python_for(info: ClusterInfo, modules: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """What the probe learnt of the interpreter tasks with ``modules`` run."""
+    if modules:
+        return (info.module_pythons or {}).get("\n".join(modules))
+    return info.python
+
+
+def plan_environments(cluster: ClusterConfig, launches: Sequence[PendingLaunch], info: ClusterInfo,
+                      states: Mapping[str, Tuple[str, str]]) -> List[EnvironmentPlan]:
+    """Resolve (or find in the cache) the environment of each launch that has one,
+    and say where it is there; ``states``: what the probe found of the keys."""
+    plans: Dict[str, EnvironmentPlan] = {}
+    for launch in launches:
+        executable = launch.executable
+        if not wants_environment(executable, cluster):
+            continue
+        requirements = executable.requirements
+        if requirements.error:
+            raise BuildError(f"{executable.name}: its managed environment: {requirements.error}")
+        if requirements.note:
+            _progress(f"{executable.name}: note: {requirements.note}")
+        if not requirements.lines:
+            _progress(f"{executable.name}: no dependencies declared in {requirements.source}: "
+                      "no managed environment is needed")
+            continue
+        modules = list(launch.executor.modules)
+        python = _python_for(info, modules)
+        where = f"{cluster.name} (config key python = {cluster.python_command!r}" + (
+            f", after module load {' '.join(modules)})" if modules else ")")
+        if not python:
+            raise ClusterError(f"{executable.name} has a managed environment, but the Python of {where} "
+                               "is not known: run a real launch (not --dry-run) once")
+        environment = resolve_environment(requirements, PythonTarget(python, where),
+                                          f"{cluster.name}: {executable.name}")
+        plan = plans.get(environment.key)
+        if plan is None:
+            state, detail = states.get(environment.key, ("unknown", ""))
+            plan = plans[environment.key] = EnvironmentPlan(
+                environment, f"{info.environments}/{environment.key}", modules, state, detail)
+        launch.environment = plan
+    return list(plans.values())
+
+
+def _create_script(cluster: ClusterConfig, info: ClusterInfo, plans: Sequence[EnvironmentPlan]) -> str:
+    """One bash script that creates each environment with its own interpreter."""
+    lines = ["umask 077", 'lxm_code=$(mktemp) || exit 1', 'trap \'rm -f "$lxm_code" "$lxm_code.err"\' EXIT',
+             "cat >\"$lxm_code\" <<'LXM3_CREATE_ENVIRONMENT'", CREATE_ENVIRONMENT_CODE.strip("\n"),
+             "LXM3_CREATE_ENVIRONMENT", f"lxm_python={shell_quote(cluster.python_command)}"]
+    for plan in plans:
+        env = plan.environment
+        archive = f"{info.staging}/{ENVIRONMENT_INCOMING}/{env.key}.tar.gz"
+        args = [info.environments, env.key, archive, env.digest, env.tag, str(env.files), __version__,
+                ENVIRONMENT_MARKER]
+        fail = f"echo {shell_quote('env-failed ' + env.key + ' modules')} \"$*\"; exit 0"
+        lines += ["(", "lxm_env_names=()", f"lxm_fail() {{ {fail}; }}", module_lines(plan.modules),
+                  '"$lxm_python" "$lxm_code" ' + " ".join(shell_quote(a) for a in args) +
+                  ' 2>"$lxm_code.err" ||',
+                  f"  echo {shell_quote('env-failed ' + env.key + ' python')} $? \"$(tail -c 1000 \"$lxm_code.err\" | tr '\\n' ' ')\"",
+                  ")"]
+    return "\n".join(lines) + "\n"
+
+
+def create_environments(connection: Connection, cluster: ClusterConfig, info: ClusterInfo,
+                        plans: Sequence[EnvironmentPlan], tree: str) -> None:
+    """Unpack the environments the cluster does not have (their archives came with
+    the launch's files): one round trip; the archive of one that came damaged or
+    went missing is sent again, once."""
+    pending, resent = list(plans), False
+    while pending:
+        output = connection.run_script(_create_script(cluster, info, pending),
+                                       "creating the managed environments")
+        retry = []
+        for plan in pending:
+            env = plan.environment
+            lines = [line for line in output.splitlines() if line.split()[1:2] == [env.key]]
+            outcome = next((line.split() for line in lines if not line.startswith("env-note ")), None)
+            what = f"{cluster.name}: environment {env.short}"
+            if any(line.startswith("env-note ") for line in lines):
+                _progress(f"{what} on {connection.target} was incomplete ({plan.detail or 'no marker'}): "
+                          "rebuilt it")
+            if outcome is None:
+                raise ClusterError(f"creating the managed environment {plan.path} on {connection.target} "
+                                   f"said nothing about it; its output was: {output.strip()[-2000:]!r}")
+            if outcome[0] == "env-created":
+                files, size, seconds = int(outcome[2]), int(outcome[3]), outcome[4]
+                _progress(f"{what} created: {files:,} files, {_size_text(size)} ({env.pins_text(4)}; "
+                          f"unpacked and compiled in {seconds} s) in {info.environments}")
+            elif outcome[0] == "env-exists":
+                by = "made meanwhile by another launch" if outcome[2] == "yes" else "already there"
+                _progress(f"{what} {by}: using it")
+            elif outcome[0] in ("env-missing-archive", "env-bad-archive") and not resent:
+                _progress(f"{what}: its archive did not arrive whole; sending it again")
+                retry.append(plan)
+            else:
+                failed = next(line for line in lines if line.split()[0] == outcome[0])
+                raise _environment_error(failed, plan, connection, cluster, info)
+        if retry:
+            send_staging_tree(connection, info, tree)
+            resent = True
+        pending = retry
+
+
+def _environment_error(line: str, plan: EnvironmentPlan, connection: Connection,
+                       cluster: ClusterConfig, info: ClusterInfo) -> ClusterError:
+    """A failed creation (``env-failed KEY KIND DETAIL``), as what happened where, and what to do."""
+    where = f"{plan.path} on {connection.target} (cluster {cluster.name!r})"
+    words = line.split(" ", 3) + ["", "", "", ""]
+    kind, detail = words[2], words[3].strip()
+    if words[0] == "env-failed" and kind == "os":
+        code, reason, path = (detail.split("|", 2) + ["", ""])[:3]
+        if code in ("ENOSPC", "EDQUOT"):
+            space = "no space is left" if code == "ENOSPC" else "your disk quota is exceeded"
+            return ClusterError(
+                f"cannot create the managed environment {where}: {space} in {info.environments} "
+                f"({reason}: {path}); nothing was submitted. Free some space there, or keep "
+                f"environments on a larger file system: environments = \"/scratch/...\" in the "
+                f"config of cluster {cluster.name!r} (lxm3 clean --type env removes unused ones)")
+        return ClusterError(f"cannot create the managed environment {where}: {reason}: {path} "
+                            f"({code}); nothing was submitted")
+    if words[0] == "env-failed" and kind in ("modules", "python"):
+        what = "loading its modules" if kind == "modules" else f"{cluster.python_command} failed there (exit"
+        return ClusterError(f"cannot create the managed environment {where}: {what} {detail}"
+                            f"{')' if kind == 'python' else ''}; nothing was submitted")
+    return ClusterError(f"cannot create the managed environment {where}: {line.split(' ', 2)[-1]}; "
+                        "nothing was submitted")
+
+
+def environment_lines(python_command: str, plan: Optional[EnvironmentPlan]) -> str:
+    """Job-script lines: the cluster's Python as LXM_PYTHON (a task's own wins), and
+    the managed environment on PYTHONPATH after the code, checked first."""
+    lines = ["# The cluster's Python (config: python); a task's own LXM_PYTHON wins.",
+             f"export LXM_PYTHON=\"${{LXM_PYTHON:-{python_command}}}\""]
+    if plan is None:
+        return "\n".join(lines)
+    path, tag = shell_quote(plan.path), plan.environment.tag
+    check = "import sys; print(sys.implementation.cache_tag + getattr(sys, \"abiflags\", \"\"))"
+    lines += [
+        f"# The managed environment {plan.environment.short}: the project's dependencies, for {tag}.",
+        f"lxm_env={path}",
+        f'[[ -f $lxm_env/{ENVIRONMENT_MARKER} ]] || lxm_fail "the managed environment $lxm_env is '
+        'missing or incomplete on $(hostname) (removed by lxm3 clean?): launch again to make it again"',
+        f"lxm_tag=$(\"$LXM_PYTHON\" -c {shell_quote(check)} 2>&1) ||",
+        '  lxm_fail "cannot run $LXM_PYTHON on $(hostname) to check it against the managed '
+        'environment: $lxm_tag"',
+        f'[[ $lxm_tag == {tag} ]] || lxm_fail "$LXM_PYTHON on $(hostname) is $lxm_tag, but the managed '
+        f'environment $lxm_env was made for {tag}: set python in the cluster\'s config (or the '
+        "task's LXM_PYTHON, or its modules) to that Python\"",
+        'export PYTHONPATH="$lxm_workdir:$lxm_env${PYTHONPATH#"$lxm_workdir"}"',
+        '[[ ! -d $lxm_env/bin ]] || export PATH="$lxm_env/bin:$PATH"',
+    ]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -4392,6 +5508,13 @@ class WorkUnitRecord(ValueObject):
         config that launched it.
       custom_output: the user set the output path, so lxm3 cannot find the logs.
       log_paths: local tasks' logs, by task; exit_codes: local tasks that ended.
+      python: the cluster's Python its tasks run, as it reported itself at
+        launch (``command``, ``executable``, ``version``, ``implementation``,
+        ``cache_tag``, ``machine``, ``libc``, ...); None without a probe or
+        in a container.
+      environment: its managed environment's directory on the cluster (None:
+        none), which ``lxm3 clean`` keeps while the record is recent or its
+        jobs are queued or running.
     """
 
     def __init__(self, id: int, state: str, executor: Optional[str] = None,  # noqa: A002
@@ -4403,7 +5526,8 @@ class WorkUnitRecord(ValueObject):
                  planned: Optional[List[ArrayRecord]] = None, submission_log: Optional[str] = None,
                  cancelled: bool = False, connection: Optional[Dict[str, Any]] = None,
                  custom_output: bool = False, log_paths: Optional[List[str]] = None,
-                 exit_codes: Optional[Dict[int, int]] = None):
+                 exit_codes: Optional[Dict[int, int]] = None, python: Optional[Dict[str, Any]] = None,
+                 environment: Optional[str] = None):
         self.id = id
         self.state = state
         self.executor = executor
@@ -4425,6 +5549,8 @@ class WorkUnitRecord(ValueObject):
         self.custom_output = custom_output
         self.log_paths = [] if log_paths is None else log_paths
         self.exit_codes = {} if exit_codes is None else exit_codes
+        self.python = python
+        self.environment = environment
 
     @property
     def is_local(self) -> bool:
@@ -5086,6 +6212,7 @@ class PendingLaunch(ValueObject):
         self.executable = executable
         self.executor = executor
         self.tasks = tasks
+        self.environment: Optional[EnvironmentPlan] = None  # its managed environment, once planned
 
 
 def _path_there(info: ClusterInfo, path: str) -> str:
@@ -5125,12 +6252,16 @@ def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig
             image = f"{info.staging}/images/{name}"
         log_dir = (_path_there(info, launch.executor.log_directory)
                    if launch.executor.log_directory else f"{unit_dir}/logs")
+        setup = module_lines(launch.executor.modules)
+        if launch.executable.container is None:
+            setup = "\n".join(filter(None, [setup, environment_lines(cluster.python_command,
+                                                                     launch.environment)]))
         script = render_job_script(
             header=scheduler.header(launch.executor, cluster, job_name),
             task_id=scheduler.task_id_line,
             experiment_id=xid, work_unit_id=wid, num_tasks=len(launch.tasks),
             archive=f"{info.staging}/archives/{archive.name}", tasks_file=f"{unit_dir}/tasks",
-            setup=module_lines(launch.executor.modules), exit_record=True,
+            setup=setup, exit_record=True,
             run=run_line(launch.executable, launch.executor, image, cluster.singularity_binds),
             umask=info.umask, umask_note="the umask of your own commands on the cluster"
             if info.umask else "this machine's umask: a dry run does not ask the cluster for its own",
@@ -5140,8 +6271,16 @@ def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig
         submissions += plan_submissions(wid, launch.executor, f"{unit_dir}/job.sh",
                                         len(launch.tasks), log_dir, limit)
         log_dirs.append(log_dir)
+        python = None if launch.executable.container else _python_for(info, launch.executor.modules)
+        python = {k: v for k, v in python.items() if k != "markers"} if python else None  # record: the facts
         launch.work_unit._deployed(job_name, unit_dir, log_dir, f"{info.staging}/archives/{archive.name}",
-                                   image)
+                                   image, python, launch.environment.path if launch.environment else None)
+    for plan in {id(launch.environment): launch.environment for launch in launches if launch.environment}.values():
+        if plan.state != "ok":  # sent with the rest, unpacked by create_environments
+            os.makedirs(os.path.join(tree, ENVIRONMENT_INCOMING), exist_ok=True)
+            link = os.path.join(tree, ENVIRONMENT_INCOMING, f"{plan.environment.key}.tar.gz")
+            if not os.path.lexists(link):
+                os.symlink(plan.environment.archive, link)
     return submissions, log_dirs
 
 
@@ -5155,11 +6294,27 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
     """
     import tempfile
 
-    info = probe_cluster(connection, scheduler)
+    managed = [launch for launch in launches if wants_environment(launch.executable, cluster)]
+    info = probe_cluster(connection, scheduler, _module_sets(launches), environments=bool(managed),
+                         candidates=_expected_environments(cluster, scheduler, managed))
     remember_cluster_info(cluster, scheduler.name, info)
+    _check_python(cluster, connection, launches, info)
+    plans = plan_environments(cluster, managed, info, info._environment_states)
+    unchecked = [plan.environment.key for plan in plans if plan.state == "unknown"]
+    if unchecked:  # resolved now, for a key the probe could not guess: is it there already?
+        states = check_environments(connection, info.environments, unchecked)
+        for plan in plans:
+            plan.state, plan.detail = states.get(plan.environment.key, (plan.state, plan.detail))
+    for plan in plans:
+        if plan.state == "ok":
+            _progress(f"{cluster.name}: environment {plan.environment.short} is there "
+                      f"({plan.environment.pins_text(3)}): using it")
     with tempfile.TemporaryDirectory(prefix="lxm3-deploy-") as tree:
         submissions, log_dirs = prepare_cluster_launch(experiment, cluster, scheduler, launches, info, tree)
         send_staging_tree(connection, info, tree)
+        missing = [plan for plan in plans if plan.state != "ok"]
+        if missing:
+            create_environments(connection, cluster, info, missing, tree)
         verify_staged_files(connection, info, tree, staged_digests(launches))
     experiment_dir = f"{info.staging}/experiments/{experiment.experiment_id}"
     for launch in launches:
@@ -5213,6 +6368,59 @@ def submit_to_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sch
         summary = submitted.replace("Submitted:", "Already submitted:")
         raise ClusterError(f"{command} on {cluster.name} rejected work unit {failed.work_unit_id} "
                            f"({failed.task_range}): {error}\n{summary}\nNot submitted: {missing}.")
+
+
+def _module_sets(launches: Sequence[PendingLaunch]) -> List[List[str]]:
+    """The distinct ``modules`` of the launches that run the cluster's Python."""
+    sets: List[List[str]] = []
+    for launch in launches:
+        modules = list(launch.executor.modules)
+        if modules and launch.executable.container is None and modules not in sets:
+            sets.append(modules)
+    return sets
+
+
+def _expected_environments(cluster: ClusterConfig, scheduler: Scheduler,
+                           launches: Sequence[PendingLaunch]) -> List[str]:
+    """The keys the launches' environments had for the Python this cluster reported
+    last time, if this machine resolved them: the probe checks them, so that a
+    launch whose environments are there sends and resolves nothing."""
+    known = known_cluster_info(cluster, scheduler.name)
+    if not known:
+        return []
+    info, keys = known[0], []
+    for launch in launches:
+        requirements = launch.executable.requirements
+        python = _python_for(info, launch.executor.modules)
+        if not python or not requirements.lines:
+            continue
+        try:
+            target = PythonTarget(python, cluster.name)
+        except ClusterError:
+            continue
+        found = _read_json(_environment_inputs_file(requirements, target))
+        if isinstance(found, dict) and re.fullmatch(r"[0-9a-f]{64}", str(found.get("key"))):
+            keys.append(found["key"])
+    return sorted(set(keys))
+
+
+def _check_python(cluster: ClusterConfig, connection: Connection, launches: Sequence[PendingLaunch],
+                  info: ClusterInfo) -> None:
+    """A Python the config names (or a managed environment needs) must be there."""
+    for launch in launches:
+        if launch.executable.container is not None:
+            continue
+        modules = launch.executor.modules
+        if _python_for(info, modules) is None and (cluster.python or wants_environment(launch.executable, cluster)):
+            after = f" after module load {' '.join(modules)}" if modules else ""
+            raise ClusterError(
+                f"{cluster.python_command} (config key python of cluster {cluster.name!r}) is not on the "
+                f"PATH of {connection.target}{after}: set python to the interpreter tasks should run "
+                "there (a command such as \"python3.11\", or an absolute path); nothing was submitted")
+        if _python_for(info, modules) is None:
+            _progress(f"{cluster.name}: warning: {cluster.python_command} is not on the PATH of "
+                      f"{connection.target}; tasks that run it need the nodes to have it (config key python)")
+            return
 
 
 def _run_submission(connection: Connection, script: str, experiment_dir: str) -> Tuple[str, bool]:
@@ -5275,19 +6483,47 @@ def dry_run_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sched
         note = (f"{cluster.name} was not asked: ~ is its home directory, and arrays larger than "
                 "its limit are split at launch (a launch remembers the limit for the next dry run)")
     tree = os.path.join(directory, cluster.name)
+    notes = [note, _dry_run_python(cluster, info, launches, when if known else None)]
+    managed = [launch for launch in launches if wants_environment(launch.executable, cluster)]
+    if managed and all(_python_for(info, launch.executor.modules) for launch in managed):
+        info.environments = info.environments or _path_there(info, _environments_path(cluster))
+        for plan in plan_environments(cluster, managed, info, {}):
+            notes.append(f"managed environment {plan.environment.short} ({plan.environment.pins_text(4)}) "
+                         f"at {plan.path}: unpacked there at launch unless it is there already")
+    elif managed:
+        notes.append("the managed environments are resolved at launch, for the Python the cluster "
+                     "reports then; the job scripts here leave them out")
     submissions, log_dirs = prepare_cluster_launch(experiment, cluster, scheduler, launches, info, tree)
     for launch in launches:
         launch.work_unit._dry_run()
     target = f"{cluster.user + '@' if cluster.user else ''}{cluster.server or 'this machine'}"
-    print(f"[dry run] {cluster.name}: {note}")
+    for line in filter(None, notes):
+        print(f"[dry run] {cluster.name}: {line}")
     print(f"[dry run] {cluster.name}: would copy {tree}/ to {target}:{info.staging}/ "
           "(archives that are there already are not sent)")
-    for name in sorted(os.listdir(os.path.join(tree, "archives"))):
-        print(f"[dry run]   archives/{name} ({os.path.getsize(os.path.join(tree, 'archives', name)) // 1024} KiB)")
+    for folder in ("archives", ENVIRONMENT_INCOMING):
+        names = sorted(os.listdir(os.path.join(tree, folder))) if os.path.isdir(os.path.join(tree, folder)) else []
+        for name in names:
+            print(f"[dry run]   {folder}/{name} ({os.path.getsize(os.path.join(tree, folder, name)) // 1024} KiB)")
     print(f"[dry run] {cluster.name}: would create "
           f"{', '.join(_shell_word(d) for d in sorted(set(log_dirs)))} and run:")
     for sub in submissions:
         print("[dry run]   " + " ".join(_shell_word(a) for a in sub.argv).replace("{previous}", "<previous job>"))
+
+
+def _dry_run_python(cluster: ClusterConfig, info: ClusterInfo, launches: Sequence[PendingLaunch],
+                    when: Optional[str]) -> Optional[str]:
+    """What a dry run knows of the cluster's Python: as the last launch's probe found it."""
+    if all(launch.executable.container for launch in launches):
+        return None
+    if when is None or (info.python is None and not info.module_pythons):
+        return (f"{cluster.python_command} (config key python) was not asked what it is: a launch asks "
+                "and remembers it for the next dry run")
+    facts = [f"{cluster.python_command} is {python_text(info.python)}" if info.python else
+             f"{cluster.python_command} was not on the PATH"]
+    for modules, python in sorted(info.module_pythons.items()):
+        facts.append(f"after module load {' '.join(modules.splitlines())}, {python_text(python)}")
+    return "; ".join(facts) + f" (at the last launch, {when})"
 
 
 def _shell_word(word: str) -> str:
@@ -5309,10 +6545,11 @@ def _cluster_info_key(cluster: ClusterConfig, scheduler: str) -> str:
 
 
 def remember_cluster_info(cluster: ClusterConfig, scheduler: str, info: ClusterInfo) -> None:
-    """Keep what a launch's probe learnt, for dry runs that do not contact the cluster."""
+    """Keep what a launch's probe learnt, for dry runs that do not contact the cluster
+    and for the next launch's guess of its environments' keys."""
     try:
         known = _read_json(_cluster_info_file()) or {}
-        known[_cluster_info_key(cluster, scheduler)] = {"info": vars(info), "when": _utc_now()}
+        known[_cluster_info_key(cluster, scheduler)] = {"info": info._fields(), "when": _utc_now()}
         _write_json_atomic(_cluster_info_file(), known)
     except OSError:
         pass  # a convenience for dry runs: never a reason for a launch to fail
@@ -5345,6 +6582,8 @@ class ClusterWorkUnit(xm.WorkUnit):
         self.log_directory: Optional[str] = None
         self.archive_path: Optional[str] = None
         self.image_path: Optional[str] = None  # as the node sees it
+        self.python: Optional[Dict[str, Any]] = None  # the cluster's Python its tasks run
+        self.environment: Optional[str] = None  # its managed environment there
         self.arrays: List[ArraySubmission] = []  # on a cluster: the submitted arrays
         self.planned: List[ArraySubmission] = []  # on a cluster: every array to submit
         self.submission_log: Optional[str] = None  # where the cluster logs the job ids
@@ -5394,6 +6633,7 @@ class ClusterWorkUnit(xm.WorkUnit):
             cluster = self.experiment.config.cluster(executor.cluster)
             check_tasks_with_common_env(tasks, cluster.env, where)
             scheduler_of(executor).header(executor, cluster, "check")  # an impossible request fails here
+            self.experiment._warn_missing_dependencies(executable, cluster)
             self.cluster = cluster.name
             self._set_state(UnitState.QUEUED)
             self.experiment._queue(PendingLaunch(self, executable, executor, tasks))
@@ -5430,9 +6670,11 @@ class ClusterWorkUnit(xm.WorkUnit):
                   f"logs in {self.log_directory}")
 
     def _deployed(self, job_name: str, job_directory: str, log_directory: str, archive: str,
-                  image: Optional[str]) -> None:
+                  image: Optional[str], python: Optional[Dict[str, Any]] = None,
+                  environment: Optional[str] = None) -> None:
         self.job_name, self.job_directory, self.log_directory = job_name, job_directory, log_directory
         self.archive_path, self.image_path = archive, image
+        self.python, self.environment = python, environment
 
     def _submitting(self, planned: List[ArraySubmission], submission_log: str) -> None:
         """About to submit: until the outcome is known, the cluster's log is the truth."""
@@ -5482,6 +6724,7 @@ class ClusterWorkUnit(xm.WorkUnit):
             arrays=[ArrayRecord(s.first_task, s.count, job_id=s.job_id) for s in self.arrays],
             planned=[ArrayRecord(s.first_task, s.count, key=s.key) for s in self.planned],
             submission_log=self.submission_log, cancelled=self.cancelled,
+            python=self.python, environment=self.environment,
         )
         if isinstance(executor, Local):
             record.log_paths, record.exit_codes = list(self.log_paths), dict(self.exit_codes)
@@ -5659,6 +6902,7 @@ class ClusterExperiment(xm.Experiment):
         self._runner: Optional[LocalRunner] = None
         self._pending: List[PendingLaunch] = []
         self._connections: Dict[str, Connection] = {}
+        self._warned: Set[Tuple[int, str]] = set()  # (executable, cluster) told of missing dependencies
         self._lock = threading.Lock()
         self._submit_lock = threading.Lock()
         self._save_lock = threading.Lock()
@@ -5783,6 +7027,14 @@ class ClusterExperiment(xm.Experiment):
     def _queue(self, launch: PendingLaunch) -> None:
         with self._lock:
             self._pending.append(launch)
+
+    def _warn_missing_dependencies(self, executable: ClusterExecutable, cluster: ClusterConfig) -> None:
+        """warn_missing_dependencies, once per executable and cluster."""
+        with self._lock:
+            if (id(executable), cluster.name) in self._warned:
+                return
+            self._warned.add((id(executable), cluster.name))
+        warn_missing_dependencies(executable, cluster)
 
     def submit_pending(self) -> None:
         """Deploy and submit the queued cluster work units, one batch per cluster."""
@@ -6806,6 +8058,261 @@ if __name__ != "__main__":  # ``python -m lxm3`` imports lxm3 again, which does 
 
 
 # ---------------------------------------------------------------------------
+# Cleaning up: what no experiment still needs
+# ---------------------------------------------------------------------------
+#
+# ``lxm3 clean`` removes, on each cluster of the config, what no kept
+# experiment references: for now the managed environments (``--type env``).
+# One cleaner per type, each given the cluster's connection and the records of
+# this machine; ``CLEANERS`` lists those built. A cleaner never removes what a
+# queued or running job of a record uses, nor what a launch holds (the lock of
+# an environment being made).
+
+CLEAN_TYPES = ("job", "archive", "container", "env")  # lxm3 0.4.2's --type words, and env
+CLEAN_DEFAULT_DAYS = 30
+
+
+class CleanItem(ValueObject):
+    """One thing a cleaner found: removed (or, in a dry run, to remove) or kept, and why."""
+
+    def __init__(self, cluster: str, kind: str, path: str, files: Optional[int], size: Optional[int],
+                 remove: bool, why: str):
+        self.cluster = cluster
+        self.kind = kind  # a CLEAN_TYPES word
+        self.path = path
+        self.files = files
+        self.size = size
+        self.remove = remove
+        self.why = why
+
+
+# Bash: what the environments' directory $1 holds, one line each: "env KEY FILES
+# BYTES USED_EPOCH LOCKED COMPLETE", "junk NAME LOCKED" (a build's leftovers),
+# "incoming NAME EPOCH" (archives in the staging directory's incoming/, $2).
+_LIST_ENVIRONMENTS = f"""
+lxm_locked() {{  # 1 when a launch holds the environment's lock (building or checking it)
+  [ -e "$1" ] && command -v flock >/dev/null 2>&1 || {{ echo 0; return; }}
+  if flock -n "$1" true 2>/dev/null; then echo 0; else echo 1; fi
+}}
+cd "$HOME"
+if [ -d "$1" ] && cd -- "$1"; then
+  echo "envs $(pwd -P)"
+  for lxm_d in *; do
+    [ -d "$lxm_d" ] || continue
+    case $lxm_d in
+      *.tmp-*|*.broken-*|*.removing-*) echo "junk $lxm_d $(lxm_locked ".${{lxm_d%%.*}}.lock")" ;;
+      *)
+        lxm_m="$lxm_d/{ENVIRONMENT_MARKER}"
+        lxm_used=$(stat -c %Y -- ".$lxm_d.used" 2>/dev/null || stat -c %Y -- "$lxm_d")
+        if [ -f "$lxm_m" ]; then
+          echo "env $lxm_d $(sed -n 's/^files //p' "$lxm_m") $(sed -n 's/^bytes //p' "$lxm_m") $lxm_used $(lxm_locked ".$lxm_d.lock") 1"
+        else
+          echo "env $lxm_d - - $lxm_used $(lxm_locked ".$lxm_d.lock") 0"
+        fi ;;
+    esac
+  done
+else
+  echo "envs-missing"
+fi
+cd "$HOME"
+if [ -d "$2" ]; then
+  for lxm_f in "$2"/*.tar.gz; do
+    [ -f "$lxm_f" ] && echo "incoming $(basename -- "$lxm_f") $(stat -c %Y -- "$lxm_f")"
+  done
+fi
+true
+"""
+
+# Bash: remove the environment $2 of directory $1 unless a launch holds its lock.
+_REMOVE_ENVIRONMENT = """lxm_remove() {
+  cd "$HOME" && cd -- "$1" || return 0
+  local lock=".${2%%.*}.lock"
+  if command -v flock >/dev/null 2>&1 && [ -e "$lock" ]; then
+    exec 8>>"$lock"
+    flock -n 8 || { echo "busy $2"; exec 8>&-; return 0; }
+  fi
+  if [ -e "$2" ]; then
+    mv -- "$2" "$2.removing-$$" && chmod -R u+rwX -- "$2.removing-$$" 2>/dev/null
+    rm -rf -- "$2.removing-$$" && echo "removed $2" || echo "failed $2"
+  fi
+  case $2 in *.*) ;; *) rm -f -- ".$2.used" ;; esac
+  exec 8>&- 2>/dev/null
+  return 0
+}
+"""
+
+
+def _active_job_ids(connection: Connection, schedulers: Iterable[str]) -> Optional[Set[str]]:
+    """The user's queued and running jobs there (None: the queue could not be read)."""
+    names = sorted(set(schedulers))
+    if not names:
+        return set()
+    script = "\n".join(f"echo '== {name}'; {{ {scheduler_named(name).active_jobs_command()}; }} 2>/dev/null "
+                       f"|| echo lxm3-no-queue" for name in names) + "\ntrue\n"
+    output = connection.run_script(script, "reading the queue")
+    ids: Set[str] = set()
+    for lines in _sections(output).values():
+        if "lxm3-no-queue" in lines:
+            return None
+        ids.update(line.strip().split(".")[0] for line in lines if line.strip())
+    return ids
+
+
+def clean_environments(cluster: ClusterConfig, connection: Connection, records: Sequence[ExperimentRecord],
+                       days: float, dry_run: bool, confirm: Callable[[List[CleanItem]], bool]) -> List[CleanItem]:
+    """Remove the managed environments of ``cluster`` that no record younger than
+    ``days`` references, that no queued or running job of a record uses, and
+    that no launch (from any machine) used in the last ``days``; and what
+    interrupted builds left. Returns every environment found, kept or not."""
+    import datetime
+
+    envs_path = _environments_path(cluster)
+    staging = _staging_path(cluster)
+    output = connection.run_script(f"set -- {shell_quote(envs_path)} {shell_quote(staging + '/' + ENVIRONMENT_INCOMING)}\n"
+                                   + _LIST_ENVIRONMENTS, "listing the managed environments")
+    lines = [line.split() for line in output.splitlines() if line.strip()]
+    envs = next((words[1] for words in lines if words[0] == "envs"), None)
+    if envs is None:
+        return []
+    now = time.time()
+    cutoff = now - days * 86400
+    units = [(record, unit) for record in records for unit in record.work_units
+             if unit.cluster == cluster.name and unit.environment and os.path.dirname(unit.environment) == envs]
+    recent, running = {}, {}
+    active = _active_job_ids(connection, {unit.scheduler for _, unit in units if unit.arrays})
+    for record, unit in units:
+        key = os.path.basename(unit.environment)
+        try:
+            created = datetime.datetime.fromisoformat(record.created).timestamp()
+        except ValueError:
+            created = now  # unreadable: as if new, to be safe
+        if created >= cutoff:
+            recent[key] = record.experiment_id
+        if unit.state == UnitState.SUBMITTING or active is None and unit.arrays \
+                or active and any(job_id in active for job_id in unit.job_ids):
+            running[key] = record.experiment_id
+    items = []
+    for words in lines:
+        if words[0] == "env" and len(words) >= 7:
+            key, files, size, used, locked, complete = words[1:7]
+            path = f"{envs}/{key}"
+            files_n = int(files) if files.isdigit() else None
+            size_n = int(size) if size.isdigit() else None
+            used_at = int(used) if used.isdigit() else int(now)
+            if locked == "1":
+                why, remove = "a launch holds it now", False
+            elif key in running:
+                why, remove = f"jobs of experiment {running[key]} may be using it (queued or running)", False
+            elif key in recent:
+                why, remove = f"experiment {recent[key]} uses it (younger than {days:g} days)", False
+            elif used_at >= cutoff:
+                why, remove = f"a launch used it {(now - used_at) / 86400:.1f} days ago", False
+            else:
+                why, remove = ("no recent experiment uses it" if complete == "1" else
+                               "incomplete (no completion marker)"), True
+            items.append(CleanItem(cluster.name, "env", path, files_n, size_n, remove, why))
+        elif words[0] == "junk" and len(words) >= 3:
+            items.append(CleanItem(cluster.name, "env", f"{envs}/{words[1]}", None, None, words[2] != "1",
+                                   "being built now" if words[2] == "1" else "left by an interrupted build"))
+        elif words[0] == "incoming" and len(words) >= 3:
+            key = words[1].split(".")[0]
+            done = any(item.path.endswith("/" + key) for item in items)
+            old = int(words[2]) < cutoff if words[2].isdigit() else False
+            items.append(CleanItem(cluster.name, "env", f"{staging}/{ENVIRONMENT_INCOMING}/{words[1]}", 1, None,
+                                   done or old, "an environment archive left after its environment was made"
+                                   if done else "an environment archive on its way in"))
+    doomed = [item for item in items if item.remove]
+    if dry_run or not doomed or not confirm(doomed):
+        return items
+    script = _REMOVE_ENVIRONMENT + "".join(
+        f"lxm_remove {shell_quote(os.path.dirname(item.path))} {shell_quote(os.path.basename(item.path))}\n"
+        for item in doomed)
+    output = connection.run_script(script, "removing managed environments")
+    removed = {words[1] for words in (line.split() for line in output.splitlines()) if words[:1] == ["removed"]}
+    for item in doomed:
+        name = os.path.basename(item.path)
+        if name not in removed and not item.path.endswith(".tar.gz"):
+            item.remove, item.why = False, "in use: a launch took its lock meanwhile" if f"busy {name}" in output \
+                else "could not be removed"
+    return items
+
+
+CLEANERS = {"env": clean_environments}  # CLEAN_TYPES word -> cleaner; lxm3 0.4.2's types come with issue 15
+
+
+def clean(config: Config, types: Sequence[str], days: float, dry_run: bool,
+          confirm: Callable[[List[CleanItem]], bool], clusters: Optional[Sequence[str]] = None) -> List[CleanItem]:
+    """Run the cleaners of ``types`` on each cluster of ``config`` (or those named)."""
+    for kind in types:
+        if kind not in CLEAN_TYPES:
+            raise LaunchError(f"lxm3 clean --type {kind}: the types are {', '.join(CLEAN_TYPES)}")
+        if kind not in CLEANERS:
+            raise LaunchError(f"lxm3 clean --type {kind} is not available in this lxm3, which cleans "
+                              f"{', '.join(CLEANERS)} (--type {','.join(CLEANERS)})")
+    config.require_clusters()
+    chosen = [config.cluster(name) for name in clusters] if clusters else config.clusters
+    records = list_records()
+    items: List[CleanItem] = []
+    for cluster in chosen:
+        connection = Connection(cluster)
+        try:
+            for kind in types:
+                items += CLEANERS[kind](cluster, connection, records, days, dry_run, confirm)
+        finally:
+            connection.close()
+    return items
+
+
+def _confirm_removal(items: List[CleanItem]) -> bool:
+    """Ask on the terminal before removing (``--force`` does not ask)."""
+    size = sum(item.size or 0 for item in items)
+    print(f"remove {_counted(len(items), 'item')} ({_size_text(size)}) listed above? [y/N] ", end="", flush=True)
+    try:
+        return sys.stdin.readline().strip().lower() in ("y", "yes")
+    except KeyboardInterrupt:
+        return False
+
+
+def _cmd_clean(args) -> int:
+    types = [t.strip() for t in args.type.split(",") if t.strip()]
+    if args.days < 0:
+        raise LaunchError("lxm3 clean --days must be 0 or more")
+    if not (args.force or args.dry_run or sys.stdin.isatty()):
+        raise LaunchError("lxm3 clean removes without asking only with --force (stdin is not a terminal); "
+                          "--dry-run lists what it would remove")
+    if args.project:
+        _progress(f"--project {args.project}: environments are shared by every project: one is removed "
+                  "only when no recent experiment of any project uses it")
+
+    def confirm(doomed: List[CleanItem]) -> bool:
+        if args.force:
+            return True
+        _print_clean(doomed, dry_run=True)
+        return _confirm_removal(doomed)
+
+    items = clean(load_config(args.lxm_config), types, args.days, args.dry_run, confirm, args.cluster or None)
+    _print_clean(items, dry_run=args.dry_run)
+    return 0
+
+
+def _print_clean(items: Sequence[CleanItem], dry_run: bool) -> None:
+    if not items:
+        print("nothing to clean: no managed environments there")
+        return
+    verb = "would remove" if dry_run else "removed"
+    for cluster in sorted({item.cluster for item in items}):
+        mine = [item for item in items if item.cluster == cluster]
+        gone = [item for item in mine if item.remove]
+        files = sum(item.files or 0 for item in gone)
+        print(f"{cluster}: {verb} {len(gone)} of {len(mine)} "
+              f"({files:,} files, {_size_text(sum(item.size or 0 for item in gone))}):")
+        rows = [[("remove" if dry_run else "removed") if item.remove else "keep", item.path,
+                 "-" if item.files is None else f"{item.files:,} files",
+                 "-" if item.size is None else _size_text(item.size), item.why] for item in mine]
+        _print_table([["  " + row[0], *row[1:]] for row in rows])
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -7159,6 +8666,27 @@ def _parser():
     cancel_command.add_argument("experiment", metavar="XID", help="experiment id (see 'lxm3 list')")
     cancel_command.add_argument("work_unit", metavar="WID", type=int, nargs="?", help="only this work unit")
 
+    clean_command = commands.add_parser(
+        "clean", help="remove managed environments no recent experiment uses",
+        description="On each cluster of the config, remove what no experiment still needs: managed "
+                    "environments that no record of this machine younger than --days references, "
+                    "that no queued or running job of a record uses, and that no launch (from any "
+                    "machine) used in the last --days; and what interrupted builds left. Never one a "
+                    "launch holds.")
+    clean_command.add_argument("--type", default="env",
+                               help=f"what to clean, comma-separated, of {', '.join(CLEAN_TYPES)} "
+                                    f"(default env; this lxm3 cleans {', '.join(CLEANERS)})")
+    clean_command.add_argument("--days", type=float, default=CLEAN_DEFAULT_DAYS,
+                               help=f"keep what was used in the last DAYS days (default {CLEAN_DEFAULT_DAYS})")
+    clean_command.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                               help="list what would be removed, with sizes; remove nothing")
+    clean_command.add_argument("--force", action="store_true", help="remove without asking")
+    clean_command.add_argument("--project", help="accepted as lxm3 0.4.2 took it (environments are shared "
+                                                 "by every project)")
+    clean_command.add_argument("--cluster", action="append", metavar="NAME",
+                               help="only this cluster of the config (repeatable; default: all)")
+    clean_command.add_argument("--lxm_config", metavar="PATH", help="the config file (default: the usual search)")
+
     commands.add_parser("version", help="print lxm3's version")
     return parser
 
@@ -7193,7 +8721,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.args = theirs
     else:
         args = parser.parse_args(argv)
-    handlers = {"list": _cmd_list, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel}
+    handlers = {"list": _cmd_list, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
+                "clean": _cmd_clean}
     try:
         if args.command == "launch":
             return _launch(args.launcher, list(args.args), dry_run=args.dry_run)

@@ -1497,7 +1497,263 @@ def build_report(data: Dict[str, Any]) -> Tuple[str, List[Tuple[str, str, str, s
     tl += [f"| {n} | {m} | {g} | {v} |" for n, m, g, v in targets]
     tl.append("")
     out[target_at:target_at] = tl
-    return "\n".join(out) + "\n", targets
+    text = "\n".join(out) + "\n"
+    if "environments" in data:
+        text, env_targets = splice_environments(text, data)
+        targets += env_targets
+    return text, targets
+
+
+# -- managed environments -------------------------------------------------------------
+#
+# Ours only (0.4.2 has none). A project declaring absl-py and numpy launched warm
+# (environment there, archive cached, SSH connection kept) with and without a
+# managed environment, alternating; the cold creation of an environment (nothing
+# cached here, nothing there) for a small pure-Python set (absl-py) and for numpy,
+# with pip's own cache off; and the alternative lxm3 did not choose, a venv made on
+# the login node with the cluster's pip, timed over SSH. Both resolve from PyPI only
+# (this machine's pip.conf and PIP_* variables, which name local mirrors, are set
+# aside) so that they fetch the same files the same way.
+
+ENV_SETS = {"absl-py": ["absl-py"], "numpy": ["numpy"], "absl-py + numpy": ["absl-py", "numpy"]}
+ENV_STAGING = f"{REMOTE_STAGING}/envs-bench"
+
+LAUNCHER_ENVS = '''\
+"""The benchmark sweep of a project with dependencies, with or without a managed environment."""
+import argparse
+import datetime
+
+from lxm3 import xm, xm_cluster
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--tasks", type=int, default=10)
+parser.add_argument("--environment", default="none")
+args = parser.parse_args()
+
+with xm_cluster.create_experiment(experiment_title="lxm3bench_envs") as experiment:
+    # --hold: the tasks never start; the benchmark cancels them right after the launch
+    executor = xm_cluster.Slurm(walltime=datetime.timedelta(minutes=10), extra_directives=["--hold"])
+    spec = xm_cluster.PythonPackage(path=".", entrypoint=xm_cluster.ModuleName("benchenv.noop"),
+                                    environment=args.environment)
+    [executable] = experiment.package([xm.Packageable(spec, executor_spec=executor.Spec())])
+    experiment.add(xm_cluster.ArrayJob(executable, executor, args=[{"seed": i} for i in range(args.tasks)]))
+'''
+
+
+def env_project(tb: Testbed, name: str, dependencies: List[str]) -> str:
+    directory = os.path.join(WORK, "envs", re.sub(r"\W+", "_", name))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(os.path.join(directory, "benchenv"))
+    files = {
+        "pyproject.toml": PROJECT_PYPROJECT.replace('name = "benchpkg"', 'name = "benchenv"')
+        .replace('packages = ["benchpkg"]', 'packages = ["benchenv"]')
+        .replace('requires-python = ">=3.9"', f"dependencies = {json.dumps(dependencies)}")
+        .split("[tool.setuptools.package-data]")[0],
+        "benchenv/__init__.py": "",
+        "benchenv/noop.py": '"""A task that does nothing."""\n',
+        "launcher.py": LAUNCHER_ENVS,
+        "lxm.toml": config_text("ours", tb).replace(f'staging = "{REMOTE_STAGING}/ours"',
+                                                    f'staging = "{ENV_STAGING}"'),
+    }
+    for rel, text in files.items():
+        with open(os.path.join(directory, rel), "w") as f:
+            f.write(text)
+    return directory
+
+
+def env_launch_env(cold_pip: bool) -> Dict[str, str]:
+    """launch_env, with pip resolving from PyPI only; ``cold_pip``: and without its cache."""
+    env = {k: v for k, v in launch_env("ours").items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    if cold_pip:
+        env["PIP_NO_CACHE_DIR"] = "1"
+    return env
+
+
+_CREATED = re.compile(r"environment (\w+) created: ([\d,]+) files, ([\d.]+ \w+) .*unpacked and compiled in "
+                      r"([\d.]+) s")
+_RESOLVED = re.compile(r"resolved and packed in ([\d.]+) s: ([\d,]+) files, ([\d.]+ \w+), ([\d.]+ \w+) to send")
+
+
+def env_launch(tb: Testbed, directory: str, environment: str, label: str, cold_pip: bool = False,
+               tasks: int = 10) -> Dict[str, Any]:
+    log_path = os.path.join(WORK, "logs", f"env-{label}-{time.time_ns()}.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    argv = [venv_bin("ours", "lxm3"), "launch", "launcher.py", f"--tasks={tasks}",
+            f"--environment={environment}", "--lxm_config", "lxm.toml"]
+    with open(log_path, "w") as out:
+        wall, rc, _ = timed(argv, cwd=directory, env=env_launch_env(cold_pip), stdout=out,
+                            stderr=subprocess.STDOUT)
+    tb.cancel_ours()
+    with open(log_path, errors="replace") as f:
+        text = f.read()
+    result: Dict[str, Any] = {"label": label, "wall": wall, "rc": rc, "log": os.path.relpath(log_path, ROOT)}
+    created, resolved = _CREATED.search(text), _RESOLVED.search(text)
+    if created:
+        result.update(unpack_s=float(created.group(4)), files_there=int(created.group(2).replace(",", "")),
+                      size_there=created.group(3))
+    if resolved:
+        result.update(resolve_s=float(resolved.group(1)), files=int(resolved.group(2).replace(",", "")),
+                      size=resolved.group(3), archive=resolved.group(4))
+    if rc != 0:
+        raise SystemExit(f"bench: an environment launch failed ({label}); see {log_path}:\n{text[-2000:]}")
+    log(f"  {label}: {fmt_s(wall)}" + (f" (resolved and packed {result['resolve_s']} s, unpacked "
+                                        f"{result.get('unpack_s')} s)" if resolved else ""))
+    return result
+
+
+def login_node_venv(tb: Testbed, dependencies: List[str], with_pip: bool) -> Dict[str, Any]:
+    """The alternative: a venv made on the login node, filled by the cluster's pip."""
+    venv = f"{ENV_STAGING}/alternative-venv"
+    make = (f"python3 -m venv {venv} && {venv}/bin/pip install" if with_pip else
+            f"python3 -m venv --without-pip {venv} && python3 -m pip --python {venv}/bin/python install")
+    script = (f"rm -rf {venv}; s=$(date +%s.%N); {make} --quiet --no-cache-dir --disable-pip-version-check "
+              f"{' '.join(dependencies)} >/dev/null 2>&1 || echo FAILED; e=$(date +%s.%N); "
+              f"echo \"$s $e $(find {venv} -type f | wc -l) $(du -sb {venv} | cut -f1)\"; rm -rf {venv}")
+    out = tb.ssh(script).split()
+    if "FAILED" in out:
+        raise SystemExit(f"bench: making a venv on the login node failed: {out}")
+    start, end, files, size = out[-4:]
+    return {"wall": float(end) - float(start), "files": int(files), "bytes": int(size)}
+
+
+def measure_environments(tb: Testbed, reps: int) -> Dict[str, Any]:
+    cache = os.path.join(WORK, "xdg", "cache", "lxm3", "envs")
+    remote_envs = f"~/{ENV_STAGING}/envs"
+    res: Dict[str, Any] = {"reps": reps, "warm": [], "cold": {}, "alternative": {}}
+    both = env_project(tb, "absl-py + numpy", ENV_SETS["absl-py + numpy"])
+    log("managed environments: warm-up (the environment and the archive, not measured)")
+    env_launch(tb, both, "managed", "warm-up")
+    env_launch(tb, both, "none", "warm-up")
+    log(f"managed environments: warm launches of absl-py + numpy, {reps} x (with, without), alternating")
+    for i in range(reps):
+        for environment in (("managed", "none") if i % 2 == 0 else ("none", "managed")):
+            res["warm"].append({**env_launch(tb, both, environment, f"warm-{environment}"),
+                                "environment": environment})
+    for name in ("absl-py", "numpy"):
+        directory = env_project(tb, name, ENV_SETS[name])
+        log(f"managed environments: cold creation of {name} ({reps} x; nothing cached here or there, "
+            "pip's cache off)")
+        runs = []
+        for _ in range(reps):
+            shutil.rmtree(cache, ignore_errors=True)
+            tb.ssh(f"rm -rf {remote_envs}")
+            runs.append(env_launch(tb, directory, "managed", f"cold-{name}", cold_pip=True))
+        res["cold"][name] = runs
+        log(f"managed environments: the alternative for {name}, a venv on the login node ({reps} x each)")
+        res["alternative"][name] = {
+            "without_pip": [login_node_venv(tb, ENV_SETS[name], False) for _ in range(reps)],
+            "with_pip": [login_node_venv(tb, ENV_SETS[name], True) for _ in range(reps)]}
+    tb.ssh(f"rm -rf ~/{ENV_STAGING}", check=False)
+    return res
+
+
+ENV_TARGET = 1.1  # a warm launch with a managed environment costs no more than one without (noise: 10 %)
+ENV_SECTION = "## Managed environments"
+
+
+def environments_section(data: Dict[str, Any]) -> Tuple[List[str], List[Tuple[str, str, str, str]]]:
+    en = data["environments"]
+    out: List[str] = []
+    w = out.append
+    warm = {e: [r["wall"] for r in en["warm"] if r["environment"] == e] for e in ("managed", "none")}
+    managed, plain = median(warm["managed"]), median(warm["none"])
+    r = ratio(managed, plain)
+    ok = r is not None and r <= ENV_TARGET
+    w(f"{ENV_SECTION}\n")
+    w(f"Ours only (0.4.2 has none). Measured on {en['finished']}, checkout {en['revision']}. A project "
+      "declaring `absl-py` and `numpy` in `pyproject.toml`, launched as a 10-task `ArrayJob` to the "
+      "test bed's Slurm over SSH (`--hold`, cancelled after each launch), warm: code unchanged, "
+      "environment already on the cluster, SSH connection kept. With a managed environment the "
+      "launch checks it there inside the probe it makes anyway (its key is known here from the "
+      "inputs, so pip does not run), and the job script checks the task's Python against it; "
+      f"without, the same project runs with `environment=\"none\"`. {en['reps']} launches of each, "
+      "alternating; medians.\n")
+    w("| warm launch, 10 tasks | median | runs |")
+    w("| --- | --- | --- |")
+    w(f"| with a managed environment (absl-py + numpy, there already) | **{fmt_s(managed)}** | "
+      f"{', '.join(fmt_s(x) for x in warm['managed'])} |")
+    w(f"| without | **{fmt_s(plain)}** | {', '.join(fmt_s(x) for x in warm['none'])} |")
+    w(f"| ratio | {fmt_ratio(r)} | target <= {ENV_TARGET} (no more than without, within noise) {verdict(ok)} |")
+    w("")
+    w("Cold creation: nothing cached on this machine (`~/.cache/lxm3/envs` removed), nothing on the "
+      "cluster (its `envs/` removed), pip's own cache off (`PIP_NO_CACHE_DIR=1`), packages from PyPI. "
+      "The launch's total, and its parts as its progress lines report them: resolving with pip and "
+      "packing here, and unpacking, compiling (`compileall`) and checking there.\n")
+    w("| environment | launch (cold) | resolve + pack here | unpack + compile there | files (there) | "
+      "size (there) | archive sent |")
+    w("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, runs in en["cold"].items():
+        w(f"| {name} | **{fmt_s(median([x['wall'] for x in runs]))}** | "
+          f"{fmt_s(median([x['resolve_s'] for x in runs if 'resolve_s' in x]))} | "
+          f"{fmt_s(median([x['unpack_s'] for x in runs if 'unpack_s' in x]))} | "
+          f"{runs[-1].get('files_there', 0):,} ({runs[-1].get('files', 0):,} without `__pycache__`) | "
+          f"{runs[-1].get('size_there')} | {runs[-1].get('archive')} |")
+    w("")
+    w("The alternative, measured but not built: a virtual environment made on the login node over "
+      "SSH and filled there by the cluster's pip from PyPI (`python3 -m venv`, then `pip install "
+      "--no-cache-dir`), timed on the login node. It needs the index reachable from the cluster, "
+      "compiles nothing either, and leaves pip's choice to each login node.\n")
+    w("| environment | venv --without-pip + pip --python | files | venv with its own pip | files |")
+    w("| --- | --- | --- | --- | --- |")
+    for name, alt in en["alternative"].items():
+        w(f"| {name} | {fmt_s(median([x['wall'] for x in alt['without_pip']]))} | "
+          f"{alt['without_pip'][-1]['files']:,} | {fmt_s(median([x['wall'] for x in alt['with_pip']]))} | "
+          f"{alt['with_pip'][-1]['files']:,} |")
+    w("")
+    target = ("a warm launch with a managed environment costs no more than one without",
+              f"{fmt_s(managed)} vs {fmt_s(plain)} = {fmt_ratio(r)}", f"<= {ENV_TARGET}", verdict(ok))
+    return out, [target]
+
+
+def splice_environments(text: str, data: Dict[str, Any]) -> Tuple[str, List[Tuple[str, str, str, str]]]:
+    """RESULTS.md with its managed-environments section (and target row) replaced or added."""
+    lines, targets = environments_section(data)
+    a = text.find(f"\n{ENV_SECTION}\n")
+    if a >= 0:
+        b = text.find("\n## ", a + 1)
+        text = text[:a + 1] + "\n".join(lines) + "\n" + (text[b + 1:] if b >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    rows = text.split("\n")
+    rows = [row for row in rows if not row.startswith(f"| {targets[0][0]} ")]
+    if "## Targets" in rows:
+        at = rows.index("## Targets") + 3
+        while at < len(rows) and rows[at].startswith("| "):
+            at += 1
+        rows[at:at] = [f"| {n} | {m} | {g} | {v} |" for n, m, g, v in targets]
+    return "\n".join(rows), targets
+
+
+def environments_only(quick: bool, results_json: str) -> int:
+    """`--only envs`: measure managed environments and merge them into the last results."""
+    if os.geteuid() != 0:
+        raise SystemExit("bench: run as root on the test-bed machine (it submits to the test bed)")
+    tb = Testbed()
+    tb.ssh("true")
+    os.makedirs(WORK, exist_ok=True)
+    log(f"ours: {setup_ours()}")
+    shutil.rmtree(os.path.join(WORK, "xdg"), ignore_errors=True)
+    data: Dict[str, Any] = {}
+    if os.path.exists(results_json):
+        with open(results_json) as f:
+            data = json.load(f)
+    try:
+        data["environments"] = measure_environments(tb, 3 if quick else 5)
+    finally:
+        end_kept_connections()
+        tb.cancel_ours()
+    data["environments"].update(finished=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                                revision=source_revision())
+    with open(results_json, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    with open(RESULTS_MD) as f:
+        text, targets = splice_environments(f.read(), data)
+    with open(RESULTS_MD, "w") as f:
+        f.write(text)
+    for name, measured, goal, result in targets:
+        print(f"{result:4}  {name}  {measured} (goal {goal})")
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -1511,9 +1767,10 @@ def main() -> int:
                         help="keep the remote staging directory (~lxm3test/lxm3bench-staging)")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: rewrite RESULTS.md from bench/.work/results.json")
-    parser.add_argument("--only", choices=["startup"],
+    parser.add_argument("--only", choices=["startup", "envs"],
                         help="measure only this part (start-up needs neither root nor the test "
-                             "bed) and merge it into bench/.work/results.json and RESULTS.md")
+                             "bed; envs: managed environments) and merge it into "
+                             "bench/.work/results.json and RESULTS.md")
     args = parser.parse_args()
     results_json = os.path.join(WORK, "results.json")
     if args.report_only:
@@ -1521,6 +1778,8 @@ def main() -> int:
             return write_report(json.load(f))
     if args.only == "startup":
         return startup_only(args.quick, results_json)
+    if args.only == "envs":
+        return environments_only(args.quick, results_json)
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root on the test-bed machine (it runs job scripts as the "
                          "test user and reads the test bed's sshd log)")
@@ -1557,6 +1816,9 @@ def main() -> int:
         data["their_archive"] = their_archive_size(tb)
         data["overhead"] = measure_task_overhead(tb, reps["overhead"])
         data["scale"] = measure_scale(launcher, tb, reps["scale"])
+        data["environments"] = measure_environments(tb, reps["launch"])
+        data["environments"].update(finished=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                                    revision=data["revision"])
     finally:
         end_kept_connections()
         left = tb.cancel_ours()

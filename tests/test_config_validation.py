@@ -18,7 +18,7 @@ from testbed_env import require_testbed
 
 CLUSTER_KEYS = ("name, server, user, port, ssh_private_key, ssh_connect_timeout, "
                 "ssh_keepalive_interval, storage, env, singularity, slurm, sge, proxycommand, "
-                "ssh_config")
+                "ssh_config, python, environment, environments")
 
 
 def load(tmp_path, text):
