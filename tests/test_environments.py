@@ -271,7 +271,7 @@ def test_no_wheel_for_the_cluster_names_the_package_tag_and_options(tmp_path, wh
     with tarfile.open(os.path.join(wheelhouse, "lxm3_sdist_only-1.0.tar.gz"), "w:gz") as tar:
         tar.add(str(sdist), arcname="lxm3_sdist_only-1.0")
     target = lxm3.PythonTarget(cluster_python(), "hpc")
-    with pytest.raises(lxm3.BuildError) as raised:
+    with pytest.raises(lxm3.BuildError, match="no wheel of lxm3-sdist-only") as raised:
         lxm3.resolve_environment(requirements_of(project(tmp_path), ["lxm3-sdist-only"]), target, "hpc: depapp")
     message = str(raised.value)
     for needle in ("hpc: depapp: no wheel of lxm3-sdist-only for the cluster's CPython 3.11 (cp311)",
