@@ -2207,8 +2207,6 @@ def _package_inputs(spec: Union[PythonPackage, UniversalPackage]) -> List[Any]:
 
 def build_archive(spec: Union[PythonPackage, UniversalPackage], use_cache: bool = True) -> Archive:
     """Build (or find in the cache) the archive of a spec."""
-    import shutil
-    import tempfile
 
     archives = os.path.join(cache_dir(), "archives")
     key_file = os.path.join(cache_dir(), "packages", _cache_key(_package_inputs(spec)) + ".json")
@@ -2216,6 +2214,37 @@ def build_archive(spec: Union[PythonPackage, UniversalPackage], use_cache: bool 
     if cached and os.path.isfile(cached.get("path", "")):
         _progress(f"{spec.name}: unchanged, using {cached['path']}")
         return Archive(cached["path"], cached["digest"])
+    # pip and setuptools build in the project's own build/ directory: two
+    # launches building one project at once would take files from each other.
+    with _project_lock(spec.path):
+        cached = _read_json(key_file) if use_cache else None
+        if cached and os.path.isfile(cached.get("path", "")):  # built meanwhile by another launch
+            _progress(f"{spec.name}: unchanged, using {cached['path']}")
+            return Archive(cached["path"], cached["digest"])
+        return _build_archive(spec, archives, key_file)
+
+
+def _project_lock(path: str):
+    """Hold an exclusive lock for the project directory ``path`` (other lxm3
+    processes building it wait), as a context manager."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def held():
+        locks = os.path.join(cache_dir(), "locks")
+        make_private_dirs(locks)
+        lock = os.path.join(locks, _cache_key(os.path.realpath(path)) + ".lock")
+        with open(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:  # never replaced: one inode
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    return held()
+
+
+def _build_archive(spec: Union[PythonPackage, UniversalPackage], archives: str, key_file: str) -> Archive:
+    import shutil
+    import tempfile
 
     start = time.monotonic()
     _progress(f"{spec.name}: packaging {spec.path}")
@@ -2882,6 +2911,7 @@ class ClusterInfo(ValueObject):
         self.module_pythons = {} if module_pythons is None else module_pythons
         self.environments = environments
         self._environment_states: Dict[str, Tuple[str, str]] = {}  # this probe's, of the keys it was given
+        self._module_errors: Dict[str, str] = {}  # modules the login node could not load, by modules
 
 
 def _staging_path(cluster: ClusterConfig) -> str:
@@ -2943,8 +2973,13 @@ echo "home $HOME"
     info = ClusterInfo(staging=values["staging"], home=values["home"], umask=umask, **limits)
     info.python = _read_python(values.get("python", ""), connection, ())
     for index, modules in enumerate(module_sets):
-        info.module_pythons["\n".join(modules)] = _read_python(values.get(f"python_m{index}", ""),
-                                                                connection, modules)
+        value = values.get(f"python_m{index}", "")
+        try:
+            info.module_pythons["\n".join(modules)] = _read_python(value, connection, modules)
+        except ClusterError as e:  # fatal only for a managed environment: see _check_python
+            if not value.startswith("module-error"):
+                raise
+            info._module_errors["\n".join(modules)] = str(e)
     if environments:
         if "envs-error" in values or "envs" not in values:
             raise ClusterError(
@@ -6411,6 +6446,11 @@ def _check_python(cluster: ClusterConfig, connection: Connection, launches: Sequ
         if launch.executable.container is not None:
             continue
         modules = launch.executor.modules
+        module_error = info._module_errors.get("\n".join(modules)) if modules else None
+        if module_error and wants_environment(launch.executable, cluster):
+            raise ClusterError(f"{module_error}; its managed environment needs to know it: nothing was submitted")
+        if module_error:
+            continue  # the login node cannot load them; the job script loads them on the node, or says why
         if _python_for(info, modules) is None and (cluster.python or wants_environment(launch.executable, cluster)):
             after = f" after module load {' '.join(modules)}" if modules else ""
             raise ClusterError(
