@@ -86,12 +86,13 @@ def test_a_local_launch_writes_private_files(echo_project, tmp_path, mask):
         kind = ("record" if f"{os.sep}experiments{os.sep}" in path and name.endswith(".json")
                 else "tasks" if name == "tasks" else "job.sh" if name == "job.sh"
                 else "log" if name.endswith(".log") else "archive" if name.endswith(".zip")
-                else "cache key" if name.endswith(".json") else name)
+                else "cache key" if name.endswith(".json")
+                else "project lock" if name.endswith(".lock") else name)
         kinds[kind] = kinds.get(kind, 0) + 1
         expected = 0o700 if name == "job.sh" else 0o600
         assert mode == expected, f"{path} is {mode:o}, not {expected:o}"
     assert kinds == {"record": 1, "tasks": 1, "job.sh": 1, "log": 2, "archive": 1,
-                     "cache key": 1, lxm3.LOG_WRITER_LOCK: 1}, kinds
+                     "cache key": 1, "project lock": 1, lxm3.LOG_WRITER_LOCK: 1}, kinds
 
 
 def test_a_record_is_never_readable_by_others_even_while_it_is_written(tmp_path, monkeypatch,
