@@ -2210,18 +2210,23 @@ def build_archive(spec: Union[PythonPackage, UniversalPackage], use_cache: bool 
 
     archives = os.path.join(cache_dir(), "archives")
     key_file = os.path.join(cache_dir(), "packages", _cache_key(_package_inputs(spec)) + ".json")
-    cached = _read_json(key_file) if use_cache else None
-    if cached and os.path.isfile(cached.get("path", "")):
-        _progress(f"{spec.name}: unchanged, using {cached['path']}")
-        return Archive(cached["path"], cached["digest"])
+    cached = _cached_archive(spec, key_file) if use_cache else None
+    if cached:
+        return cached
     # pip and setuptools build in the project's own build/ directory: two
     # launches building one project at once would take files from each other.
     with _project_lock(spec.path):
-        cached = _read_json(key_file) if use_cache else None
-        if cached and os.path.isfile(cached.get("path", "")):  # built meanwhile by another launch
-            _progress(f"{spec.name}: unchanged, using {cached['path']}")
-            return Archive(cached["path"], cached["digest"])
-        return _build_archive(spec, archives, key_file)
+        cached = _cached_archive(spec, key_file) if use_cache else None  # built meanwhile?
+        return cached or _build_archive(spec, archives, key_file)
+
+
+def _cached_archive(spec: Union[PythonPackage, UniversalPackage], key_file: str) -> Optional[Archive]:
+    """The archive built before from the same inputs, if it is still there."""
+    cached = _read_json(key_file)
+    if not (cached and os.path.isfile(cached.get("path", ""))):
+        return None
+    _progress(f"{spec.name}: unchanged, using {cached['path']}")
+    return Archive(cached["path"], cached["digest"])
 
 
 def _project_lock(path: str):
