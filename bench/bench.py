@@ -124,10 +124,10 @@ def verdict(ok: Optional[bool]) -> str:
 # ---------------------------------------------------------------------------
 
 class Testbed:
-    """What tests/testbed/up.sh wrote to /etc/lxm3-testbed.env, plus the sshd log."""
+    """What tests/testbed/up.sh wrote to /var/lib/lxm3-testbed/testbed.env, plus the sshd log."""
 
     def __init__(self) -> None:
-        path = os.environ.get("LXM3_TESTBED_ENV", "/etc/lxm3-testbed.env")
+        path = os.environ.get("LXM3_TESTBED_ENV", "/var/lib/lxm3-testbed/testbed.env")
         if not os.path.isfile(path):
             raise SystemExit(f"bench: {path} is missing: bring the test bed up first "
                              "(sudo bash tests/testbed/up.sh)")

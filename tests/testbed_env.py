@@ -1,7 +1,7 @@
 """The local Slurm / Grid Engine / SSH test bed, for the test suite.
 
 ``tests/testbed/up.sh`` brings the test bed up and describes it in an env file
-(``/etc/lxm3-testbed.env``, or the path in ``$LXM3_TESTBED_ENV``). The test bed
+(``/var/lib/lxm3-testbed/testbed.env``, or the path in ``$LXM3_TESTBED_ENV``). The test bed
 is a guest on the machine: its Slurm, Grid Engine and sshd are its own, beside
 any the machine already runs, on ports of their own; its sshd sets the
 variables that point the schedulers' commands at it for every ssh session, and
@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Ty
 
 import pytest
 
-DEFAULT_ENV_FILE = "/etc/lxm3-testbed.env"
+DEFAULT_ENV_FILE = "/var/lib/lxm3-testbed/testbed.env"
 ENV_FILE_VAR = "LXM3_TESTBED_ENV"
 REQUIRE_VAR = "LXM3_REQUIRE_TESTBED"
 KINDS = ("ssh", "slurm", "sge")

@@ -23,7 +23,7 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 
 # --- settings (environment variables, see README.md) -------------------------
 TB_ROOT=${TESTBED_ROOT:-/var/lib/lxm3-testbed}
-TB_ENV_FILE=${TESTBED_ENV_FILE:-/etc/lxm3-testbed.env}
+TB_ENV_FILE=${TESTBED_ENV_FILE:-$TB_ROOT/testbed.env}   # what up.sh found, for the tests
 TB_USER=${TESTBED_USER:-lxm3tb}              # the test bed's own account; jobs run as it
 TB_CLIENT=${TESTBED_CLIENT_USER:-root}       # account the test suite runs as
 TB_TIMEOUT=${TESTBED_READY_TIMEOUT:-60}      # seconds to wait for each daemon

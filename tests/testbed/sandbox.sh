@@ -12,8 +12,6 @@
 # starts from nothing:
 #
 #   sudo bash tests/testbed/sandbox.sh bash tests/testbed/guest-check.sh
-#
-# TESTBED_ENV_FILE defaults to /run/lxm3-testbed.env there (a private /run).
 set -Eeuo pipefail
 [[ $(id -u) == 0 ]] || { echo "$0 must run as root" >&2; exit 1; }
 (($#)) || { echo "usage: $0 COMMAND [ARG...]" >&2; exit 2; }
@@ -40,7 +38,6 @@ for h in /home/*/; do
 done
 
 export COPY ROOT
-export TESTBED_ENV_FILE=${TESTBED_ENV_FILE:-/run/lxm3-testbed.env}
 # shellcheck disable=SC2016  # expanded by the bash in the namespaces
 unshare --mount --net --pid --fork --mount-proc --propagation private bash -c '
   set -e

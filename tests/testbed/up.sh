@@ -7,7 +7,7 @@
 #     `ssh -p 6922 lxm3tb@localhost` with the client user's key and strict host
 #     key checking, whose commands reach the test bed's clusters.
 # Then it checks that all of it answers, through ssh as that user, and writes
-# /etc/lxm3-testbed.env for the test suite (tests/testbed_env.py reads it).
+# $TB_ROOT/testbed.env for the test suite (tests/testbed_env.py reads it).
 #
 # Every daemon, configuration file, key, spool and log is the test bed's own,
 # under $TB_ROOT (/var/lib/lxm3-testbed), on ports of its own: a Slurm, munge,
