@@ -2226,6 +2226,10 @@ def _cached_archive(spec: Union[PythonPackage, UniversalPackage], key_file: str)
     if not (cached and os.path.isfile(cached.get("path", ""))):
         return None
     _progress(f"{spec.name}: unchanged, using {cached['path']}")
+    try:
+        os.utime(cached["path"])  # used now: lxm3 clean keeps what was used in the last --days
+    except OSError:
+        pass
     return Archive(cached["path"], cached["digest"])
 
 
@@ -5555,6 +5559,8 @@ class WorkUnitRecord(ValueObject):
       environment: its managed environment's directory on the cluster (None:
         none), which ``lxm3 clean`` keeps while the record is recent or its
         jobs are queued or running.
+      cleaned: when ``lxm3 clean`` removed its directory (job script, tasks
+        file, logs) on the cluster (None: not removed).
     """
 
     def __init__(self, id: int, state: str, executor: Optional[str] = None,  # noqa: A002
@@ -5567,7 +5573,7 @@ class WorkUnitRecord(ValueObject):
                  cancelled: bool = False, connection: Optional[Dict[str, Any]] = None,
                  custom_output: bool = False, log_paths: Optional[List[str]] = None,
                  exit_codes: Optional[Dict[int, int]] = None, python: Optional[Dict[str, Any]] = None,
-                 environment: Optional[str] = None):
+                 environment: Optional[str] = None, cleaned: Optional[str] = None):
         self.id = id
         self.state = state
         self.executor = executor
@@ -5591,6 +5597,7 @@ class WorkUnitRecord(ValueObject):
         self.exit_codes = {} if exit_codes is None else exit_codes
         self.python = python
         self.environment = environment
+        self.cleaned = cleaned
 
     @property
     def is_local(self) -> bool:
@@ -5604,7 +5611,8 @@ class WorkUnitRecord(ValueObject):
         self.state = UnitState.move(self.state, state, f"work unit {self.id}")
 
     def to_json(self) -> Dict[str, Any]:
-        data = {k: v for k, v in vars(self).items() if k not in ("arrays", "planned", "exit_codes")}
+        data = {k: v for k, v in vars(self).items() if k not in ("arrays", "planned", "exit_codes")
+                and not (k == "cleaned" and v is None)}  # records of units never cleaned stay as they were
         data["arrays"] = [a.to_json() for a in self.arrays]
         data["planned"] = [p.to_json() for p in self.planned]
         data["exit_codes"] = {str(k): v for k, v in sorted(self.exit_codes.items())}
@@ -8107,21 +8115,38 @@ if __name__ != "__main__":  # ``python -m lxm3`` imports lxm3 again, which does 
 # ---------------------------------------------------------------------------
 #
 # ``lxm3 clean`` removes, on each cluster of the config, what no kept
-# experiment references: for now the managed environments (``--type env``).
-# One cleaner per type, each given the cluster's connection and the records of
-# this machine; ``CLEANERS`` lists those built. A cleaner never removes what a
-# queued or running job of a record uses, nor what a launch holds (the lock of
-# an environment being made).
+# experiment needs, by type (lxm3 0.4.2's words, and env):
+#   job        experiment directories, <staging>/experiments/<id>: job scripts,
+#              tasks files, the submission log and the logs written there;
+#   archive    <staging>/archives/*, and here the cache of built archives;
+#   container  <staging>/images/*: the .sif files launches sent;
+#   env        managed environments (and what interrupted builds left).
+# An experiment directory stays while a job its submission log names is queued
+# or running (the scheduler is asked: this covers launches from other machines
+# too), while a submission holds its lock, while anything in it changed in the
+# last --days and, whatever --days says, in the last hour (a launch from
+# another machine may be between copying and submitting it). What a kept
+# directory's job scripts name (archive, image, environment) stays.
+#
+# Per cluster: one round trip lists everything with sizes and times (and the
+# queue), one removes. The removal holds a lock (one clean at a time) and checks
+# each item again: a directory changed since the listing, a submission under
+# way, a job queued meanwhile, or a file that a job script written meanwhile
+# names, stays. A launch that finds an archive gone when it checks the staged
+# files sends it again (see verify_staged_files).
 
 CLEAN_TYPES = ("job", "archive", "container", "env")  # lxm3 0.4.2's --type words, and env
 CLEAN_DEFAULT_DAYS = 30
+CLEAN_GRACE_SECONDS = 3600  # what changed this recently may belong to a launch under way: kept
+CLEAN_LOCK = ".lxm3-clean.lock"  # in the staging directory: one removal at a time
+LOCAL_CLUSTER = "(this machine)"  # CleanItem.cluster of the local archive cache
 
 
 class CleanItem(ValueObject):
     """One thing a cleaner found: removed (or, in a dry run, to remove) or kept, and why."""
 
     def __init__(self, cluster: str, kind: str, path: str, files: Optional[int], size: Optional[int],
-                 remove: bool, why: str):
+                 remove: bool, why: str, name: str = ""):
         self.cluster = cluster
         self.kind = kind  # a CLEAN_TYPES word
         self.path = path
@@ -8129,16 +8154,295 @@ class CleanItem(ValueObject):
         self.size = size
         self.remove = remove
         self.why = why
+        self.name = name  # how the removal script names it: the experiment id, archives/NAME, ...
 
 
-# Bash: what the environments' directory $1 holds, one line each: "env KEY FILES
-# BYTES USED_EPOCH LOCKED COMPLETE", "junk NAME LOCKED" (a build's leftovers),
-# "incoming NAME EPOCH" (archives in the staging directory's incoming/, $2).
-_LIST_ENVIRONMENTS = f"""
-lxm_locked() {{  # 1 when a launch holds the environment's lock (building or checking it)
-  [ -e "$1" ] && command -v flock >/dev/null 2>&1 || {{ echo 0; return; }}
+# Bash: the user's queued and running jobs on every scheduler installed there:
+# "queue NAME" then "active ID" lines, or "noqueue NAME" when it cannot be read.
+def _queue_lines() -> str:
+    return "".join(
+        f"if command -v {s.submit_command} >/dev/null 2>&1; then\n"
+        f"  if lxm_q=$(set -o pipefail; {{ {s.active_jobs_command()}; }} 2>/dev/null </dev/null); then\n"
+        f"    echo 'queue {s.name}'; printf '%s\\n' \"$lxm_q\" | sed -n 's/^ *\\([^ .][^ .]*\\).*/active \\1/p'\n"
+        f"  else echo 'noqueue {s.name}'; fi\nfi\n" for s in SCHEDULERS.values())
+
+
+_LOCKED_FUNCTION = """
+lxm_locked() {  # 1 when someone holds the lock file $1 (a launch, a submission)
+  [ -e "$1" ] && command -v flock >/dev/null 2>&1 || { echo 0; return; }
   if flock -n "$1" true 2>/dev/null; then echo 0; else echo 1; fi
+}
+"""
+
+# Bash: what the staging directory $1 holds, one line each: "now EPOCH",
+# "staging ABSOLUTE_PATH", "exp NEWEST_EPOCH BYTES FILES LOCKED XID", "jobid ID
+# XID" (its submission log), "ref XID WORD" (archives/NAME, images/NAME,
+# lxm_env=PATH named by its job scripts), "file EPOCH BYTES archives/NAME".
+_LIST_STAGING = _LOCKED_FUNCTION + f"""
+echo "now $(date +%s)"
+cd "$HOME"
+if [ -d "$1" ] && cd -- "$1"; then
+  echo "staging $(pwd -P)"
+  for lxm_e in experiments/*; do
+    [ -d "$lxm_e" ] || continue
+    lxm_x=${{lxm_e#experiments/}}
+    read -r lxm_t lxm_s lxm_n < <(find "$lxm_e" -printf '%T@ %s %y\\n' 2>/dev/null |
+      awk '{{ t = int($1); if (t > m) m = t; if ($3 == "f") {{ s += $2; n++ }} }} END {{ printf "%d %d %d\\n", m, s, n }}')
+    echo "exp $lxm_t $lxm_s $lxm_n $(lxm_locked "$lxm_e/{SUBMISSION_LOCK}") $lxm_x"
+    [ ! -f "$lxm_e/{SUBMISSION_LOG}" ] || awk -v x="$lxm_x" 'NF >= 2 {{ print "jobid", $2, x }}' "$lxm_e/{SUBMISSION_LOG}"
+    for lxm_j in "$lxm_e"/*/job.sh; do
+      [ -f "$lxm_j" ] && grep -oE "(archives|images)/[^/'\\" ]+|^lxm_env=.*" -- "$lxm_j"
+    done | sort -u | while IFS= read -r lxm_r; do echo "ref $lxm_x $lxm_r"; done
+  done
+  for lxm_f in archives/* images/*; do
+    [ -f "$lxm_f" ] && echo "file $(stat -c '%Y %s' -- "$lxm_f") $lxm_f"
+  done
+fi
+true
+"""
+
+# Bash: the removal's functions, run in the staging directory under CLEAN_LOCK.
+# Each prints "removed KIND NAME" or why not ("busy", "changed", "active", "used", "gone").
+_REMOVE_STAGED = f"""
+lxm_gone() {{  # move $1 aside, then delete it: a half-deleted directory is never under its name
+  mv -- "$1" "$2" && chmod -R u+rwX -- "$2" 2>/dev/null; rm -rf -- "$2"
 }}
+lxm_job() {{  # XID LISTED_AT: an experiment directory, unless it changed or is in use
+  local d="experiments/$1"
+  [ -d "$d" ] || {{ echo "gone job $1"; return; }}
+  if [ -n "$(find "$d" -mindepth 1 -newermt "@$2" ! -name {SUBMISSION_LOCK} -print -quit 2>/dev/null)" ]; then
+    echo "changed job $1"; return
+  fi
+  case $lxm_active in *" NOQUEUE "*) [ ! -s "$d/{SUBMISSION_LOG}" ] || {{ echo "active job $1"; return; }} ;; esac
+  for lxm_id in $(awk '{{ print $2 }}' "$d/{SUBMISSION_LOG}" 2>/dev/null); do
+    case $lxm_active in *" $lxm_id "*) echo "active job $1"; return ;; esac
+  done
+  exec 8>>"$d/{SUBMISSION_LOCK}"
+  if command -v flock >/dev/null 2>&1 && ! flock -n 8; then echo "busy job $1"; exec 8>&-; return; fi
+  lxm_gone "$d" "experiments/$1.removing-$$" && echo "removed job $1" || echo "failed job $1"
+  exec 8>&-
+}}
+lxm_named() {{  # WORD: a job script of an experiment directory there names it
+  grep -qsF -- "$1" experiments/*/*/job.sh </dev/null
+}}
+lxm_file() {{  # KIND FOLDER/NAME LISTED_MTIME: an archive or image no job script names
+  [ -f "$2" ] || {{ echo "gone $1 $2"; return; }}
+  [ "$(stat -c %Y -- "$2")" = "$3" ] || {{ echo "changed $1 $2"; return; }}
+  if lxm_named "$2"; then echo "used $1 $2"; return; fi
+  rm -f -- "$2" "${{2%/*}}/.${{2##*/}}.verified" && echo "removed $1 $2" || echo "failed $1 $2"
+}}
+"""
+
+
+def _record_time(record: ExperimentRecord, now: float) -> float:
+    import datetime
+
+    try:
+        return datetime.datetime.fromisoformat(record.created).timestamp()
+    except ValueError:
+        return now  # unreadable: as if new, to be safe
+
+
+def _ago(now: float, then: float) -> str:
+    days = max(0.0, now - then) / 86400
+    return f"{days:.1f} days ago" if days >= 0.1 else f"{max(0.0, now - then) / 60:.0f} minutes ago"
+
+
+class _Listing:
+    """What the listing round trip printed about one cluster."""
+
+    def __init__(self, output: str):
+        self.now = time.time()
+        self.staging: Optional[str] = None
+        self.experiments: Dict[str, Tuple[int, int, int, bool]] = {}  # xid: newest, bytes, files, locked
+        self.job_ids: Dict[str, Set[str]] = {}
+        self.refs: Dict[str, Set[str]] = {}  # xid: archives/NAME, images/NAME, env:KEY
+        self.files: List[Tuple[str, int, int]] = []  # (archives/NAME, mtime, bytes)
+        self.active: Optional[Set[str]] = set()  # None: a queue could not be read
+        self.env_lines: List[str] = []
+        for line in output.splitlines():
+            word, _, rest = line.partition(" ")
+            if word == "now" and rest.strip().isdigit():
+                self.now = int(rest)
+            elif word == "staging":
+                self.staging = rest.strip()
+            elif word == "exp":
+                parts = rest.split(" ", 4)
+                if len(parts) == 5 and all(p.isdigit() for p in parts[:3]):
+                    self.experiments[parts[4]] = (int(parts[0]), int(parts[1]), int(parts[2]), parts[3] == "1")
+            elif word == "jobid":
+                job_id, _, xid = rest.partition(" ")
+                self.job_ids.setdefault(xid, set()).add(job_id)
+            elif word == "ref":
+                xid, _, ref = rest.partition(" ")
+                if ref.startswith("lxm_env="):
+                    ref = "env:" + os.path.basename(ref[8:].strip("'\" ").rstrip("/"))
+                self.refs.setdefault(xid, set()).add(ref)
+            elif word == "file":
+                parts = rest.split(" ", 2)
+                if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+                    self.files.append((parts[2], int(parts[0]), int(parts[1])))
+            elif word == "active" and self.active is not None:
+                self.active.add(rest.strip())
+            elif word == "noqueue":
+                self.active = None
+            elif word == "E":
+                self.env_lines.append(rest)
+
+
+def _list_cluster(cluster: ClusterConfig, connection: Connection, types: Sequence[str]) -> _Listing:
+    """One round trip: the staging directory, the queue and (for env) the managed environments."""
+    staging = _staging_path(cluster)
+    script = f"( set -- {shell_quote(staging)}\n{_LIST_STAGING}\n)\n" + _queue_lines()
+    if "env" in types:
+        incoming = shell_quote(staging + "/" + ENVIRONMENT_INCOMING)
+        script += (f"( set -- {shell_quote(_environments_path(cluster))} {incoming}\n{_LIST_ENVIRONMENTS}\n)"
+                   " | sed 's/^/E /'\n")
+    return _Listing(connection.run_script(script, "listing what lxm3 left there"))
+
+
+def _plan_cluster(cluster: ClusterConfig, listing: _Listing, records: Sequence[ExperimentRecord],
+                  types: Sequence[str], days: float, project: Optional[str]) -> List[CleanItem]:
+    """Decide, for everything listed, whether it goes and why (see the section's comment)."""
+    now, staging = listing.now, listing.staging
+    if staging is None:
+        return []
+    cutoff = now - days * 86400
+    recent_cutoff = min(cutoff, now - CLEAN_GRACE_SECONDS)
+    prefix = f"{staging}/experiments/"
+    mine: Dict[str, List[Tuple[ExperimentRecord, WorkUnitRecord]]] = {}
+    for record in records:
+        for unit in record.work_units:
+            if unit.cluster == cluster.name and (unit.job_directory or "").startswith(prefix):
+                mine.setdefault(unit.job_directory[len(prefix):].split("/")[0], []).append((record, unit))
+    items: List[CleanItem] = []
+    kept_refs: Dict[str, str] = {}  # what kept experiments name: the first such experiment
+    project_refs: Set[str] = set()  # what experiments of --project name
+    for xid, (newest, size, files, locked) in sorted(listing.experiments.items()):
+        ours = mine.get(xid, [])
+        if project is not None and any(record.project == project for record, _ in ours):
+            project_refs |= listing.refs.get(xid, set())
+            project_refs |= {ref for _, unit in ours for ref in _unit_refs(unit)}
+        active = sorted(listing.job_ids.get(xid, set()) & (listing.active or set()))
+        created = max((_record_time(record, now) for record, _ in ours), default=0.0)
+        if ".removing-" in xid:
+            remove, why = True, "left by an interrupted lxm3 clean"
+        elif locked:
+            remove, why = False, "a submission holds it now"
+        elif active:
+            remove, why = False, f"job {', '.join(active)} queued or running"
+        elif listing.active is None and listing.job_ids.get(xid):
+            remove, why = False, "the queue could not be read: its jobs may be queued or running"
+        elif any(unit.state == UnitState.SUBMITTING for _, unit in ours):
+            remove, why = False, "its launch is still submitting"
+        elif newest >= recent_cutoff or created >= cutoff:
+            remove, why = False, f"changed {_ago(now, max(newest, created))} (younger than " + (
+                f"{days:g} days)" if newest >= cutoff or created >= cutoff else "an hour: a launch may be under way)")
+        elif project is not None and not ours:
+            remove, why = False, f"no record of it here: its project is unknown (--project {project})"
+        elif project is not None and not any(record.project == project for record, _ in ours):
+            remove, why = False, f"of project {ours[0][0].project or '(none)'}, not {project}"
+        elif "job" not in types:
+            remove, why = False, "--type job not chosen"
+        else:
+            remove, why = True, f"last changed {_ago(now, newest)}; no job queued or running"
+        if not remove:
+            for ref in listing.refs.get(xid, ()):
+                kept_refs.setdefault(ref, xid)
+        if "job" in types:
+            items.append(CleanItem(cluster.name, "job", prefix + xid, files, size, remove, why, xid))
+    for path, mtime, size in listing.files:
+        kind = "archive" if path.startswith("archives/") else "container"
+        if kind not in types:
+            continue
+        if path in kept_refs:
+            remove, why = False, f"experiment {kept_refs[path]} uses it"
+        elif mtime >= cutoff:
+            remove, why = False, f"copied {_ago(now, mtime)} (younger than {days:g} days)"
+        elif project is not None and path not in project_refs:
+            remove, why = False, f"not used by an experiment of project {project} recorded here"
+        else:
+            remove, why = True, "no kept experiment uses it"
+        items.append(CleanItem(cluster.name, kind, f"{staging}/{path}", 1, size, remove, why, path))
+    if "env" in types:
+        items += _plan_environments(cluster, listing, records, cutoff, days, kept_refs, project, project_refs)
+    return items
+
+
+def _unit_refs(unit: WorkUnitRecord) -> Set[str]:
+    """What a work unit's record says it uses, as the listing names it."""
+    refs = set()
+    for path, folder in ((unit.archive, "archives"), (unit.image, "images")):
+        if path and os.path.basename(os.path.dirname(path)) == folder:
+            refs.add(f"{folder}/{os.path.basename(path)}")
+    if unit.environment:
+        refs.add("env:" + os.path.basename(unit.environment))
+    return refs
+
+
+def _plan_environments(cluster: ClusterConfig, listing: _Listing, records: Sequence[ExperimentRecord],
+                       cutoff: float, days: float, kept_refs: Mapping[str, str], project: Optional[str],
+                       project_refs: Set[str]) -> List[CleanItem]:
+    """The managed environments: kept while a kept experiment or a recent record
+    uses them, a job of a record may, a launch holds their lock, or a launch
+    (from any machine) used them in the last --days; and what interrupted builds left."""
+    lines = [line.split() for line in listing.env_lines if line.strip()]
+    envs = next((words[1] for words in lines if words[0] == "envs"), None)
+    if envs is None:
+        return []
+    now = listing.now
+    staging = listing.staging
+    recent, running = {}, {}
+    for record in records:
+        for unit in record.work_units:
+            if unit.cluster != cluster.name or not unit.environment or os.path.dirname(unit.environment) != envs:
+                continue
+            key = os.path.basename(unit.environment)
+            if project is not None and record.project == project:
+                project_refs.add("env:" + key)
+            if _record_time(record, now) >= cutoff:
+                recent[key] = record.experiment_id
+            if unit.state == UnitState.SUBMITTING or listing.active is None and unit.arrays \
+                    or listing.active and any(job_id in listing.active for job_id in unit.job_ids):
+                running[key] = record.experiment_id
+    items = []
+    for words in lines:
+        if words[0] == "env" and len(words) >= 7:
+            key, files, size, used, locked, complete = words[1:7]
+            used_at = int(used) if used.isdigit() else int(now)
+            if locked == "1":
+                why, remove = "a launch holds it now", False
+            elif key in running:
+                why, remove = f"jobs of experiment {running[key]} may be using it (queued or running)", False
+            elif "env:" + key in kept_refs:
+                why, remove = f"experiment {kept_refs['env:' + key]} uses it", False
+            elif key in recent:
+                why, remove = f"experiment {recent[key]} uses it (younger than {days:g} days)", False
+            elif used_at >= cutoff:
+                why, remove = f"a launch used it {_ago(now, used_at)}", False
+            elif project is not None and "env:" + key not in project_refs:
+                why, remove = f"not used by an experiment of project {project} recorded here", False
+            else:
+                why, remove = ("no recent experiment uses it" if complete == "1" else
+                               "incomplete (no completion marker)"), True
+            items.append(CleanItem(cluster.name, "env", f"{envs}/{key}", int(files) if files.isdigit() else None,
+                                   int(size) if size.isdigit() else None, remove, why, key))
+        elif words[0] == "junk" and len(words) >= 3:
+            items.append(CleanItem(cluster.name, "env", f"{envs}/{words[1]}", None, None, words[2] != "1",
+                                   "being built now" if words[2] == "1" else "left by an interrupted build",
+                                   words[1]))
+        elif words[0] == "incoming" and len(words) >= 3 and staging:
+            key = words[1].split(".")[0]
+            done = any(item.name == key for item in items)
+            old = int(words[2]) < cutoff if words[2].isdigit() else False
+            items.append(CleanItem(cluster.name, "env", f"{staging}/{ENVIRONMENT_INCOMING}/{words[1]}", 1, None,
+                                   done or old, "an environment archive left after its environment was made"
+                                   if done else "an environment archive on its way in", words[1]))
+    return items
+
+
+# Bash: list the managed environments (kept from before issue 15's types: "env" lines).
+_LIST_ENVIRONMENTS = _LOCKED_FUNCTION + f"""
 cd "$HOME"
 if [ -d "$1" ] && cd -- "$1"; then
   echo "envs $(pwd -P)"
@@ -8174,11 +8478,13 @@ _REMOVE_ENVIRONMENT = """lxm_remove() {
   local lock=".${2%%.*}.lock"
   if command -v flock >/dev/null 2>&1 && [ -e "$lock" ]; then
     exec 8>>"$lock"
-    flock -n 8 || { echo "busy $2"; exec 8>&-; return 0; }
+    flock -n 8 || { echo "busy env $2"; exec 8>&-; return 0; }
   fi
   if [ -e "$2" ]; then
     mv -- "$2" "$2.removing-$$" && chmod -R u+rwX -- "$2.removing-$$" 2>/dev/null
-    rm -rf -- "$2.removing-$$" && echo "removed $2" || echo "failed $2"
+    rm -rf -- "$2.removing-$$" && echo "removed env $2" || echo "failed env $2"
+  else
+    echo "removed env $2"
   fi
   case $2 in *.*) ;; *) rm -f -- ".$2.used" ;; esac
   exec 8>&- 2>/dev/null
@@ -8187,125 +8493,198 @@ _REMOVE_ENVIRONMENT = """lxm_remove() {
 """
 
 
-def _active_job_ids(connection: Connection, schedulers: Iterable[str]) -> Optional[Set[str]]:
-    """The user's queued and running jobs there (None: the queue could not be read)."""
-    names = sorted(set(schedulers))
-    if not names:
-        return set()
-    script = "\n".join(f"echo '== {name}'; {{ {scheduler_named(name).active_jobs_command()}; }} 2>/dev/null "
-                       f"|| echo lxm3-no-queue" for name in names) + "\ntrue\n"
-    output = connection.run_script(script, "reading the queue")
-    ids: Set[str] = set()
-    for lines in _sections(output).values():
-        if "lxm3-no-queue" in lines:
-            return None
-        ids.update(line.strip().split(".")[0] for line in lines if line.strip())
-    return ids
-
-
-def clean_environments(cluster: ClusterConfig, connection: Connection, records: Sequence[ExperimentRecord],
-                       days: float, dry_run: bool, confirm: Callable[[List[CleanItem]], bool]) -> List[CleanItem]:
-    """Remove the managed environments of ``cluster`` that no record younger than
-    ``days`` references, that no queued or running job of a record uses, and
-    that no launch (from any machine) used in the last ``days``; and what
-    interrupted builds left. Returns every environment found, kept or not."""
-    import datetime
-
-    envs_path = _environments_path(cluster)
-    staging = _staging_path(cluster)
-    output = connection.run_script(f"set -- {shell_quote(envs_path)} {shell_quote(staging + '/' + ENVIRONMENT_INCOMING)}\n"
-                                   + _LIST_ENVIRONMENTS, "listing the managed environments")
-    lines = [line.split() for line in output.splitlines() if line.strip()]
-    envs = next((words[1] for words in lines if words[0] == "envs"), None)
-    if envs is None:
-        return []
-    now = time.time()
-    cutoff = now - days * 86400
-    units = [(record, unit) for record in records for unit in record.work_units
-             if unit.cluster == cluster.name and unit.environment and os.path.dirname(unit.environment) == envs]
-    recent, running = {}, {}
-    active = _active_job_ids(connection, {unit.scheduler for _, unit in units if unit.arrays})
-    for record, unit in units:
-        key = os.path.basename(unit.environment)
-        try:
-            created = datetime.datetime.fromisoformat(record.created).timestamp()
-        except ValueError:
-            created = now  # unreadable: as if new, to be safe
-        if created >= cutoff:
-            recent[key] = record.experiment_id
-        if unit.state == UnitState.SUBMITTING or active is None and unit.arrays \
-                or active and any(job_id in active for job_id in unit.job_ids):
-            running[key] = record.experiment_id
-    items = []
-    for words in lines:
-        if words[0] == "env" and len(words) >= 7:
-            key, files, size, used, locked, complete = words[1:7]
-            path = f"{envs}/{key}"
-            files_n = int(files) if files.isdigit() else None
-            size_n = int(size) if size.isdigit() else None
-            used_at = int(used) if used.isdigit() else int(now)
-            if locked == "1":
-                why, remove = "a launch holds it now", False
-            elif key in running:
-                why, remove = f"jobs of experiment {running[key]} may be using it (queued or running)", False
-            elif key in recent:
-                why, remove = f"experiment {recent[key]} uses it (younger than {days:g} days)", False
-            elif used_at >= cutoff:
-                why, remove = f"a launch used it {(now - used_at) / 86400:.1f} days ago", False
-            else:
-                why, remove = ("no recent experiment uses it" if complete == "1" else
-                               "incomplete (no completion marker)"), True
-            items.append(CleanItem(cluster.name, "env", path, files_n, size_n, remove, why))
-        elif words[0] == "junk" and len(words) >= 3:
-            items.append(CleanItem(cluster.name, "env", f"{envs}/{words[1]}", None, None, words[2] != "1",
-                                   "being built now" if words[2] == "1" else "left by an interrupted build"))
-        elif words[0] == "incoming" and len(words) >= 3:
-            key = words[1].split(".")[0]
-            done = any(item.path.endswith("/" + key) for item in items)
-            old = int(words[2]) < cutoff if words[2].isdigit() else False
-            items.append(CleanItem(cluster.name, "env", f"{staging}/{ENVIRONMENT_INCOMING}/{words[1]}", 1, None,
-                                   done or old, "an environment archive left after its environment was made"
-                                   if done else "an environment archive on its way in"))
-    doomed = [item for item in items if item.remove]
-    if dry_run or not doomed or not confirm(doomed):
-        return items
-    script = _REMOVE_ENVIRONMENT + "".join(
-        f"lxm_remove {shell_quote(os.path.dirname(item.path))} {shell_quote(os.path.basename(item.path))}\n"
-        for item in doomed)
-    output = connection.run_script(script, "removing managed environments")
-    removed = {words[1] for words in (line.split() for line in output.splitlines()) if words[:1] == ["removed"]}
+def _removal_script(cluster: ClusterConfig, listing: _Listing, doomed: Sequence[CleanItem]) -> str:
+    """One script removing ``doomed`` under the staging directory's CLEAN_LOCK, checking each again."""
+    lines = [_REMOVE_STAGED, _REMOVE_ENVIRONMENT,
+             f'cd "$HOME" && cd -- {shell_quote(listing.staging or _staging_path(cluster))} || exit 0',
+             f"exec 9>>{CLEAN_LOCK}",
+             "if command -v flock >/dev/null 2>&1 && ! flock -w 120 9; then echo lxm3-clean-busy; exit 0; fi",
+             "lxm_active=\" $( {\n" + _queue_lines() + "} | awk '$1 == \"active\" { printf \"%s \", $2 } "
+             "$1 == \"noqueue\" { printf \"NOQUEUE \" }') \""]
+    at = int(listing.now)
+    for item in doomed:  # experiment directories first: what the rest checks reads the job scripts left
+        if item.kind == "job":
+            lines.append(f"lxm_job {shell_quote(item.name)} {at}")
+    mtimes = {path: mtime for path, mtime, _ in listing.files}
     for item in doomed:
-        name = os.path.basename(item.path)
-        if name not in removed and not item.path.endswith(".tar.gz"):
-            item.remove, item.why = False, "in use: a launch took its lock meanwhile" if f"busy {name}" in output \
-                else "could not be removed"
+        if item.kind in ("archive", "container"):
+            lines.append(f"lxm_file {item.kind} {shell_quote(item.name)} {mtimes.get(item.name, 0)}")
+    for item in doomed:
+        if item.kind == "env":
+            directory, name = os.path.dirname(item.path), os.path.basename(item.path)
+            if not name.endswith(".tar.gz") and "." not in name:
+                lines.append(f"if lxm_named {shell_quote(name)}; then echo {shell_quote('used env ' + name)}; "
+                             f"else ( lxm_remove {shell_quote(directory)} {shell_quote(name)} ); fi")
+            else:
+                lines.append(f"( lxm_remove {shell_quote(directory)} {shell_quote(name)} )")
+    return "\n".join(lines) + "\ntrue\n"
+
+
+_NOT_REMOVED = {"busy": "in use: a launch or submission took its lock meanwhile",
+                "changed": "changed since it was listed: kept",
+                "active": "a job of it was queued meanwhile",
+                "used": "a job script written meanwhile names it",
+                "failed": "could not be removed"}
+
+
+def _remove_there(cluster: ClusterConfig, connection: Connection, listing: _Listing,
+                  doomed: Sequence[CleanItem]) -> None:
+    size = sum(item.size or 0 for item in doomed)
+    _progress(f"{cluster.name}: removing {_counted(len(doomed), 'item')} ({_size_text(size)}) "
+              f"on {connection.target} ...")
+    output = connection.run_script(_removal_script(cluster, listing, doomed), "removing what no experiment needs")
+    if "lxm3-clean-busy" in output.split():
+        raise ClusterError(f"another lxm3 clean has held {listing.staging}/{CLEAN_LOCK} on {connection.target} "
+                           "for 2 minutes: nothing was removed; try again when it has ended")
+    said = {}
+    for line in output.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3:
+            said[(parts[1], parts[2])] = parts[0]
+    for item in doomed:
+        word = said.get(("job" if item.kind == "job" else item.kind, item.name), "")
+        if word in ("removed", "gone"):
+            continue
+        item.remove, item.why = False, _NOT_REMOVED.get(word, "not removed (no answer)")
+
+
+def _mark_cleaned(cluster: ClusterConfig, listing: _Listing, removed: Sequence[CleanItem],
+                  records: Sequence[ExperimentRecord]) -> None:
+    """Note in the records of this machine which work units' directories (and logs) went."""
+    gone = {item.path for item in removed if item.kind == "job" and item.remove}
+    when = _utc_now()
+    for record in records:
+        changed = False
+        for unit in record.work_units:
+            directory = os.path.dirname(unit.job_directory or "")
+            if unit.cluster == cluster.name and directory in gone and not unit.cleaned:
+                unit.cleaned, changed = when, True
+        if changed:
+            save_record(record)
+
+
+def _plan_local_archives(records: Sequence[ExperimentRecord], doomed_xids: Set[Tuple[str, int]], days: float,
+                         project: Optional[str]) -> List[CleanItem]:
+    """The cache of built archives here: an archive goes when it was built or
+    last used before --days (and over an hour ago) and no kept record names it."""
+    now = time.time()
+    cutoff = min(now - days * 86400, now - CLEAN_GRACE_SECONDS)
+    archives = os.path.join(cache_dir(), "archives")
+    try:
+        names = sorted(n for n in os.listdir(archives) if n.endswith(".zip") and not n.startswith("."))
+    except FileNotFoundError:
+        return []
+    kept, ours = {}, set()
+    for record in records:
+        # Kept: a recent record, local tasks still running, an experiment directory that stays.
+        alive = (_record_time(record, now) >= now - days * 86400
+                 or any(unit.state == UnitState.RUNNING if unit.is_local
+                        else (unit.cluster or "", record.experiment_id) not in doomed_xids
+                        for unit in record.work_units))
+        for unit in record.work_units:
+            name = os.path.basename(unit.archive or "")
+            if not name:
+                continue
+            if project is not None and record.project == project:
+                ours.add(name)
+            if alive:
+                kept.setdefault(name, record.experiment_id)
+    items = []
+    for name in names:
+        path = os.path.join(archives, name)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if name in kept:
+            remove, why = False, f"experiment {kept[name]} uses it"
+        elif st.st_mtime >= cutoff:
+            remove, why = False, f"built or used {_ago(now, st.st_mtime)}"
+        elif project is not None and name not in ours:
+            remove, why = False, f"not used by an experiment of project {project} recorded here"
+        else:
+            remove, why = True, f"built or last used {_ago(now, st.st_mtime)}; no kept experiment uses it"
+        items.append(CleanItem(LOCAL_CLUSTER, "archive", path, 1, st.st_size, remove, why, name))
     return items
 
 
-CLEANERS = {"env": clean_environments}  # CLEAN_TYPES word -> cleaner; lxm3 0.4.2's types come with issue 15
+def _remove_local(doomed: Sequence[CleanItem]) -> None:
+    """Delete cached archives (one clean at a time), each unless a launch used it
+    meanwhile (reusing one touches it: _cached_archive); and their cache keys."""
+    import fcntl
+
+    _progress(f"this machine: removing {_counted(len(doomed), 'cached archive')} "
+              f"({_size_text(sum(item.size or 0 for item in doomed))}) ...")
+    locks = os.path.join(cache_dir(), "locks")
+    make_private_dirs(locks)
+    with open(os.open(os.path.join(locks, "archives.lock"), os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        gone = set()
+        for item in doomed:
+            try:
+                if os.stat(item.path).st_mtime >= time.time() - CLEAN_GRACE_SECONDS:
+                    item.remove, item.why = False, "used meanwhile"
+                    continue
+                os.unlink(item.path)
+                gone.add(item.path)
+            except FileNotFoundError:
+                gone.add(item.path)
+            except OSError as e:
+                item.remove, item.why = False, f"could not be removed: {e.strerror}"
+        keys = os.path.join(cache_dir(), "packages")
+        for name in os.listdir(keys) if os.path.isdir(keys) else ():
+            data = _read_json(os.path.join(keys, name))
+            if isinstance(data, dict) and data.get("path") in gone:
+                os.unlink(os.path.join(keys, name))
 
 
 def clean(config: Config, types: Sequence[str], days: float, dry_run: bool,
-          confirm: Callable[[List[CleanItem]], bool], clusters: Optional[Sequence[str]] = None) -> List[CleanItem]:
-    """Run the cleaners of ``types`` on each cluster of ``config`` (or those named)."""
+          confirm: Callable[[List[CleanItem]], bool], clusters: Optional[Sequence[str]] = None,
+          project: Optional[str] = None) -> List[CleanItem]:
+    """List, on each cluster of ``config`` (or those named) and here, what
+    ``types`` hold; unless ``dry_run``, remove what no experiment needs once
+    ``confirm`` (given all of it) agrees. Returns every item found, kept or not.
+
+    One ssh connection per cluster, one round trip to list, one to remove.
+    A config without clusters: only this machine's archive cache."""
     for kind in types:
         if kind not in CLEAN_TYPES:
             raise LaunchError(f"lxm3 clean --type {kind}: the types are {', '.join(CLEAN_TYPES)}")
-        if kind not in CLEANERS:
-            raise LaunchError(f"lxm3 clean --type {kind} is not available in this lxm3, which cleans "
-                              f"{', '.join(CLEANERS)} (--type {','.join(CLEANERS)})")
-    config.require_clusters()
     chosen = [config.cluster(name) for name in clusters] if clusters else config.clusters
     records = list_records()
     items: List[CleanItem] = []
-    for cluster in chosen:
-        connection = Connection(cluster)
-        try:
-            for kind in types:
-                items += CLEANERS[kind](cluster, connection, records, days, dry_run, confirm)
-        finally:
+    plans = []
+    try:
+        for cluster in chosen:
+            connection = Connection(cluster)
+            plans.append((cluster, connection, None, []))
+            _progress(f"{cluster.name}: listing {_staging_path(cluster)} on {connection.target} ...")
+            listing = _list_cluster(cluster, connection, types)
+            found = _plan_cluster(cluster, listing, records, types, days, project)
+            plans[-1] = (cluster, connection, listing, found)
+            items += found
+        doomed_xids = {(cluster.name, int(item.name)) for cluster, _, _, found in plans
+                       for item in found if item.kind == "job" and item.remove and item.name.isdigit()}
+        if "archive" in types:
+            items += _plan_local_archives(records, doomed_xids, days, project)
+        doomed = [item for item in items if item.remove]
+        if dry_run or not doomed or not confirm(doomed):
+            if not dry_run:
+                for item in doomed:
+                    item.remove, item.why = False, "not confirmed"
+            return items
+        for cluster, connection, listing, found in plans:
+            mine = [item for item in found if item.remove]
+            if mine:
+                _remove_there(cluster, connection, listing, mine)
+                _mark_cleaned(cluster, listing, mine, records)
+        local = [item for item in doomed if item.cluster == LOCAL_CLUSTER]
+        if local:
+            _remove_local(local)
+        return items
+    finally:
+        for _, connection, _, _ in plans:
             connection.close()
-    return items
 
 
 def _confirm_removal(items: List[CleanItem]) -> bool:
@@ -8319,15 +8698,15 @@ def _confirm_removal(items: List[CleanItem]) -> bool:
 
 
 def _cmd_clean(args) -> int:
-    types = [t.strip() for t in args.type.split(",") if t.strip()]
+    types = [t.strip() for t in (args.type or ",".join(CLEAN_TYPES)).split(",") if t.strip()]
     if args.days < 0:
         raise LaunchError("lxm3 clean --days must be 0 or more")
     if not (args.force or args.dry_run or sys.stdin.isatty()):
-        raise LaunchError("lxm3 clean removes without asking only with --force (stdin is not a terminal); "
-                          "--dry-run lists what it would remove")
-    if args.project:
-        _progress(f"--project {args.project}: environments are shared by every project: one is removed "
-                  "only when no recent experiment of any project uses it")
+        raise LaunchError("lxm3 clean removes without asking only with --force (stdin is not a terminal): "
+                          "add --force, or --dry-run to list what it would remove")
+    config = load_config(args.lxm_config)
+    if not config.clusters:
+        _progress("no clusters in the config: cleaning this machine's archive cache only")
 
     def confirm(doomed: List[CleanItem]) -> bool:
         if args.force:
@@ -8335,14 +8714,14 @@ def _cmd_clean(args) -> int:
         _print_clean(doomed, dry_run=True)
         return _confirm_removal(doomed)
 
-    items = clean(load_config(args.lxm_config), types, args.days, args.dry_run, confirm, args.cluster or None)
+    items = clean(config, types, args.days, args.dry_run, confirm, args.cluster or None, args.project)
     _print_clean(items, dry_run=args.dry_run)
     return 0
 
 
 def _print_clean(items: Sequence[CleanItem], dry_run: bool) -> None:
     if not items:
-        print("nothing to clean: no managed environments there")
+        print("nothing to clean: lxm3 left nothing there")
         return
     verb = "would remove" if dry_run else "removed"
     for cluster in sorted({item.cluster for item in items}):
@@ -8351,10 +8730,12 @@ def _print_clean(items: Sequence[CleanItem], dry_run: bool) -> None:
         files = sum(item.files or 0 for item in gone)
         print(f"{cluster}: {verb} {len(gone)} of {len(mine)} "
               f"({files:,} files, {_size_text(sum(item.size or 0 for item in gone))}):")
-        rows = [[("remove" if dry_run else "removed") if item.remove else "keep", item.path,
+        rows = [[("remove" if dry_run else "removed") if item.remove else "keep", item.kind, item.path,
                  "-" if item.files is None else f"{item.files:,} files",
                  "-" if item.size is None else _size_text(item.size), item.why] for item in mine]
         _print_table([["  " + row[0], *row[1:]] for row in rows])
+    gone = [item for item in items if item.remove]
+    print(f"total: {verb} {_counted(len(gone), 'item')}, {_size_text(sum(item.size or 0 for item in gone))}")
 
 
 # ---------------------------------------------------------------------------
@@ -8629,6 +9010,11 @@ def _cmd_logs(args) -> int:
     unit = units[0] if args.work_unit is None else record.unit(args.work_unit)
     if not 0 <= args.task < unit.num_tasks:
         raise LaunchError(f"work unit {unit.id} has tasks 0..{unit.num_tasks - 1}, not {args.task}")
+    log_path = task_log_path(unit, args.task) or ""
+    if unit.cleaned and unit.job_directory and log_path.startswith(os.path.dirname(unit.job_directory) + "/"):
+        raise LaunchError(f"the logs of experiment {record.experiment_id} work unit {unit.id} were removed by "
+                          f"lxm3 clean on {unit.cleaned[:10]}, with its directory "
+                          f"{os.path.dirname(unit.job_directory)} on {unit.cluster}")
     return follow_log(unit, args.task, args.n, args.follow)
 
 
@@ -8712,22 +9098,32 @@ def _parser():
     cancel_command.add_argument("work_unit", metavar="WID", type=int, nargs="?", help="only this work unit")
 
     clean_command = commands.add_parser(
-        "clean", help="remove managed environments no recent experiment uses",
-        description="On each cluster of the config, remove what no experiment still needs: managed "
-                    "environments that no record of this machine younger than --days references, "
-                    "that no queued or running job of a record uses, and that no launch (from any "
-                    "machine) used in the last --days; and what interrupted builds left. Never one a "
-                    "launch holds.")
-    clean_command.add_argument("--type", default="env",
-                               help=f"what to clean, comma-separated, of {', '.join(CLEAN_TYPES)} "
-                                    f"(default env; this lxm3 cleans {', '.join(CLEANERS)})")
+        "clean", help="remove what no experiment still needs (old job directories, archives, images, environments)",
+        description="On each cluster of the config, remove what no experiment still needs: experiment "
+                    "directories (job scripts, tasks files, logs) unchanged for --days, then the archives, "
+                    "container images and managed environments that no kept experiment's job scripts name; "
+                    "here, built archives not used for --days that no kept record names. Never what a "
+                    "queued or running job uses (the schedulers are asked, for launches from any machine), "
+                    "what a submission or launch holds, or what changed in the last hour. Lists what it "
+                    "would remove, with sizes, and asks once (--force: does not ask).",
+        epilog="The records of removed experiments stay ('lxm3 list' shows them); 'lxm3 logs' says their "
+               "logs were cleaned. Log directories set by the launcher outside the experiment directory are "
+               "left alone.")
+    clean_command.add_argument("--type", default=None, metavar="TYPES",
+                               help=f"what to clean, comma-separated, of {', '.join(CLEAN_TYPES)}: job = "
+                                    "experiment directories and their logs, archive = staged archives and the "
+                                    "archive cache here, container = staged .sif images, env = managed "
+                                    "environments (default: all)")
     clean_command.add_argument("--days", type=float, default=CLEAN_DEFAULT_DAYS,
-                               help=f"keep what was used in the last DAYS days (default {CLEAN_DEFAULT_DAYS})")
+                               help=f"keep what changed or was used in the last DAYS days (default "
+                                    f"{CLEAN_DEFAULT_DAYS}; 0: all that no job or launch needs)")
     clean_command.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                               help="list what would be removed, with sizes; remove nothing")
-    clean_command.add_argument("--force", action="store_true", help="remove without asking")
-    clean_command.add_argument("--project", help="accepted as lxm3 0.4.2 took it (environments are shared "
-                                                 "by every project)")
+                               help="list what would be removed and kept, with sizes and a total; remove nothing")
+    clean_command.add_argument("--force", action="store_true", help="remove without asking (needed without a terminal)")
+    clean_command.add_argument("--project", help="only experiments of this project (create_experiment's, as "
+                                                 "recorded here), and the archives, images and environments they "
+                                                 "used that no other kept experiment uses; staging is shared by "
+                                                 "projects, so experiments without a record here are left alone")
     clean_command.add_argument("--cluster", action="append", metavar="NAME",
                                help="only this cluster of the config (repeatable; default: all)")
     clean_command.add_argument("--lxm_config", metavar="PATH", help="the config file (default: the usual search)")

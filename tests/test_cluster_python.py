@@ -444,9 +444,9 @@ def test_clean_removes_environments_nothing_uses_and_keeps_those_jobs_use(worksp
                           f"printf 'key {old}\\nfiles 1\\nchecked_files 1\\nbytes 2\\n' > {old}/{lxm3.ENVIRONMENT_MARKER}"
                           f" && touch -d '40 days ago' .{old}.used {old}"])
     listed = clean(ws, config, "--days", "0", "--dry-run").stdout
-    assert re.search(rf"remove\s+{envs}/{old}\s+1 files\s+2 B\s+no recent experiment uses it", listed), listed
-    assert re.search(rf"remove\s+{envs}/{old}\.tmp-123 .*left by an interrupted build", listed), listed
-    assert re.search(rf"keep\s+{env_dir}\s.*jobs of experiment {launch.experiment_id} may be using it", listed), listed
+    assert re.search(rf"remove\s+env\s+{envs}/{old}\s+1 files\s+2 B\s+no recent experiment uses it", listed), listed
+    assert re.search(rf"remove\s+env\s+{envs}/{old}\.tmp-123 .*left by an interrupted build", listed), listed
+    assert re.search(rf"keep\s+env\s+{env_dir}\s.*jobs of experiment {launch.experiment_id} may be using it", listed), listed
     assert os.path.isdir(f"{envs}/{old}")  # a dry run removes nothing
     removed = clean(ws, config, "--days", "0", "--force").stdout
     assert not os.path.exists(f"{envs}/{old}") and not os.path.exists(f"{envs}/{old}.tmp-123"), removed
@@ -455,5 +455,9 @@ def test_clean_removes_environments_nothing_uses_and_keeps_those_jobs_use(worksp
     ws.wait_for_reports(out, 1, launch)
     poll(lambda: None if ws.active_jobs(launch.job_ids()) else True, timeout=120, what="the job to end")
     assert "experiment" in clean(ws, config, "--days", "30", "--force").stdout and os.path.isdir(env_dir)
-    clean(ws, config, "--days", "0", "--force")
-    assert not os.path.exists(env_dir)
+    # Its experiment's directory names it: it goes with that directory (older than an hour).
+    assert f"experiment {launch.experiment_id} uses it" in clean(ws, config, "--days", "0", "--force").stdout
+    experiment_dir = os.path.dirname(launch.unit()["job_directory"])
+    tb.ssh(["find", experiment_dir, "-exec", "touch", "-h", "-d", "2 hours ago", "{}", "+"])
+    clean(ws, config, "--days", "0", "--force", "--type", "job,env")
+    assert not os.path.exists(env_dir) and not os.path.exists(experiment_dir)
