@@ -8260,6 +8260,7 @@ class _Listing:
         self.files: List[Tuple[str, int, int]] = []  # (archives/NAME, mtime, bytes)
         self.active: Optional[Set[str]] = set()  # None: a queue could not be read
         self.env_lines: List[str] = []
+        queues = 0
         for line in output.splitlines():
             word, _, rest = line.partition(" ")
             if word == "now" and rest.strip().isdigit():
@@ -8284,10 +8285,14 @@ class _Listing:
                     self.files.append((parts[2], int(parts[0]), int(parts[1])))
             elif word == "active" and self.active is not None:
                 self.active.add(rest.strip())
+            elif word == "queue":
+                queues += 1
             elif word == "noqueue":
                 self.active = None
             elif word == "E":
                 self.env_lines.append(rest)
+        if not queues:  # no scheduler answered: nothing tells which jobs still run
+            self.active = None
 
 
 def _list_cluster(cluster: ClusterConfig, connection: Connection, types: Sequence[str]) -> _Listing:
@@ -8500,7 +8505,8 @@ def _removal_script(cluster: ClusterConfig, listing: _Listing, doomed: Sequence[
              f"exec 9>>{CLEAN_LOCK}",
              "if command -v flock >/dev/null 2>&1 && ! flock -w 120 9; then echo lxm3-clean-busy; exit 0; fi",
              "lxm_active=\" $( {\n" + _queue_lines() + "} | awk '$1 == \"active\" { printf \"%s \", $2 } "
-             "$1 == \"noqueue\" { printf \"NOQUEUE \" }') \""]
+             "$1 == \"queue\" { q = 1 } $1 == \"noqueue\" { printf \"NOQUEUE \" } "
+             "END { if (!q) printf \"NOQUEUE \" }') \""]
     at = int(listing.now)
     for item in doomed:  # experiment directories first: what the rest checks reads the job scripts left
         if item.kind == "job":
