@@ -236,3 +236,48 @@ def test_lxm3_042_flags_parse_and_removal_asks_or_needs_force(tmp_path):
     assert "--type jobs: the types are job, archive, container, env" in wrong.stderr
     helped = run_clean("--help").stdout
     assert "--dry_run" in helped and "--project PROJECT" in helped and "default: all" in helped
+
+
+def answer_on_a_terminal(answer: bytes) -> str:
+    """Run ``lxm3 clean --type archive`` on a pseudo-terminal and type ``answer``."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: lxm3 on the terminal
+        os.environ["PYTHONPATH"] = ROOT
+        os.execv(sys.executable, [sys.executable, "-m", "lxm3", "clean", "--type", "archive"])
+    seen = b""
+    while b"[y/N]" not in seen:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.write(fd, answer)
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child ended
+            break
+        if not chunk:
+            break
+        seen += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0, seen.decode(errors="replace")
+    return seen.decode(errors="replace")
+
+
+def test_without_force_it_asks_once_on_a_terminal(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    archives = tmp_path / "cache" / "lxm3" / "archives"
+    archives.mkdir(parents=True)
+    for name in ("a-1.zip", "b-2.zip"):
+        (archives / name).write_bytes(b"z" * 100)
+        os.utime(archives / name, (time.time() - 40 * DAY,) * 2)
+    said = answer_on_a_terminal(b"n\n")
+    assert said.count("[y/N]") == 1 and "remove 2 items (200 B) listed above?" in said, said
+    assert "not confirmed" in said and sorted(os.listdir(archives)) == ["a-1.zip", "b-2.zip"]
+    said = answer_on_a_terminal(b"y\n")
+    assert said.count("[y/N]") == 1 and "removed 2 of 2" in said and os.listdir(archives) == [], said
