@@ -8969,9 +8969,11 @@ def _cmd_status(args) -> int:
         print(f"work unit {wid} on {_where(unit)}{' jobs ' + jobs if jobs else ''}: "
               f"{unit.state}; {status.message}")
         if args.work_unit is not None:
-            rows = [["TASK", "JOB", "STATE", "EXIT", "ATTEMPTS"]]
+            rerun = any(t.attempts > 1 for t in status.tasks)  # (lxm3 rerun) how many each had
+            rows = [["TASK", "JOB", "STATE", "EXIT"] + (["ATTEMPTS"] if rerun else [])]
             rows += [[str(t.task), t.job or "-", t.state + (f" ({t.detail})" if t.detail else ""),
-                      "" if t.exit_code is None else str(t.exit_code), str(t.attempts)] for t in status.tasks]
+                      "" if t.exit_code is None else str(t.exit_code)] + ([str(t.attempts)] if rerun else [])
+                     for t in status.tasks]
             _print_table(rows)
         else:
             missing = [t.task for t in status.tasks if t.state == TaskState.NOT_SUBMITTED]
