@@ -9016,11 +9016,11 @@ def _cmd_rerun(args) -> int:
     record = load_record(args.experiment)
     tasks = parse_task_list(args.tasks) if args.tasks is not None else None
     cluster_units = [u for u in record.work_units if not u.is_local and u.state != UnitState.DRY_RUN]
-    if tasks is not None and args.work_unit is None and len(cluster_units) != 1:
+    if tasks is not None and args.work_unit is None and len(cluster_units) > 1:
         raise LaunchError(f"experiment {record.experiment_id} has {_counted(len(record.work_units), 'work unit')}: "
                           f"say whose tasks to rerun (lxm3 rerun {record.experiment_id} WID --tasks {args.tasks})")
     work_units = _selected_units(record, args.work_unit)
-    if tasks is not None and work_units is None:
+    if tasks is not None and work_units is None and cluster_units:
         work_units = [cluster_units[0].id]
     result = rerun_tasks(record, work_units, tasks)
     if not any(result.values()):

@@ -267,6 +267,8 @@ def test_rerun_of_a_local_work_unit_says_how_to_run_a_task_again(tmp_path, rerun
     assert "ran on this machine: lxm3 rerun resubmits tasks of cluster work units only" in proc.stderr
     script = record["work_units"][0]["script"]
     assert f"LXM_TASK_ID=3 bash {script}" in proc.stderr
+    proc = lxm3_cli("rerun", str(xid), "--tasks", "1")
+    assert proc.returncode == 1 and "ran on this machine" in proc.stderr, proc.stderr
     with pytest.raises(lxm3.LaunchError, match="ran on this machine"):
         lxm3.get_experiment(xid).work_units[1].rerun()
 
