@@ -153,6 +153,8 @@ class UnitState:
         ADDING: {QUEUED, RUNNING, DRY_RUN},
         QUEUED: {SUBMITTING, NOT_SUBMITTED, DRY_RUN},
         SUBMITTING: {SUBMITTING, SUBMITTED, PARTIALLY_SUBMITTED, NOT_SUBMITTED},
+        SUBMITTED: {SUBMITTING},  # lxm3 rerun submits some of its tasks again
+        PARTIALLY_SUBMITTED: {SUBMITTING},
         RUNNING: {COMPLETED, FAILED, STOPPED},
     }
 
@@ -189,6 +191,7 @@ class TaskState:
 
     ORDER = (COMPLETED, RUNNING, PENDING, FAILED, CANCELLED, UNKNOWN, NOT_SUBMITTED)
     ACTIVE = (PENDING, RUNNING)
+    RERUN = (FAILED, CANCELLED, UNKNOWN)  # what ``lxm3 rerun --failed`` submits again
 
 
 # ---------------------------------------------------------------------------
@@ -4892,6 +4895,21 @@ class Scheduler:
         ``chained``: wait for the job whose id replaces ``{previous}``."""
         raise NotImplementedError
 
+    index_lists = False  # one array may hold any indices (else one contiguous run: rerun_argv)
+
+    def rerun_limits(self, info: ClusterInfo) -> Tuple[Optional[int], Optional[int]]:
+        """For ``lxm3 rerun``: (every index of an array is below this, an array holds
+        at most this many tasks); None: no limit known."""
+        raise NotImplementedError
+
+    def rerun_argv(self, argv: Sequence[str], indices: Sequence[int], rerun: int,
+                   after_previous: bool) -> List[str]:
+        """``argv``, the submit command a launch used (``submit_argv``), changed to submit
+        the array indices ``indices`` (0-based, sorted) with ``LXM_RERUN=rerun`` in the
+        tasks' environment, and without the launch's dependencies. ``after_previous``:
+        a later array of the rerun, which waits for ``{previous}`` if tasks are throttled."""
+        raise NotImplementedError
+
     def log_path_pattern(self, log_dir: str) -> str:
         """The output option's value: one file per task, named by job id and index."""
         raise NotImplementedError
@@ -5056,6 +5074,28 @@ echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= 
         if chained:
             argv.append("--dependency=afterany:{previous}")
         return argv
+
+    index_lists = True  # --array=3,7,12-20
+
+    def rerun_limits(self, info: ClusterInfo) -> Tuple[Optional[int], Optional[int]]:
+        """MaxArraySize bounds the largest index; max_array_tasks the count."""
+        return info.max_array_size or None, info.max_array_tasks or None
+
+    def rerun_argv(self, argv: Sequence[str], indices: Sequence[int], rerun: int,
+                   after_previous: bool) -> List[str]:
+        words, throttled = [], False
+        for word in argv:
+            if word.startswith("--array="):
+                throttle = word.partition("%")[2]  # max_parallel_tasks
+                throttled = bool(throttle)
+                word = f"--array={_task_ranges(indices).replace(' ', '')}{'%' + throttle if throttle else ''}"
+            elif word.startswith(("--dependency=", "--export=")):
+                continue
+            words.append(word)
+        words.append(f"--export=ALL,LXM_RERUN={int(rerun)}")
+        if after_previous and throttled:
+            words.append("--dependency=afterany:{previous}")
+        return words
 
     def log_path_pattern(self, log_dir: str) -> str:
         return os.path.join(log_dir, "%x-%A_%a.log")  # job name, array job id, index
@@ -5243,6 +5283,33 @@ class GridEngineScheduler(Scheduler):
             argv += ["-hold_jid", "{previous}"]
         return argv
 
+    def rerun_limits(self, info: ClusterInfo) -> Tuple[Optional[int], Optional[int]]:
+        """max_aj_tasks bounds the count; -t takes one range, so each array is one run."""
+        return None, info.max_array_tasks or None
+
+    def rerun_argv(self, argv: Sequence[str], indices: Sequence[int], rerun: int,
+                   after_previous: bool) -> List[str]:
+        first, last = indices[0] + self.index_base, indices[-1] + self.index_base
+        if last - first + 1 != len(indices):
+            raise ValueError(f"lxm3 bug: qsub -t takes one range, not indices {list(indices)}")
+        words: List[str] = []
+        throttled, skip = False, False
+        for word in argv:
+            if skip:
+                skip = False
+            elif word in ("-hold_jid", "-hold_jid_ad"):  # the launch's dependencies
+                skip = True
+            elif word == "-t":
+                words += ["-t", f"{first}-{last}"]
+                skip = True
+            else:
+                throttled = throttled or word == "-tc"  # max_parallel_tasks
+                words.append(word)
+        words += ["-v", f"LXM_RERUN={int(rerun)}"]
+        if after_previous and throttled:
+            words += ["-hold_jid", "{previous}"]
+        return words
+
     def log_path_pattern(self, log_dir: str) -> str:
         return os.path.join(log_dir, "$JOB_NAME-$JOB_ID.$TASK_ID.log")  # qsub expands these
 
@@ -5365,6 +5432,40 @@ def plan_submissions(work_unit_id: int, executor: ClusterExecutor, script: str,
                                         chained=i > 0 and executor.max_parallel_tasks is not None))
         for i, (first, count) in enumerate(chunks)
     ]
+
+
+def split_index_lists(tasks: Iterable[int], max_index: Optional[int], max_count: Optional[int],
+                      contiguous: bool) -> List[Tuple[int, List[int]]]:
+    """(offset, indices) of each array that submits ``tasks`` again (task = offset + index).
+
+    Each array starts at its first task, index 0, so tasks above the cluster's
+    limit fit; its indices stay below ``max_index`` (Slurm's MaxArraySize bounds
+    the largest index, not the count) and number at most ``max_count``. With
+    ``contiguous``, each array is one run of consecutive tasks (Grid Engine's -t a-b).
+    """
+    chunks: List[Tuple[int, List[int]]] = []
+    for task in sorted(set(tasks)):
+        if chunks:
+            offset, indices = chunks[-1]
+            index = task - offset
+            if ((max_index is None or index < max_index) and (max_count is None or len(indices) < max_count)
+                    and (not contiguous or index == indices[-1] + 1)):
+                indices.append(index)
+                continue
+        chunks.append((task, [0]))
+    return chunks
+
+
+def parse_task_list(text: str) -> List[int]:
+    """``3,7,12-20`` (``lxm3 rerun --tasks``, a rerun array's record): the task ids, sorted."""
+    tasks: Set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()) or (dash and int(last) < int(first)):
+            raise LaunchError(f"{text!r} is not a list of task ids such as 3,7,12-20 (ids from 0; "
+                              "a range a-b with a <= b)")
+        tasks.update(range(int(first), int(last if dash else first) + 1))
+    return sorted(tasks)
 
 
 _SUBMIT_PRELUDE = """\
@@ -5511,22 +5612,37 @@ def _parameters(cls: type) -> Tuple[str, ...]:
 
 class ArrayRecord(ValueObject):
     """Tasks ``first_task .. first_task + count - 1`` of a work unit, as one array:
-    submitted (its ``job_id``), or planned (its ``key`` in the cluster's submission log)."""
+    submitted (its ``job_id``), or planned (its ``key`` in the cluster's submission log).
 
-    def __init__(self, first_task: int, count: int, job_id: Optional[str] = None, key: Optional[str] = None):
+    An array of ``lxm3 rerun`` holds ``tasks`` (``3,7,12-20``; None: the range
+    above), each at array index task - ``first_task``, for its ``attempt``-th
+    submission (1: the launch's).
+    """
+
+    def __init__(self, first_task: int, count: int, job_id: Optional[str] = None, key: Optional[str] = None,
+                 tasks: Optional[str] = None, attempt: int = 1):
         self.first_task = first_task
         self.count = count
         self.job_id = job_id
         self.key = key
+        self.tasks = tasks
+        self.attempt = attempt
+
+    def task_ids(self) -> List[int]:
+        """Its tasks, in the order of their array indices."""
+        if self.tasks is None:
+            return list(range(self.first_task, self.first_task + self.count))
+        return parse_task_list(self.tasks)
 
     def to_json(self) -> Dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if v is not None}
+        return {k: v for k, v in vars(self).items() if v is not None and (k != "attempt" or v != 1)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ArrayRecord:
-        job_id, key = data.get("job_id"), data.get("key")
+        job_id, key, tasks = data.get("job_id"), data.get("key"), data.get("tasks")
         return cls(int(data["first_task"]), int(data["count"]), None if job_id is None else str(job_id),
-                   None if key is None else str(key))
+                   None if key is None else str(key), None if tasks is None else str(tasks),
+                   int(data.get("attempt", 1)))
 
 
 class WorkUnitRecord(ValueObject):
@@ -5561,6 +5677,8 @@ class WorkUnitRecord(ValueObject):
         jobs are queued or running.
       cleaned: when ``lxm3 clean`` removed its directory (job script, tasks
         file, logs) on the cluster (None: not removed).
+      submit_argv: the submit command of its first array, without the script
+        and its argument: what ``lxm3 rerun`` submits again (Scheduler.rerun_argv).
     """
 
     def __init__(self, id: int, state: str, executor: Optional[str] = None,  # noqa: A002
@@ -5573,7 +5691,8 @@ class WorkUnitRecord(ValueObject):
                  cancelled: bool = False, connection: Optional[Dict[str, Any]] = None,
                  custom_output: bool = False, log_paths: Optional[List[str]] = None,
                  exit_codes: Optional[Dict[int, int]] = None, python: Optional[Dict[str, Any]] = None,
-                 environment: Optional[str] = None, cleaned: Optional[str] = None):
+                 environment: Optional[str] = None, cleaned: Optional[str] = None,
+                 submit_argv: Optional[List[str]] = None):
         self.id = id
         self.state = state
         self.executor = executor
@@ -5598,6 +5717,7 @@ class WorkUnitRecord(ValueObject):
         self.python = python
         self.environment = environment
         self.cleaned = cleaned
+        self.submit_argv = submit_argv
 
     @property
     def is_local(self) -> bool:
@@ -5612,7 +5732,7 @@ class WorkUnitRecord(ValueObject):
 
     def to_json(self) -> Dict[str, Any]:
         data = {k: v for k, v in vars(self).items() if k not in ("arrays", "planned", "exit_codes")
-                and not (k == "cleaned" and v is None)}  # records of units never cleaned stay as they were
+                and not (k in ("cleaned", "submit_argv") and v is None)}  # absent until set: older records stay as they were
         data["arrays"] = [a.to_json() for a in self.arrays]
         data["planned"] = [p.to_json() for p in self.planned]
         data["exit_codes"] = {str(k): v for k, v in sorted(self.exit_codes.items())}
@@ -6502,7 +6622,7 @@ def _unsubmitted_tasks(num_tasks: int, arrays: Iterable[Any]) -> List[int]:
     """Tasks of a work unit that no submitted array holds (arrays: records or submissions)."""
     covered = set()
     for a in arrays:
-        covered.update(range(a.first_task, a.first_task + a.count))
+        covered.update(a.task_ids() if isinstance(a, ArrayRecord) else range(a.first_task, a.first_task + a.count))
     return [t for t in range(num_tasks) if t not in covered]
 
 
@@ -6778,6 +6898,7 @@ class ClusterWorkUnit(xm.WorkUnit):
             planned=[ArrayRecord(s.first_task, s.count, key=s.key) for s in self.planned],
             submission_log=self.submission_log, cancelled=self.cancelled,
             python=self.python, environment=self.environment,
+            submit_argv=self.planned[0].argv[:-2] if self.planned else None,
         )
         if isinstance(executor, Local):
             record.log_paths, record.exit_codes = list(self.log_paths), dict(self.exit_codes)
@@ -6897,6 +7018,18 @@ class LoadedWorkUnit:
     def stop(self) -> None:
         cancel(self.experiment.record, [self.work_unit_id])
 
+    def rerun(self, failed: Optional[bool] = None, tasks: Optional[Sequence[int]] = None) -> List[ArrayRecord]:
+        """Submit tasks of this cluster work unit again, as ``lxm3 rerun`` does:
+        ``rerun(failed=True)`` (the default) those whose latest attempt failed, was
+        cancelled or was lost; ``rerun(tasks=[3, 7])`` those. Returns the arrays
+        submitted (``job_id``, ``task_ids()``, ``attempt``); none if nothing failed."""
+        if tasks is not None and failed:
+            raise ValueError("rerun takes failed=True or tasks=[...], not both")
+        if tasks is None and failed is False:
+            raise ValueError("say what to rerun: failed=True, or tasks=[3, 7]")
+        return rerun_tasks(self.experiment.record, [self.work_unit_id],
+                           None if tasks is None else [int(t) for t in tasks]).get(self.work_unit_id, [])
+
     async def wait_until_complete(self) -> LoadedWorkUnit:
         await _poll_until_done(self.get_status, self)
         return self
@@ -6927,7 +7060,7 @@ def get_experiment(experiment_id: Union[int, str]) -> LoadedExperiment:
     Returns a LoadedExperiment read from the record in
     ``$XDG_STATE_HOME/lxm3/experiments/`` (``~/.local/state``): its
     ``experiment_id``, ``experiment_title`` and ``work_units`` (``{id:
-    unit}``), whose units have ``get_status()``, ``stop()``,
+    unit}``), whose units have ``get_status()``, ``stop()``, ``rerun()``,
     ``launched_jobs`` and ``await wait_until_complete()``.
 
     Args:
@@ -7322,16 +7455,18 @@ class TaskStatus(ValueObject):
     def __init__(
         self,
         task: int,
-        state: str,  # a TaskState
+        state: str,  # a TaskState: its latest attempt's
         exit_code: Optional[int] = None,
         job: Optional[str] = None,  # the scheduler's name for it, e.g. "16_3"
         detail: str = "",
+        attempts: int = 1,  # how many times lxm3 submitted it (lxm3 rerun)
     ):
         self.task = task
         self.state = state
         self.exit_code = exit_code
         self.job = job
         self.detail = detail
+        self.attempts = attempts
 
 
 class WorkUnitStatus(xm.ExperimentUnitStatus):
@@ -7382,10 +7517,10 @@ def task_log_path(unit: WorkUnitRecord, task: int) -> Optional[str]:
         return unit.log_paths[task] if task < len(unit.log_paths) else None
     if unit.custom_output:
         return None
-    for array in unit.arrays:
-        index = task - array.first_task
-        if 0 <= index < array.count:
-            name = scheduler_named(unit.scheduler).task_log_name(unit.job_name, array.job_id, index)
+    for array in reversed(unit.arrays):  # its latest attempt's (lxm3 rerun appends arrays)
+        if task in array.task_ids():
+            name = scheduler_named(unit.scheduler).task_log_name(unit.job_name, array.job_id,
+                                                                 task - array.first_task)
             return f"{unit.log_directory}/{name}"
     return None
 
@@ -7395,9 +7530,9 @@ def _status_script(units: Sequence[WorkUnitRecord], scheduler: Scheduler) -> str
     lines = scheduler.status_lines([job_id for u in units for job_id in u.job_ids])
     for u in units:  # each unit's own section: task numbers repeat across units
         lines.append(f"echo '== exits {u.id}'")
-        if u.log_directory and not u.custom_output:
+        if u.log_directory and not u.custom_output:  # "==> path <==" before each: attempts have their own
             lines.append(f"find {shell_quote(u.log_directory)} -maxdepth 1 -type f "
-                         f"-name {shell_quote(u.job_name + '-*')} -exec tail -q -n 1 {{}} + 2>/dev/null")
+                         f"-name {shell_quote(u.job_name + '-*')} -exec tail -v -n 1 {{}} + 2>/dev/null")
     return "\n".join(lines) + "\ntrue\n"
 
 
@@ -7418,35 +7553,45 @@ def _parse_status(output: str, unit: WorkUnitRecord, scheduler: Scheduler) -> Li
     job_ids = set(unit.job_ids)
     queue, accounting = scheduler.read_status(sections.get("queue", []), sections.get("accounting", []),
                                               job_ids)
-    exits = {}
+    exits: Dict[str, int] = {}  # by log file name
+    log_name = ""
     for line in sections.get(f"exits {unit.id}", []):
+        header = re.match(r"==> (.*) <==$", line)
         match = EXIT_RECORD_PATTERN.search(line)
-        if match:
-            exits[int(match.group(1))] = int(match.group(2))
-    statuses = []
+        if header:
+            log_name = os.path.basename(header.group(1))
+        elif match and log_name:
+            exits[log_name] = int(match.group(2))
+    latest: Dict[int, Tuple[ArrayRecord, int]] = {}  # each task's latest attempt: its array, index
+    attempts: Dict[int, int] = {}
     for array in unit.arrays:
-        for index in range(array.count):
-            task, key = array.first_task + index, (array.job_id, index)
-            job = scheduler.task_job(array.job_id, index)
-            code = exits.get(task)
-            state = queue.get(key)
-            if state is None and key in accounting:
-                state, recorded = accounting[key]
-                code = code if code is not None else (int(recorded) if recorded.isdigit() else None)
-            if state in TaskState.ACTIVE:
-                statuses.append(TaskStatus(task, state, None, job))
-            elif code is not None:
-                state = state or (TaskState.COMPLETED if code == 0 else TaskState.FAILED)
-                if state == TaskState.COMPLETED and code != 0:
-                    state = TaskState.FAILED
-                if unit.cancelled and code in (129, 130, 137, 143):
-                    state = TaskState.CANCELLED
-                statuses.append(TaskStatus(task, state, code, job))
-            elif state is not None:
-                statuses.append(TaskStatus(task, state, None, job))
-            else:
-                statuses.append(TaskStatus(task, TaskState.CANCELLED if unit.cancelled else TaskState.UNKNOWN,
-                                           None, job, "left the queue without an exit record"))
+        for task in array.task_ids():
+            latest[task] = (array, task - array.first_task)
+            attempts[task] = attempts.get(task, 0) + 1
+    statuses = []
+    for task, (array, index) in sorted(latest.items()):
+        key, job = (array.job_id, index), scheduler.task_job(array.job_id, index)
+        code = exits.get(scheduler.task_log_name(unit.job_name, array.job_id, index))
+        state = queue.get(key)
+        if state is None and key in accounting:
+            state, recorded = accounting[key]
+            code = code if code is not None else (int(recorded) if recorded.isdigit() else None)
+        if state in TaskState.ACTIVE:
+            status = TaskStatus(task, state, None, job)
+        elif code is not None:
+            state = state or (TaskState.COMPLETED if code == 0 else TaskState.FAILED)
+            if state == TaskState.COMPLETED and code != 0:
+                state = TaskState.FAILED
+            if unit.cancelled and code in (129, 130, 137, 143):
+                state = TaskState.CANCELLED
+            status = TaskStatus(task, state, code, job)
+        elif state is not None:
+            status = TaskStatus(task, state, None, job)
+        else:
+            status = TaskStatus(task, TaskState.CANCELLED if unit.cancelled else TaskState.UNKNOWN,
+                                None, job, "left the queue without an exit record")
+        status.attempts = attempts[task]
+        statuses.append(status)
     return statuses
 
 
@@ -7484,7 +7629,7 @@ def _unsubmitted_statuses(unit: WorkUnitRecord) -> List[TaskStatus]:
         state, detail = TaskState.PENDING, "not submitted yet"
     else:
         state, detail = TaskState.NOT_SUBMITTED, ""
-    return [TaskStatus(t, state, detail=detail) for t in _unsubmitted_tasks(unit.num_tasks, unit.arrays)]
+    return [TaskStatus(t, state, detail=detail, attempts=0) for t in _unsubmitted_tasks(unit.num_tasks, unit.arrays)]
 
 
 def reconcile_submissions(record: ExperimentRecord) -> bool:
@@ -7513,9 +7658,11 @@ def reconcile_submissions(record: ExperimentRecord) -> bool:
             word, key, job_id = (line.split() + ["", "", ""])[:3]
             if word == "OK" and job_id.isdigit():
                 known[key] = job_id
-        for unit in group:
-            unit.arrays = [ArrayRecord(p.first_task, p.count, job_id=known[p.key])
-                           for p in unit.planned if p.key in known]
+        for unit in group:  # the planned arrays are the last (a rerun's follow the launch's)
+            planned = {(p.first_task, p.count, p.tasks, p.attempt) for p in unit.planned}
+            unit.arrays = [a for a in unit.arrays if (a.first_task, a.count, a.tasks, a.attempt) not in planned]
+            unit.arrays += [ArrayRecord(p.first_task, p.count, job_id=known[p.key], tasks=p.tasks,
+                                        attempt=p.attempt) for p in unit.planned if p.key in known]
             unit.set_state(unit_submission_state(unit.num_tasks, unit.arrays))
     if units:
         save_record(record)
@@ -7635,6 +7782,224 @@ def cancel(record: ExperimentRecord, work_unit_ids: Optional[Sequence[int]] = No
                 unit.cancelled = True
         result.cancelled += active
     save_record(record)
+    return result
+
+
+
+# -- lxm3 rerun --------------------------------------------------------------
+
+
+class RerunSubmission(ArraySubmission):
+    """One array of ``lxm3 rerun``: ``tasks`` (task = first_task + index) for their ``attempt``-th run."""
+
+    def __init__(self, work_unit_id: int, first_task: int, indices: List[int], argv: List[str],
+                 attempt: int, key: str):
+        super().__init__(work_unit_id, first_task, len(indices), argv)
+        self.tasks = _task_ranges(first_task + i for i in indices).replace(" ", "")
+        self.attempt = attempt
+        self._key = key
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    @property
+    def task_range(self) -> str:
+        return f"task{'s' if self.count > 1 else ''} {self.tasks.replace(',', ', ')}"
+
+    def to_record(self, **fields: Any) -> ArrayRecord:
+        return ArrayRecord(self.first_task, self.count, tasks=self.tasks, attempt=self.attempt, **fields)
+
+
+def task_attempts(unit: WorkUnitRecord) -> Dict[int, int]:
+    """How many times each task was submitted (tasks never submitted: absent)."""
+    attempts: Dict[int, int] = {}
+    for array in unit.arrays:
+        for task in array.task_ids():
+            attempts[task] = attempts.get(task, 0) + 1
+    return attempts
+
+
+def _why_not_rerun(record: ExperimentRecord, unit: WorkUnitRecord) -> Optional[str]:
+    """Why ``lxm3 rerun`` cannot submit this unit's tasks again (None: it can)."""
+    xid, wid = record.experiment_id, unit.id
+    if unit.state == UnitState.DRY_RUN:
+        return (f"work unit {wid} of experiment {xid} is a dry run (lxm3 launch --dry-run): nothing was "
+                "submitted or staged, so there is nothing to rerun; launch it without --dry-run")
+    if unit.is_local:
+        script = unit.script or "job.sh"
+        return (f"work unit {wid} of experiment {xid} ran on this machine: lxm3 rerun resubmits tasks of "
+                f"cluster work units only. Run a task again here with `LXM_TASK_ID=3 bash {shell_quote(script)}`, "
+                "or launch again")
+    if not unit.arrays and unit.state != UnitState.SUBMITTING:
+        return f"work unit {wid} of experiment {xid} was never submitted ({unit.state}): launch it again"
+    if not unit.submit_argv or not unit.script or not unit.submission_log:
+        return (f"work unit {wid} of experiment {xid} was launched by an lxm3 that did not record its "
+                "submit command, which lxm3 rerun needs: launch it again")
+    return None
+
+
+def _rerun_check_script(units: Sequence[WorkUnitRecord], scheduler: Scheduler) -> str:
+    """The cluster's array limits, and which of the files the units' launch staged are gone."""
+    lines = [scheduler.probe_lines()]
+    for unit in units:
+        paths = [unit.script, f"{unit.job_directory}/tasks", unit.archive]
+        paths += [path for path in (unit.image, unit.environment) if path and path.startswith("/")]
+        lines += [f"[ -e {shell_quote(path)} ] || echo missing {unit.id} {shell_quote(path)}"
+                  for path in paths if path]
+    return "\n".join(lines) + "\ntrue\n"
+
+
+def _plan_rerun(unit: WorkUnitRecord, tasks: Sequence[int], scheduler: Scheduler, info: ClusterInfo,
+                stamp: int) -> List[RerunSubmission]:
+    """The arrays that submit ``tasks`` again: one set per attempt number (each gets its own
+    LXM_RERUN), split as the cluster's limits require; chained if the launch throttled them."""
+    attempts = task_attempts(unit)
+    by_attempt: Dict[int, List[int]] = {}
+    for task in tasks:
+        by_attempt.setdefault(attempts.get(task, 0) + 1, []).append(task)
+    max_index, max_count = scheduler.rerun_limits(info)
+    submissions: List[RerunSubmission] = []
+    for attempt, group in sorted(by_attempt.items()):
+        for offset, indices in split_index_lists(group, max_index, max_count, not scheduler.index_lists):
+            argv = scheduler.rerun_argv(unit.submit_argv or [], indices, attempt - 1,
+                                        after_previous=bool(submissions))
+            submissions.append(RerunSubmission(unit.id, offset, indices, [*argv, unit.script or "", str(offset)],
+                                               attempt, key=f"{unit.id}:r{stamp}.{len(submissions)}"))
+    return submissions
+
+
+def rerun_tasks(record: ExperimentRecord, work_unit_ids: Optional[Sequence[int]] = None,
+                tasks: Optional[Sequence[int]] = None) -> Dict[int, List[ArrayRecord]]:
+    """Submit some tasks of cluster work units again, with their original arguments.
+
+    ``tasks``: these task ids of each unit; None: every task whose latest
+    attempt failed, was cancelled or was lost, as ``lxm3 status`` tells. The
+    job script, tasks file and archive the launch staged are used again:
+    nothing is packaged or copied. Tasks still pending or running are refused.
+    Every attempt stays in the record; the new arrays are saved before they are
+    submitted (the cluster's submission log knows the outcome if lxm3 is cut
+    off). Returns the arrays submitted, by work unit.
+    """
+    units = [u for u in record.work_units if work_unit_ids is None or u.id in work_unit_ids]
+    reasons = {u.id: _why_not_rerun(record, u) for u in units}
+    if work_unit_ids is not None or all(reasons.values()):
+        for unit in units:
+            if reasons[unit.id]:
+                raise LaunchError(reasons[unit.id])
+    for unit in units:
+        if reasons[unit.id]:
+            _progress(f"skipped: {reasons[unit.id]}")
+    units = [u for u in units if not reasons[u.id]]
+    reconcile_submissions(record)
+    statuses = query_status(record, [u.id for u in units])
+    chosen: Dict[int, List[int]] = {}
+    for unit in units:
+        states = {t.task: t for t in statuses[unit.id].tasks}
+        if tasks is None:
+            picked = sorted(t for t, status in states.items() if status.state in TaskState.RERUN)
+        else:
+            outside = sorted({t for t in tasks if not 0 <= t < unit.num_tasks})
+            if outside:
+                raise LaunchError(f"work unit {unit.id} has tasks 0-{unit.num_tasks - 1}; "
+                                  f"{_task_ranges(outside)} {'is' if len(outside) == 1 else 'are'} not among "
+                                  "them: nothing was submitted")
+            picked = sorted(set(tasks))
+        active = [states[t] for t in picked if states[t].state in TaskState.ACTIVE]
+        if active:
+            cancel_command = scheduler_named(unit.scheduler).cancel_command
+            raise LaunchError(
+                f"work unit {unit.id}: {'task' if len(active) == 1 else 'tasks'} "
+                f"{_task_ranges(t.task for t in active)} {'is' if len(active) == 1 else 'are'} still pending "
+                f"or running ({', '.join(f'{t.task}: {t.state}' for t in active[:5])}"
+                f"{', ...' if len(active) > 5 else ''}): nothing was submitted. Wait for them to end, "
+                f"or cancel them first (`{cancel_command} {' '.join(t.job or '' for t in active[:5])}` "
+                f"on the cluster, or 'lxm3 cancel {record.experiment_id} {unit.id}' for the whole "
+                "work unit), then rerun")
+        if picked:
+            chosen[unit.id] = picked
+    submitted: Dict[int, List[ArrayRecord]] = {}
+    groups: Dict[Tuple[str, str], List[WorkUnitRecord]] = {}
+    for unit in units:
+        if unit.id in chosen:
+            groups.setdefault((unit.cluster, unit.scheduler), []).append(unit)
+    for group in groups.values():
+        submitted.update(_rerun_on_cluster(record, group, chosen))
+    return submitted
+
+
+def _rerun_on_cluster(record: ExperimentRecord, units: List[WorkUnitRecord],
+                      chosen: Mapping[int, List[int]]) -> Dict[int, List[ArrayRecord]]:
+    """One cluster's part of ``rerun_tasks``: check what is staged, plan, record, submit."""
+    xid, cluster = record.experiment_id, units[0].cluster
+    scheduler = scheduler_named(units[0].scheduler)
+    connection = _unit_connection(units[0])
+    try:
+        output = connection.run_script(_rerun_check_script(units, scheduler), "checking the staged files")
+        values: Dict[str, str] = {}
+        missing: List[str] = []
+        for line in output.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "missing":
+                missing.append(value)
+            else:
+                values[key] = value.strip()
+        if missing:
+            gone = "; ".join(f"work unit {m.split(' ', 1)[0]}: {m.split(' ', 1)[1]}" for m in missing[:5])
+            raise ClusterError(f"what the launch of experiment {xid} staged on {cluster} is gone ({gone}), "
+                               "removed by lxm3 clean or by hand: nothing was submitted; launch it again")
+        limits = {key: int(values[key]) for key in ("max_array_size", "max_array_tasks")
+                  if values.get(key, "").isdigit()}
+        info = ClusterInfo(staging="", home="", **limits)
+        stamp = int(time.time() * 1000)
+        submissions: List[RerunSubmission] = []
+        for unit in units:
+            planned = _plan_rerun(unit, chosen[unit.id], scheduler, info, stamp)
+            submissions += planned
+            unit.planned = [s.to_record(key=s.key) for s in planned]
+            unit.set_state(UnitState.SUBMITTING)
+            attempts = sorted({s.attempt for s in planned})
+            _progress(f"work unit {unit.id}: rerunning {_counted(len(chosen[unit.id]), 'task')} "
+                      f"({_task_ranges(chosen[unit.id])}; attempt {', '.join(map(str, attempts))}) on {cluster} "
+                      f"as {_counted(len(planned), 'array')}, with the job script and archive staged at launch")
+        if record.status in (ExperimentStatus.COMPLETED, ExperimentStatus.FAILED, ExperimentStatus.CANCELLED):
+            record.status = ExperimentStatus.LAUNCHED  # 'lxm3 status' concludes again
+        try:  # what is about to be submitted is on disk first, as at launch
+            save_record(record)
+        except OSError as e:
+            raise LaunchError(f"cannot save the record of experiment {xid} ({e.strerror}: {e.filename}), "
+                              "so nothing was submitted; free some space and rerun") from None
+        experiment_dir = os.path.dirname(units[0].submission_log or "")
+        script = submission_script([u.log_directory for u in units if u.log_directory], submissions,
+                                   experiment_dir, scheduler)
+        output, interrupted = _run_submission(connection, script, experiment_dir)
+    finally:
+        connection.close()
+    error = parse_submission_output(output, submissions)
+    still_running = SUBMISSION_STILL_RUNNING in output
+    result: Dict[int, List[ArrayRecord]] = {}
+    for unit in units:
+        done = [s for s in submissions if s.work_unit_id == unit.id and s.job_id is not None]
+        result[unit.id] = [s.to_record(job_id=s.job_id) for s in done]
+        unit.arrays += result[unit.id]
+        if not still_running:
+            unit.set_state(unit_submission_state(unit.num_tasks, unit.arrays))
+        if done:
+            jobs = ", ".join(f"{s.job_id} ({s.task_range}, attempt {s.attempt})" for s in done)
+            _progress(f"work unit {unit.id}: resubmitted to {cluster} as job {jobs}; logs in {unit.log_directory}")
+    try:
+        save_record(record)
+    except OSError as e:
+        raise LaunchError(f"the tasks were resubmitted, but the record of experiment {xid} could not be "
+                          f"saved ({e.strerror}: {e.filename}); once there is space, 'lxm3 status {xid}' "
+                          "reads the job ids from the cluster's submission log") from None
+    if interrupted:
+        _progress(f"rerun interrupted; see 'lxm3 status {xid}' for what was resubmitted")
+        raise KeyboardInterrupt
+    if error:
+        failed = next(s for s in submissions if s.job_id is None)
+        raise ClusterError(f"{scheduler.submit_command} on {cluster} rejected the rerun of work unit "
+                           f"{failed.work_unit_id} ({failed.task_range}): {error}")
     return result
 
 
@@ -8991,9 +9356,11 @@ def _cmd_status(args) -> int:
         print(f"work unit {wid} on {_where(unit)}{' jobs ' + jobs if jobs else ''}: "
               f"{unit.state}; {status.message}")
         if args.work_unit is not None:
-            rows = [["TASK", "JOB", "STATE", "EXIT"]]
+            rerun = any(t.attempts > 1 for t in status.tasks)  # (lxm3 rerun) how many each had
+            rows = [["TASK", "JOB", "STATE", "EXIT"] + (["ATTEMPTS"] if rerun else [])]
             rows += [[str(t.task), t.job or "-", t.state + (f" ({t.detail})" if t.detail else ""),
-                      "" if t.exit_code is None else str(t.exit_code)] for t in status.tasks]
+                      "" if t.exit_code is None else str(t.exit_code)] + ([str(t.attempts)] if rerun else [])
+                     for t in status.tasks]
             _print_table(rows)
         else:
             missing = [t.task for t in status.tasks if t.state == TaskState.NOT_SUBMITTED]
@@ -9034,6 +9401,30 @@ def _cmd_cancel(args) -> int:
               f"job(s) {', '.join(result.ended)} had already ended")
     if not result.cancelled and not result.ended:
         print("nothing to cancel: no submitted jobs")
+    return 0
+
+
+def _cmd_rerun(args) -> int:
+    record = load_record(args.experiment)
+    tasks = parse_task_list(args.tasks) if args.tasks is not None else None
+    cluster_units = [u for u in record.work_units if not u.is_local and u.state != UnitState.DRY_RUN]
+    if tasks is not None and args.work_unit is None and len(cluster_units) > 1:
+        raise LaunchError(f"experiment {record.experiment_id} has {_counted(len(record.work_units), 'work unit')}: "
+                          f"say whose tasks to rerun (lxm3 rerun {record.experiment_id} WID --tasks {args.tasks})")
+    work_units = _selected_units(record, args.work_unit)
+    if tasks is not None and work_units is None and cluster_units:
+        work_units = [cluster_units[0].id]
+    result = rerun_tasks(record, work_units, tasks)
+    if not any(result.values()):
+        where = f" work unit {args.work_unit}" if args.work_unit is not None else ""
+        print(f"nothing to rerun: no task of experiment {record.experiment_id}{where} failed, was cancelled "
+              f"or was lost in its latest attempt ('lxm3 status {record.experiment_id}' shows them)")
+        return 0
+    for wid, arrays in result.items():
+        done = [t for a in arrays for t in a.task_ids()]
+        print(f"work unit {wid}: resubmitted {_counted(len(done), 'task')} ({_task_ranges(done)}) "
+              f"as job {', '.join(a.job_id or '?' for a in arrays)}")
+    print(f"follow them with 'lxm3 status {record.experiment_id}'")
     return 0
 
 
@@ -9103,6 +9494,27 @@ def _parser():
     cancel_command.add_argument("experiment", metavar="XID", help="experiment id (see 'lxm3 list')")
     cancel_command.add_argument("work_unit", metavar="WID", type=int, nargs="?", help="only this work unit")
 
+    rerun = commands.add_parser(
+        "rerun", help="submit failed (or chosen) tasks of a cluster work unit again",
+        description="Submit tasks of a launched experiment again, with their original arguments, "
+                    "reusing the job script, tasks file and archive the launch staged on the cluster: "
+                    "nothing is packaged or copied. The default, --failed, reruns the tasks whose latest "
+                    "attempt failed, was cancelled or was lost by the scheduler (as 'lxm3 status' shows "
+                    "them), in every work unit unless WID is given. Tasks still pending or running are "
+                    "refused: cancel them first.",
+        epilog="Every attempt is kept: 'lxm3 status XID WID' shows each task's latest attempt and how "
+               "many it had, 'lxm3 logs' the latest attempt's log. Tasks see LXM_RERUN (how many earlier "
+               "submissions they had) in their environment. Examples: 'lxm3 rerun 1712345678901' "
+               "(every failed task), 'lxm3 rerun 1712345678901 2 --tasks 3,7,12-20'.")
+    rerun.add_argument("experiment", metavar="XID", help="experiment id (see 'lxm3 list')")
+    rerun.add_argument("work_unit", metavar="WID", type=int, nargs="?",
+                       help="only this work unit (needed with --tasks when there are several)")
+    which = rerun.add_mutually_exclusive_group()
+    which.add_argument("--failed", action="store_true",
+                       help="the tasks whose latest attempt failed, was cancelled or was lost (the default)")
+    which.add_argument("--tasks", metavar="LIST",
+                       help="these task ids (from 0), e.g. 3,7,12-20")
+
     clean_command = commands.add_parser(
         "clean", help="remove what no experiment still needs (old job directories, archives, images, environments)",
         description="On each cluster of the config, remove what no experiment still needs: experiment "
@@ -9169,7 +9581,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         args = parser.parse_args(argv)
     handlers = {"list": _cmd_list, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
-                "clean": _cmd_clean}
+                "clean": _cmd_clean, "rerun": _cmd_rerun}
     try:
         if args.command == "launch":
             return _launch(args.launcher, list(args.args), dry_run=args.dry_run)
