@@ -19,17 +19,25 @@ PYTHON=${PYTHON:-python3}
 
 SUMMARY=()
 FAILED=0
+# Each phase's output is kept, so that the summary at the end can repeat the
+# tests that failed in every phase (a CI log often shows only its end).
+PHASE_LOGS=$(mktemp -d "${TMPDIR:-/tmp}/lxm3-run.XXXXXX")
+trap 'rm -rf "$PHASE_LOGS"' EXIT
 step() { printf '\n== %s\n' "$*"; }
 # phase NAME COMMAND...: run it, and note how it went and how long it took.
 phase() {
-  local name=$1 start=$SECONDS rc=0
+  local name=$1 start=$SECONDS rc=0 log
   shift
   step "$name"
-  "$@" || rc=$?
+  log=$PHASE_LOGS/${#SUMMARY[@]}.log
+  "$@" > >(tee "$log") 2>&1 || rc=$?
+  wait $! 2>/dev/null || true  # tee has written everything
   if ((rc == 0)); then
     SUMMARY+=("PASS  $name ($((SECONDS - start)) s)")
   else
     SUMMARY+=("FAIL  $name (exit $rc, $((SECONDS - start)) s)")
+    while IFS= read -r line; do SUMMARY+=("        $line"); done < <(
+      grep -E '^(FAILED|ERROR) ' "$log" | cut -c1-200 | head -n 12)
     FAILED=1
   fi
 }
