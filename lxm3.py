@@ -4568,6 +4568,7 @@ def render_job_script(
     exit_record: bool = False,
     umask: Optional[str] = None,
     umask_note: str = "the umask lxm3 was launched with",
+    on_exit: str = "",
 ) -> str:
     """The job script of one work unit; executors supply ``header`` and ``task_id``.
 
@@ -4581,7 +4582,8 @@ def render_job_script(
     cluster; None: this process's), whatever the scheduler would give it
     (sbatch passes on the submitting shell's, Grid Engine its daemon's), so
     a task makes files as the user would by running it there themselves.
-    ``umask_note`` says where the value came from, in a comment.
+    ``umask_note`` says where the value came from, in a comment. ``on_exit``:
+    a last line for the exit trap (``$status`` is the task's exit status).
     """
     umask = umask or process_umask()
     if not UMASK_PATTERN.match(umask):
@@ -4597,7 +4599,7 @@ def render_job_script(
         tasks_file=shell_quote(tasks_file),
         setup=setup,
         run=run,
-        exit_record=EXIT_RECORD if exit_record else ":",
+        exit_record=(EXIT_RECORD if exit_record else ":") + (f"\n  {on_exit}" if on_exit else ""),
         exit_record_comment=", and say how the task ended" if exit_record else "",
         umask=umask,
         umask_note=umask_note,
@@ -4890,9 +4892,12 @@ class Scheduler:
     # -- submission ------------------------------------------------------
 
     def submit_argv(self, executor: ClusterExecutor, script: str, count: int, log_dir: str,
-                    chained: bool) -> List[str]:
+                    chained: bool, after: Sequence[Tuple[str, Sequence[str]]] = ()) -> List[str]:
         """The submit command of one array of ``count`` tasks, without the script.
-        ``chained``: wait for the job whose id replaces ``{previous}``."""
+        ``chained``: wait for the job whose id replaces ``{previous}``.
+        ``after``: (kind, job ids) of other work units' arrays to wait for, all
+        of them: kind ``ok`` (every task succeeded), ``any`` (ended) or ``each``
+        (task by task, same indices; exactly one job id)."""
         raise NotImplementedError
 
     index_lists = False  # one array may hold any indices (else one contiguous run: rerun_argv)
@@ -4909,6 +4914,11 @@ class Scheduler:
         tasks' environment, and without the launch's dependencies. ``after_previous``:
         a later array of the rerun, which waits for ``{previous}`` if tasks are throttled."""
         raise NotImplementedError
+
+    # A line for the job script's exit trap (``$status``: the task's exit
+    # status) that makes a failed task hold back the work units that wait for
+    # its success, where the scheduler needs the job's help for that.
+    holds_dependents_line = ""
 
     def log_path_pattern(self, log_dir: str) -> str:
         """The output option's value: one file per task, named by job id and index."""
@@ -5066,14 +5076,21 @@ echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= 
         return min(limits) if limits else None
 
     def submit_argv(self, executor: ClusterExecutor, script: str, count: int, log_dir: str,
-                    chained: bool) -> List[str]:
+                    chained: bool, after: Sequence[Tuple[str, Sequence[str]]] = ()) -> List[str]:
         throttle = executor.max_parallel_tasks
         argv = ["sbatch", "--parsable", f"--array=0-{count - 1}{f'%{throttle}' if throttle else ''}"]
         if not self.user_sets(executor, self.output_option):
             argv.append(f"--output={self.log_path_pattern(log_dir)}")
+        # One --dependency (a second replaces the first): its parts, joined by
+        # ",", must all hold. aftercorr: task i after task i succeeded.
+        parts = [f"{self._dependency_kinds[kind]}:{':'.join(job_ids)}" for kind, job_ids in after]
         if chained:
-            argv.append("--dependency=afterany:{previous}")
+            parts.append("afterany:{previous}")
+        if parts:
+            argv.append(f"--dependency={','.join(parts)}")
         return argv
+
+    _dependency_kinds = {"ok": "afterok", "any": "afterany", "each": "aftercorr"}
 
     index_lists = True  # --array=3,7,12-20
 
@@ -5269,7 +5286,7 @@ class GridEngineScheduler(Scheduler):
         return info.max_array_tasks or None
 
     def submit_argv(self, executor: ClusterExecutor, script: str, count: int, log_dir: str,
-                    chained: bool) -> List[str]:
+                    chained: bool, after: Sequence[Tuple[str, Sequence[str]]] = ()) -> List[str]:
         base = self.index_base
         argv = ["qsub", "-terse", "-t", f"{base}-{base + count - 1}"]
         if executor.max_parallel_tasks:
@@ -5279,9 +5296,21 @@ class GridEngineScheduler(Scheduler):
             argv += ["-o", log_path]
         if not executor.merge_output and not self.user_sets(executor, "-e"):
             argv += ["-e", log_path[: -len(".log")] + ".err"]
+        # -hold_jid waits for the jobs to end, whatever their outcome; a job that
+        # exits with 100 holds it for good (holds_dependents_line), so "ok" is
+        # -hold_jid too. -hold_jid_ad: task i after task i, arrays of one size.
+        hold = [job_id for kind, job_ids in after if kind != "each" for job_id in job_ids]
         if chained:
-            argv += ["-hold_jid", "{previous}"]
+            hold.append("{previous}")
+        if hold:
+            argv += ["-hold_jid", ",".join(hold)]
+        each = [job_id for kind, job_ids in after if kind == "each" for job_id in job_ids]
+        if each:
+            argv += ["-hold_jid_ad", ",".join(each)]
         return argv
+
+    holds_dependents_line = ("[[ $status -eq 0 ]] || exit 100  "
+                             "# Grid Engine: jobs waiting for this one (-hold_jid) stay held for good")
 
     def rerun_limits(self, info: ClusterInfo) -> Tuple[Optional[int], Optional[int]]:
         """max_aj_tasks bounds the count; -t takes one range, so each array is one run."""
@@ -5414,24 +5443,52 @@ class ArraySubmission(ValueObject):
 
 
 def submission_argv(executor: ClusterExecutor, script: str, first_task: int, count: int,
-                    log_dir: str, chained: bool) -> List[str]:
+                    log_dir: str, chained: bool, after: Sequence[Tuple[str, Sequence[str]]] = ()) -> List[str]:
     """The sbatch/qsub command of one array; the script gets its first task as ``$1``.
 
     With ``max_parallel_tasks`` and several arrays, each array waits for the
     previous one, so the throttle holds for the whole work unit.
     """
-    return [*scheduler_of(executor).submit_argv(executor, script, count, log_dir, chained), script, str(first_task)]
+    return [*scheduler_of(executor).submit_argv(executor, script, count, log_dir, chained, after),
+            script, str(first_task)]
 
 
 def plan_submissions(work_unit_id: int, executor: ClusterExecutor, script: str,
-                     num_tasks: int, log_dir: str, limit: Optional[int]) -> List[ArraySubmission]:
+                     num_tasks: int, log_dir: str, limit: Optional[int],
+                     upstream: Optional[Mapping[int, Sequence[Any]]] = None,
+                     after: Sequence[Tuple[str, int]] = ()) -> List[ArraySubmission]:
+    """The arrays of a work unit, split by ``limit``.
+
+    ``after``: (kind, work unit) it waits for; ``upstream``: those units'
+    arrays (ArraySubmissions of this submission, whose ids the script fills in
+    as ``{job:KEY}``, or ones submitted before). ok/any wait for every array;
+    after_each pairs arrays, so the unit is split as its upstream was.
+    """
     chunks = split_array(num_tasks, limit)
-    return [
-        ArraySubmission(work_unit_id, first, count,
-                        submission_argv(executor, script, first, count, log_dir,
-                                        chained=i > 0 and executor.max_parallel_tasks is not None))
-        for i, (first, count) in enumerate(chunks)
-    ]
+    upstream = upstream or {}
+    each = [w for kind, w in after if kind == "each"]
+    if each:
+        chunks = [(a.first_task, a.count) for a in upstream.get(each[0], [])]
+    submissions = []
+    for i, (first, count) in enumerate(chunks):
+        waits = []
+        for kind, wid in after:
+            arrays = upstream.get(wid, [])
+            if not arrays:
+                raise LaunchError(f"work unit {work_unit_id} waits for work unit {wid}, which was not "
+                                  "submitted: launch them again together")
+            if kind == "each":
+                arrays = [a for a in arrays if (a.first_task, a.count) == (first, count)]
+                if not arrays:
+                    raise LaunchError(
+                        f"work unit {work_unit_id} pairs its tasks with work unit {wid}'s (after_each), "
+                        f"but {wid} has no array of exactly tasks {first}-{first + count - 1}: pair work "
+                        "units on one cluster (split alike), or use after_ok()")
+            waits.append((kind, [a.job_id or f"{{job:{a.key}}}" for a in arrays]))
+        argv = submission_argv(executor, script, first, count, log_dir,
+                               chained=i > 0 and executor.max_parallel_tasks is not None, after=waits)
+        submissions.append(ArraySubmission(work_unit_id, first, count, argv))
+    return submissions
 
 
 def split_index_lists(tasks: Iterable[int], max_index: Optional[int], max_count: Optional[int],
@@ -5481,6 +5538,20 @@ if [ -f "$lxm_dir/@@{log}" ]; then
   while read -r lxm_key lxm_id; do lxm_known[$lxm_key]=$lxm_id; done <"$lxm_dir/@@{log}"
 fi
 lxm_previous=
+# lxm_need KEY AWAITED_KEY...: array KEY waits for those arrays; without
+# their job ids (not submitted) it cannot be submitted.
+lxm_need() {
+  local key=$1 up
+  shift
+  for up in "$@"; do
+    [ -n "${lxm_known[$up]:-}" ] && continue
+    [ -e "$lxm_out/rejected" ] || [ -e "$lxm_dir/@@{stop}" ] && exit 0
+    : >"$lxm_out/rejected"
+    echo "FAIL $key"
+    echo "it waits for array $up of this launch, which has no job id (not submitted)"
+    exit 0
+  done
+}
 # lxm_submit KEY COMMAND...: prints "OK KEY ID", or "FAIL KEY" and the error. An
 # array the log holds is not submitted again. After a rejection (here or in
 # another worker) or a stop request, it ends its worker, the subshell it runs in.
@@ -5531,17 +5602,50 @@ def submission_script(log_dirs: Iterable[str], submissions: Sequence[ArraySubmis
         lock=SUBMISSION_LOCK, log=SUBMISSION_LOG, stop=SUBMISSION_STOP, id_end=scheduler.job_id_end)
     lines = [f"lxm_dir={shell_quote(experiment_dir)}", prelude, "umask 077"]
     lines += [f"mkdir -p -- {shell_quote(d)} || exit 1" for d in sorted(set(log_dirs))]
-    chains = _chains(submissions)
-    workers = min(SUBMIT_PARALLELISM, len(chains))
-    for worker in range(workers):
-        calls = []
-        for chain in chains[worker::workers]:
-            for sub in chain:
-                words = [shell_quote(a).replace("{previous}", "'\"$lxm_previous\"'") for a in sub.argv]
-                calls.append(f"lxm_submit {sub.key} {' '.join(words)}")
-        lines.append("(\n" + "\n".join(calls) + f"\n) >\"$lxm_out/{worker}\" 2>&1 &")
+    stages = _stages(_chains(submissions))
+    workers = 0
+    for stage, chains in enumerate(stages):
+        if stage:  # the job ids the previous stages got, for those that wait for them
+            lines += ["wait", _READ_SUBMISSION_LOG]
+        count = min(SUBMIT_PARALLELISM, len(chains))
+        for worker in range(count):
+            calls = []
+            for chain in chains[worker::count]:
+                for sub in chain:
+                    needs = _awaited_keys(sub)
+                    if needs:
+                        calls.append(f"lxm_need {sub.key} {' '.join(needs)}")
+                    words = [_JOB_PLACEHOLDER.sub(lambda m: f"'\"${{lxm_known[{m.group(1)}]}}\"'",
+                                                  shell_quote(a).replace("{previous}", "'\"$lxm_previous\"'"))
+                             for a in sub.argv]
+                    calls.append(f"lxm_submit {sub.key} {' '.join(words)}")
+            lines.append("(\n" + "\n".join(calls) + f"\n) >\"$lxm_out/{workers}\" 2>&1 &")
+            workers += 1
     lines += ["wait", 'cat "$lxm_out"/[0-9]*' if workers else ":", "}", "lxm_main"]
     return "\n".join(lines) + "\n"
+
+
+_JOB_PLACEHOLDER = re.compile(r"\{job:([0-9]+:[0-9]+)\}")  # the job id of the array with that key
+_READ_SUBMISSION_LOG = f"""if [ -f "$lxm_dir/{SUBMISSION_LOG}" ]; then
+  while read -r lxm_key lxm_id; do lxm_known[$lxm_key]=$lxm_id; done <"$lxm_dir/{SUBMISSION_LOG}"
+fi"""
+
+
+def _awaited_keys(sub: ArraySubmission) -> List[str]:
+    """The keys of arrays of this submission that ``sub`` waits for (``{job:KEY}``)."""
+    return list(dict.fromkeys(_JOB_PLACEHOLDER.findall(" ".join(sub.argv))))
+
+
+def _stages(chains: List[List[ArraySubmission]]) -> List[List[List[ArraySubmission]]]:
+    """Chains in rounds: one that waits for another's job is submitted in a later round."""
+    stage_of: Dict[str, int] = {}
+    stages: List[List[List[ArraySubmission]]] = []
+    for chain in chains:  # a work unit waits only for units added before it: already placed
+        stage = max((stage_of.get(key, -1) + 1 for sub in chain for key in _awaited_keys(sub)), default=0)
+        stage_of.update((sub.key, stage) for sub in chain)
+        stages += [[] for _ in range(stage + 1 - len(stages))]
+        stages[stage].append(chain)
+    return stages
 
 
 def submission_log_script(experiment_dir: str, stop: bool = False) -> str:
@@ -5679,6 +5783,10 @@ class WorkUnitRecord(ValueObject):
         file, logs) on the cluster (None: not removed).
       submit_argv: the submit command of its first array, without the script
         and its argument: what ``lxm3 rerun`` submits again (Scheduler.rerun_argv).
+      dependencies: what it waits for, ``[{"kind": "ok"|"any"|"each",
+        "work_units": [ids]}]`` (see Dependency); empty: nothing.
+      never_run: local tasks that never started because what they waited
+        for can no longer happen (an upstream task failed).
     """
 
     def __init__(self, id: int, state: str, executor: Optional[str] = None,  # noqa: A002
@@ -5692,7 +5800,9 @@ class WorkUnitRecord(ValueObject):
                  custom_output: bool = False, log_paths: Optional[List[str]] = None,
                  exit_codes: Optional[Dict[int, int]] = None, python: Optional[Dict[str, Any]] = None,
                  environment: Optional[str] = None, cleaned: Optional[str] = None,
-                 submit_argv: Optional[List[str]] = None):
+                 submit_argv: Optional[List[str]] = None,
+                 dependencies: Optional[List[Dict[str, Any]]] = None,
+                 never_run: Optional[List[int]] = None):
         self.id = id
         self.state = state
         self.executor = executor
@@ -5718,6 +5828,8 @@ class WorkUnitRecord(ValueObject):
         self.environment = environment
         self.cleaned = cleaned
         self.submit_argv = submit_argv
+        self.dependencies = [] if dependencies is None else dependencies
+        self.never_run = [] if never_run is None else never_run
 
     @property
     def is_local(self) -> bool:
@@ -5736,7 +5848,14 @@ class WorkUnitRecord(ValueObject):
         data["arrays"] = [a.to_json() for a in self.arrays]
         data["planned"] = [p.to_json() for p in self.planned]
         data["exit_codes"] = {str(k): v for k, v in sorted(self.exit_codes.items())}
+        for name in ("dependencies", "never_run"):  # newer than the format: left out when empty
+            if not data[name]:
+                del data[name]
         return data
+
+    def upstream_ids(self) -> List[int]:
+        """The work units this one waits for."""
+        return list(dict.fromkeys(w for d in self.dependencies for w in d.get("work_units", ())))
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> WorkUnitRecord:
@@ -5746,6 +5865,8 @@ class WorkUnitRecord(ValueObject):
         fields["planned"] = [ArrayRecord.from_json(p) for p in data.get("planned") or []]
         fields["exit_codes"] = {int(k): v for k, v in (data.get("exit_codes") or {}).items()}
         fields["log_paths"] = data.get("log_paths") or []
+        fields["dependencies"] = [dict(d) for d in data.get("dependencies") or []]
+        fields["never_run"] = [int(t) for t in data.get("never_run") or []]
         return cls(**fields)
 
 
@@ -5921,6 +6042,8 @@ class TaskResult(ValueObject):
         self.log_path = log_path
 
 
+NEVER_RUN_DETAIL = "never ran: a work unit it waited for did not succeed"
+
 LOCAL_HEADER = "# Run by lxm3's local executor, which sets LXM_TASK_ID for each task."
 LOCAL_TASK_ID = 'LXM_TASK_ID=${LXM_TASK_ID:?"is set by the lxm3 local runner"}'
 
@@ -5966,6 +6089,9 @@ class LocalRunner:
     thousands of tasks costs that many threads, not one per task. A task that
     needs N GPUs waits for N free devices (see ``local_gpus``) and runs with
     them alone in its CUDA_VISIBLE_DEVICES; they are free again when it ends.
+    A work unit's tasks may wait for another's (``after``, see Dependency):
+    a worker takes the first queued task free to start, and drops those whose
+    dependency can no longer be met (``never_run``).
     """
 
     def __init__(self, max_parallel: Optional[int] = None, out=None):
@@ -5986,11 +6112,17 @@ class LocalRunner:
         self._stopping = False
         self.results: List[TaskResult] = []
         self.not_started: List[Tuple[int, int]] = []  # (work unit, task) dropped by stop()
+        self.never_run: List[Tuple[int, int]] = []  # (work unit, task): its dependency cannot be met
+        self._units: Dict[int, int] = {}  # work unit -> its number of tasks
+        self._ended: Dict[Tuple[int, int], Optional[int]] = {}  # return code; None: never started
+        self._task_ended = threading.Condition(self._lock)
         self._writing: List[int] = []  # locks on the log directories (see follow_log)
 
     def submit(self, script: str, work_unit_id: int, num_tasks: int, log_dir: str,
-               env: Optional[Mapping[str, str]] = None, gpus_per_task: int = 0) -> List[str]:
-        """Queue every task of a work unit; returns their log paths."""
+               env: Optional[Mapping[str, str]] = None, gpus_per_task: int = 0,
+               after: Sequence[Tuple[str, int]] = ()) -> List[str]:
+        """Queue every task of a work unit; returns their log paths.
+        ``after``: (kind, work unit) pairs its tasks wait for (see Dependency)."""
         if gpus_per_task:
             self._plan_gpus(work_unit_id, gpus_per_task)
         make_private_dirs(log_dir)
@@ -5998,12 +6130,14 @@ class LocalRunner:
         env = dict(env or {})
         self._writing += _hold_writer_lock(log_dir)
         with self._lock:
+            self._units[work_unit_id] = num_tasks
             if self._stopping:
                 self.not_started += [(work_unit_id, t) for t in range(num_tasks)]
                 return logs
             for task_id, log_path in enumerate(logs):
                 prefix = f"[{work_unit_id}]" if num_tasks == 1 else f"[{work_unit_id}:{task_id}]"
-                self._queue.append((script, work_unit_id, task_id, log_path, prefix, env, gpus_per_task))
+                self._queue.append((script, work_unit_id, task_id, log_path, prefix, env, gpus_per_task,
+                                    tuple(after)))
             for _ in range(min(self.max_parallel - len(self._workers), len(self._queue))):
                 worker = threading.Thread(target=self._work, name="lxm3-local-worker", daemon=True)
                 self._workers.append(worker)
@@ -6057,19 +6191,63 @@ class LocalRunner:
         """Run queued tasks until the queue is empty (or stop() emptied it)."""
         while True:
             with self._lock:
-                if not self._queue:
+                task = self._next_task()
+                while task is None and self._queue and not self._stopping:
+                    self._task_ended.wait()  # every queued task waits for one still running
+                    task = self._next_task()
+                if task is None:
                     self._workers.remove(threading.current_thread())
                     return
-                task = self._queue.popleft()
             self._run_task(*task)
 
-    def _run_task(self, script, work_unit_id, task_id, log_path, prefix, env, gpus) -> None:
+    def _next_task(self) -> Optional[Tuple[Any, ...]]:
+        """(Under the lock) take the first queued task free to start; drop, as
+        never run, those whose dependency can no longer be met."""
+        if self._queue and not self._queue[0][-1]:
+            return self._queue.popleft()  # the common case: nothing to wait for
+        for task in list(self._queue):
+            verdict = self._dependency_verdict(task[-1], task[2])
+            if verdict == "wait":
+                continue
+            self._queue.remove(task)
+            if verdict == "run":
+                return task
+            work_unit_id, task_id, log_path = task[1], task[2], task[3]
+            self.never_run.append((work_unit_id, task_id))
+            self._ended[(work_unit_id, task_id)] = None
+            self._task_ended.notify_all()
+            try:
+                with open(create_private(log_path), "w") as log:
+                    log.write(f"lxm3: {NEVER_RUN_DETAIL}\n")
+            except OSError:
+                pass
+        return None
+
+    def _dependency_verdict(self, after: Sequence[Tuple[str, int]], task_id: int) -> str:
+        """"run", "wait" or "never" for a task that waits for ``after``."""
+        verdict = "run"
+        for kind, upstream in after:
+            if upstream not in self._units:  # its launch failed: none of its tasks will run
+                if kind != "any":
+                    return "never"
+                continue
+            for t in [task_id] if kind == "each" else range(self._units[upstream]):
+                if (upstream, t) not in self._ended:
+                    verdict = "wait"
+                elif kind != "any" and self._ended[(upstream, t)] != 0:
+                    return "never"
+        return verdict
+
+    def _run_task(self, script, work_unit_id, task_id, log_path, prefix, env, gpus, after=()) -> None:
+        del after  # met: the task was free to start
         devices = None
         if gpus and self._gpus is not None:
             devices = self._take_gpus(1 if self._gpus_unassigned else gpus)
             if devices is None:
                 with self._lock:
                     self.not_started.append((work_unit_id, task_id))
+                    self._ended[(work_unit_id, task_id)] = None
+                    self._task_ended.notify_all()
                 return
             if not self._gpus_unassigned:
                 env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(devices)}
@@ -6087,6 +6265,8 @@ class LocalRunner:
             with self._lock:  # stop() must see every process it has to stop
                 if self._stopping:
                     self.not_started.append((work_unit_id, task_id))
+                    self._ended[(work_unit_id, task_id)] = None
+                    self._task_ended.notify_all()
                     return
                 proc = subprocess.Popen(
                     ["bash", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -6101,6 +6281,8 @@ class LocalRunner:
         with self._lock:
             self._procs.pop((work_unit_id, task_id), None)
             self.results.append(TaskResult(work_unit_id, task_id, returncode, log_path))
+            self._ended[(work_unit_id, task_id)] = returncode
+            self._task_ended.notify_all()
 
     def _stream(self, stream, log, prefix: str, task_id: int) -> bool:
         """Copy a task's output to its log and, with ``prefix``, to the terminal;
@@ -6165,8 +6347,10 @@ class LocalRunner:
         with self._lock:
             self._stopping = True
             self.not_started += [(task[1], task[2]) for task in self._queue]
+            self._ended.update(((task[1], task[2]), None) for task in self._queue)
             self._queue.clear()
             self._gpus_freed.notify_all()  # tasks waiting for GPUs never start
+            self._task_ended.notify_all()  # nor tasks waiting for other tasks
             procs = list(self._procs.values())
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
@@ -6366,6 +6550,63 @@ def _ready(value: Any):
     return resolved()
 
 
+class Dependency(ValueObject):
+    """What a work unit waits for (an lxm3 extension to ``experiment.add``).
+
+    ``wu = experiment.add(job)`` returns an awaitable whose ``after_ok()``,
+    ``after_any()`` and ``after_each()`` (the work unit's own, once awaited)
+    make one; ``experiment.add(job2, dependency=wu.after_ok())`` adds a work
+    unit that starts:
+
+    - ``after_ok()``: once every task of ``wu`` succeeded (never, if one fails);
+    - ``after_any()``: once every task of ``wu`` ended, whatever the outcome;
+    - ``after_each()``: task by task: task i once task i of ``wu`` succeeded
+      (both work units must have as many tasks).
+
+    A list of them must all hold. Both work units run on one cluster (or
+    both locally); Slurm ``--dependency=afterok|afterany|aftercorr``, Grid
+    Engine ``-hold_jid`` / ``-hold_jid_ad``, arrays split by the array limit
+    included. The record keeps it (``WorkUnitRecord.dependencies``).
+    """
+
+    KINDS = {"ok": "after_ok", "any": "after_any", "each": "after_each"}
+
+    def __init__(self, kind: str, work_unit: ClusterWorkUnit):
+        if kind not in self.KINDS:
+            raise ValueError(f"a dependency's kind is one of {', '.join(self.KINDS)}, not {kind!r}")
+        self.kind = kind
+        self.work_unit_id = work_unit.work_unit_id
+        self._unit = work_unit
+
+    def to_record(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "work_units": [self.work_unit_id]}
+
+
+def _dependencies(value: Any) -> List[Dependency]:
+    """``dependency=``: one Dependency, a list of them, or None."""
+    items = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if not isinstance(item, Dependency):
+            raise TypeError(
+                f"dependency= takes what a work unit's after_ok(), after_any() or after_each() "
+                f"returns (or a list of them), not {_short_repr(item)}: e.g. "
+                "experiment.add(job, dependency=wu.after_ok()) with wu = experiment.add(...)")
+    return items
+
+
+def _job_executor(job: Any) -> Optional[xm.Executor]:
+    """The executor of what ``experiment.add`` got (None: a generator, known when it runs)."""
+    if isinstance(job, xm.JobGroup) and len(job.jobs) == 1:
+        [job] = job.jobs.values()
+    return job.executor if isinstance(job, (xm.Job, ArrayJob)) else None
+
+
+def _job_task_count(job: Any) -> Optional[int]:
+    if isinstance(job, ArrayJob):
+        return len(job.args)
+    return 1 if isinstance(job, (xm.Job, xm.JobGroup)) else None
+
+
 class PendingLaunch(ValueObject):
     """A work unit's job, waiting to be submitted with the rest of its cluster's."""
 
@@ -6404,6 +6645,7 @@ def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig
     experiment_dir = f"{info.staging}/experiments/{xid}"
     submissions: List[ArraySubmission] = []
     log_dirs = []
+    upstream: Dict[int, Sequence[Any]] = {}  # work unit -> its arrays, for those that wait for it
     os.makedirs(os.path.join(tree, "archives"), exist_ok=True)
     for launch in launches:
         archive, wid = launch.executable.archive, launch.work_unit.work_unit_id
@@ -6433,11 +6675,17 @@ def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig
             run=run_line(launch.executable, launch.executor, image, cluster.singularity_binds),
             umask=info.umask, umask_note="the umask of your own commands on the cluster"
             if info.umask else "this machine's umask: a dry run does not ask the cluster for its own",
+            on_exit=scheduler.holds_dependents_line if experiment._holds_dependents(launch.work_unit) else "",
         )
         write_job_files(os.path.join(tree, "experiments", str(xid), f"wu{wid}"), script,
                         launch.tasks, cluster.env)
-        submissions += plan_submissions(wid, launch.executor, f"{unit_dir}/job.sh",
-                                        len(launch.tasks), log_dir, limit)
+        after = [(d.kind, d.work_unit_id) for d in launch.work_unit._after]
+        for _, up in after:  # submitted before (the launcher waited for it), or planned just now
+            upstream.setdefault(up, [s for s in experiment.work_units[up].arrays if s.job_id])
+        planned = plan_submissions(wid, launch.executor, f"{unit_dir}/job.sh",
+                                   len(launch.tasks), log_dir, limit, upstream, after)
+        upstream[wid] = planned
+        submissions += planned
         log_dirs.append(log_dir)
         python = None if launch.executable.container else _python_for(info, launch.executor.modules)
         python = {k: v for k, v in python.items() if k != "markers"} if python else None  # record: the facts
@@ -6681,7 +6929,8 @@ def dry_run_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sched
     print(f"[dry run] {cluster.name}: would create "
           f"{', '.join(_shell_word(d) for d in sorted(set(log_dirs)))} and run:")
     for sub in submissions:
-        print("[dry run]   " + " ".join(_shell_word(a) for a in sub.argv).replace("{previous}", "<previous job>"))
+        line = " ".join(_shell_word(a) for a in sub.argv).replace("{previous}", "<previous job>")
+        print("[dry run]   " + _JOB_PLACEHOLDER.sub(lambda m: f"<job of array {m.group(1)}>", line))
 
 
 def _dry_run_python(cluster: ClusterConfig, info: ClusterInfo, launches: Sequence[PendingLaunch],
@@ -6761,8 +7010,28 @@ class ClusterWorkUnit(xm.WorkUnit):
         self.planned: List[ArraySubmission] = []  # on a cluster: every array to submit
         self.submission_log: Optional[str] = None  # where the cluster logs the job ids
         self.exit_codes: Dict[int, int] = {}  # local tasks that ended
+        self.never_run: List[int] = []  # local tasks whose dependency can no longer be met
         self.cancelled = False
         self._launch_done = threading.Event()  # add() returns before the launch has run
+        self._after: List[Dependency] = []  # what it waits for (experiment.add's dependency=)
+        self._placement: Optional[Tuple[str, str]] = None  # (cluster or "", scheduler or "local")
+        self._planned_tasks: Optional[int] = None  # its task count, when add() can tell
+
+    def after_ok(self) -> Dependency:
+        """Start a work unit once every task of this one succeeded (see Dependency)."""
+        return Dependency("ok", self)
+
+    def after_any(self) -> Dependency:
+        """Start a work unit once every task of this one ended, whatever the outcome."""
+        return Dependency("any", self)
+
+    def after_each(self) -> Dependency:
+        """Start task i of a work unit (of as many tasks) once task i of this one succeeded."""
+        return Dependency("each", self)
+
+    def _check_after(self, placement: Optional[Tuple[str, str]], num_tasks: Optional[int]) -> None:
+        _check_dependencies(self.experiment, f"work unit {self._work_unit_id}", self._after,
+                            placement, num_tasks)
 
     @property
     def work_unit_id(self) -> int:
@@ -6797,6 +7066,9 @@ class ClusterWorkUnit(xm.WorkUnit):
                      tasks: List[Task]) -> None:
         if self._executor is not None:
             raise ValueError("lxm3 launches one job per work unit; this one already has a job")
+        self._placement = self.experiment._placement(executor)
+        self._planned_tasks = len(tasks)
+        self._check_after(self._placement, len(tasks))  # again: a generator's job is known only now
         self._executor, self._executable, self._tasks = executor, executable, tasks
         where = f"work unit {self._work_unit_id}"
         if isinstance(executor, Local):
@@ -6836,7 +7108,8 @@ class ClusterWorkUnit(xm.WorkUnit):
         # Without a container, tasks use the launching interpreter, as users expect locally.
         env = {} if executable.container else {"LXM_PYTHON": sys.executable}
         self.log_paths = runner.submit(script_path, self._work_unit_id, len(tasks),
-                                       self.log_directory, env, _requirements_gpus(executor.requirements))
+                                       self.log_directory, env, _requirements_gpus(executor.requirements),
+                                       after=[(d.kind, d.work_unit_id) for d in self._after])
         self._set_state(UnitState.RUNNING)
         experiment.save_record_soon()
         _progress(f"work unit {self._work_unit_id}: {len(tasks)} task(s) started locally; "
@@ -6872,11 +7145,13 @@ class ClusterWorkUnit(xm.WorkUnit):
             self._set_state(UnitState.NOT_SUBMITTED)
 
     def _local_tasks_ended(self, stopped: bool) -> None:
-        """Its local tasks ended (``stopped``: by lxm3): completed, failed or stopped."""
+        """Its local tasks ended (``stopped``: by lxm3): completed, failed or stopped
+        (also: tasks that never ran, their dependency not met, and none failed)."""
         if self.state == UnitState.RUNNING:
             ended_well = len(self.exit_codes) == len(self._tasks) and not any(self.exit_codes.values())
+            held_back = self.never_run and not any(self.exit_codes.values())
             self._set_state(UnitState.COMPLETED if ended_well else
-                            UnitState.STOPPED if stopped else UnitState.FAILED)
+                            UnitState.STOPPED if stopped or held_back else UnitState.FAILED)
 
     @property
     def job_ids(self) -> List[str]:
@@ -6899,6 +7174,7 @@ class ClusterWorkUnit(xm.WorkUnit):
             submission_log=self.submission_log, cancelled=self.cancelled,
             python=self.python, environment=self.environment,
             submit_argv=self.planned[0].argv[:-2] if self.planned else None,
+            dependencies=[d.to_record() for d in self._after], never_run=sorted(self.never_run),
         )
         if isinstance(executor, Local):
             record.log_paths, record.exit_codes = list(self.log_paths), dict(self.exit_codes)
@@ -6933,7 +7209,9 @@ class ClusterWorkUnit(xm.WorkUnit):
                                    for t in range(len(self._tasks))])
         if isinstance(self._executor, Local):
             codes = {r.task_id: r.returncode for r in self.experiment.local_results(self._work_unit_id)}
+            never = set(self.experiment.local_never_run(self._work_unit_id))
             return WorkUnitStatus([
+                TaskStatus(t, TaskState.CANCELLED, detail=NEVER_RUN_DETAIL) if t in never else
                 TaskStatus(t, TaskState.RUNNING if t not in codes else
                            TaskState.COMPLETED if codes[t] == 0 else TaskState.FAILED,
                            codes.get(t)) for t in range(len(self._tasks))])
@@ -6991,6 +7269,51 @@ async def _poll_until_done(get_status: Callable[[], WorkUnitStatus], unit: Any) 
         raise xm.ExperimentUnitFailedError(status.message, work_unit=unit)
     if not status.is_completed:
         raise xm.ExperimentUnitNotCompletedError(status.message, work_unit=unit)
+
+
+def _check_dependencies(experiment: ClusterExperiment, me: str, after: Sequence[Dependency],
+                        placement: Optional[Tuple[str, str]], num_tasks: Optional[int]) -> None:
+    """Refuse what cannot wait for what: other experiment, other cluster, other size."""
+    for dep in after:
+        up, name = dep._unit, f"work unit {dep.work_unit_id}"
+        if up.experiment is not experiment:
+            raise ValueError(f"{me} cannot wait for {name} of experiment {up.experiment.experiment_id}: "
+                             "dependencies link work units of one experiment")
+        if placement and up._placement and placement != up._placement:
+            raise ValueError(
+                f"{me} ({_placement_text(placement)}) cannot wait for {name} "
+                f"({_placement_text(up._placement)}): dependencies link work units of one cluster "
+                "and scheduler, or local ones; run both in one place, or wait for the first "
+                "in the launcher (await it) before adding the second")
+        if dep.kind == "each" and num_tasks is not None and up._planned_tasks is not None \
+                and num_tasks != up._planned_tasks:
+            raise ValueError(f"{me} has {_counted(num_tasks, 'task')} and {name} "
+                             f"{up._planned_tasks}: after_each() pairs task i with task i, so "
+                             "both need as many tasks (use after_ok() to wait for all of them)")
+        # A scheduler that holds a job back after a failure only if the failing job
+        # says so (holds_dependents_line) holds every job that waits for it, or none.
+        scheduler = scheduler_named(placement[1]) if placement and placement[1] != "local" else None
+        if scheduler is None or not scheduler.holds_dependents_line:
+            continue
+        others = {d.kind == "any" for wu in experiment._work_units for d in wu._after if d._unit is up}
+        if (dep.kind != "any") in others:
+            raise ValueError(
+                f"{me} cannot wait for {name} with {Dependency.KINDS[dep.kind]}(), as another work unit "
+                f"waits for it with {'after_any' if dep.kind != 'any' else 'after_ok/after_each'}(): on "
+                f"{scheduler.title} a failed task holds back every job that waits for it, or none; use "
+                "one kind of dependency on a work unit")
+        if dep.kind != "any" and up.state not in (UnitState.ADDING, UnitState.QUEUED):
+            raise ValueError(
+                f"{me} cannot wait for the success of {name}, which was already submitted: "
+                f"{scheduler.title} holds a job back after a failure only if the failing job says "
+                "so, which lxm3 arranges when both are submitted together; do not wait for "
+                f"{name} before adding {me}, or use after_any()")
+
+
+
+def _placement_text(placement: Tuple[str, str]) -> str:
+    cluster, scheduler = placement
+    return "local" if scheduler == "local" else f"on {cluster}, {scheduler_named(scheduler).title}"
 
 
 class LoadedWorkUnit:
@@ -7089,6 +7412,7 @@ class ClusterExperiment(xm.Experiment):
         self._pending: List[PendingLaunch] = []
         self._connections: Dict[str, Connection] = {}
         self._warned: Set[Tuple[int, str]] = set()  # (executable, cluster) told of missing dependencies
+        self._adding = threading.local()  # the dependency= of the add() call under way, for its unit
         self._lock = threading.Lock()
         self._submit_lock = threading.Lock()
         self._save_lock = threading.Lock()
@@ -7179,24 +7503,48 @@ class ClusterExperiment(xm.Experiment):
             runner = self._runner
         return [r for r in (runner.results if runner else []) if r.work_unit_id == work_unit_id]
 
+    def local_never_run(self, work_unit_id: int) -> List[int]:
+        """Local tasks dropped because what they waited for can no longer happen."""
+        with self._lock:
+            runner = self._runner
+        return [t for w, t in (runner.never_run if runner else []) if w == work_unit_id]
+
     def local_runner(self, executor: Local) -> LocalRunner:
         with self._lock:
             if self._runner is None:
                 self._runner = LocalRunner(executor.max_parallel_tasks)
             return self._runner
 
-    def add(self, job, args=None, *, role=xm.WorkUnitRole(), identity: str = ""):  # noqa: B008
-        """As ``xm.Experiment.add``; a job lxm3 cannot launch is refused here, at the call."""
+    def add(self, job, args=None, *, role=xm.WorkUnitRole(), identity: str = "",  # noqa: B008
+            dependency=None):
+        """As ``xm.Experiment.add``; a job lxm3 cannot launch is refused here, at the call.
+
+        ``dependency`` (an lxm3 extension): what the new work unit waits for,
+        ``wu.after_ok()``, ``wu.after_any()``, ``wu.after_each()`` or a list of
+        them (see Dependency). The awaitable returned has those methods too, so
+        a launcher need not await it to chain work units.
+        """
         _check_job_shape(job)
         if isinstance(job, xm.Job):  # its task is checked again as it starts: cheap, one task
             overrides = args if isinstance(args, Mapping) else {}
             _tasks_for(job.executable, [xm.merge_args(job.args, overrides.get("args") or {})],
                        [{**job.env_vars, **(overrides.get("env_vars") or {})}],
                        f"work unit {self.work_unit_count + 1}")
-        future = super().add(job, args, role=role, identity=identity)
+        after = _dependencies(dependency)
+        executor = _job_executor(job)
+        placement = self._placement(executor) if executor is not None else None
+        _check_dependencies(self, f"work unit {self.work_unit_count + 1}", after, placement,
+                            _job_task_count(job))
+        self._adding.unit = (after, placement, _job_task_count(job))
+        try:
+            future = super().add(job, args, role=role, identity=identity)
+        finally:
+            self._adding.unit = None
         unit = self._work_units[-1]  # created synchronously by the call above
         self._event_loop.call_soon_threadsafe(future.add_done_callback,
                                               lambda _: unit._launch_done.set())
+        future.work_unit_id = unit.work_unit_id  # so that it chains without being awaited
+        future.after_ok, future.after_any, future.after_each = unit.after_ok, unit.after_any, unit.after_each
         return future
 
     def _create_experiment_unit(self, args, role, identity: str = ""):
@@ -7204,11 +7552,23 @@ class ClusterExperiment(xm.Experiment):
             raise ValueError(
                 "lxm3 supports work units only (experiment.add(job)); auxiliary units are not supported"
             )
+        after, placement, num_tasks = getattr(self._adding, "unit", None) or ([], None, None)
         with self._lock:
             unit = ClusterWorkUnit(self, self._create_task, args, role,
                                    self._work_unit_id_predictor.reserve_id(), identity=identity)
+            unit._after, unit._placement, unit._planned_tasks = after, placement, num_tasks
             self._work_units.append(unit)
         return _ready(unit)
+
+    def _placement(self, executor: xm.Executor) -> Tuple[str, str]:
+        """Where a work unit runs, for dependencies: (cluster name, scheduler), or ("", "local")."""
+        if isinstance(executor, ClusterExecutor):
+            return self.config.cluster(executor.cluster).name, executor.scheduler
+        return "", "local"
+
+    def _holds_dependents(self, unit: ClusterWorkUnit) -> bool:
+        """Whether a work unit waits for ``unit``'s success (after_ok, after_each)."""
+        return any(d._unit is unit and d.kind != "any" for wu in self._work_units for d in wu._after)
 
     def _queue(self, launch: PendingLaunch) -> None:
         with self._lock:
@@ -7363,6 +7723,9 @@ class ClusterExperiment(xm.Experiment):
         units = self.work_units
         for r in results:
             units[r.work_unit_id].exit_codes[r.task_id] = r.returncode
+        for work_unit_id, task_id in self._runner.never_run if self._runner else []:
+            if task_id not in units[work_unit_id].never_run:
+                units[work_unit_id].never_run.append(task_id)
         for wu in units.values():
             wu._local_tasks_ended(stopped)
 
@@ -7376,6 +7739,10 @@ class ClusterExperiment(xm.Experiment):
         if failed:
             lines = [f"  work unit {r.work_unit_id} task {r.task_id}: exit code {r.returncode} "
                      f"(log: {r.log_path})" for r in failed]
+            for wu in self._work_units:
+                if wu.never_run:
+                    lines.append(f"  work unit {wu.work_unit_id} task{'s' if len(wu.never_run) > 1 else ''} "
+                                 f"{_task_ranges(wu.never_run)}: never ran (what they waited for failed)")
             raise TaskFailedError(f"{len(failed)} of {len(results)} task(s) failed:\n" + "\n".join(lines))
         _progress(f"all {len(results)} task(s) of experiment {self._id} succeeded")
 
@@ -7621,6 +7988,53 @@ def query_status(record: ExperimentRecord,
     return result
 
 
+def dependency_notes(record: ExperimentRecord, statuses: Mapping[int, WorkUnitStatus]) -> Dict[int, str]:
+    """Work units whose dependency can never be met, and why (by work unit).
+
+    A task waiting for the success of a work unit that has a task failed,
+    cancelled, lost or never submitted would wait for ever (Slurm's squeue
+    says DependencyNeverSatisfied; Grid Engine keeps it held): lxm3 infers it
+    from the upstream's tasks, the same way for every scheduler.
+    """
+    notes = {}
+    for unit in record.work_units:
+        status = statuses.get(unit.id)
+        if status is None:
+            continue
+        waiting = [t for t in status.tasks if t.state == TaskState.PENDING]
+        if unit.never_run:
+            waiting = [t for t in status.tasks if t.task in unit.never_run]
+        for dep in unit.dependencies:
+            if dep.get("kind") == "any" or not waiting:
+                continue
+            for up in dep.get("work_units", []):
+                upstream = statuses.get(up)
+                bad = [t for t in upstream.tasks if t.state not in TaskState.ACTIVE
+                       and t.state != TaskState.COMPLETED] if upstream else []
+                if dep.get("kind") == "each":
+                    pending = {t.task for t in waiting}
+                    bad = [t for t in bad if t.task in pending]
+                if bad:
+                    kind = Dependency.KINDS.get(dep.get("kind"), dep.get("kind"))
+                    notes[unit.id] = (f"dependency can never be met: it waits for work unit {up} "
+                                      f"({kind}), whose task{'s' if len(bad) > 1 else ''} "
+                                      f"{_task_ranges(t.task for t in bad)} did not succeed"
+                                      + ("" if unit.is_local else f"; 'lxm3 cancel {record.experiment_id} "
+                                         f"{unit.id}' removes it from the queue"))
+    return notes
+
+
+def dependents(record: ExperimentRecord, work_unit_ids: Iterable[int]) -> List[int]:
+    """The work units that wait, directly or not, for any of ``work_unit_ids``."""
+    found: List[int] = []
+    wanted = set(work_unit_ids)
+    for unit in record.work_units:  # a unit waits only for units added before it
+        if unit.id not in wanted and wanted.intersection(unit.upstream_ids()):
+            found.append(unit.id)
+            wanted.add(unit.id)
+    return found
+
+
 def _unsubmitted_statuses(unit: WorkUnitRecord) -> List[TaskStatus]:
     """Tasks no submitted array holds: never submitted, or not known to be."""
     if unit.state == UnitState.SUBMITTING:  # the cluster could not be asked
@@ -7674,6 +8088,9 @@ def _local_statuses(unit: WorkUnitRecord, record: ExperimentRecord) -> List[Task
     for task in range(unit.num_tasks):
         code = unit.exit_codes.get(task)
         stopped = unit.state == UnitState.STOPPED
+        if task in unit.never_run:
+            statuses.append(TaskStatus(task, TaskState.CANCELLED, detail=NEVER_RUN_DETAIL))
+            continue
         if code is not None and stopped and code in (-15, -9, -2, 130, 143):
             statuses.append(TaskStatus(task, TaskState.CANCELLED, code, detail="stopped by lxm3"))
         elif code is not None:
@@ -7755,7 +8172,8 @@ def cancel(record: ExperimentRecord, work_unit_ids: Optional[Sequence[int]] = No
     result = CancelResult([], [])
     for (_, scheduler_name), group in groups.items():
         scheduler = scheduler_named(scheduler_name)
-        job_ids = list(dict.fromkeys(job_id for u in group for job_id in u.job_ids))
+        # Dependents (added later) first: Grid Engine starts a held job once what it waits for is gone.
+        job_ids = list(dict.fromkeys(job_id for u in reversed(group) for job_id in u.job_ids))
         command = scheduler.cancel_command
         connection = _unit_connection(group[0])
         try:
@@ -9338,15 +9756,24 @@ def _concluded_status(statuses: Mapping[int, WorkUnitStatus]) -> Optional[str]:
 def _cmd_status(args) -> int:
     record = load_record(args.experiment)
     reconcile_submissions(record)
-    statuses = query_status(record, _selected_units(record, args.work_unit))
+    selected = _selected_units(record, args.work_unit)
+    upstream = [] if selected is None else record.unit(selected[0]).upstream_ids()
+    statuses = query_status(record, None if selected is None else selected + upstream)
+    notes = dependency_notes(record, statuses)
+    statuses = {wid: s for wid, s in statuses.items() if selected is None or wid in selected}
     concluded = _concluded_status(statuses) if args.work_unit is None else None
     if concluded and record.status == ExperimentStatus.LAUNCHED:  # so that 'lxm3 list' tells it too
         record.status = concluded
         save_record(record)
     if args.json:
+        units = {wid: {"tasks": s.tasks, "counts": s.counts()} for wid, s in statuses.items()}
+        for wid in units:
+            if record.unit(wid).dependencies:
+                units[wid]["dependencies"] = record.unit(wid).dependencies
+            if wid in notes:
+                units[wid]["dependency_never_met"] = notes[wid]
         _print_json({"experiment_id": record.experiment_id, "title": record.title,
-                     "status": record.status, "work_units": {
-                         wid: {"tasks": s.tasks, "counts": s.counts()} for wid, s in statuses.items()}})
+                     "status": record.status, "work_units": units})
         return 0
     print(f"experiment {record.experiment_id} {record.title!r}: {record.status}, "
           f"created {record.created}" + (f"\n  error: {record.error}" if record.error else ""))
@@ -9355,6 +9782,11 @@ def _cmd_status(args) -> int:
         jobs = ",".join(unit.job_ids)
         print(f"work unit {wid} on {_where(unit)}{' jobs ' + jobs if jobs else ''}: "
               f"{unit.state}; {status.message}")
+        if unit.dependencies:
+            print("  after " + ", ".join(f"work unit {w} ({Dependency.KINDS.get(d['kind'], d['kind'])})"
+                                         for d in unit.dependencies for w in d["work_units"]))
+        if wid in notes:
+            print(f"  {notes[wid]}")
         if args.work_unit is not None:
             rerun = any(t.attempts > 1 for t in status.tasks)  # (lxm3 rerun) how many each had
             rows = [["TASK", "JOB", "STATE", "EXIT"] + (["ATTEMPTS"] if rerun else [])]
@@ -9393,7 +9825,23 @@ def _cmd_logs(args) -> int:
 
 def _cmd_cancel(args) -> int:
     record = load_record(args.experiment)
-    result = cancel(record, _selected_units(record, args.work_unit))
+    selected = _selected_units(record, args.work_unit)
+    waiting = dependents(record, selected) if selected else []
+    if waiting:
+        which = f"work unit{'s' if len(waiting) > 1 else ''} {', '.join(map(str, waiting))}"
+        with_them = args.with_dependents
+        if not with_them and sys.stdin.isatty() and sys.stdout.isatty():
+            answer = input(f"{which} wait{'' if len(waiting) > 1 else 's'} for work unit {selected[0]}; "
+                           "cancel them too? [y/N] ")
+            with_them = answer.strip().lower() in ("y", "yes")
+        if with_them:
+            selected = selected + waiting
+        else:
+            print(f"{which} wait{'' if len(waiting) > 1 else 's'} for work unit {selected[0]} and "
+                  f"stay{'' if len(waiting) > 1 else 's'} queued (after_ok: for ever; after_any: they start); cancel them with 'lxm3 cancel "
+                  f"{record.experiment_id} {selected[0]} --with-dependents' or 'lxm3 cancel "
+                  f"{record.experiment_id} WID'")
+    result = cancel(record, selected)
     if result.cancelled:
         print(f"cancelled job(s) {', '.join(result.cancelled)}")
     if result.ended:
@@ -9493,6 +9941,8 @@ def _parser():
                                          description="Cancel the submitted jobs (one scancel/qdel per cluster).")
     cancel_command.add_argument("experiment", metavar="XID", help="experiment id (see 'lxm3 list')")
     cancel_command.add_argument("work_unit", metavar="WID", type=int, nargs="?", help="only this work unit")
+    cancel_command.add_argument("--with-dependents", "--yes", "-y", dest="with_dependents", action="store_true",
+                                help="also cancel the work units that wait for WID (asked on a terminal)")
 
     rerun = commands.add_parser(
         "rerun", help="submit failed (or chosen) tasks of a cluster work unit again",

@@ -57,9 +57,10 @@ HELP = {
         "-f, --follow keep printing new lines until the task ends",
         "-n N lines to show (default 50)",
     ]),
-    "cancel": ("usage: lxm3 cancel [-h] XID [WID]", [
+    "cancel": ("usage: lxm3 cancel [-h] [--with-dependents] XID [WID]", [
         "Cancel the submitted jobs (one scancel/qdel per cluster).",
         "WID only this work unit",
+        "also cancel the work units that wait for WID",
     ]),
     "version": ("usage: lxm3 version [-h]", []),
 }
@@ -114,7 +115,7 @@ def test_no_command_prints_the_help_and_fails():
      "lxm3 logs: error: argument --task: invalid int value: 'x'"),
     (["list", "-n", "many"], "usage: lxm3 list [-h] [-n N] [--json]",
      "lxm3 list: error: argument -n: invalid int value: 'many'"),
-    (["cancel", "42", "one"], "usage: lxm3 cancel [-h] XID [WID]",
+    (["cancel", "42", "one"], "usage: lxm3 cancel [-h] [--with-dependents] XID [WID]",
      "lxm3 cancel: error: argument WID: invalid int value: 'one'"),
     (["launch"], "usage: lxm3 launch [-h] [--dry-run] LAUNCHER ...",
      "lxm3 launch: error: the following arguments are required: LAUNCHER"),
