@@ -558,3 +558,17 @@ def test_wait_timeout_exits_124_and_leaves_the_jobs_alone(cluster, scheduler):
     assert re.fullmatch(rf"lxm3: experiment {xid}: timed out after 8s: 1 task still pending or "
                         r"running \(work unit 1: 0/1 ended: 1 (running|pending)\)\n", proc.stderr), proc.stderr
     assert ws.active_jobs(launch.job_ids())  # waiting gave up; the job goes on
+
+
+@pytest.mark.parametrize("args, error", [
+    (["status", "1", "--watch", "--json"], "--watch redraws for people; --json is for scripts"),
+    (["status", "1", "--interval", "10"], "--interval goes with --watch"),
+    (["wait", "1", "--timeout", "-1"], "argument --timeout: '-1': a number of seconds, at least 0"),
+    (["wait", "1", "--interval", "nan"], "argument --interval: 'nan': a number of seconds, at least 5"),
+    (["launch", "--timeout", "60", "launcher.py"], "--interval and --timeout go with --wait"),
+    (["launch", "--wait", "--dry-run", "launcher.py"], "a dry run launches nothing to wait for"),
+])  # fmt: skip
+def test_mistakes_with_the_watch_options_are_usage_errors(args, error):
+    proc = lxm3_cli(*args)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert error in proc.stderr and "usage: lxm3" in proc.stderr, proc.stderr
