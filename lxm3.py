@@ -7966,14 +7966,18 @@ def _is_terminal(stream: Any) -> bool:
 
 def _terminal_width(stream: Any) -> int:
     """The terminal's columns (read again at each redraw: it may be resized); else $COLUMNS, else 80."""
+    return _terminal_size(stream, 0, "COLUMNS", 80)
+
+
+def _terminal_size(stream: Any, index: int, variable: str, default: int) -> int:
     try:
-        columns = os.get_terminal_size(stream.fileno()).columns
+        size = os.get_terminal_size(stream.fileno())[index]
     except (AttributeError, ValueError, OSError):
-        columns = 0
-    if columns <= 0:  # a terminal that does not say
-        text = os.environ.get("COLUMNS", "")
-        columns = int(text) if text.isdigit() else 80
-    return max(20, columns)
+        size = 0
+    if size <= 0:  # a terminal that does not say
+        text = os.environ.get(variable, "")
+        size = int(text) if text.isdigit() else default
+    return max(20 if index == 0 else 5, size)
 
 
 # How each state looks in a bar: its character, and its colour (an SGR code).
@@ -8163,7 +8167,13 @@ class _WatchView:
         if active:
             header += "" if seconds_left is None else f"; next query in {_duration_text(seconds_left)}"
         lines = [header[:width - 1]]
-        lines += [unit_line(wid, status, width, self.colour) for wid, status in self.statuses.items()]
+        units = list(self.statuses.items())
+        room = _terminal_size(self.out, 1, "LINES", 24) - 2  # lines above the screen cannot be redrawn
+        shown = units if len(units) <= room else units[:room - 1]
+        lines += [unit_line(wid, status, width, self.colour) for wid, status in shown]
+        if len(shown) < len(units):
+            rest = WorkUnitStatus([t for _, s in units[len(shown):] for t in s.tasks])
+            lines.append(f"... {len(units) - len(shown)} more work units: {_counts_text(rest)}"[:width - 1])
         self.out.write("".join(line + "\n" for line in lines))
         self.out.flush()
         self.drawn = len(lines)

@@ -101,9 +101,11 @@ class Screen:
         return lines
 
 
-def run_in_terminal(argv: List[str], columns: int, timeout: float) -> Tuple[int, str]:
-    """Run ``argv`` with a pseudo-terminal ``columns`` wide as its stdin, stdout and
-    stderr, as in a terminal window; (exit status, everything it wrote)."""
+def run_in_terminal(argv: List[str], columns: int, timeout: float, rows: int = 40,
+                    ctrl_c_after: Optional[str] = None) -> Tuple[int, str]:
+    """Run ``argv`` with a pseudo-terminal of ``rows`` x ``columns`` as its stdin,
+    stdout and stderr, as in a terminal window; type Ctrl-C once its output
+    shows ``ctrl_c_after``. Returns (exit status, everything it wrote)."""
     env = {**os.environ, "PYTHONPATH": ROOT, "TERM": "xterm"}
     env.pop("NO_COLOR", None)
     env.pop("COLUMNS", None)
@@ -113,7 +115,7 @@ def run_in_terminal(argv: List[str], columns: int, timeout: float) -> Tuple[int,
             os.execve(argv[0], argv, env)
         finally:
             os._exit(127)
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     os.kill(pid, signal.SIGWINCH)  # in case it looked before the size was set
     output, deadline = b"", time.monotonic() + timeout
     try:
@@ -130,6 +132,9 @@ def run_in_terminal(argv: List[str], columns: int, timeout: float) -> Tuple[int,
             if not data:
                 break
             output += data
+            if ctrl_c_after is not None and ctrl_c_after.encode() in output:
+                os.write(fd, b"\x03")  # the terminal sends SIGINT to its foreground process group
+                ctrl_c_after = None
     finally:
         _, status = os.waitpid(pid, 0) if _alive(pid) else (pid, 0)
         os.close(fd)
@@ -359,6 +364,51 @@ def test_wait_follows_a_local_launch_that_is_still_running(tmp_path, task_projec
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_watch_on_a_small_terminal_sums_up_the_work_units_it_has_no_room_for(tmp_path, task_project):
+    spec = {"title": "watch many", "project": task_project, "units": [local_unit(1) for _ in range(12)]}
+    _, record = launch_local(tmp_path, "many", spec)
+    xid = str(record["experiment_id"])
+    code, output = run_in_terminal([sys.executable, "-m", "lxm3", "status", xid, "--watch"],
+                                   columns=60, rows=8, timeout=120)
+    assert code == 0, output
+    screen = Screen()
+    screen.feed(output)
+    lines = screen.text()
+    bars = [line for line in lines if line.startswith("work unit ")]
+    assert [re.sub(r"\[#+\]", "[#]", line) for line in bars] == [
+        f"work unit {i} [#] 1/1 ended: 1 completed" for i in range(1, 6)], lines
+    assert all(len(line) == 59 for line in bars), bars  # as wide as the terminal allows
+    assert "... 7 more work units: 7/7 ended: 7 completed" in lines
+    assert lines[-1] == f"experiment {xid}: 12 tasks ended: 12 completed"
+
+
+def test_ctrl_c_ends_watch_with_130_and_the_cursor_shown(tmp_path, task_project):
+    gate = tmp_path / "gate"
+    spec = {"title": "watch ctrl-c", "project": task_project,
+            "units": [local_unit(1, {"GATE": str(gate), "MAX_WAIT": "240"})]}
+    launcher = write_launcher(tmp_path / "ctrl-c", spec)
+    before = record_files()
+    launch = lxm3_popen("launch", launcher, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: started(before), 240, "the launch to start its task")
+        xid = str(started(before)["experiment_id"])
+        code, output = run_in_terminal([sys.executable, "-m", "lxm3", "status", xid, "--watch"],
+                                       columns=80, timeout=120, ctrl_c_after="1 running")
+        assert code == 130, output
+        assert output.rindex("\x1b[?25h") > output.rindex("\x1b[?25l"), output  # the cursor is back
+        assert "Traceback" not in output, output
+        assert launch.poll() is None  # watching stopped; the work did not
+    finally:
+        gate.touch()
+        try:
+            launch.wait(DEADLINE)
+        finally:
+            if launch.poll() is None:
+                launch.kill()
+                launch.wait()
 
 
 def test_wait_ends_when_the_local_launch_was_killed(tmp_path, task_project):
