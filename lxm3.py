@@ -7451,7 +7451,7 @@ def _failed_log_tails(output: str, unit: WorkUnitRecord) -> Dict[Tuple[int, int]
         if line.startswith("| "):
             lines.append(line[2:])
         elif line.startswith("task ") and line[5:].isdigit():
-            lines = tails.setdefault((unit.id, int(line[5:])), [])
+            lines = tails[(unit.id, int(line[5:]))] = []
     return tails
 
 
