@@ -133,6 +133,19 @@ LOG_WRITER_LOCK = ".lxm3-writing"  # in a local log directory: held while tasks 
 
 FOLLOW_POLL_SECONDS = 0.2  # how often ``lxm3 logs -f`` looks for more of a local log
 
+# ``lxm3 status --watch`` and ``lxm3 wait`` ask each cluster once per interval
+# (one round trip): every WATCH_INTERVAL seconds at first, WATCH_BACKOFF times
+# less often after each query that saw no change, up to WATCH_MAX_INTERVAL, and
+# back to the interval after a change. Schedulers' admins count the queries
+# tools make: no interval is shorter than WATCH_MIN_INTERVAL.
+WATCH_INTERVAL = 30.0
+WATCH_MIN_INTERVAL = 5.0
+WATCH_MAX_INTERVAL = 300.0
+WATCH_BACKOFF = 1.5
+WATCH_LOG_LINES = 5  # lines shown of a newly failed task's log
+WATCH_FAILED_QUERIES = 5  # queries failing in a row (connection lost, ...) before a watch gives up
+WAIT_TIMEOUT_EXIT = 124  # ``lxm3 wait --timeout``: what timeout(1) exits with
+
 
 class UnitState:
     """A work unit's ``state``, and the moves allowed between states (NEXT)."""
@@ -771,6 +784,7 @@ class LaunchOptions(ValueObject):
         self.config_path = config_path
         self.dry_run_directory = dry_run_directory
         self._experiments_created = 0  # tells lxm3 launch whether the launcher ran its main
+        self._experiment_ids: List[int] = []  # recorded experiments it created, for lxm3 launch --wait
 
     def applied(self):
         """A context in which ``current_launch()`` is this one."""
@@ -7255,16 +7269,19 @@ def _launched_jobs(unit: WorkUnitRecord) -> List[xm.LaunchedJob]:
 
 
 async def _poll_until_done(get_status: Callable[[], WorkUnitStatus], unit: Any) -> None:
-    """Ask for the status gently (every $LXM_POLL_INTERVAL s, default 10) until no task is active."""
+    """Ask for the status gently (every $LXM_POLL_INTERVAL s at first, default 10,
+    then less often while nothing changes: poll_statuses) until no task is active."""
     import asyncio
 
     interval = float(os.environ.get("LXM_POLL_INTERVAL", "10"))
     loop = asyncio.get_running_loop()
-    while True:
-        status = await loop.run_in_executor(None, get_status)
-        if not status.is_active:
+    polls = poll_statuses(lambda: {0: get_status()}, interval, minimum=0.0)
+    while True:  # each query on a thread, the waits here: the event loop goes on meanwhile
+        statuses, wait = await loop.run_in_executor(None, next, polls)
+        if wait is None:
             break
-        await asyncio.sleep(interval)
+        await asyncio.sleep(wait)
+    status = statuses[0]
     if status.is_failed:
         raise xm.ExperimentUnitFailedError(status.message, work_unit=unit)
     if not status.is_completed:
@@ -7793,8 +7810,11 @@ def create_experiment(experiment_title: Optional[str] = None, project: Optional[
         experiment_title = os.path.splitext(os.path.basename(launcher))[0] if launcher else "experiment"
     launch = current_launch()
     launch._experiments_created += 1
-    return ClusterExperiment(experiment_title, config=config, project=project,
-                             dry_run_directory=launch.dry_run_directory)
+    experiment = ClusterExperiment(experiment_title, config=config, project=project,
+                                   dry_run_directory=launch.dry_run_directory)
+    if not experiment.dry_run_directory:
+        launch._experiment_ids.append(experiment.experiment_id)
+    return experiment
 
 
 def get_current_experiment() -> ClusterExperiment:
@@ -7892,15 +7912,63 @@ def task_log_path(unit: WorkUnitRecord, task: int) -> Optional[str]:
     return None
 
 
-def _status_script(units: Sequence[WorkUnitRecord], scheduler: Scheduler) -> str:
-    """One round trip: the queue, accounting (if any) and the tasks' exit records."""
+def _status_script(units: Sequence[WorkUnitRecord], scheduler: Scheduler, tail_lines: int = 0) -> str:
+    """One round trip: the queue, accounting (if any) and the tasks' exit records;
+    with ``tail_lines``, also the end of each failed task's log (_FAILED_LOGS_AWK)."""
     lines = scheduler.status_lines([job_id for u in units for job_id in u.job_ids])
     for u in units:  # each unit's own section: task numbers repeat across units
         lines.append(f"echo '== exits {u.id}'")
         if u.log_directory and not u.custom_output:  # "==> path <==" before each: attempts have their own
             lines.append(f"find {shell_quote(u.log_directory)} -maxdepth 1 -type f "
                          f"-name {shell_quote(u.job_name + '-*')} -exec tail -v -n 1 {{}} + 2>/dev/null")
+    for u in units:
+        if tail_lines > 0 and u.log_directory and not u.custom_output:
+            lines.append(f"echo '== failed logs {u.id}'")
+            # + 2: the exit record and the empty line before it
+            lines.append(f"find {shell_quote(u.log_directory)} -maxdepth 1 -type f "
+                         f"-name {shell_quote(u.job_name + '-*')} -exec tail -v -n {int(tail_lines) + 2} {{}} + "
+                         f"2>/dev/null | awk -v keep={int(tail_lines)} {shell_quote(_FAILED_LOGS_AWK)}")
     return "\n".join(lines) + "\ntrue\n"
+
+
+# Reads ``tail -v`` of many logs; prints ``task I LOG`` and the last ``keep`` lines
+# before the exit record, each as ``| line`` (never a ``== `` section line), of
+# each log that ends with an exit record of a non-zero status.
+_FAILED_LOGS_AWK = """
+function flush(  f, i, first, last) {
+  if (n > 0 && buf[n] == "") n--
+  if (n > 0 && split(buf[n], f, " ") >= 5 && f[1] == "lxm3-exit:" && f[2] == "task" && f[4] == "status" \\
+      && f[5] != "0") {
+    print "task " f[3] " " name
+    last = n - 1
+    if (last > 0 && buf[last] == "") last--
+    first = last - keep + 1
+    for (i = first < 1 ? 1 : first; i <= last; i++) print "| " buf[i]
+  }
+  n = 0
+}
+/^==> .* <==$/ { flush(); name = substr($0, 5, length($0) - 8); sub(/.*\\//, "", name); next }
+{ buf[++n] = $0 }
+END { flush() }
+"""
+
+
+def _failed_log_tails(output: str, unit: WorkUnitRecord) -> Dict[Tuple[int, int], List[str]]:
+    """{(unit, task): the last lines of its log} from a status script's output:
+    its latest attempt's log only (an earlier attempt's may have failed too)."""
+    tails: Dict[Tuple[int, int], List[str]] = {}
+    lines: List[str] = []
+    for line in _sections(output).get(f"failed logs {unit.id}", []):
+        words = line.split(" ", 2)
+        if line.startswith("| "):
+            lines.append(line[2:])
+        elif len(words) == 3 and words[0] == "task" and words[1].isdigit():
+            task = int(words[1])
+            path = task_log_path(unit, task)
+            lines = []  # kept only for the latest attempt's log
+            if path and os.path.basename(path) == words[2]:
+                tails[(unit.id, task)] = lines
+    return tails
 
 
 def _sections(output: str) -> Dict[str, List[str]]:
@@ -7962,9 +8030,14 @@ def _parse_status(output: str, unit: WorkUnitRecord, scheduler: Scheduler) -> Li
     return statuses
 
 
-def query_status(record: ExperimentRecord,
-                 work_unit_ids: Optional[Sequence[int]] = None) -> Dict[int, WorkUnitStatus]:
-    """The state of every task, with one scheduler query per cluster."""
+def query_status(record: ExperimentRecord, work_unit_ids: Optional[Sequence[int]] = None,
+                 log_tails: Optional[Dict[Tuple[int, int], List[str]]] = None) -> Dict[int, WorkUnitStatus]:
+    """The state of every task, with one scheduler query per cluster.
+
+    ``log_tails``: filled, in the same round trips, with the last
+    WATCH_LOG_LINES lines of each cluster task that failed with an exit
+    record, by (work unit, task).
+    """
     units = [u for u in record.work_units if work_unit_ids is None or u.id in work_unit_ids]
     result: Dict[int, WorkUnitStatus] = {}
     groups: Dict[Tuple[str, str], List[WorkUnitRecord]] = {}
@@ -7979,10 +8052,14 @@ def query_status(record: ExperimentRecord,
         scheduler = scheduler_named(scheduler_name)
         connection = _unit_connection(group[0])
         try:
-            output = connection.run_script(_status_script(group, scheduler), "reading job states")
+            output = connection.run_script(_status_script(group, scheduler,
+                                                          WATCH_LOG_LINES if log_tails is not None else 0),
+                                           "reading job states")
         finally:
             connection.close()
         for unit in group:
+            if log_tails is not None:
+                log_tails.update(_failed_log_tails(output, unit))
             statuses = _parse_status(output, unit, scheduler) + _unsubmitted_statuses(unit)
             result[unit.id] = WorkUnitStatus(sorted(statuses, key=lambda t: t.task))
     return result
@@ -8099,6 +8176,11 @@ def _local_statuses(unit: WorkUnitRecord, record: ExperimentRecord) -> List[Task
             statuses.append(TaskStatus(task, TaskState.CANCELLED, detail="stopped before it started"))
         elif record.status == ExperimentStatus.LAUNCHING:  # the launch runs: has the task ended?
             code = _logged_exit(unit.log_paths[task]) if task < len(unit.log_paths) else None
+            if code is None and task < len(unit.log_paths) and not _log_writer_alive(
+                    os.path.dirname(unit.log_paths[task])):  # nothing runs it any more
+                statuses.append(TaskStatus(task, TaskState.UNKNOWN,
+                                           detail="its launch ended without recording how it ended"))
+                continue
             statuses.append(TaskStatus(task, TaskState.RUNNING) if code is None else
                             TaskStatus(task, TaskState.COMPLETED if code == 0 else TaskState.FAILED, code))
         else:
@@ -8529,6 +8611,434 @@ def _start_of_last_lines(f, lines: int) -> int:
         if index < 0:
             return position  # the whole file has fewer lines
     return position + index + 1
+
+
+# ---------------------------------------------------------------------------
+# Watch and wait: one polling loop for status --watch, wait and launch --wait
+# ---------------------------------------------------------------------------
+
+
+def next_poll_interval(previous: Optional[float], base: float, changed: bool) -> float:
+    """Seconds until the next query: ``base`` at first and after a change; else
+    WATCH_BACKOFF times the previous wait, up to WATCH_MAX_INTERVAL (or ``base``
+    if that is longer)."""
+    if previous is None or changed:
+        return base
+    return min(previous * WATCH_BACKOFF, max(WATCH_MAX_INTERVAL, base))
+
+
+def _states_seen(statuses: Mapping[int, WorkUnitStatus]) -> Tuple[Any, ...]:
+    return tuple((wid, tuple((t.task, t.state) for t in s.tasks)) for wid, s in sorted(statuses.items()))
+
+
+def poll_statuses(ask: Callable[[], Dict[int, WorkUnitStatus]], interval: float,
+                  minimum: float = WATCH_MIN_INTERVAL
+                  ) -> Iterable[Tuple[Dict[int, WorkUnitStatus], Optional[float]]]:
+    """Ask ``ask()`` ({work unit: WorkUnitStatus}) until no task is pending or running.
+
+    Yields each answer with the seconds to wait before the next query (None
+    after the last answer); the caller waits (or awaits), so that it can redraw
+    meanwhile. The wait is ``interval`` (at least ``minimum``) at first and
+    after a change, and grows while nothing changes (next_poll_interval). A
+    query that fails with a ClusterError after a first answer is tried again,
+    as if nothing had changed; WATCH_FAILED_QUERIES in a row end it with the error.
+    """
+    base = max(float(interval), minimum)
+    wait: Optional[float] = None
+    seen: Optional[Tuple[Any, ...]] = None
+    statuses: Optional[Dict[int, WorkUnitStatus]] = None
+    failures = 0
+    while True:
+        try:
+            answer = ask()
+        except ClusterError as e:
+            failures += 1
+            if statuses is None or failures >= WATCH_FAILED_QUERIES:
+                raise
+            wait = next_poll_interval(wait, base, changed=False)
+            _progress(f"{e}; asking again in {wait:.0f} s")
+            yield statuses, wait
+            continue
+        statuses, failures = answer, 0
+        if not any(s.is_active for s in statuses.values()):
+            yield statuses, None
+            return
+        states = _states_seen(statuses)
+        wait = next_poll_interval(wait, base, changed=states != seen)
+        seen = states
+        yield statuses, wait
+
+
+class WaitTimeout(LaunchError):
+    """Tasks were still pending or running when ``--timeout`` ran out."""
+
+    def __init__(self, message: str, statuses: Dict[int, WorkUnitStatus]):
+        super().__init__(message)
+        self.statuses = statuses
+
+
+def follow_experiment(experiment_id: Union[int, str], work_unit: Optional[int] = None,
+                      interval: float = WATCH_INTERVAL, timeout: Optional[float] = None,
+                      on_answer: Optional[Callable[..., None]] = None,
+                      on_wait: Optional[Callable[[float], None]] = None,
+                      log_tails: bool = False) -> Tuple[ExperimentRecord, Dict[int, WorkUnitStatus]]:
+    """Poll an experiment (or one work unit) until every task has ended.
+
+    Each round reads the record again (a launch still running, local tasks
+    included, writes it), completes it from the clusters' submission logs if
+    needed, and queries each cluster once (query_status), at poll_statuses'
+    pace. ``on_answer(record, statuses, tails)`` sees each answer (tails: see
+    query_status; with ``log_tails``); ``on_wait(seconds_left)`` is called
+    about once a second between queries. Returns the last (record, statuses);
+    WaitTimeout when ``timeout`` seconds pass first.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    latest: Dict[str, Any] = {}
+
+    def ask() -> Dict[int, WorkUnitStatus]:
+        record = load_record(experiment_id)
+        reconcile_submissions(record)
+        tails: Dict[Tuple[int, int], List[str]] = {}
+        statuses = query_status(record, _selected_units(record, work_unit), tails if log_tails else None)
+        latest.update(record=record, tails=tails)
+        return statuses
+
+    for statuses, wait in poll_statuses(ask, interval):
+        if on_answer:
+            on_answer(latest["record"], statuses, latest["tails"])
+        if wait is None:
+            return latest["record"], statuses
+        until = time.monotonic() + wait
+        if deadline is not None and until >= deadline:
+            _wait_until(deadline, on_wait)
+            active = sum(1 for s in statuses.values() for t in s.tasks if t.state in TaskState.ACTIVE)
+            raise WaitTimeout(f"{_counted(active, 'task')} still pending or running", statuses)
+        _wait_until(until, on_wait)
+    raise AssertionError("unreachable: poll_statuses ends with an answer")
+
+
+def _wait_until(until: float, on_wait: Optional[Callable[[float], None]]) -> None:
+    while True:
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        if on_wait:
+            on_wait(left)
+        time.sleep(min(left, 1.0) if on_wait else left)
+
+
+def _duration_text(seconds: float) -> str:
+    """``45s``, ``3m05s``, ``2h03m``, ``1d02h``."""
+    seconds = max(0, int(seconds + 0.5))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _since_launch(record: ExperimentRecord) -> float:
+    import datetime
+
+    try:
+        created = datetime.datetime.fromisoformat(record.created)
+    except ValueError:
+        return 0.0
+    return (datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()
+
+
+def _use_colour(stream: Any) -> bool:
+    """Colour only on a terminal, and never with $NO_COLOR set (no-color.org) or TERM=dumb."""
+    return _is_terminal(stream) and not os.environ.get("NO_COLOR")
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream.isatty() and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False
+
+
+def _terminal_width(stream: Any) -> int:
+    """The terminal's columns (read again at each redraw: it may be resized); else $COLUMNS, else 80."""
+    return _terminal_size(stream, 0, "COLUMNS", 80)
+
+
+def _terminal_size(stream: Any, index: int, variable: str, default: int) -> int:
+    try:
+        size = os.get_terminal_size(stream.fileno())[index]
+    except (AttributeError, ValueError, OSError):
+        size = 0
+    if size <= 0:  # a terminal that does not say
+        text = os.environ.get(variable, "")
+        size = int(text) if text.isdigit() else default
+    return max(20 if index == 0 else 5, size)
+
+
+# How each state looks in a bar: its character, and its colour (an SGR code).
+BAR_STYLE = {
+    TaskState.COMPLETED: ("#", "32"),
+    TaskState.FAILED: ("x", "31"),
+    TaskState.CANCELLED: ("-", "33"),
+    TaskState.UNKNOWN: ("?", "35"),
+    TaskState.RUNNING: (">", "36"),
+    TaskState.PENDING: (".", "2"),
+    TaskState.NOT_SUBMITTED: (" ", "0"),
+}
+
+
+def bar_segments(counts: Mapping[str, int], width: int) -> List[Tuple[str, int]]:
+    """[(state, cells)] of a bar ``width`` cells wide, in BAR_STYLE's order: cells
+    in proportion to the counts, and at least one for every state that has a task
+    (one failure in a thousand tasks is seen), as long as the width allows."""
+    states = [s for s in BAR_STYLE if counts.get(s, 0) > 0]
+    total = sum(counts[s] for s in states)
+    if not states or width <= 0:
+        return []
+    shares = {s: counts[s] * width / total for s in states}
+    cells = {s: max(1, int(shares[s])) for s in states}
+    while sum(cells.values()) > width and any(c > 1 for c in cells.values()):
+        widest = max((s for s in states if cells[s] > 1), key=lambda s: cells[s] - shares[s])
+        cells[widest] -= 1
+    while sum(cells.values()) < width:
+        cells[max(states, key=lambda s: shares[s] - cells[s])] += 1
+    return [(s, cells[s]) for s in states]
+
+
+def render_bar(counts: Mapping[str, int], width: int, colour: bool) -> str:
+    """A progress bar of the task states (BAR_STYLE), ``width`` characters wide on screen."""
+    parts, used = [], 0
+    for state, cells in bar_segments(counts, width):
+        char, sgr = BAR_STYLE[state]
+        cells = min(cells, width - used)
+        used += cells
+        parts.append(f"\x1b[{sgr}m{char * cells}\x1b[0m" if colour and cells else char * cells)
+    return "".join(parts) + " " * (width - used)
+
+
+def _counts_text(status: WorkUnitStatus) -> str:
+    """``4/10 ended: 3 completed, 1 failed, 2 running, 4 pending``."""
+    counts = status.counts()
+    ended = sum(n for s, n in counts.items() if s not in TaskState.ACTIVE)
+    return f"{ended}/{len(status.tasks)} ended: " + ", ".join(
+        f"{counts[s]} {s}" for s in BAR_STYLE if counts.get(s))
+
+
+def unit_line(work_unit_id: int, status: WorkUnitStatus, width: int, colour: bool) -> str:
+    """One work unit's line of ``status --watch``, at most ``width - 1`` characters on screen."""
+    label, text = f"work unit {work_unit_id} [", "] " + _counts_text(status)
+    room = width - 1 - len(label)
+    bar_width = max(1, min(40, room - len(text), room - 2))
+    text = text[:max(0, room - bar_width)]
+    return label + render_bar(status.counts(), bar_width, colour) + text
+
+
+def _log_tail_here(path: Optional[str], lines: int) -> List[str]:
+    """The last ``lines`` lines of a local task's log before its exit record."""
+    if not path:
+        return []
+    try:
+        with open(path, "rb") as f:
+            f.seek(_start_of_last_lines(f, lines + 2))
+            text = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    if text and EXIT_RECORD_PATTERN.match(text[-1]):
+        text.pop()
+        if text and not text[-1]:
+            text.pop()
+    return text[-lines:] if lines > 0 else []
+
+
+def _failure_lines(record: ExperimentRecord, wid: int, task: TaskStatus,
+                   tails: Mapping[Tuple[int, int], List[str]]) -> List[str]:
+    """A newly failed task, where to read its log, and the end of that log."""
+    unit = record.unit(wid)
+    how = task.state + ("" if task.exit_code is None else f", exit {task.exit_code}")
+    how += f" ({task.detail})" if task.detail else ""
+    tail = tails.get((wid, task.task))
+    if tail is None and unit.is_local:
+        tail = _log_tail_here(task_log_path(unit, task.task), WATCH_LOG_LINES)
+    lines = [f"work unit {wid} task {task.task}: {how}; "
+             f"lxm3 logs {record.experiment_id} {wid} --task {task.task}"]
+    return lines + [f"  | {line}" for line in tail or []]
+
+
+def _summary_lines(record: ExperimentRecord, statuses: Mapping[int, WorkUnitStatus]) -> List[str]:
+    """The end of a wait: how many tasks ended how, and which did not complete."""
+    tasks = [t for s in statuses.values() for t in s.tasks]
+    counts = WorkUnitStatus(tasks).counts()
+    lines = [f"experiment {record.experiment_id}: {_counted(len(tasks), 'task')} ended: " + ", ".join(
+        f"{counts[s]} {s}" for s in BAR_STYLE if counts.get(s))]
+    for wid, status in statuses.items():
+        bad = [(s, [t.task for t in status.tasks if t.state == s]) for s in BAR_STYLE
+               if s != TaskState.COMPLETED]
+        bad = [(s, tasks) for s, tasks in bad if tasks]
+        if bad:
+            lines.append(f"  work unit {wid}: " + "; ".join(
+                f"{s} task{'s' if len(ts) > 1 else ''} {_task_ranges(ts)}" for s, ts in bad))
+    return lines
+
+
+def _all_completed(statuses: Mapping[int, WorkUnitStatus]) -> bool:
+    return all(t.state == TaskState.COMPLETED for s in statuses.values() for t in s.tasks)
+
+
+def _remember_conclusion(record: ExperimentRecord, statuses: Mapping[int, WorkUnitStatus],
+                         work_unit: Optional[int]) -> None:
+    """As ``lxm3 status`` does: once every task ended, ``lxm3 list`` says how."""
+    concluded = _concluded_status(statuses) if work_unit is None else None
+    if concluded and record.status == ExperimentStatus.LAUNCHED:
+        record.status = concluded
+        save_record(record)
+
+
+class _WatchView:
+    """What ``lxm3 status --watch`` shows. On a terminal: a header and one bar per
+    work unit, redrawn in place (cursor up, erase), with the end of each newly
+    failed task's log printed once above them, where it stays. Elsewhere: a line
+    per work unit whose counts changed, and the newly failed tasks."""
+
+    MAX_FAILURES_SHOWN = 10  # a round's new failures shown with their logs; the rest are counted
+
+    def __init__(self, experiment_id: Union[int, str], out: Any):
+        self.experiment_id, self.out = experiment_id, out
+        self.terminal, self.colour = _is_terminal(out), _use_colour(out)
+        self.drawn = 0  # lines of the redrawn block on the screen
+        self.shown: Set[Tuple[int, int]] = set()  # (unit, task) failures already shown
+        self.said: Dict[int, str] = {}  # plain lines: each unit's last counts
+        self.record: Optional[ExperimentRecord] = None
+        self.statuses: Dict[int, WorkUnitStatus] = {}
+        if self.terminal:
+            self.out.write("\x1b[?25l")  # no cursor blinking over the bars
+
+    def answer(self, record: ExperimentRecord, statuses: Dict[int, WorkUnitStatus],
+               tails: Mapping[Tuple[int, int], List[str]]) -> None:
+        self.record, self.statuses = record, statuses
+        failed = [(wid, t) for wid, s in statuses.items() for t in s.tasks
+                  if t.state in (TaskState.FAILED, TaskState.UNKNOWN) and (wid, t.task) not in self.shown]
+        self.shown.update((wid, t.task) for wid, t in failed)
+        lines = [line for wid, t in failed[:self.MAX_FAILURES_SHOWN]
+                 for line in _failure_lines(record, wid, t, tails)]
+        if len(failed) > self.MAX_FAILURES_SHOWN:
+            lines.append(f"... and {len(failed) - self.MAX_FAILURES_SHOWN} more; "
+                         f"lxm3 status {record.experiment_id} WID lists them")
+        if self.terminal:
+            self._erase()
+            width = _terminal_width(self.out)
+            self.out.write("".join(line[:width - 1] + "\n" for line in lines))
+            self._draw(None)
+            return
+        stamp = f"[{_duration_text(_since_launch(record))}]"
+        for wid, status in statuses.items():
+            text = _counts_text(status)
+            if self.said.get(wid) != text:
+                self.said[wid] = text
+                self.out.write(f"{stamp} work unit {wid}: {text}\n")
+        self.out.write("".join(f"{line}\n" if line.startswith("  |") else f"{stamp} {line}\n"
+                               for line in lines))
+        self.out.flush()
+
+    def tick(self, seconds_left: float) -> None:
+        if self.terminal and self.record is not None:
+            self._erase()
+            self._draw(seconds_left)
+
+    def close(self) -> None:
+        if self.terminal:
+            self.out.write("\x1b[?25h")
+            self.out.flush()
+
+    def _erase(self) -> None:
+        if self.drawn:
+            self.out.write(f"\r\x1b[{self.drawn}A\x1b[J")
+            self.drawn = 0
+
+    def _draw(self, seconds_left: Optional[float]) -> None:
+        record, width = self.record, _terminal_width(self.out)
+        assert record is not None
+        active = any(s.is_active for s in self.statuses.values())
+        header = f"experiment {record.experiment_id} {record.title!r}: {_duration_text(_since_launch(record))} since launch"
+        if active:
+            header += "" if seconds_left is None else f"; next query in {_duration_text(seconds_left)}"
+        lines = [header[:width - 1]]
+        units = list(self.statuses.items())
+        room = _terminal_size(self.out, 1, "LINES", 24) - 2  # lines above the screen cannot be redrawn
+        shown = units if len(units) <= room else units[:room - 1]
+        lines += [unit_line(wid, status, width, self.colour) for wid, status in shown]
+        if len(shown) < len(units):
+            rest = WorkUnitStatus([t for _, s in units[len(shown):] for t in s.tasks])
+            lines.append(f"... {len(units) - len(shown)} more work units: {_counts_text(rest)}"[:width - 1])
+        self.out.write("".join(line + "\n" for line in lines))
+        self.out.flush()
+        self.drawn = len(lines)
+
+
+def watch(experiment_id: Union[int, str], work_unit: Optional[int] = None,
+          interval: float = WATCH_INTERVAL) -> int:
+    """``lxm3 status --watch``: show the tasks' progress until every one has ended.
+    Exit status 0 if all completed, else 1."""
+    view = _WatchView(experiment_id, sys.stdout)
+    try:
+        record, statuses = follow_experiment(experiment_id, work_unit, interval, on_answer=view.answer,
+                                             on_wait=view.tick, log_tails=True)
+    finally:
+        view.close()
+    _remember_conclusion(record, statuses, work_unit)
+    print("\n".join(_summary_lines(record, statuses)))
+    return 0 if _all_completed(statuses) else 1
+
+
+def wait_for(experiment_ids: Sequence[Union[int, str]], work_unit: Optional[int] = None,
+             interval: float = WATCH_INTERVAL, timeout: Optional[float] = None) -> int:
+    """``lxm3 wait``: block until every task of the experiments has ended; print a
+    summary. Exit status 0 if all completed, 1 if not, WAIT_TIMEOUT_EXIT after
+    ``timeout`` seconds; on a terminal, a progress line on stderr meanwhile."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    code = 0
+    for experiment_id in experiment_ids:
+        progress = _WaitProgress(experiment_id) if _is_terminal(sys.stderr) else None
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            record, statuses = follow_experiment(experiment_id, work_unit, interval, left,
+                                                 on_answer=progress.answer if progress else None)
+        except WaitTimeout as e:
+            if progress:
+                progress.clear()
+            counts = [f"work unit {wid}: {_counts_text(s)}" for wid, s in e.statuses.items() if s.is_active]
+            print(f"lxm3: experiment {experiment_id}: timed out after {_duration_text(timeout or 0)}: "
+                  f"{e} ({'; '.join(counts)})", file=sys.stderr)
+            return WAIT_TIMEOUT_EXIT
+        finally:
+            if progress:
+                progress.clear()
+        _remember_conclusion(record, statuses, work_unit)
+        print("\n".join(_summary_lines(record, statuses)))
+        code = max(code, 0 if _all_completed(statuses) else 1)
+    return code
+
+
+class _WaitProgress:
+    """``lxm3 wait`` on a terminal: one line on stderr, rewritten after each query."""
+
+    def __init__(self, experiment_id: Union[int, str]):
+        self.experiment_id, self.shown = experiment_id, False
+
+    def answer(self, record: ExperimentRecord, statuses: Mapping[int, WorkUnitStatus], tails: Any) -> None:
+        tasks = WorkUnitStatus([t for s in statuses.values() for t in s.tasks])
+        text = (f"lxm3: waiting for experiment {self.experiment_id}: {_counts_text(tasks)} "
+                f"({_duration_text(_since_launch(record))} since launch)")
+        sys.stderr.write("\r\x1b[K" + text[:_terminal_width(sys.stderr) - 1])
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
 
 
 # ---------------------------------------------------------------------------
@@ -9650,7 +10160,10 @@ def _run_launcher_main(namespace: Mapping[str, Any], launcher_path: str, args: L
     sys.exit(run([launcher_path, *args]))
 
 
-def _launch(launcher: str, args: List[str], dry_run: bool = False) -> int:
+def _launch(launcher: str, args: List[str], dry_run: bool = False,
+            created: Optional[List[int]] = None) -> int:
+    """Run a launcher as ``lxm3 launch`` does; its exit status. ``created``: filled
+    with the ids of the experiments it recorded (for ``--wait``)."""
     import runpy
 
     config_path, args = _take_option(args, "--lxm_config")
@@ -9689,6 +10202,8 @@ def _launch(launcher: str, args: List[str], dry_run: bool = False) -> int:
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
         xm.utils.set_launch_script(None)
+        if created is not None:
+            created.extend(options._experiment_ids)
     return 0
 
 
@@ -9754,6 +10269,10 @@ def _concluded_status(statuses: Mapping[int, WorkUnitStatus]) -> Optional[str]:
 
 
 def _cmd_status(args) -> int:
+    if args.watch:
+        record = load_record(args.experiment)
+        _selected_units(record, args.work_unit)  # an unknown work unit is an error now, not later
+        return watch(args.experiment, args.work_unit, args.interval or WATCH_INTERVAL)
     record = load_record(args.experiment)
     reconcile_submissions(record)
     selected = _selected_units(record, args.work_unit)
@@ -9803,6 +10322,16 @@ def _cmd_status(args) -> int:
                 exit_code = "" if t.exit_code is None else f" exit {t.exit_code}"
                 print(f"  task {t.task}: {t.state}{exit_code}{' (' + t.detail + ')' if t.detail else ''}")
     return 0
+
+
+def _cmd_wait(args) -> int:
+    try:
+        record = load_record(args.experiment)
+        _selected_units(record, args.work_unit)
+    except LaunchError as e:  # no such experiment or work unit: a usage error
+        print(f"lxm3: error: {e}", file=sys.stderr)
+        return 2
+    return wait_for([args.experiment], args.work_unit, args.interval or WATCH_INTERVAL, args.timeout)
 
 
 def _cmd_logs(args) -> int:
@@ -9911,6 +10440,11 @@ def _parser():
     launch.add_argument("--dry-run", action="store_true",
                         help="package and write the job scripts into a local folder, print what "
                              "would be copied and submitted, and submit, copy and run nothing")
+    launch.add_argument("--wait", action="store_true",
+                        help="then wait, as 'lxm3 wait' does, until every task of the experiment it "
+                             "launched has ended, and exit with wait's status (a launch that fails "
+                             "exits at once with its own)")
+    _add_polling_options(launch, timeout=True)
     launch.add_argument("launcher", metavar="LAUNCHER", help="the launcher script (a .py file)")
     launch.add_argument("args", metavar="ARGS", nargs="...", help="arguments for the launcher")
 
@@ -9926,6 +10460,24 @@ def _parser():
     status.add_argument("experiment", metavar="XID", help="experiment id (see 'lxm3 list')")
     status.add_argument("work_unit", metavar="WID", type=int, nargs="?", help="one work unit: list each task")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--watch", action="store_true",
+                        help="follow the experiment until every task has ended: on a terminal, one "
+                             "progress bar per work unit redrawn in place (no colour with $NO_COLOR), "
+                             "otherwise a line per change; and the last lines of each newly failed "
+                             "task's log. Exit status 0 if all tasks completed, 1 if not")
+    _add_polling_options(status, timeout=False)
+
+    wait = commands.add_parser(
+        "wait", help="block until every task of an experiment has ended",
+        description="Wait until no task of the experiment (or of work unit WID) is pending or running, "
+                    "print a summary, and exit with 0 if every task completed, 1 if any failed, was "
+                    "cancelled or was lost (an error that stops the wait, printed as 'lxm3: error:', "
+                    f"is 1 too), 2 for a usage error (bad option, unknown experiment or work unit), "
+                    f"{WAIT_TIMEOUT_EXIT} when --timeout ran out first (as timeout(1)), 130 on Ctrl-C. "
+                    "Quiet but for the summary (and a progress line on a terminal).")
+    wait.add_argument("experiment", metavar="XID", help="experiment id (see 'lxm3 list')")
+    wait.add_argument("work_unit", metavar="WID", type=int, nargs="?", help="only this work unit")
+    _add_polling_options(wait, timeout=True)
 
     logs = commands.add_parser("logs", help="show or follow a task's log",
                                description="Show the end of a task's log, or follow it with -f.")
@@ -10000,11 +10552,49 @@ def _parser():
     return parser
 
 
+def _add_polling_options(parser: Any, timeout: bool) -> None:
+    parser.add_argument("--interval", metavar="S", type=_seconds_option(WATCH_MIN_INTERVAL),
+                        help=f"seconds between two queries of each cluster (one round trip each; "
+                             f"default {WATCH_INTERVAL:.0f}, at least {WATCH_MIN_INTERVAL:.0f} to spare "
+                             f"the scheduler); the interval grows x{WATCH_BACKOFF} after each query that "
+                             f"saw no change, up to {WATCH_MAX_INTERVAL / 60:.0f} minutes, and is back to "
+                             "S after a change")
+    if timeout:
+        parser.add_argument("--timeout", metavar="S", type=_seconds_option(0.0),
+                            help=f"give up after S seconds with tasks still pending or running: exit "
+                                 f"status {WAIT_TIMEOUT_EXIT}")
+
+
+def _seconds_option(minimum: float) -> Callable[[str], float]:
+    import argparse
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not value >= minimum or value == float("inf"):  # also NaN
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: a number of seconds, at least {minimum:g}"
+                + (" (a shorter interval would load the scheduler)" if minimum else ""))
+        return value
+
+    return seconds
+
+
+_LAUNCH_OPTIONS_WITH_VALUES = ("--interval", "--timeout")
+
+
 def _split_launch_args(argv: List[str]) -> Tuple[List[str], List[str]]:
     """Everything after the launcher belongs to it, options like -h included."""
-    for i, arg in enumerate(argv[1:], start=1):
-        if not arg.startswith("-"):
+    i = 1
+    while i < len(argv):
+        if argv[i] in _LAUNCH_OPTIONS_WITH_VALUES:
+            i += 2
+            continue
+        if not argv[i].startswith("-"):
             return argv[: i + 1], argv[i + 1:]
+        i += 1
     return argv, []
 
 
@@ -10031,10 +10621,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         args = parser.parse_args(argv)
     handlers = {"list": _cmd_list, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
-                "clean": _cmd_clean, "rerun": _cmd_rerun}
+                "clean": _cmd_clean, "rerun": _cmd_rerun, "wait": _cmd_wait}
+    if args.command == "launch" and not args.wait and (args.interval or args.timeout is not None):
+        parser.error("--interval and --timeout go with --wait")
+    if args.command == "launch" and args.wait and args.dry_run:
+        parser.error("a dry run launches nothing to wait for: --wait goes without --dry-run")
+    if args.command == "status" and args.watch and args.json:
+        parser.error("--watch redraws for people; --json is for scripts: use one of them")
+    if args.command == "status" and not args.watch and args.interval:
+        parser.error("--interval goes with --watch")
     try:
         if args.command == "launch":
-            return _launch(args.launcher, list(args.args), dry_run=args.dry_run)
+            created: List[int] = []
+            code = _launch(args.launcher, list(args.args), dry_run=args.dry_run, created=created)
+            if not args.wait or code != 0:
+                return code
+            if not created:
+                _progress("nothing to wait for: the launcher recorded no experiment")
+                return code
+            return wait_for(created, None, args.interval or WATCH_INTERVAL, args.timeout)
         if args.command == "version":
             print(f"lxm3 {__version__}")
             sys.stdout.flush()

@@ -29,7 +29,7 @@ def words(text):
 
 # command: (its usage line, what its help must say)
 HELP = {
-    "launch": ("usage: lxm3 launch [-h] [--dry-run] LAUNCHER ...", [
+    "launch": ("usage: lxm3 launch [-h] [--dry-run] [--wait] [--interval S] [--timeout S] LAUNCHER ...", [
         "Run LAUNCHER as __main__ with sys.argv = [LAUNCHER, ARGS...]",
         "absl launchers (app.run(main)) all work",
         "LAUNCHER the launcher script (a .py file)",
@@ -38,17 +38,26 @@ HELP = {
         "The config is the first found of: --lxm_config PATH (taken out of ARGS wherever it "
         "appears), $LXM_CONFIG, ./lxm.toml, $XDG_CONFIG_HOME/lxm3/config.toml",
         "Set LXM_DEBUG=1 to see lxm3's own frames in tracebacks",
+        "--wait then wait, as 'lxm3 wait' does, until every task of the experiment it launched has ended",
     ]),
     "list": ("usage: lxm3 list [-h] [-n N] [--json]", [
         "Experiments launched from this machine, newest first.",
         "-n N how many (default 20)",
         "--json print JSON for scripts",
     ]),
-    "status": ("usage: lxm3 status [-h] [--json] XID [WID]", [
+    "status": ("usage: lxm3 status [-h] [--json] [--watch] [--interval S] XID [WID]", [
         "pending, running, completed, failed or cancelled, with exit codes",
         "XID experiment id (see 'lxm3 list')",
         "WID one work unit: list each task",
         "--json print JSON for scripts",
+        "--watch follow the experiment until every task has ended",
+        "at least 5 to spare the scheduler",
+    ]),
+    "wait": ("usage: lxm3 wait [-h] [--interval S] [--timeout S] XID [WID]", [
+        "exit with 0 if every task completed, 1 if any failed",
+        "124 when --timeout ran out first",
+        "--interval S seconds between two queries of each cluster (one round trip each; default 30, "
+        "at least 5 to spare the scheduler); the interval grows x1.5",
     ]),
     "logs": ("usage: lxm3 logs [-h] [--task TASK] [-f] [-n N] XID [WID]", [
         "Show the end of a task's log, or follow it with -f.",
@@ -109,7 +118,7 @@ def test_no_command_prints_the_help_and_fails():
 @pytest.mark.parametrize("args, usage, error", [
     (["bogus"], "usage: lxm3 [-h] [--version] COMMAND ...",
      "lxm3: error: argument COMMAND: invalid choice: 'bogus' (choose from "),
-    (["status"], "usage: lxm3 status [-h] [--json] XID [WID]",
+    (["status"], "usage: lxm3 status [-h] [--json] [--watch] [--interval S] XID [WID]",
      "lxm3 status: error: the following arguments are required: XID"),
     (["logs", "42", "--task", "x"], "usage: lxm3 logs [-h] [--task TASK] [-f] [-n N] XID [WID]",
      "lxm3 logs: error: argument --task: invalid int value: 'x'"),
@@ -117,7 +126,7 @@ def test_no_command_prints_the_help_and_fails():
      "lxm3 list: error: argument -n: invalid int value: 'many'"),
     (["cancel", "42", "one"], "usage: lxm3 cancel [-h] [--with-dependents] XID [WID]",
      "lxm3 cancel: error: argument WID: invalid int value: 'one'"),
-    (["launch"], "usage: lxm3 launch [-h] [--dry-run] LAUNCHER ...",
+    (["launch"], "usage: lxm3 launch [-h] [--dry-run] [--wait] [--interval S] [--timeout S] LAUNCHER ...",
      "lxm3 launch: error: the following arguments are required: LAUNCHER"),
 ])  # fmt: skip
 def test_bad_arguments_show_the_usage_and_exit_2(args, usage, error):
