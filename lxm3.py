@@ -1407,6 +1407,44 @@ def _parse_walltime_string(text: str) -> int:
     return minutes * 60 + seconds
 
 
+# Signals a job script can catch and pass on to its program as a warning;
+# KILL and STOP cannot be caught, the rest end or stop programs as errors do.
+WARNING_SIGNALS = ("USR2", "USR1", "TERM", "INT", "HUP", "QUIT", "ALRM", "URG")
+
+
+def _warning_signal_name(value: Any, what: str) -> str:
+    """``"USR2"`` from ``"USR2"``, ``"SIGUSR2"``, ``signal.SIGUSR2`` or its number."""
+    name = getattr(value, "name", value)  # a signal.Signals
+    if isinstance(name, int) and not isinstance(name, bool):
+        import signal
+
+        try:
+            name = signal.Signals(name).name
+        except ValueError:
+            name = str(name)
+    text = str(name).upper()
+    text = text[3:] if text.startswith("SIG") else text
+    if text not in WARNING_SIGNALS:
+        raise ValueError(f"{what}: {value!r} is not a signal the job script can pass on to the "
+                         f"program; use one of {', '.join(WARNING_SIGNALS)} (USR2, the default, "
+                         "is free in PyTorch jobs, whose NCCL takes USR1)")
+    return text
+
+
+def _check_warning_seconds(seconds: Any, walltime: Walltime, name: str, most: int) -> None:
+    """A warning's lead time: whole seconds, within the scheduler's range and the time limit."""
+    if seconds is None:
+        return
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or not 1 <= seconds <= most:
+        raise ValueError(f"{name}(timeout_signal_seconds={seconds!r}): give a whole number of seconds "
+                         f"from 1 to {most} ({name}'s limit), or None for no warning")
+    limit = parse_walltime(walltime)
+    if limit is not None and seconds >= limit:
+        raise ValueError(f"{name}(timeout_signal_seconds={seconds}) is not less than the walltime "
+                         f"({limit} s): the warning would come as the task starts; give fewer "
+                         "seconds or a longer walltime")
+
+
 class ClusterExecutorSpec(xm.ExecutorSpec, ValueObject):
     """What ``package`` needs to know of a cluster executor: nothing but its kind.
 
@@ -1494,13 +1532,27 @@ class ClusterExecutor(xm.Executor, ValueObject):
         submit to. Default None: ``$LXM_CLUSTER``, else the first
         ``[[clusters]]``. An unknown name is a ConfigError as the job is
         added.
+      requeue: True: a task the scheduler stops before it ends (preempted,
+        its node failed, requeued by hand) is queued again and runs anew
+        from the start (Slurm ``--requeue``, Grid Engine ``-r y``). Each run
+        gets ``LXM_ATTEMPT`` (1 for the first, 2 for the first restart, ...),
+        so the program can tell it should resume from its checkpoint.
+        Default False: the site's default (Slurm's ``JobRequeue``; Grid
+        Engine's queue ``rerun``).
+
+    Signals: the program runs as a child of the job script, which passes on
+    the time-limit warning (``Slurm(timeout_signal_seconds=...)``) and, on a
+    signal that ends the task (TERM on cancel, preemption or time limit,
+    sent by the scheduler to every process of the job), waits for the
+    program to end before it ends itself; the task's exit status is the
+    program's.
     """
 
     scheduler = ""
 
     def _init_common(self, *, requirements, resources, walltime, log_directory, modules,
                      extra_directives, skip_directives, max_parallel_tasks, singularity_options,
-                     docker_options, cluster) -> None:
+                     docker_options, cluster, requeue=False) -> None:
         self.requirements = xm.JobRequirements() if requirements is None else requirements
         self.resources = {} if resources is None else resources
         self.walltime = walltime
@@ -1512,6 +1564,7 @@ class ClusterExecutor(xm.Executor, ValueObject):
         self.singularity_options = singularity_options
         self.docker_options = docker_options
         self.cluster = cluster
+        self.requeue = requeue
 
     def _check(self) -> None:
         """Catch mistakes where the executor is written, not at submission."""
@@ -1521,6 +1574,8 @@ class ClusterExecutor(xm.Executor, ValueObject):
             raise ValueError(f"{name}(max_parallel_tasks=...) must be at least 1")
         if not isinstance(self.requirements, xm.JobRequirements):
             raise TypeError(f"{name}(requirements=...) must be an xm.JobRequirements")
+        if not isinstance(self.requeue, bool):
+            raise TypeError(f"{name}(requeue=...) must be True or False, not {self.requeue!r}")
         for what in ("modules", "extra_directives", "skip_directives"):
             if isinstance(getattr(self, what), str):
                 raise TypeError(f"{name}({what}=...) must be a list of strings")
@@ -1619,6 +1674,25 @@ class Slurm(ClusterExecutor):
         (``--dependency=afterany``). Default None: no limit.
       cluster: the ``name`` of the ``[[clusters]]`` entry to submit to.
         Default None: ``$LXM_CLUSTER``, else the config's first.
+      requeue: True -> ``--requeue``: a preempted task, or one whose node
+        failed, is queued again and runs anew with ``LXM_ATTEMPT`` one
+        higher. Default False: the cluster's ``JobRequeue``. See
+        ``ClusterExecutor``.
+      timeout_signal: the signal that warns the program of its time limit:
+        a name (``"USR2"``, ``"SIGUSR2"``) or a ``signal.Signals``; one of
+        USR2, USR1, TERM, INT, HUP, QUIT, ALRM, URG (else a ValueError).
+        Used with ``timeout_signal_seconds``. Default ``"USR2"``: USR1 is
+        taken by NCCL in PyTorch jobs.
+      timeout_signal_seconds: warn the program this many seconds before its
+        time limit -> ``--signal=B:<timeout_signal>@<seconds>``: Slurm
+        signals the job script, which passes the signal on to the program
+        (whose handler can save a checkpoint and exit; unhandled, USR2 ends
+        it). A whole number from 1 to 65535, less than ``walltime`` (else a
+        ValueError). Slurm checks every minute or so, so the signal may come
+        up to a minute earlier. After the limit Slurm sends TERM, then KILL
+        (``KillWait`` seconds later). The signal goes to the entrypoint's
+        process: an ``xm.CommandList`` entrypoint should ``exec`` its last
+        command, so that it is the program's. Default None: no warning.
     """
 
     scheduler = "slurm"
@@ -1640,17 +1714,24 @@ class Slurm(ClusterExecutor):
         qos: Optional[str] = None,
         max_parallel_tasks: Optional[int] = None,
         cluster: Optional[str] = None,
+        requeue: bool = False,
+        timeout_signal: Union[str, int] = "USR2",
+        timeout_signal_seconds: Optional[int] = None,
     ):
         self._init_common(requirements=requirements, resources=resources, walltime=walltime,
                           log_directory=log_directory, modules=modules,
                           extra_directives=extra_directives, skip_directives=skip_directives,
                           max_parallel_tasks=max_parallel_tasks, singularity_options=singularity_options,
-                          docker_options=docker_options, cluster=cluster)
+                          docker_options=docker_options, cluster=cluster, requeue=requeue)
         self.exclusive = exclusive
         self.partition = partition
         self.account = account
         self.qos = qos
+        self.timeout_signal = _warning_signal_name(timeout_signal, "Slurm(timeout_signal=...)")
+        self.timeout_signal_seconds = timeout_signal_seconds
         self._check()
+        _check_warning_seconds(timeout_signal_seconds, self.walltime, "Slurm",
+                               scheduler_of(self).max_warning_seconds)
 
     @classmethod
     def Spec(cls) -> SlurmSpec:  # noqa: N802 (the xm API's name)
@@ -1747,6 +1828,27 @@ class GridEngine(ClusterExecutor):
       docker_options: unused (Docker runs on ``Local`` only). Default None.
       cluster: the ``name`` of the ``[[clusters]]`` entry to submit to.
         Default None: ``$LXM_CLUSTER``, else the config's first.
+      requeue: True -> ``-r y``: the job is rerunnable: a task stopped by a
+        failed node or rescheduled (``qmod -rj``) runs anew with
+        ``LXM_ATTEMPT`` one higher (Grid Engine says only whether a task was
+        restarted: a second restart is attempt 2 again). Default False: the
+        queue's ``rerun``. See ``ClusterExecutor``.
+      notify: True -> ``-notify``: before it kills a task (at its ``h_rt``
+        time limit, on ``qdel``/``lxm3 cancel``, on preemption) Grid Engine
+        sends every process of the task USR2, and USR1 before it suspends
+        one; the kill (or stop) follows after the queue's ``notify`` time
+        (``qconf -sq <queue>``, e.g. ``00:00:60``), which a job cannot
+        choose: a time limit of ``walltime`` is then ``walltime`` plus that
+        time, with the warning at ``walltime`` (and Grid Engine counts a
+        task that reached ``h_rt`` as failed, however it ended: for a clean
+        end, stop on the warning of ``s_rt``, ``resources={"s_rt": ...}``,
+        which is USR1). The program should catch
+        USR2 (unhandled, it ends the program) and USR1, and expect it more
+        than once (Grid Engine signals the process group and the job's group
+        id): ignore it once it has begun to stop, or a second one ends the
+        program as Python exits. An ``xm.CommandList`` entrypoint should
+        ``exec`` its last command, or the shell running it dies of USR2.
+        Default False.
     """
 
     scheduler = "sge"
@@ -1771,12 +1873,17 @@ class GridEngine(ClusterExecutor):
         singularity_options: Optional[SingularityOptions] = None,
         docker_options: Optional[DockerOptions] = None,
         cluster: Optional[str] = None,
+        requeue: bool = False,
+        notify: bool = False,
     ):
         self._init_common(requirements=requirements, resources=resources, walltime=walltime,
                           log_directory=log_directory, modules=modules,
                           extra_directives=extra_directives, skip_directives=skip_directives,
                           max_parallel_tasks=max_parallel_tasks, singularity_options=singularity_options,
-                          docker_options=docker_options, cluster=cluster)
+                          docker_options=docker_options, cluster=cluster, requeue=requeue)
+        if not isinstance(notify, bool):
+            raise TypeError(f"GridEngine(notify=...) must be True or False, not {notify!r}")
+        self.notify = notify
         self.parallel_environments = {} if parallel_environments is None else parallel_environments
         self.queue = queue
         self.reserved = reserved
@@ -4220,7 +4327,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # the script reads the tasks file. LXM_PYTHON is the user's to set.
 RESERVED_ENV_PREFIX = "lxm_"
 RESERVED_ENV_NAMES = frozenset({
-    "LXM_TASK_ID", "LXM_EXPERIMENT_ID", "LXM_WORK_UNIT_ID", "LXM_NUM_TASKS",
+    "LXM_TASK_ID", "LXM_EXPERIMENT_ID", "LXM_WORK_UNIT_ID", "LXM_NUM_TASKS", "LXM_ATTEMPT",
     "IFS", "UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS", "BASH_VERSINFO", "BASHPID",
     "BASH", "BASH_ALIASES", "BASH_ARGC", "BASH_ARGV", "BASH_ARGV0", "BASH_CMDS",
     "BASH_COMMAND", "BASH_LINENO", "BASH_REMATCH", "BASH_SOURCE", "BASH_SUBSHELL",
@@ -4533,7 +4640,14 @@ lxm_shell_words=()  # indices of lxm_args that are shell text (xm.ShellSafeArg)
 lxm_env_names=(LXM_EXPERIMENT_ID LXM_WORK_UNIT_ID LXM_NUM_TASKS LXM_TASK_ID PYTHONPATH)
 lxm_load 1 '#common'
 lxm_load $((LXM_TASK_ID + 2)) "#$LXM_TASK_ID"
-export LXM_EXPERIMENT_ID LXM_WORK_UNIT_ID LXM_NUM_TASKS LXM_TASK_ID
+# Which run of the task this is: 1, plus its earlier submissions (LXM_RERUN,
+# from lxm3 rerun), plus the scheduler's restarts of this one (requeue).
+lxm_reruns=${LXM_RERUN:-0} lxm_restarts=@@{restart_count}
+[[ $lxm_reruns =~ ^[0-9]{1,9}$ ]] || lxm_reruns=0
+[[ $lxm_restarts =~ ^[0-9]{1,9}$ ]] || lxm_restarts=0
+LXM_ATTEMPT=$((1 + 10#$lxm_reruns + 10#$lxm_restarts))
+lxm_env_names+=(LXM_ATTEMPT)
+export LXM_EXPERIMENT_ID LXM_WORK_UNIT_ID LXM_NUM_TASKS LXM_TASK_ID LXM_ATTEMPT
 
 # Named before it is made, so that the EXIT trap knows it whenever a signal lands.
 lxm_workdir=${TMPDIR:-/tmp}/lxm3-$LXM_EXPERIMENT_ID-$LXM_WORK_UNIT_ID-$LXM_TASK_ID-$$-$RANDOM$RANDOM
@@ -4559,9 +4673,46 @@ export PYTHONPATH="$lxm_workdir${PYTHONPATH:+:$PYTHONPATH}"
 umask @@{umask}  # @@{umask_note}
 @@{setup}
 [[ ${#lxm_shell_words[@]} -eq 0 ]] || lxm_expand_shell_words
-@@{run} ${lxm_args[@]+"${lxm_args[@]}"}
-exit $?
+@@{run_setup}
+# The program runs in the background and the script waits for it: bash runs a
+# trap only once the foreground command has ended, and a signal must be passed
+# on while the program runs. The signals that end a task (TERM on cancel,
+# preemption or time limit) reach every process of the job, the program
+# included: the script ignores them meanwhile, waits for the program and ends
+# with its exit status.@@{forward_comment}
+lxm_program= lxm_interrupted= lxm_pending=
+lxm_on_signal() {  # pass signal $1 on to the program
+  lxm_interrupted=1
+  if [[ -n $lxm_program ]]; then kill -s "$1" "$lxm_program" 2>/dev/null; else lxm_pending+=" $1"; fi
+}
+@@{traps}
+# The program gets the signal dispositions the script had (bash ignores INT and
+# QUIT in background commands) and its stdin (bash would give it /dev/null).
+( trap - INT QUIT @@{trapped}; exec @@{run} ${lxm_args[@]+"${lxm_args[@]}"} ) <&0 &
+lxm_program=$!
+for lxm_signal in $lxm_pending; do kill -s "$lxm_signal" "$lxm_program" 2>/dev/null; done
+while :; do
+  lxm_interrupted=
+  wait "$lxm_program"
+  lxm_status=$?
+  # A trapped signal ends `wait` early with a status above 128: wait on while
+  # the program runs. If it ended meanwhile, its own status is the one bash
+  # kept, unless bash lost it (-1 or 127): then it most likely died of that signal.
+  [[ -n $lxm_interrupted && $lxm_status -gt 128 ]] || break
+  kill -0 "$lxm_program" 2>/dev/null && continue
+  wait "$lxm_program"
+  lxm_signal=$?
+  [[ $lxm_signal -eq 127 || $lxm_signal -eq 255 ]] || lxm_status=$lxm_signal
+  break
+done
+exit "$lxm_status"
 """)
+
+# While the program runs, the job script ignores these (so that it can wait for
+# the program and write the exit record; a trap would end `wait` early, and
+# bash may then lose the program's status): the ones that end a task, and the
+# Grid Engine -notify warnings, which would otherwise end the script first.
+PROGRAM_IGNORED_SIGNALS = ("TERM", "INT", "HUP", "USR1", "USR2")
 
 
 EXIT_RECORD = "printf '\\nlxm3-exit: task %s status %s\\n' \"$LXM_TASK_ID\" \"$status\""
@@ -4583,6 +4734,8 @@ def render_job_script(
     umask: Optional[str] = None,
     umask_note: str = "the umask lxm3 was launched with",
     on_exit: str = "",
+    restart_count: str = "0",
+    forwarded_signals: Sequence[str] = (),
 ) -> str:
     """The job script of one work unit; executors supply ``header`` and ``task_id``.
 
@@ -4598,10 +4751,22 @@ def render_job_script(
     a task makes files as the user would by running it there themselves.
     ``umask_note`` says where the value came from, in a comment. ``on_exit``:
     a last line for the exit trap (``$status`` is the task's exit status).
+
+    The program runs as the script's child, which waits for it and exits
+    with its status. ``forwarded_signals`` (names from WARNING_SIGNALS) are
+    passed on to it: those the scheduler sends to the script alone.
+    ``restart_count`` is bash giving how many times the scheduler restarted
+    the task, for ``LXM_ATTEMPT``.
     """
     umask = umask or process_umask()
     if not UMASK_PATTERN.match(umask):
         raise ValueError(f"umask {umask!r} is not an octal mask such as 0022")
+    for name in forwarded_signals:
+        _warning_signal_name(name, "a signal to pass on")
+    run_setup, _, run = run.rpartition("\n")  # the last line runs the program
+    ignored = [name for name in PROGRAM_IGNORED_SIGNALS if name not in forwarded_signals]
+    traps = [f"trap '' {' '.join(ignored)}"] if ignored else []
+    traps += [f"trap 'lxm_on_signal {name}' {name}" for name in forwarded_signals]
     return JOB_SCRIPT.substitute(
         header=header,
         version=__version__,
@@ -4612,7 +4777,13 @@ def render_job_script(
         archive=shell_quote(archive),
         tasks_file=shell_quote(tasks_file),
         setup=setup,
+        run_setup=run_setup,
         run=run,
+        restart_count=restart_count,
+        traps="\n".join(traps),
+        trapped=" ".join(name for name in [*ignored, *forwarded_signals] if name not in ("INT", "QUIT")),
+        forward_comment=(f" {' and '.join(forwarded_signals)} come to the script alone: "
+                         "it passes them on." if forwarded_signals else ""),
         exit_record=(EXIT_RECORD if exit_record else ":") + (f"\n  {on_exit}" if on_exit else ""),
         exit_record_comment=", and say how the task ended" if exit_record else "",
         umask=umask,
@@ -4864,6 +5035,14 @@ class Scheduler:
     job_id_end = ""  # characters that end the job id in the submit command's output
     task_id_line = ""  # bash setting LXM_TASK_ID from the array index and $1
     benign_cancel = re.compile(r"$^")  # cancel messages for jobs that had just ended
+    restart_count = "0"  # bash: how many times the scheduler restarted this task (LXM_ATTEMPT)
+    max_warning_seconds = 0  # the longest time-limit warning it can give
+
+    def forwarded_signals(self, executor: ClusterExecutor) -> List[str]:
+        """Signals the scheduler sends to the job script alone, which the script
+        passes on to the program (those it sends to every process of the job,
+        the program gets itself)."""
+        return []
 
     # -- directives ------------------------------------------------------
 
@@ -5004,6 +5183,13 @@ class SlurmScheduler(Scheduler):
     job_id_end = ";"  # sbatch --parsable: ID[;CLUSTER]
     task_id_line = "LXM_TASK_ID=$(( ${SLURM_ARRAY_TASK_ID:-0} + ${1:-0} ))  # $1: the array's first task"
     benign_cancel = re.compile(r"Invalid job id", re.I)
+    restart_count = "${SLURM_RESTART_COUNT:-0}"  # set from the first requeue on
+    max_warning_seconds = 65535  # --signal=...@<0..65535>
+
+    def forwarded_signals(self, executor: ClusterExecutor) -> List[str]:
+        # --signal=B:... signals the batch shell only; TERM (cancel, time limit,
+        # preemption) goes to every process of the job.
+        return [executor.timeout_signal] if executor.timeout_signal_seconds else []
 
     def directive_key(self, directive: str) -> str:
         option, _, value = _strip_prefix(directive, "#SBATCH").replace(" ", "=", 1).partition("=")
@@ -5053,6 +5239,10 @@ class SlurmScheduler(Scheduler):
                 derived.append(f"--{option}={_directive_value(value, option)}")
         if executor.exclusive:
             derived.append("--exclusive")
+        if executor.requeue:
+            derived.append("--requeue")
+        if executor.timeout_signal_seconds:  # B: the job script, which passes it on
+            derived.append(f"--signal=B:{executor.timeout_signal}@{executor.timeout_signal_seconds}")
         return _merge_directives(derived, self.explicit_directives(executor), self.directive_key)
 
     @staticmethod
@@ -5187,6 +5377,11 @@ class GridEngineScheduler(Scheduler):
     job_id_end = "."  # qsub -terse: ID[.1-N:1]
     task_id_line = "LXM_TASK_ID=$(( ${SGE_TASK_ID:-1} - 1 + ${1:-0} ))  # $1: the array's first task"
     benign_cancel = re.compile(r"does not exist|registered the job|has deleted", re.I)
+    # RESTARTED is 1 on any rerun (-r y, qmod -rj), 0 on the first run: no count.
+    restart_count = "${RESTARTED:-0}"
+    # -notify's USR2/USR1 go to every process of the job (its process group),
+    # after the queue's notify time: nothing to pass on, nothing to choose.
+    max_warning_seconds = 0
 
     def directive_key(self, directive: str) -> str:
         parts = _strip_prefix(directive, "#$").split()
@@ -5264,6 +5459,10 @@ class GridEngineScheduler(Scheduler):
         if reserved is not None:
             derived.append(f"-R {'y' if reserved else 'n'}")
         derived.append(f"-j {'y' if executor.merge_output else 'n'}")
+        if executor.requeue:
+            derived.append("-r y")
+        if executor.notify:
+            derived.append("-notify")
         return _merge_directives(derived, explicit, self.directive_key)
 
     @staticmethod
@@ -6682,7 +6881,8 @@ def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig
                                                                      launch.environment)]))
         script = render_job_script(
             header=scheduler.header(launch.executor, cluster, job_name),
-            task_id=scheduler.task_id_line,
+            task_id=scheduler.task_id_line, restart_count=scheduler.restart_count,
+            forwarded_signals=scheduler.forwarded_signals(launch.executor),
             experiment_id=xid, work_unit_id=wid, num_tasks=len(launch.tasks),
             archive=f"{info.staging}/archives/{archive.name}", tasks_file=f"{unit_dir}/tasks",
             setup=setup, exit_record=True,
