@@ -18,7 +18,7 @@ import re
 from typing import Any, Dict, List
 
 import pytest
-from test_status import Workspace, all_tasks, job_ids, settled, task_job, wait_status
+from status_workspace import Workspace, all_tasks, job_ids, settled, task_job, wait_status
 
 import lxm3
 
