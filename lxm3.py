@@ -156,7 +156,7 @@ class UnitState:
     SUBMITTED = "submitted"
     PARTIALLY_SUBMITTED = "partially submitted"  # some arrays were, then the scheduler refused one
     NOT_SUBMITTED = "not submitted"
-    RUNNING = "running"  # local tasks
+    RUNNING = "running"  # local tasks (a launch's, or lxm3 rerun's)
     COMPLETED = "completed"
     FAILED = "failed"
     STOPPED = "stopped"  # local tasks stopped by Ctrl-C or a failing launcher
@@ -168,7 +168,10 @@ class UnitState:
         SUBMITTING: {SUBMITTING, SUBMITTED, PARTIALLY_SUBMITTED, NOT_SUBMITTED},
         SUBMITTED: {SUBMITTING},  # lxm3 rerun submits some of its tasks again
         PARTIALLY_SUBMITTED: {SUBMITTING},
-        RUNNING: {COMPLETED, FAILED, STOPPED},
+        RUNNING: {COMPLETED, FAILED, STOPPED, RUNNING},  # running again: lxm3 rerun after a lost launch
+        COMPLETED: {RUNNING},  # lxm3 rerun runs local tasks again
+        FAILED: {RUNNING},
+        STOPPED: {RUNNING},
     }
 
     @classmethod
@@ -6000,6 +6003,10 @@ class WorkUnitRecord(ValueObject):
         "work_units": [ids]}]`` (see Dependency); empty: nothing.
       never_run: local tasks that never started because what they waited
         for can no longer happen (an upstream task failed).
+      attempts: local tasks run more than once (lxm3 rerun), with how many
+        times; log_paths and exit_codes are their latest attempt's.
+      gpus_per_task, max_parallel_tasks: the Local executor's, so that
+        ``lxm3 rerun`` runs local tasks again as the launch ran them.
     """
 
     def __init__(self, id: int, state: str, executor: Optional[str] = None,  # noqa: A002
@@ -6015,7 +6022,8 @@ class WorkUnitRecord(ValueObject):
                  environment: Optional[str] = None, cleaned: Optional[str] = None,
                  submit_argv: Optional[List[str]] = None,
                  dependencies: Optional[List[Dict[str, Any]]] = None,
-                 never_run: Optional[List[int]] = None):
+                 never_run: Optional[List[int]] = None, attempts: Optional[Dict[int, int]] = None,
+                 gpus_per_task: int = 0, max_parallel_tasks: Optional[int] = None):
         self.id = id
         self.state = state
         self.executor = executor
@@ -6043,6 +6051,9 @@ class WorkUnitRecord(ValueObject):
         self.submit_argv = submit_argv
         self.dependencies = [] if dependencies is None else dependencies
         self.never_run = [] if never_run is None else never_run
+        self.attempts = {} if attempts is None else attempts
+        self.gpus_per_task = gpus_per_task
+        self.max_parallel_tasks = max_parallel_tasks
 
     @property
     def is_local(self) -> bool:
@@ -6057,11 +6068,13 @@ class WorkUnitRecord(ValueObject):
 
     def to_json(self) -> Dict[str, Any]:
         data = {k: v for k, v in vars(self).items() if k not in ("arrays", "planned", "exit_codes")
-                and not (k in ("cleaned", "submit_argv") and v is None)}  # absent until set: older records stay as they were
+                and not (k in ("cleaned", "submit_argv", "max_parallel_tasks") and v is None)
+                and not (k == "gpus_per_task" and v == 0)}  # absent until set: older records stay as they were
         data["arrays"] = [a.to_json() for a in self.arrays]
         data["planned"] = [p.to_json() for p in self.planned]
         data["exit_codes"] = {str(k): v for k, v in sorted(self.exit_codes.items())}
-        for name in ("dependencies", "never_run"):  # newer than the format: left out when empty
+        data["attempts"] = {str(k): v for k, v in sorted(self.attempts.items())}
+        for name in ("dependencies", "never_run", "attempts"):  # newer than the format: left out when empty
             if not data[name]:
                 del data[name]
         return data
@@ -6080,6 +6093,7 @@ class WorkUnitRecord(ValueObject):
         fields["log_paths"] = data.get("log_paths") or []
         fields["dependencies"] = [dict(d) for d in data.get("dependencies") or []]
         fields["never_run"] = [int(t) for t in data.get("never_run") or []]
+        fields["attempts"] = {int(k): int(v) for k, v in (data.get("attempts") or {}).items()}
         return cls(**fields)
 
 
@@ -6261,6 +6275,12 @@ LOCAL_HEADER = "# Run by lxm3's local executor, which sets LXM_TASK_ID for each 
 LOCAL_TASK_ID = 'LXM_TASK_ID=${LXM_TASK_ID:?"is set by the lxm3 local runner"}'
 
 
+def local_log_name(task_id: int, attempt: int = 1) -> str:
+    """A local task's log for its ``attempt``-th run: ``task-3.log``, then
+    ``task-3.attempt-2.log``, ... (lxm3 rerun keeps every attempt's)."""
+    return f"task-{task_id}.log" if attempt == 1 else f"task-{task_id}.attempt-{attempt}.log"
+
+
 def local_gpus() -> Tuple[Optional[List[str]], str]:
     """The GPUs local tasks may share out, and where that list comes from.
 
@@ -6333,21 +6353,26 @@ class LocalRunner:
 
     def submit(self, script: str, work_unit_id: int, num_tasks: int, log_dir: str,
                env: Optional[Mapping[str, str]] = None, gpus_per_task: int = 0,
-               after: Sequence[Tuple[str, int]] = ()) -> List[str]:
-        """Queue every task of a work unit; returns their log paths.
-        ``after``: (kind, work unit) pairs its tasks wait for (see Dependency)."""
+               after: Sequence[Tuple[str, int]] = (), task_ids: Optional[Sequence[int]] = None,
+               attempt: int = 1) -> List[str]:
+        """Queue the tasks of a work unit (``task_ids``: only these; None: every
+        one); returns their log paths, in that order. ``after``: (kind, work
+        unit) pairs its tasks wait for (see Dependency). ``attempt``: which run
+        of these tasks this is (lxm3 rerun): above 1, they get
+        LXM_RERUN=attempt-1 and a log of their own (local_log_name)."""
         if gpus_per_task:
             self._plan_gpus(work_unit_id, gpus_per_task)
         make_private_dirs(log_dir)
-        logs = [os.path.join(log_dir, f"task-{task_id}.log") for task_id in range(num_tasks)]
-        env = dict(env or {})
+        task_ids = list(range(num_tasks)) if task_ids is None else list(task_ids)
+        logs = [os.path.join(log_dir, local_log_name(task_id, attempt)) for task_id in task_ids]
+        env = dict(env or {}, **({"LXM_RERUN": str(attempt - 1)} if attempt > 1 else {}))
         self._writing += _hold_writer_lock(log_dir)
         with self._lock:
             self._units[work_unit_id] = num_tasks
             if self._stopping:
-                self.not_started += [(work_unit_id, t) for t in range(num_tasks)]
+                self.not_started += [(work_unit_id, t) for t in task_ids]
                 return logs
-            for task_id, log_path in enumerate(logs):
+            for task_id, log_path in zip(task_ids, logs):
                 prefix = f"[{work_unit_id}]" if num_tasks == 1 else f"[{work_unit_id}:{task_id}]"
                 self._queue.append((script, work_unit_id, task_id, log_path, prefix, env, gpus_per_task,
                                     tuple(after)))
@@ -6356,6 +6381,13 @@ class LocalRunner:
                 self._workers.append(worker)
                 worker.start()
         return logs
+
+    def note_earlier(self, work_unit_id: int, num_tasks: int, ended: Mapping[int, Optional[int]]) -> None:
+        """How tasks that ran before this runner ended (lxm3 rerun; None: not
+        well, without an exit code), for the tasks it runs that wait for them."""
+        with self._lock:
+            self._units.setdefault(work_unit_id, num_tasks)
+            self._ended.update(((work_unit_id, task), code) for task, code in ended.items())
 
     def _plan_gpus(self, work_unit_id: int, gpus_per_task: int) -> None:
         """Find the GPUs (once), check a task's share fits, and let as many
@@ -7392,6 +7424,8 @@ class ClusterWorkUnit(xm.WorkUnit):
         )
         if isinstance(executor, Local):
             record.log_paths, record.exit_codes = list(self.log_paths), dict(self.exit_codes)
+            record.gpus_per_task = _requirements_gpus(executor.requirements)
+            record.max_parallel_tasks = executor.max_parallel_tasks
         elif isinstance(executor, ClusterExecutor):
             cluster = self.experiment.config.cluster(self.cluster)
             record.connection = {"server": cluster.server, "user": cluster.user,
@@ -7558,11 +7592,14 @@ class LoadedWorkUnit:
     def stop(self) -> None:
         cancel(self.experiment.record, [self.work_unit_id])
 
-    def rerun(self, failed: Optional[bool] = None, tasks: Optional[Sequence[int]] = None) -> List[ArrayRecord]:
-        """Submit tasks of this cluster work unit again, as ``lxm3 rerun`` does:
+    def rerun(self, failed: Optional[bool] = None, tasks: Optional[Sequence[int]] = None) -> List[Any]:
+        """Run tasks of this work unit again, as ``lxm3 rerun`` does:
         ``rerun(failed=True)`` (the default) those whose latest attempt failed, was
-        cancelled or was lost; ``rerun(tasks=[3, 7])`` those. Returns the arrays
-        submitted (``job_id``, ``task_ids()``, ``attempt``); none if nothing failed."""
+        cancelled or was lost; ``rerun(tasks=[3, 7])`` those. A cluster unit's are
+        submitted: returns the arrays (ArrayRecord: ``job_id``, ``task_ids()``,
+        ``attempt``). A local unit's run here, in the foreground: returns how each
+        ended (TaskResult: ``task_id``, ``returncode``, ``log_path``). Empty if
+        nothing failed."""
         if tasks is not None and failed:
             raise ValueError("rerun takes failed=True or tasks=[...], not both")
         if tasks is None and failed is False:
@@ -8046,7 +8083,7 @@ class TaskStatus(ValueObject):
         exit_code: Optional[int] = None,
         job: Optional[str] = None,  # the scheduler's name for it, e.g. "16_3"
         detail: str = "",
-        attempts: int = 1,  # how many times lxm3 submitted it (lxm3 rerun)
+        attempts: int = 1,  # how many times lxm3 submitted or ran it (lxm3 rerun)
     ):
         self.task = task
         self.state = state
@@ -8361,6 +8398,8 @@ def reconcile_submissions(record: ExperimentRecord) -> bool:
 
 
 def _local_statuses(unit: WorkUnitRecord, record: ExperimentRecord) -> List[TaskStatus]:
+    """Each local task's latest attempt, from the record and, while a launch
+    or an lxm3 rerun runs them, their logs."""
     statuses = []
     for task in range(unit.num_tasks):
         code = unit.exit_codes.get(task)
@@ -8374,7 +8413,8 @@ def _local_statuses(unit: WorkUnitRecord, record: ExperimentRecord) -> List[Task
             statuses.append(TaskStatus(task, TaskState.COMPLETED if code == 0 else TaskState.FAILED, code))
         elif stopped:
             statuses.append(TaskStatus(task, TaskState.CANCELLED, detail="stopped before it started"))
-        elif record.status == ExperimentStatus.LAUNCHING:  # the launch runs: has the task ended?
+        elif record.status == ExperimentStatus.LAUNCHING or unit.state == UnitState.RUNNING:
+            # a launch or a rerun runs it: has the task ended?
             code = _logged_exit(unit.log_paths[task]) if task < len(unit.log_paths) else None
             if code is None and task < len(unit.log_paths) and not _log_writer_alive(
                     os.path.dirname(unit.log_paths[task])):  # nothing runs it any more
@@ -8386,6 +8426,8 @@ def _local_statuses(unit: WorkUnitRecord, record: ExperimentRecord) -> List[Task
         else:
             interrupted = record.status == ExperimentStatus.INTERRUPTED
             statuses.append(TaskStatus(task, TaskState.CANCELLED if interrupted else TaskState.UNKNOWN))
+    for status in statuses:
+        status.attempts = unit.attempts.get(status.task, 1)
     return statuses
 
 
@@ -8512,7 +8554,9 @@ class RerunSubmission(ArraySubmission):
 
 
 def task_attempts(unit: WorkUnitRecord) -> Dict[int, int]:
-    """How many times each task was submitted (tasks never submitted: absent)."""
+    """How many times each task was submitted, or run here (tasks never submitted: absent)."""
+    if unit.is_local:
+        return {task: unit.attempts.get(task, 1) for task in range(unit.num_tasks)}
     attempts: Dict[int, int] = {}
     for array in unit.arrays:
         for task in array.task_ids():
@@ -8521,22 +8565,35 @@ def task_attempts(unit: WorkUnitRecord) -> Dict[int, int]:
 
 
 def _why_not_rerun(record: ExperimentRecord, unit: WorkUnitRecord) -> Optional[str]:
-    """Why ``lxm3 rerun`` cannot submit this unit's tasks again (None: it can)."""
+    """Why ``lxm3 rerun`` cannot run this unit's tasks again (None: it can)."""
     xid, wid = record.experiment_id, unit.id
     if unit.state == UnitState.DRY_RUN:
         return (f"work unit {wid} of experiment {xid} is a dry run (lxm3 launch --dry-run): nothing was "
                 "submitted or staged, so there is nothing to rerun; launch it without --dry-run")
     if unit.is_local:
-        script = unit.script or "job.sh"
-        return (f"work unit {wid} of experiment {xid} ran on this machine: lxm3 rerun resubmits tasks of "
-                f"cluster work units only. Run a task again here with `LXM_TASK_ID=3 bash {shell_quote(script)}`, "
-                "or launch again")
+        if not unit.script or not unit.job_directory or not _local_log_dir(unit):
+            return (f"work unit {wid} of experiment {xid} was launched by an lxm3 that did not record its "
+                    "job script, which lxm3 rerun needs: launch it again")
+        if _log_writer_alive(_local_log_dir(unit)):
+            return _still_running_here(xid, wid)
+        return None
     if not unit.arrays and unit.state != UnitState.SUBMITTING:
         return f"work unit {wid} of experiment {xid} was never submitted ({unit.state}): launch it again"
     if not unit.submit_argv or not unit.script or not unit.submission_log:
         return (f"work unit {wid} of experiment {xid} was launched by an lxm3 that did not record its "
                 "submit command, which lxm3 rerun needs: launch it again")
     return None
+
+
+def _local_log_dir(unit: WorkUnitRecord) -> str:
+    """Where a local work unit's logs are (records older than log_directory: its first log's directory)."""
+    return unit.log_directory or (os.path.dirname(unit.log_paths[0]) if unit.log_paths else "")
+
+
+def _still_running_here(xid: int, wid: int) -> str:
+    return (f"work unit {wid} of experiment {xid} is still running on this machine (its launch, or another "
+            "lxm3 rerun, is writing its logs): nothing was run. Wait for it to end, or stop it (Ctrl-C where "
+            f"it runs), then rerun; 'lxm3 status {xid} {wid}' shows its tasks")
 
 
 def _rerun_check_script(units: Sequence[WorkUnitRecord], scheduler: Scheduler) -> str:
@@ -8570,8 +8627,8 @@ def _plan_rerun(unit: WorkUnitRecord, tasks: Sequence[int], scheduler: Scheduler
 
 
 def rerun_tasks(record: ExperimentRecord, work_unit_ids: Optional[Sequence[int]] = None,
-                tasks: Optional[Sequence[int]] = None) -> Dict[int, List[ArrayRecord]]:
-    """Submit some tasks of cluster work units again, with their original arguments.
+                tasks: Optional[Sequence[int]] = None) -> Dict[int, List[Any]]:
+    """Submit some tasks of work units again, with their original arguments.
 
     ``tasks``: these task ids of each unit; None: every task whose latest
     attempt failed, was cancelled or was lost, as ``lxm3 status`` tells. The
@@ -8579,7 +8636,9 @@ def rerun_tasks(record: ExperimentRecord, work_unit_ids: Optional[Sequence[int]]
     nothing is packaged or copied. Tasks still pending or running are refused.
     Every attempt stays in the record; the new arrays are saved before they are
     submitted (the cluster's submission log knows the outcome if lxm3 is cut
-    off). Returns the arrays submitted, by work unit.
+    off). Local work units' tasks run here, in the foreground, after the
+    clusters' are submitted (see _rerun_locally). Returns, by work unit, the
+    arrays submitted (ArrayRecord) or the local tasks run (TaskResult).
     """
     units = [u for u in record.work_units if work_unit_ids is None or u.id in work_unit_ids]
     reasons = {u.id: _why_not_rerun(record, u) for u in units}
@@ -8606,6 +8665,8 @@ def rerun_tasks(record: ExperimentRecord, work_unit_ids: Optional[Sequence[int]]
                                   "them: nothing was submitted")
             picked = sorted(set(tasks))
         active = [states[t] for t in picked if states[t].state in TaskState.ACTIVE]
+        if active and unit.is_local:
+            raise LaunchError(_still_running_here(record.experiment_id, unit.id))
         if active:
             cancel_command = scheduler_named(unit.scheduler).cancel_command
             raise LaunchError(
@@ -8618,14 +8679,130 @@ def rerun_tasks(record: ExperimentRecord, work_unit_ids: Optional[Sequence[int]]
                 "work unit), then rerun")
         if picked:
             chosen[unit.id] = picked
-    submitted: Dict[int, List[ArrayRecord]] = {}
+    submitted: Dict[int, List[Any]] = {}
     groups: Dict[Tuple[str, str], List[WorkUnitRecord]] = {}
     for unit in units:
-        if unit.id in chosen:
+        if unit.id in chosen and not unit.is_local:
             groups.setdefault((unit.cluster, unit.scheduler), []).append(unit)
     for group in groups.values():
         submitted.update(_rerun_on_cluster(record, group, chosen))
+    here = [u for u in units if u.id in chosen and u.is_local]
+    if here:
+        submitted.update(_rerun_locally(record, here, chosen))
     return submitted
+
+
+def _rerun_locally(record: ExperimentRecord, units: List[WorkUnitRecord],
+                   chosen: Mapping[int, List[int]]) -> Dict[int, List[TaskResult]]:
+    """The local part of ``rerun_tasks``: run the chosen tasks again here, in
+    the foreground, as the launch ran them (its job script and tasks file, its
+    GPUs per task and parallelism, streaming their output), each with
+    LXM_RERUN=<its earlier attempts> and a log of its own. The record is saved
+    before (running) and after (completed, failed; stopped on Ctrl-C, which is
+    re-raised). Dependencies between work units hold, on the tasks' latest attempts.
+    """
+    xid = record.experiment_id
+    held: List[int] = []  # our locks on the log directories: no launch or rerun may start there now
+    try:
+        for unit in units:
+            for path in (unit.script or "", os.path.join(unit.job_directory or "", "tasks")):
+                if not os.path.isfile(path):
+                    raise LaunchError(f"work unit {unit.id} of experiment {xid}: {path}, which its launch "
+                                      "wrote, is gone: nothing was run; launch it again")
+            log_dir = _local_log_dir(unit)
+            make_private_dirs(log_dir)
+            locked = _hold_writer_lock(log_dir)
+            if not locked and _log_writer_alive(log_dir):
+                raise LaunchError(_still_running_here(xid, unit.id))
+            held += locked
+        runner = LocalRunner(units[0].max_parallel_tasks)
+        rerun_ids = {u.id for u in units}
+        for other in record.work_units:  # what tasks that wait for others may start after
+            if other.is_local and other.state != UnitState.DRY_RUN:
+                again = set(chosen[other.id]) if other.id in rerun_ids else set()
+                runner.note_earlier(other.id, other.num_tasks, {
+                    t.task: 0 if t.state == TaskState.COMPLETED else t.exit_code or None
+                    for t in _local_statuses(other, record) if t.task not in again})
+        started: List[WorkUnitRecord] = []
+        try:
+            for unit in units:
+                started.append(unit)
+                _start_rerun_here(unit, chosen[unit.id], runner)
+            try:
+                save_record(record)
+            except OSError as e:
+                raise LaunchError(f"cannot save the record of experiment {xid} ({e.strerror}: {e.filename}), "
+                                  "so the rerun was stopped; free some space and rerun") from None
+            runner.wait()
+        except BaseException:  # Ctrl-C (or an error): no task goes on without us
+            runner.stop()
+            if started:
+                _note_rerun_ended(record, started, runner, stopped=True)
+            raise
+        _note_rerun_ended(record, units, runner, stopped=False)
+    finally:
+        for fd in held:
+            os.close(fd)
+    return {u.id: sorted((r for r in runner.results if r.work_unit_id == u.id), key=lambda r: r.task_id)
+            for u in units}
+
+
+def _start_rerun_here(unit: WorkUnitRecord, tasks: List[int], runner: LocalRunner) -> None:
+    """Queue ``tasks`` of a local unit, each for its next attempt, and record
+    their new logs (their exit codes are gone until they end)."""
+    unit.set_state(UnitState.RUNNING)
+    attempts = task_attempts(unit)
+    by_attempt: Dict[int, List[int]] = {}
+    for task in tasks:
+        by_attempt.setdefault(attempts[task] + 1, []).append(task)
+    # As at launch: without a container, tasks use this interpreter.
+    env = {} if unit.image else {"LXM_PYTHON": sys.executable}
+    after = [(d["kind"], w) for d in unit.dependencies for w in d.get("work_units", ())]
+    unit.log_paths += [""] * (unit.num_tasks - len(unit.log_paths))
+    for attempt, group in sorted(by_attempt.items()):
+        logs = runner.submit(unit.script or "", unit.id, unit.num_tasks, _local_log_dir(unit), env,
+                             unit.gpus_per_task, after=after, task_ids=group, attempt=attempt)
+        for task, log in zip(group, logs):
+            unit.log_paths[task], unit.attempts[task] = log, attempt
+            unit.exit_codes.pop(task, None)
+            if task in unit.never_run:
+                unit.never_run.remove(task)
+    _progress(f"work unit {unit.id}: rerunning {_counted(len(tasks), 'task')} ({_task_ranges(tasks)}; "
+              f"attempt {', '.join(map(str, sorted(by_attempt)))}) here, with the job script its launch "
+              f"wrote; logs in {_local_log_dir(unit)}")
+
+
+def _note_rerun_ended(record: ExperimentRecord, units: List[WorkUnitRecord], runner: LocalRunner,
+                      stopped: bool) -> None:
+    """Record how a local rerun's tasks ended, each unit's state and, once
+    every task ended, the experiment's (as ``lxm3 list`` shows it)."""
+    by_id = {u.id: u for u in units}
+    for r in runner.results:
+        by_id[r.work_unit_id].exit_codes[r.task_id] = r.returncode
+    for wid, task in runner.never_run:
+        if task not in by_id[wid].never_run:
+            by_id[wid].never_run.append(task)
+    for unit in units:
+        codes = unit.exit_codes
+        ended_well = all(codes.get(t) == 0 for t in range(unit.num_tasks))
+        held_back = unit.never_run and not any(codes.values())
+        unit.set_state(UnitState.COMPLETED if ended_well else
+                       UnitState.STOPPED if stopped or held_back else UnitState.FAILED)
+    if any(not u.is_local and u.state != UnitState.DRY_RUN for u in record.work_units):
+        if record.status in (ExperimentStatus.COMPLETED, ExperimentStatus.FAILED, ExperimentStatus.CANCELLED):
+            record.status = ExperimentStatus.LAUNCHED  # 'lxm3 status' concludes again, with the clusters'
+    elif record.status != ExperimentStatus.LAUNCHING:
+        concluded = _concluded_status({u.id: WorkUnitStatus(_local_statuses(u, record))
+                                       for u in record.work_units if u.state != UnitState.DRY_RUN})
+        if concluded == ExperimentStatus.COMPLETED:
+            record.status, record.error = concluded, None  # the failures the launch reported are behind it
+        elif concluded and record.status != ExperimentStatus.INTERRUPTED:
+            record.status = concluded
+    try:
+        save_record(record)
+    except OSError as e:
+        _progress(f"the record of experiment {record.experiment_id} could not be saved ({e.strerror}: "
+                  f"{e.filename}): 'lxm3 status' shows the tasks that ran before this rerun")
 
 
 def _rerun_on_cluster(record: ExperimentRecord, units: List[WorkUnitRecord],
@@ -10584,25 +10761,37 @@ def _cmd_cancel(args) -> int:
 def _cmd_rerun(args) -> int:
     record = load_record(args.experiment)
     tasks = parse_task_list(args.tasks) if args.tasks is not None else None
-    cluster_units = [u for u in record.work_units if not u.is_local and u.state != UnitState.DRY_RUN]
-    if tasks is not None and args.work_unit is None and len(cluster_units) > 1:
+    launched = [u for u in record.work_units if u.state != UnitState.DRY_RUN]
+    if tasks is not None and args.work_unit is None and len(launched) > 1:
         raise LaunchError(f"experiment {record.experiment_id} has {_counted(len(record.work_units), 'work unit')}: "
                           f"say whose tasks to rerun (lxm3 rerun {record.experiment_id} WID --tasks {args.tasks})")
     work_units = _selected_units(record, args.work_unit)
-    if tasks is not None and work_units is None and cluster_units:
-        work_units = [cluster_units[0].id]
+    if tasks is not None and work_units is None and launched:
+        work_units = [launched[0].id]
     result = rerun_tasks(record, work_units, tasks)
     if not any(result.values()):
         where = f" work unit {args.work_unit}" if args.work_unit is not None else ""
         print(f"nothing to rerun: no task of experiment {record.experiment_id}{where} failed, was cancelled "
               f"or was lost in its latest attempt ('lxm3 status {record.experiment_id}' shows them)")
         return 0
-    for wid, arrays in result.items():
-        done = [t for a in arrays for t in a.task_ids()]
-        print(f"work unit {wid}: resubmitted {_counted(len(done), 'task')} ({_task_ranges(done)}) "
-              f"as job {', '.join(a.job_id or '?' for a in arrays)}")
-    print(f"follow them with 'lxm3 status {record.experiment_id}'")
-    return 0
+    failed: List[TaskResult] = []
+    submitted = False
+    for wid, done in result.items():
+        ran = [r for r in done if isinstance(r, TaskResult)]
+        if ran:  # a local unit: its tasks ran here and ended
+            failed += [r for r in ran if r.returncode != 0]
+            bad = [r for r in ran if r.returncode != 0]
+            print(f"work unit {wid}: reran {_counted(len(ran), 'task')} ({_task_ranges(r.task_id for r in ran)}) "
+                  f"here: {len(ran) - len(bad)} completed" + (f", {len(bad)} failed" if bad else ""))
+            continue
+        submitted = submitted or bool(done)
+        tasks_done = [t for a in done for t in a.task_ids()]
+        print(f"work unit {wid}: resubmitted {_counted(len(tasks_done), 'task')} ({_task_ranges(tasks_done)}) "
+              f"as job {', '.join(a.job_id or '?' for a in done)}")
+    for r in failed:
+        print(f"  work unit {r.work_unit_id} task {r.task_id}: exit code {r.returncode} (log: {r.log_path})")
+    print(f"{'follow them' if submitted else 'see them'} with 'lxm3 status {record.experiment_id}'")
+    return 1 if failed else 0
 
 
 def _parser():
@@ -10697,16 +10886,20 @@ def _parser():
                                 help="also cancel the work units that wait for WID (asked on a terminal)")
 
     rerun = commands.add_parser(
-        "rerun", help="submit failed (or chosen) tasks of a cluster work unit again",
-        description="Submit tasks of a launched experiment again, with their original arguments, "
-                    "reusing the job script, tasks file and archive the launch staged on the cluster: "
-                    "nothing is packaged or copied. The default, --failed, reruns the tasks whose latest "
-                    "attempt failed, was cancelled or was lost by the scheduler (as 'lxm3 status' shows "
-                    "them), in every work unit unless WID is given. Tasks still pending or running are "
-                    "refused: cancel them first.",
+        "rerun", help="run failed (or chosen) tasks of a work unit again",
+        description="Run tasks of a launched experiment again, with their original arguments and "
+                    "environment, reusing the job script, tasks file and archive the launch wrote: "
+                    "nothing is packaged or copied. Cluster tasks are submitted again; local tasks run "
+                    "again here, in the foreground, as the launch ran them (its pool, GPUs per task and "
+                    "streamed output; Ctrl-C stops them), and the exit status is 1 if any of them "
+                    "failed. The default, --failed, reruns the tasks whose latest attempt failed, was "
+                    "cancelled or was lost (as 'lxm3 status' shows them), in every work unit unless "
+                    "WID is given. Tasks still pending or running are refused: cancel them first (a "
+                    "local launch: wait for it or stop it).",
         epilog="Every attempt is kept: 'lxm3 status XID WID' shows each task's latest attempt and how "
-               "many it had, 'lxm3 logs' the latest attempt's log. Tasks see LXM_RERUN (how many earlier "
-               "submissions they had) in their environment. Examples: 'lxm3 rerun 1712345678901' "
+               "many it had, 'lxm3 logs' the latest attempt's log (locally: task-I.log, then "
+               "task-I.attempt-N.log). Tasks see LXM_RERUN (how many earlier attempts they had) and "
+               "LXM_ATTEMPT in their environment. Examples: 'lxm3 rerun 1712345678901' "
                "(every failed task), 'lxm3 rerun 1712345678901 2 --tasks 3,7,12-20'.")
     rerun.add_argument("experiment", metavar="XID", help="experiment id (see 'lxm3 list')")
     rerun.add_argument("work_unit", metavar="WID", type=int, nargs="?",

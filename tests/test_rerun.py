@@ -1,4 +1,4 @@
-"""``lxm3 rerun``: submit failed (or chosen) tasks of a cluster work unit again.
+"""``lxm3 rerun``: run failed (or chosen) tasks of a work unit again.
 
 On the test bed's Slurm and Grid Engine, reached over SSH as the test user:
 launches are real ``python -m lxm3 launch`` runs of LXMTASK_LAUNCHER (conftest)
@@ -6,8 +6,9 @@ with the task program RERUN_MAIN below, which fails with the code ``$CODES``
 gives its task until the file ``$FIXED`` exists (the "bug" is fixed), and
 writes the LXM_RERUN it saw into ``$OUT``. The test bed's array limits are
 small (Slurm MaxArraySize=11: indices 0-10; Grid Engine max_aj_tasks=10), so
-task ids above 10 need offsets and splits. The unit tests at the end plan
-index lists without a test bed.
+task ids above 10 need offsets and splits. Local work units run their tasks
+again on this machine (no test bed). The unit tests at the end plan index
+lists without a test bed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from typing import Any, Dict, List
 
 import pytest
@@ -24,12 +26,19 @@ import lxm3
 
 from conftest import (
     PYPROJECT,
+    error_line,
+    interrupt_when,
     launch_local,
     local_unit,
     lxm3_cli,
+    lxm3_popen,
+    new_record_id,
     read_record,
+    record_files,
     status_json,
+    wait_until,
     write_files,
+    write_launcher,
 )
 from testbed_env import require_testbed
 
@@ -45,7 +54,7 @@ RERUN_MAIN = """\
     out = os.environ.get("OUT")
     if out:  # one report per attempt
         with open(os.path.join(out, "task-%s-rerun-%s" % (task, rerun)), "w") as f:
-            json.dump({"argv": sys.argv[1:], "rerun": rerun}, f)
+            json.dump({"argv": sys.argv[1:], "rerun": rerun, "attempt": os.environ.get("LXM_ATTEMPT")}, f)
     fixed = os.environ.get("FIXED")
     if fixed and os.path.exists(fixed):
         sys.exit(0)
@@ -257,20 +266,156 @@ def test_rerun_refuses_running_tasks_and_tasks_out_of_range(workspace, scheduler
 # --- locally ----------------------------------------------------------------------
 
 
-def test_rerun_of_a_local_work_unit_says_how_to_run_a_task_again(tmp_path, rerun_project):
-    _, record = launch_local(tmp_path, "local", {"title": "local rerun", "project": rerun_project,
-                                                 "units": [local_unit(2, {"CODES": '{"1": 3}'})]}, expect_rc=1)
+def launch_local_sweep(tmp_path, rerun_project, name, env=None, options=None, expect_rc=1):
+    """A local sweep of 4 tasks (--seed=i) where tasks 1 and 3 fail (codes 3 and 4)
+    until ``fixed`` exists; returns (record, reports directory, fixed)."""
+    out, fixed = tmp_path / f"{name}-out", tmp_path / f"{name}-fixed"
+    out.mkdir()
+    unit = local_unit(4, {"CODES": '{"1": 3, "3": 4}', "OUT": str(out), "FIXED": str(fixed), **(env or {})})
+    if options:
+        unit["options"] = options
+    _, record = launch_local(tmp_path, name, {"title": name, "project": rerun_project, "units": [unit]},
+                             expect_rc=expect_rc)
+    return record, out, fixed
+
+
+def reports(out) -> Dict[str, Dict[str, Any]]:
+    """The reports of every attempt of every task: ``task-I-rerun-R`` -> what it saw."""
+    return {name: json.loads((out / name).read_text()) for name in sorted(os.listdir(str(out)))}
+
+
+def local_tasks(xid):
+    return [(t["state"], t["exit_code"], t["attempts"]) for t in status_json(xid)["work_units"]["1"]["tasks"]]
+
+
+def test_a_local_rerun_runs_the_failed_tasks_again_here_and_keeps_every_attempt(tmp_path, rerun_project):
+    record, out, fixed = launch_local_sweep(tmp_path, rerun_project, "local-rerun", options={"max_parallel_tasks": 2})
     xid = record["experiment_id"]
-    assert [t["state"] for t in status_json(xid)["work_units"]["1"]["tasks"]] == ["completed", "failed"]
+    assert record["work_units"][0]["max_parallel_tasks"] == 2  # recorded, so a rerun runs as the launch did
+    assert "gpus_per_task" not in record["work_units"][0]  # none asked: left out, as older records have it
+    assert local_tasks(xid) == [("completed", 0, 1), ("failed", 3, 1), ("completed", 0, 1), ("failed", 4, 1)]
+    fixed.write_text("")
+
     proc = lxm3_cli("rerun", str(xid))
-    assert proc.returncode == 1
-    assert "ran on this machine: lxm3 rerun resubmits tasks of cluster work units only" in proc.stderr
-    script = record["work_units"][0]["script"]
-    assert f"LXM_TASK_ID=3 bash {script}" in proc.stderr
-    proc = lxm3_cli("rerun", str(xid), "--tasks", "1")
-    assert proc.returncode == 1 and "ran on this machine" in proc.stderr, proc.stderr
-    with pytest.raises(lxm3.LaunchError, match="ran on this machine"):
-        lxm3.get_experiment(xid).work_units[1].rerun()
+    assert proc.returncode == 0, proc.stderr
+    assert "work unit 1: reran 2 tasks (1, 3) here: 2 completed" in proc.stdout
+    assert '[1:1] task 1 rerun=1 argv=["--seed=1"]' in proc.stdout  # streamed, as a launch does
+    assert "rerunning 2 tasks (1, 3; attempt 2) here" in proc.stderr
+    seen = reports(out)
+    assert sorted(seen) == ["task-0-rerun--", "task-1-rerun--", "task-1-rerun-1", "task-2-rerun--",
+                            "task-3-rerun--", "task-3-rerun-1"]  # exactly the failed ones ran again
+    assert seen["task-1-rerun-1"] == {"argv": ["--seed=1"], "rerun": "1", "attempt": "2"}
+    assert seen["task-3-rerun-1"] == {"argv": ["--seed=3"], "rerun": "1", "attempt": "2"}
+    assert seen["task-1-rerun--"]["attempt"] == "1"
+    assert local_tasks(xid) == [("completed", 0, 1), ("completed", 0, 2), ("completed", 0, 1), ("completed", 0, 2)]
+    table = lxm3_cli("status", str(xid), "1")
+    assert re.search(r"^1\s+-\s+completed\s+0\s+2$", table.stdout, re.MULTILINE), table.stdout
+    after = read_record(xid)
+    unit = after["work_units"][0]
+    assert after["status"] == "completed" and after["error"] is None and unit["state"] == "completed"
+    assert unit["attempts"] == {"1": 2, "3": 2}
+    assert unit["exit_codes"] == {"0": 0, "1": 0, "2": 0, "3": 0}
+    assert os.path.basename(unit["log_paths"][1]) == "task-1.attempt-2.log"
+    first = unit["log_paths"][1].replace("task-1.attempt-2.log", "task-1.log")
+    with open(first) as f:  # the first attempt's log is kept
+        assert "task 1 rerun=-" in f.read()
+    logs = lxm3_cli("logs", str(xid), "1", "--task", "1")
+    assert logs.returncode == 0, logs.stderr
+    assert "task 1 rerun=1" in logs.stdout and "rerun=-" not in logs.stdout  # the latest attempt's
+
+    again = lxm3_cli("rerun", str(xid))
+    assert again.returncode == 0 and "nothing to rerun" in again.stdout, again.stderr
+
+    chosen = lxm3_cli("rerun", str(xid), "--tasks", "0,1")  # completed tasks, chosen: run again
+    assert chosen.returncode == 0, chosen.stderr
+    assert "rerunning 2 tasks (0-1; attempt 2, 3)" in chosen.stderr
+    seen = reports(out)
+    assert seen["task-0-rerun-1"]["attempt"] == "2" and seen["task-1-rerun-2"]["attempt"] == "3"
+    assert "task-2-rerun-1" not in seen and "task-3-rerun-2" not in seen
+    assert local_tasks(xid) == [("completed", 0, 2), ("completed", 0, 3), ("completed", 0, 1), ("completed", 0, 2)]
+
+    fixed.unlink()  # the bug is back: the rerun fails, says which task, and exits 1
+    failing = lxm3_cli("rerun", str(xid), "1", "--tasks", "3")
+    assert failing.returncode == 1, failing.stderr
+    assert "work unit 1: reran 1 task (3) here: 0 completed, 1 failed" in failing.stdout
+    assert "work unit 1 task 3: exit code 4 (log: " in failing.stdout
+    assert local_tasks(xid)[3] == ("failed", 4, 3)
+    after = read_record(xid)
+    assert after["status"] == "failed" and after["work_units"][0]["state"] == "failed"
+
+
+def test_a_local_rerun_is_refused_while_the_launch_still_runs(tmp_path, rerun_project):
+    gate = tmp_path / "gate"
+    out = tmp_path / "running-out"
+    out.mkdir()
+    launcher = write_launcher(tmp_path / "running", {
+        "title": "still running", "project": rerun_project,
+        "units": [local_unit(2, {"CODES": '{"1": 3}', "GATE": str(gate), "OUT": str(out)})]})
+    before = record_files()
+    launch = lxm3_popen("launch", launcher, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: len(record_files()) > len(before) and read_record(new_record_id(before))["work_units"],
+                   240, "the launch to record its work unit")
+        xid = new_record_id(before)
+        wait_until(lambda: [s for s, _, _ in local_tasks(xid)] == ["running", "running"], 240,
+                   "the tasks to run")
+        for args in ([], ["1", "--tasks", "0"]):
+            proc = lxm3_cli("rerun", str(xid), *args)
+            line = error_line(proc)
+            assert f"work unit 1 of experiment {xid} is still running on this machine" in line
+            assert "nothing was run" in line
+        with pytest.raises(lxm3.LaunchError, match="is still running on this machine"):
+            lxm3.get_experiment(xid).work_units[1].rerun(tasks=[1])
+        gate.write_text("")
+        launch.communicate(timeout=240)
+    finally:
+        gate.write_text("")
+        if launch.poll() is None:
+            launch.kill()
+            launch.communicate()
+    assert launch.returncode == 1
+    assert sorted(os.listdir(str(out))) == ["task-0-rerun--", "task-1-rerun--"]  # nothing ran twice
+    assert local_tasks(xid) == [("completed", 0, 1), ("failed", 3, 1)]
+
+
+def test_ctrl_c_stops_a_local_rerun_and_records_its_tasks_as_stopped(tmp_path, rerun_project):
+    gate = tmp_path / "gate"
+    gate.write_text("")  # open at launch
+    record, out, _ = launch_local_sweep(tmp_path, rerun_project, "local-stop", env={"GATE": str(gate)})
+    xid = record["experiment_id"]
+    gate.unlink()  # closed for the rerun: its tasks wait until stopped
+    rerun = lxm3_popen("rerun", str(xid), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = interrupt_when(rerun, lambda: "task 3 rerun=1" in read_log(xid, 3) and
+                                    "task 1 rerun=1" in read_log(xid, 1), "the rerun's tasks to start")
+    assert rerun.returncode != 0, (stdout, stderr)
+    tasks = status_json(xid)["work_units"]["1"]["tasks"]
+    assert [(t["state"], t["attempts"]) for t in tasks] == [
+        ("completed", 1), ("cancelled", 2), ("completed", 1), ("cancelled", 2)]
+    assert read_record(xid)["work_units"][0]["state"] == "stopped"
+    assert not any(name.endswith("rerun-1") for name in os.listdir(str(out)))  # stopped before reporting
+
+
+def read_log(xid, task):
+    path = read_record(xid)["work_units"][0]["log_paths"][task]
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def test_python_api_reruns_a_local_work_unit_in_the_foreground(tmp_path, rerun_project):
+    record, out, fixed = launch_local_sweep(tmp_path, rerun_project, "local-api")
+    xid = record["experiment_id"]
+    fixed.write_text("")
+    unit = lxm3.get_experiment(xid).work_units[1]
+    results = unit.rerun()
+    assert [(r.task_id, r.returncode) for r in results] == [(1, 0), (3, 0)]
+    assert all(r.log_path.endswith(f"task-{r.task_id}.attempt-2.log") for r in results)
+    assert reports(out)["task-3-rerun-1"]["attempt"] == "2"
+    assert unit.rerun() == []  # nothing failed any more
+    assert local_tasks(xid) == [("completed", 0, 1), ("completed", 0, 2), ("completed", 0, 1), ("completed", 0, 2)]
+    assert lxm3.get_experiment(xid).work_units[1].get_status().is_completed
 
 
 # --- planning, without a test bed ----------------------------------------------------
