@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from typing import List
@@ -228,7 +229,10 @@ def test_attempt_counts_reruns_and_restarts(tmp_path, env, restart_count, attemp
     assert not os.path.exists("/tmp/lxm3-pwned")
 
 
-def test_program_keeps_the_scripts_stdin_and_default_interrupt(tmp_path):
+def test_program_keeps_the_scripts_stdin_and_signal_dispositions(tmp_path):
+    """The job script ignores signals while it waits, but its program gets stdin and
+    the signal dispositions it would get run directly (defaults, or what the
+    caller already ignored: bash in the background starts its jobs with INT ignored)."""
     source = tmp_path / "stdin.txt"
     source.write_text("from stdin\n")
     program = """\
@@ -246,13 +250,17 @@ def test_program_keeps_the_scripts_stdin_and_default_interrupt(tmp_path):
         num_tasks=1, archive=archive, tasks_file=os.path.join(job_dir, "tasks"),
         forwarded_signals=["USR2"])
     script_path, _ = lxm3.write_job_files(job_dir, script, [lxm3.Task([], {})], {})
-    with open(source) as stdin:
-        subprocess.run(["bash", script_path], stdin=stdin, check=True, timeout=60,
-                       env={**os.environ, "LXM_TASK_ID": "0", "PREEMPT_OUT": str(tmp_path)})
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    for command, out in ((["bash", script_path], tmp_path),
+                         ([sys.executable, str(tmp_path / "archive-src" / "echoapp" / "main.py")], direct)):
+        with open(source) as stdin:
+            subprocess.run(command, stdin=stdin, check=True, timeout=60,
+                           env={**os.environ, "LXM_TASK_ID": "0", "PREEMPT_OUT": str(out)})
     seen = json.loads((tmp_path / "seen.json").read_text())
-    assert seen == {"stdin": "from stdin\n", "int": str(signal.default_int_handler),
-                    "quit": int(signal.SIG_DFL), "term": int(signal.SIG_DFL),
-                    "usr2": int(signal.SIG_DFL)}
+    assert seen == json.loads((direct / "seen.json").read_text())
+    assert seen["stdin"] == "from stdin\n"
+    assert seen["term"] == seen["usr2"] == int(signal.SIG_DFL)  # the script's own ignoring is undone
 
 
 # --- on the test bed -------------------------------------------------------------
