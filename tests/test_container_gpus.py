@@ -47,8 +47,9 @@ def job_scripts(tmp_path, monkeypatch, echo_project, executors):
 
 
 def exec_argv(script):
-    [line] = [line for line in script.splitlines() if line.startswith('"$lxm_runtime" exec ')]
-    return line.split()
+    """The runtime's command line (the job script runs it in a subshell, ``exec ...``)."""
+    [line] = [line for line in script.splitlines() if '"$lxm_runtime" exec ' in line]
+    return line[line.index('"$lxm_runtime" exec '):].split()
 
 
 def header(script, prefix):
