@@ -161,9 +161,10 @@ def test_stop_drops_the_tasks_waiting_for_gpus(tmp_path, monkeypatch):
             break
         deadline.wait(0.1)
     runner.stop(grace=5)
-    assert started.read_text() == "7\n"
-    assert sorted(runner.not_started) == [(1, 1), (1, 2)]
-    assert [(r.task_id, r.returncode != 0) for r in runner.results] == [(0, True)]
+    assert started.read_text() == "7\n"  # one task ran, with the GPU
+    [ran] = [(r.task_id, r.returncode != 0) for r in runner.results]  # (which one: the first to take it)
+    assert ran[1], runner.results  # stopped
+    assert sorted(runner.not_started) == [(1, t) for t in range(3) if t != ran[0]]
     assert not runner._workers
 
 
