@@ -10,6 +10,7 @@ through the small screen model below to get what the user sees at the end.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -384,23 +385,21 @@ def test_watch_on_a_small_terminal_sums_up_the_work_units_it_has_no_room_for(tmp
     assert lines[-1] == f"experiment {xid}: 12 tasks ended: 12 completed"
 
 
-def test_ctrl_c_ends_watch_with_130_and_the_cursor_shown(tmp_path, task_project):
+@contextlib.contextmanager
+def gated_local_launch(tmp_path, task_project, name: str, max_wait: int):
+    """A local launch whose one task waits for a gate file: yields (the launch
+    process, its experiment id) once the task runs; then opens the gate (the
+    task ends, even orphaned) and ends the launch."""
     gate = tmp_path / "gate"
-    spec = {"title": "watch ctrl-c", "project": task_project,
-            "units": [local_unit(1, {"GATE": str(gate), "MAX_WAIT": "240"})]}
-    launcher = write_launcher(tmp_path / "ctrl-c", spec)
+    spec = {"title": f"watch {name}", "project": task_project,
+            "units": [local_unit(1, {"GATE": str(gate), "MAX_WAIT": str(max_wait)})]}
+    launcher = write_launcher(tmp_path / name, spec)
     before = record_files()
     launch = lxm3_popen("launch", launcher, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: started(before), 240, "the launch to start its task")
-        xid = str(started(before)["experiment_id"])
-        code, output = run_in_terminal([sys.executable, "-m", "lxm3", "status", xid, "--watch"],
-                                       columns=80, timeout=120, ctrl_c_after="1 running")
-        assert code == 130, output
-        assert output.rindex("\x1b[?25h") > output.rindex("\x1b[?25l"), output  # the cursor is back
-        assert "Traceback" not in output, output
-        assert launch.poll() is None  # watching stopped; the work did not
+        yield launch, str(started(before)["experiment_id"])
     finally:
         gate.touch()
         try:
@@ -411,30 +410,26 @@ def test_ctrl_c_ends_watch_with_130_and_the_cursor_shown(tmp_path, task_project)
                 launch.wait()
 
 
+def test_ctrl_c_ends_watch_with_130_and_the_cursor_shown(tmp_path, task_project):
+    with gated_local_launch(tmp_path, task_project, "ctrl-c", max_wait=240) as (launch, xid):
+        code, output = run_in_terminal([sys.executable, "-m", "lxm3", "status", xid, "--watch"],
+                                       columns=80, timeout=120, ctrl_c_after="1 running")
+        assert code == 130, output
+        assert output.rindex("\x1b[?25h") > output.rindex("\x1b[?25l"), output  # the cursor is back
+        assert "Traceback" not in output, output
+        assert launch.poll() is None  # watching stopped; the work did not
+
+
 def test_wait_ends_when_the_local_launch_was_killed(tmp_path, task_project):
     """Nothing will ever record how the tasks of a killed launch end: wait says
     they are unknown instead of waiting for ever."""
-    gate = tmp_path / "gate"
-    spec = {"title": "watch local killed", "project": task_project,
-            "units": [local_unit(1, {"GATE": str(gate), "MAX_WAIT": "60"})]}
-    launcher = write_launcher(tmp_path / "killed", spec)
-    before = record_files()
-    launch = lxm3_popen("launch", launcher, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: started(before), 240, "the launch to start its task")
-        xid = str(started(before)["experiment_id"])
+    with gated_local_launch(tmp_path, task_project, "killed", max_wait=60) as (launch, xid):
         os.kill(launch.pid, signal.SIGKILL)  # as the OOM killer would: nothing is saved
         launch.wait()
         assert read_record(xid)["status"] == "launching"
         proc = lxm3_cli("wait", xid, "--timeout", "120")
         assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
         assert "  work unit 1: unknown task 0" in proc.stdout, proc.stdout
-    finally:
-        gate.touch()  # the orphaned task ends
-        if launch.poll() is None:
-            launch.kill()
-            launch.wait()
 
 
 # --- Slurm and Grid Engine ------------------------------------------------------------
