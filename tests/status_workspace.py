@@ -10,12 +10,13 @@ conftest.write_launcher's launcher.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 from cluster_helpers import scheduler_job_names
@@ -23,7 +24,7 @@ from cluster_helpers import scheduler_job_names
 import lxm3
 
 from conftest import lxm3_cli, new_record_id, read_record, record_files, status_json, write_launcher
-from testbed_env import Testbed
+from testbed_env import Testbed, require_testbed
 
 EXECUTORS = {"slurm": "Slurm", "sge": "GridEngine"}
 DEADLINE = 150  # seconds for jobs to start or end on a busy 2-core test bed
@@ -142,6 +143,24 @@ class Workspace:
                 time.sleep(0.5)  # Grid Engine: let them go before their logs' directory
         self.tb.ssh(["rm", "-rf", "--", self.staging], check=False)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def workspaces(project: str) -> Iterator[Callable[[str], Workspace]]:
+    """``make(scheduler)`` -> a Workspace of ``project`` (after require_testbed);
+    every one made is cleaned up at the end."""
+    made: List[Workspace] = []
+
+    def make(scheduler: str) -> Workspace:
+        ws = Workspace(require_testbed(scheduler), scheduler, project)
+        made.append(ws)
+        return ws
+
+    try:
+        yield make
+    finally:
+        for ws in made:
+            ws.cleanup()
 
 
 def job_ids(record: Dict[str, Any], work_unit_id: Optional[int] = None) -> List[str]:

@@ -20,7 +20,15 @@ import subprocess
 from typing import Any, Dict, List
 
 import pytest
-from status_workspace import Workspace, all_tasks, job_ids, settled, task_job, wait_status
+from status_workspace import (
+    Workspace,
+    all_tasks,
+    job_ids,
+    settled,
+    task_job,
+    wait_status,
+    workspaces,
+)
 
 import lxm3
 
@@ -40,7 +48,6 @@ from conftest import (
     write_files,
     write_launcher,
 )
-from testbed_env import require_testbed
 
 RERUN_MAIN = """\
     import json, os, sys, time
@@ -75,16 +82,9 @@ def rerun_project(tmp_path_factory):
 
 @pytest.fixture
 def workspace(rerun_project):
-    made: List[Workspace] = []
-
-    def make(scheduler: str) -> Workspace:
-        ws = Workspace(require_testbed(scheduler), scheduler, rerun_project)
-        made.append(ws)
-        return ws
-
-    yield make
-    for ws in made:
-        ws.cleanup()
+    """``make(scheduler)`` -> a Workspace (after require_testbed), cleaned up after."""
+    with workspaces(rerun_project) as make:
+        yield make
 
 
 def unit_of(xid: int) -> Dict[str, Any]:

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 from status_workspace import (
@@ -31,6 +31,7 @@ from status_workspace import (
     settled,
     task_job,
     wait_status,
+    workspaces,
 )
 
 import lxm3
@@ -47,23 +48,14 @@ from conftest import (
     status_json,
     wait_no_processes,
 )
-from testbed_env import require_testbed
 
 pytestmark = pytest.mark.testbed
 
 @pytest.fixture
 def workspace(task_project):
     """``make(scheduler)`` -> a Workspace (after require_testbed), cleaned up after."""
-    made: List[Workspace] = []
-
-    def make(scheduler: str) -> Workspace:
-        ws = Workspace(require_testbed(scheduler), scheduler, task_project)
-        made.append(ws)
-        return ws
-
-    yield make
-    for ws in made:
-        ws.cleanup()
+    with workspaces(task_project) as make:
+        yield make
 
 
 
