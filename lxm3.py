@@ -380,11 +380,17 @@ class ClusterConfig(ValueObject):
         Default: none.
       raw: the whole table as read. The scheduler settings are read from it as
         directives are written: ``[clusters.slurm] gpu_types`` (the site's
-        ``--gres`` type names, e.g. ``{A100 = "a100_80g"}``) and
+        ``--gres`` type names, e.g. ``{A100 = "a100_80g"}``);
         ``[clusters.sge]`` ``gpu_types``, ``parallel_environment`` (default
         ``smp``), ``memory_resource`` (default ``h_vmem``), ``gpu_resource``
         (default ``gpu``) and ``gpu_type_resource`` (no default: a GPU model
-        on Grid Engine needs it). Default: empty.
+        on Grid Engine needs it); ``[clusters.pbs]`` ``gpu_types``,
+        ``cpu_resource`` (default ``ncpus``), ``memory_resource`` (``mem``),
+        ``gpu_resource`` (``ngpus``), ``gpu_type_resource`` (no default). In
+        each of the three, ``bin_dir``: the directory of the scheduler's
+        commands there, put first on the PATH of everything lxm3 runs there,
+        for a cluster where another scheduler's ``qsub`` comes first (e.g.
+        ``bin_dir = "/opt/pbs/bin"``; ``~/`` starts at your home). Default: empty.
       ssh_connect_timeout: ``ssh_connect_timeout``: seconds without an answer
         before ssh gives up (``ConnectTimeout``). Default None: 20
         (SSH_CONNECT_TIMEOUT). ``$LXM3_SSH_CONNECT_TIMEOUT`` overrides both.
@@ -463,6 +469,18 @@ class ClusterConfig(ValueObject):
     def python_command(self) -> str:
         """The interpreter tasks run: the configured ``python``, else ``python3``."""
         return self.python or "python3"
+
+    def scheduler_bin(self, scheduler: str) -> Optional[str]:
+        """``[clusters.<scheduler>] bin_dir``: the directory of that scheduler's
+        commands there (None: the PATH finds them)."""
+        settings = self.raw.get(scheduler)
+        return settings.get("bin_dir") or None if isinstance(settings, Mapping) else None
+
+    def path_line(self) -> str:
+        """Bash putting the configured ``bin_dir`` directories first on the PATH."""
+        dirs = [d for d in (self.scheduler_bin(name) for name in SCHEDULERS) if d]
+        words = [f'"$HOME"{shell_quote(d[1:])}' if d.startswith("~/") else shell_quote(d) for d in dirs]
+        return f'PATH={":".join(words)}:"$PATH"\n' if words else ""
 
 
 class Config(ValueObject):
@@ -639,8 +657,10 @@ CLUSTER_SCHEMA = {
     "storage": {"staging": str},
     "env": {"*": _text},
     "singularity": _SINGULARITY,
-    "slurm": {"gpu_types": {"*": str}},
-    "sge": {"gpu_types": {"*": str}, "parallel_environment": str, "memory_resource": str,
+    "slurm": {"bin_dir": str, "gpu_types": {"*": str}},
+    "sge": {"bin_dir": str, "gpu_types": {"*": str}, "parallel_environment": str, "memory_resource": str,
+            "gpu_resource": str, "gpu_type_resource": str},
+    "pbs": {"bin_dir": str, "gpu_types": {"*": str}, "cpu_resource": str, "memory_resource": str,
             "gpu_resource": str, "gpu_type_resource": str},
     "password": _Refused(
         "lxm3 takes no passwords: it logs in with your ssh keys or ssh-agent, and when a "
@@ -1901,6 +1921,131 @@ class GridEngine(ClusterExecutor):
         return GridEngineSpec()
 
 
+class PBSSpec(ClusterExecutorSpec):
+    """``PBS.Spec()``: see ``ClusterExecutorSpec``."""
+
+    pass
+
+
+class PBS(ClusterExecutor):
+    """Submit work units as PBS Professional / OpenPBS array jobs.
+
+    New in this lxm3 (0.4.2 had no PBS executor). What the options share
+    with ``Slurm`` and ``GridEngine`` is in ``ClusterExecutor``'s
+    documentation.
+
+    A work unit is ``qsub -J 0-<N-1>[%K] -k oed -o <log_directory>/ -v
+    LXM_FIRST_TASK=<first> job.sh`` (one task: ``-J 0-1:2``, since PBS
+    refuses ``-J 0-0``). ``-k oed`` makes PBS write each task's output
+    straight into the log directory while it runs (without it PBS copies
+    the output there only when the task ends), as
+    ``<job id with the index>.OU``, e.g. ``1234[7].pbs01.OU``. Its ``#PBS``
+    lines start with ``-N <title>_<experiment id>_<work unit id>`` and ``-j
+    oe``, then what the options below give, e.g.
+    ``PBS(xm.JobRequirements(cpu=4, ram=8 * xm.GiB, gpu=1),
+    walltime="2:00:00", queue="gpu", project="p123")``::
+
+        #PBS -l select=1:ncpus=4:mem=8192mb:ngpus=1
+        #PBS -l walltime=02:00:00
+        #PBS -q gpu
+        #PBS -P p123
+
+    PBS finds its commands by the ``PATH``; where another scheduler's
+    ``qsub`` comes first there (Grid Engine installs one), name PBS's
+    directory in the cluster's config: ``[clusters.pbs] bin_dir =
+    "/opt/pbs/bin"``. A launch checks which scheduler's ``qsub`` answered.
+
+    Args:
+      requirements: ``xm.JobRequirements`` per task, one chunk of ``-l
+        select=1:...``: ``cpu=N`` -> ``ncpus=N``; ``ram``/``memory`` ->
+        ``mem=<MiB>mb`` (rounded up); ``gpu=N`` -> ``ngpus=N``; a model
+        (``a100=N``) also ``<gpu_type_resource>=a100`` (the site's name from
+        ``gpu_types``; without ``gpu_type_resource`` configured, a
+        ValueError); ``replicas=N`` -> ``select=N`` (N such chunks);
+        ``location`` -> ``host=...``. The names are the cluster's
+        ``[clusters.pbs]`` ``cpu_resource`` (default ``ncpus``),
+        ``memory_resource`` (``mem``), ``gpu_resource`` (``ngpus``). Disk,
+        TPUs and service tiers other than PROD are a ValueError. Default:
+        nothing asked (the queue's defaults).
+      resources: ``{name: value}`` -> ``#PBS -l name=value``: ``{"place":
+        "excl"}`` -> ``#PBS -l place=excl``; false values are left out. A
+        ``select``, ``ncpus``, ``mem``, ``ngpus`` or ``nodes`` item replaces
+        the derived ``select`` (PBS refuses both at once). A name containing
+        ``gpu`` counts as a GPU request (``--nv``) unless its value is 0.
+        Default: none.
+      walltime: each task's time limit -> ``-l walltime=HH:MM:SS`` (hours may
+        pass 99): a ``timedelta``, seconds (``3600``) or a string as sbatch
+        reads it (``"2:00:00"``, ``"1-12:00:00"``; ``"90"`` is 90 minutes).
+        At the limit PBS sends TERM to every process of the task, then KILL
+        (after the server's ``kill_delay``); it gives no earlier warning.
+        Default None: the queue's default.
+      queue: -> ``-q ...``. Default None: the server's default queue. A name
+        containing ``gpu`` counts as a GPU request.
+      account: -> ``-A ...`` (the accounting string). Default None.
+      project: -> ``-P ...``. Default None.
+      log_directory: where task logs go on the cluster; ``~`` and relative
+        paths start at your home there. Default None:
+        ``<staging>/experiments/<id>/wu<n>/logs``.
+      modules: environment modules to ``module load`` before each task, e.g.
+        ``["cuda/12.1"]``. Default: none. See ``ClusterExecutor``.
+      max_parallel_tasks: at most K tasks of the work unit at once -> ``-J
+        0-<N-1>%K``; a split sweep's arrays wait for each other (``-W
+        depend=afterany:...``). Default None: no limit.
+      extra_directives: ``#PBS`` lines as they are, the prefix optional:
+        ``["-m ae", "#PBS -M me@example.com"]``. A line replaces the derived
+        one of the same option (``-l`` per resource name, the ``select``
+        family as under ``resources``); ``-o`` replaces lxm3's log path
+        (``lxm3 logs`` then cannot find the logs). ``-l`` lines that ask for
+        ``ngpus`` count as a GPU request.
+      skip_directives: drop every generated ``#PBS`` line that contains one
+        of these strings (``"-j"`` drops the ``-j oe`` line). Default: none.
+      singularity_options: ``SingularityOptions`` for ``SingularityContainer``
+        tasks. Default None.
+      docker_options: unused (Docker runs on ``Local`` only). Default None.
+      cluster: the ``name`` of the ``[[clusters]]`` entry to submit to.
+        Default None: ``$LXM_CLUSTER``, else the config's first.
+      requeue: True -> ``-r y``: a task stopped by a failed node or requeued
+        by hand (``qrerun``) runs anew from the start. PBS does not tell a
+        job how often it ran, so ``LXM_ATTEMPT`` counts ``lxm3 rerun``
+        submissions only. Default False: PBS's own default (``-r y``; array
+        jobs are always rerunnable). See ``ClusterExecutor``.
+    """
+
+    scheduler = "pbs"
+
+    def __init__(
+        self,
+        requirements: Optional[xm.JobRequirements] = None,
+        resources: Optional[Dict[str, Any]] = None,
+        walltime: Walltime = None,
+        queue: Optional[str] = None,
+        account: Optional[str] = None,
+        project: Optional[str] = None,
+        log_directory: Optional[str] = None,
+        modules: Optional[List[str]] = None,
+        max_parallel_tasks: Optional[int] = None,
+        extra_directives: Optional[List[str]] = None,
+        skip_directives: Optional[List[str]] = None,
+        singularity_options: Optional[SingularityOptions] = None,
+        docker_options: Optional[DockerOptions] = None,
+        cluster: Optional[str] = None,
+        requeue: bool = False,
+    ):
+        self._init_common(requirements=requirements, resources=resources, walltime=walltime,
+                          log_directory=log_directory, modules=modules,
+                          extra_directives=extra_directives, skip_directives=skip_directives,
+                          max_parallel_tasks=max_parallel_tasks, singularity_options=singularity_options,
+                          docker_options=docker_options, cluster=cluster, requeue=requeue)
+        self.queue = queue
+        self.account = account
+        self.project = project
+        self._check()
+
+    @classmethod
+    def Spec(cls) -> PBSSpec:  # noqa: N802 (the xm API's name)
+        return PBSSpec()
+
+
 # ---------------------------------------------------------------------------
 # Packaging: one reproducible, content-addressed zip per executable
 # ---------------------------------------------------------------------------
@@ -2867,6 +3012,7 @@ class Connection:
             argv = ["ssh", *self._ssh_options(), self.cluster.server, "bash -s"]
         else:
             argv = ["bash", "-s"]
+        script = self.cluster.path_line() + script
         proc = subprocess.run(argv, input=script.encode(), capture_output=True)
         stdout = proc.stdout.decode(errors="replace")
         if proc.returncode != 0:
@@ -3037,7 +3183,9 @@ class ClusterInfo(ValueObject):
         python: Optional[Dict[str, Any]] = None,  # the config's python as it reported itself (PYTHON_INFO_CODE)
         module_pythons: Optional[Dict[str, Dict[str, Any]]] = None,  # the same after module loads, by modules
         environments: Optional[str] = None,  # absolute path of the managed environments' directory
+        scheduler: Optional[str] = None,  # which answered: "PBS 23.06.06 (/opt/pbs/bin/qsub)"
     ):
+        self.scheduler = scheduler
         self.staging = staging
         self.home = home
         self.max_array_size = max_array_size
@@ -3084,6 +3232,11 @@ chmod 700 .
 echo "staging $(pwd -P)"
 echo "home $HOME"
 """
+    script += f'echo "submit_path $(command -v {command})"\n'
+    for other in SCHEDULERS.values():  # whose is it? (another scheduler's may come first on the PATH)
+        if other.submit_command == command:
+            script += (f'echo "version_{other.name} $( {{ {other.version_command}; }} 2>&1 </dev/null '
+                       "| head -n 3 | tr '\\n' ' ')\"\n")
     script += scheduler.probe_lines()
     script += _python_probe_lines(connection.cluster, module_sets)
     if environments:
@@ -3099,6 +3252,19 @@ echo "home $HOME"
             f"is it a {scheduler.title} login node, "
             "and does a login shell there have the scheduler on its PATH?"
         )
+    answered = {name: match.group(1) for name, other in SCHEDULERS.items()
+                for match in [re.search(other.version_pattern, values.get(f"version_{name}", ""), re.I | re.M)]
+                if match}
+    path = values.get("submit_path", "")
+    if scheduler.name not in answered and answered:
+        other = SCHEDULERS[next(iter(answered))]
+        raise ClusterError(
+            f"{command} on {connection.target} (cluster {connection.cluster.name!r}) is {path}, which is "
+            f"{other.title}'s ({answered[other.name]}), not {scheduler.title}'s: name the directory of "
+            f"{scheduler.title}'s commands there in the cluster's config, [clusters.{scheduler.name}] "
+            f"bin_dir = \"/its/bin\"; nothing was submitted")
+    version = answered.get(scheduler.name)
+    identity = f"{scheduler.title} {version} ({path})" if version else f"{scheduler.title}? ({path})"
     limits = {key: int(values[key]) for key in ("max_array_size", "max_array_tasks")
               if values.get(key, "").isdigit()}
     umask = values.get("umask", "")
@@ -3106,7 +3272,7 @@ echo "home $HOME"
         raise ClusterError(f"'umask' in a shell on {connection.target} (cluster {connection.cluster.name!r}) "
                            f"printed {umask!r}, not an octal mask such as 0022; tasks would not know "
                            "which permissions their files should get")
-    info = ClusterInfo(staging=values["staging"], home=values["home"], umask=umask, **limits)
+    info = ClusterInfo(staging=values["staging"], home=values["home"], umask=umask, scheduler=identity, **limits)
     info.python = _read_python(values.get("python", ""), connection, ())
     for index, modules in enumerate(module_sets):
         value = values.get(f"python_m{index}", "")
@@ -5040,6 +5206,10 @@ class Scheduler:
     benign_cancel = re.compile(r"$^")  # cancel messages for jobs that had just ended
     restart_count = "0"  # bash: how many times the scheduler restarted this task (LXM_ATTEMPT)
     max_warning_seconds = 0  # the longest time-limit warning it can give
+    # Bash printing what the submit command says of itself, and the pattern
+    # whose group 1 is its version: tells which scheduler's command answered.
+    version_command = ""
+    version_pattern = r"$^"
 
     def forwarded_signals(self, executor: ClusterExecutor) -> List[str]:
         """Signals the scheduler sends to the job script alone, which the script
@@ -5096,6 +5266,16 @@ class Scheduler:
         (task by task, same indices; exactly one job id)."""
         raise NotImplementedError
 
+    def command_line(self, options: Sequence[str], script: str, first_task: int) -> List[str]:
+        """The whole submit command of one array: ``options`` (``submit_argv``,
+        ``rerun_argv``), the job script, and the array's first task, which the
+        script adds to each index (``task_id_line``): here its ``$1``."""
+        return [*options, script, str(int(first_task))]
+
+    def options_of(self, command: Sequence[str]) -> List[str]:
+        """``command_line``'s ``options`` again, for the record (``lxm3 rerun``)."""
+        return list(command[:-2])
+
     index_lists = False  # one array may hold any indices (else one contiguous run: rerun_argv)
 
     def rerun_limits(self, info: ClusterInfo) -> Tuple[Optional[int], Optional[int]]:
@@ -5123,6 +5303,11 @@ class Scheduler:
     def task_log_name(self, job_name: str, job_id: str, index: int) -> str:
         """The file ``log_path_pattern`` names for array index ``index`` (0-based)."""
         raise NotImplementedError
+
+    def log_name_patterns(self, job_name: str, job_ids: Sequence[str]) -> List[str]:
+        """``find -name`` patterns that match the logs of these jobs in a log directory
+        (which other work units may share)."""
+        return [f"{job_name}-*"]
 
     def task_job(self, job_id: str, index: int) -> str:
         """The scheduler's own name for a task, e.g. ``16_3``, for people to use."""
@@ -5187,6 +5372,7 @@ class SlurmScheduler(Scheduler):
     task_id_line = "LXM_TASK_ID=$(( ${SLURM_ARRAY_TASK_ID:-0} + ${1:-0} ))  # $1: the array's first task"
     benign_cancel = re.compile(r"Invalid job id", re.I)
     restart_count = "${SLURM_RESTART_COUNT:-0}"  # set from the first requeue on
+    version_command, version_pattern = "sbatch --version", r"^slurm(?:-wlm)?\s+(\S+)"
     max_warning_seconds = 65535  # --signal=...@<0..65535>
 
     def forwarded_signals(self, executor: ClusterExecutor) -> List[str]:
@@ -5382,6 +5568,8 @@ class GridEngineScheduler(Scheduler):
     benign_cancel = re.compile(r"does not exist|registered the job|has deleted", re.I)
     # RESTARTED is 1 on any rerun (-r y, qmod -rj), 0 on the first run: no count.
     restart_count = "${RESTARTED:-0}"
+    version_command = "qsub -help"  # its first line: "SGE 8.1.9", "OGS/GE 2011.11", "UGE 8.6.4"
+    version_pattern = r"^((?:SGE|GE|OGS/GE|UGE|Univa Grid Engine|Altair Grid Engine)\s*[0-9]\S*)"
     # -notify's USR2/USR1 go to every process of the job (its process group),
     # after the queue's notify time: nothing to pass on, nothing to choose.
     max_warning_seconds = 0
@@ -5603,7 +5791,266 @@ class GridEngineScheduler(Scheduler):
         return 'qstat -u "$(id -un)" | awk \'NR > 2 {print $1}\''
 
 
-SCHEDULERS = {s.name: s for s in (SlurmScheduler(), GridEngineScheduler())}
+# -- PBS Professional / OpenPBS ----------------------------------------------
+
+# Chunk resources of "-l select=...": a job-wide "-l ncpus=..." beside a select
+# is refused by PBS, so any of these the user gives replaces the derived select.
+_PBS_SELECT_FAMILY = ("select", "nodes", "ncpus", "mem", "ngpus", "vmem", "mpiprocs", "ompthreads")
+
+# job_state letters (qstat -f); X: a subjob that ended while its array runs,
+# F: a finished job (history). B: an array that has begun (the parent only).
+_PBS_STATES = {
+    **dict.fromkeys("QHWTM", TaskState.PENDING),
+    **dict.fromkeys("RESUB", TaskState.RUNNING),
+}
+_PBS_DELETED = "91"  # substate of a job deleted (qdel), or removed with its dependency unmet
+
+
+class PBSScheduler(Scheduler):
+    """PBS Professional / OpenPBS: ``qsub -J``, ``qstat -x -t -f``, ``qdel``.
+
+    Job ids are PBS's whole ids, ``1234[].server`` for an array and
+    ``1234[7].server`` for its task 7; qsub passes a job script no arguments,
+    so the array's first task goes in ``-v LXM_FIRST_TASK=N``.
+    """
+
+    name, title = "pbs", "PBS"
+    submit_command, cancel_command = "qsub", "qdel"
+    directive_prefix, output_option = "#PBS", "-o"
+    index_base = 0
+    job_id_end = " "  # qsub prints the id alone: 1234[].server
+    task_id_line = ("LXM_TASK_ID=$(( ${PBS_ARRAY_INDEX:-0} + ${LXM_FIRST_TASK:-0} ))  "
+                    "# LXM_FIRST_TASK: the array's first task (qsub -v)")
+    # qdel of a job that had just ended; its history purged or expired.
+    benign_cancel = re.compile(r"Job has finished|Unknown Job Id", re.I)
+    restart_count = "0"  # PBS does not tell a job how often it ran
+    version_command, version_pattern = "qsub --version", r"pbs_version\s*=\s*(\S+)"
+    max_warning_seconds = 0  # no warning before the walltime: TERM to every process, then KILL
+
+    def directive_key(self, directive: str) -> str:
+        option, _, rest = _strip_prefix(directive, "#PBS").partition(" ")
+        if option != "-l":
+            return option
+        name = rest.strip().split("=")[0].strip()
+        return "-l select" if name in _PBS_SELECT_FAMILY else f"-l {name}"
+
+    def select_directive(self, requirements: xm.JobRequirements, cluster: ClusterConfig) -> Optional[str]:
+        """``-l select=N:ncpus=..:mem=..:ngpus=..``: one chunk per replica."""
+        settings = _scheduler_settings(cluster, self.name)
+        names = {what: _directive_value(settings.get(f"{what}_resource", default), f"[clusters.pbs] {what}_resource")
+                 for what, default in (("cpu", "ncpus"), ("memory", "mem"), ("gpu", "ngpus"))}
+        chunk = []
+        for resource, amount in requirements.task_requirements.items():
+            if resource == xm.ResourceType.CPU:
+                chunk.append(f"{names['cpu']}={_whole(amount)}")
+            elif resource == xm.ResourceType.MEMORY:
+                chunk.append(f"{names['memory']}={_mebibytes(amount)}mb")
+            elif resource in xm.GpuType or resource == xm.ResourceType.LOCAL_GPU:
+                chunk.append(f"{names['gpu']}={_whole(amount)}")
+                gpu_type = _gpu_type_name(resource, settings.get("gpu_types", {}))
+                if gpu_type:
+                    type_name = settings.get("gpu_type_resource")
+                    if not type_name:
+                        raise _unsupported(self.title, f"{resource}={amount:g}",
+                                           "name the chunk resource that holds the GPU model as "
+                                           "gpu_type_resource in the cluster's [clusters.pbs] config "
+                                           "(e.g. \"gpu_model\"), or ask for gpu=N")
+                    type_name = _directive_value(type_name, "[clusters.pbs] gpu_type_resource")
+                    chunk.append(f"{type_name}={_directive_value(gpu_type, '[clusters.pbs] gpu_types')}")
+            else:
+                raise _unsupported(self.title, f"{resource}={amount:g}",
+                                   "ask for it with resources={...} as your site names it")
+        if requirements.location:
+            chunk.append(f"host={_directive_value(requirements.location, 'location')}")
+        if requirements.service_tier != xm.ServiceTier.PROD:
+            raise _unsupported(self.title, f"service_tier={requirements.service_tier}")
+        if not chunk and requirements.replicas <= 1:
+            return None
+        return f"-l select={requirements.replicas}{''.join(':' + c for c in chunk)}"
+
+    def explicit_directives(self, executor: ClusterExecutor) -> List[str]:
+        explicit = [f"-l {key}={_directive_value(value, key)}"
+                    for key, value in executor.resources.items() if value]
+        return explicit + [_strip_prefix(d, "#PBS") for d in executor.extra_directives]
+
+    def directives(self, executor: ClusterExecutor, cluster: ClusterConfig, job_name: str) -> List[str]:
+        derived = [f"-N {job_name}", "-j oe"]
+        select = self.select_directive(executor.requirements, cluster)
+        if select:
+            derived.append(select)
+        seconds = parse_walltime(executor.walltime)
+        if seconds:
+            derived.append(f"-l walltime={seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}")
+        for option, value in (("-q", executor.queue), ("-A", executor.account), ("-P", executor.project)):
+            if value:
+                derived.append(f"{option} {_directive_value(value, option)}")
+        if executor.requeue:
+            derived.append("-r y")
+        return _merge_directives(derived, self.explicit_directives(executor), self.directive_key)
+
+    @staticmethod
+    def _gives_gpus(directive: str) -> bool:
+        """``-l select=1:ngpus=1``, ``-l ngpus=2``, ``-q gpu``."""
+        option, _, rest = _strip_prefix(directive, "#PBS").partition(" ")
+        rest = rest.strip()
+        if option == "-l":
+            for item in re.split(r"[:,+]", rest.partition("=")[2] if rest.startswith("select=") else rest):
+                name, has_value, value = item.partition("=")
+                if _named_for_gpus(name) and not (has_value and _no_amount(value)):
+                    return True
+        elif option == "-q":
+            return _named_for_gpus(rest)
+        return False
+
+    def asks_for_gpus(self, executor: ClusterExecutor) -> bool:
+        directives = [f"-l {key}={value}" for key, value in executor.resources.items() if value]
+        directives += list(executor.extra_directives)
+        if executor.queue:
+            directives.append(f"-q {executor.queue}")
+        return any(self._gives_gpus(d) for d in directives)
+
+    def probe_lines(self) -> str:
+        # max_array_size: the most subjobs an array may have (server, or queue).
+        return """echo "max_array_tasks $(qstat -B -f 2>/dev/null | awk '$1 == "max_array_size" {print $3}')"
+"""
+
+    def array_limit(self, info: ClusterInfo) -> Optional[int]:
+        """max_array_size caps the count (indices may be larger)."""
+        return info.max_array_tasks or None
+
+    @staticmethod
+    def _indices(first: int, last: int) -> str:
+        """-J's range: PBS refuses start == end, so one index is ``i-(i+1):2``."""
+        return f"{first}-{last}" if last > first else f"{first}-{first + 1}:2"
+
+    def submit_argv(self, executor: ClusterExecutor, script: str, count: int, log_dir: str,
+                    chained: bool, after: Sequence[Tuple[str, Sequence[str]]] = ()) -> List[str]:
+        throttle = executor.max_parallel_tasks
+        argv = ["qsub", "-J", self._indices(0, count - 1) + (f"%{throttle}" if throttle else "")]
+        if not self.user_sets(executor, self.output_option):
+            argv += ["-k", "oed", "-o", self.log_path_pattern(log_dir)]
+        variables = [_strip_prefix(d, "-v") for d in self.explicit_directives(executor) if d.startswith("-v ")]
+        if variables:  # a -v of the command line replaces the script's: keep the user's
+            argv += ["-v", ",".join(variables)]
+        parts = []
+        for kind, job_ids in after:
+            if kind == "each":
+                raise LaunchError("PBS cannot make each task wait for the same task of another array "
+                                  "(after_each): use after_ok() or after_any(), which wait for the whole "
+                                  "work unit")
+            parts.append(f"{self._dependency_kinds[kind]}:{':'.join(job_ids)}")
+        if chained:
+            parts.append("afterany:{previous}")
+        if parts:
+            argv += ["-W", f"depend={','.join(parts)}"]
+        return argv
+
+    _dependency_kinds = {"ok": "afterok", "any": "afterany"}
+
+    def command_line(self, options: Sequence[str], script: str, first_task: int) -> List[str]:
+        # One -v: a second replaces the first.
+        options, variables = list(options), []
+        while "-v" in options:
+            at = options.index("-v")
+            variables.append(options[at + 1])
+            del options[at:at + 2]
+        variables.append(f"LXM_FIRST_TASK={int(first_task)}")
+        return [*options, "-v", ",".join(variables), script]
+
+    def options_of(self, command: Sequence[str]) -> List[str]:
+        *options, _, variables, _ = command
+        kept = [v for v in variables.split(",") if not v.startswith("LXM_FIRST_TASK=")]
+        return options + (["-v", ",".join(kept)] if kept else [])
+
+    def rerun_limits(self, info: ClusterInfo) -> Tuple[Optional[int], Optional[int]]:
+        """max_array_size bounds the count; -J takes one range, so each array is one run."""
+        return None, info.max_array_tasks or None
+
+    def rerun_argv(self, argv: Sequence[str], indices: Sequence[int], rerun: int,
+                   after_previous: bool) -> List[str]:
+        first, last = indices[0], indices[-1]
+        if last - first + 1 != len(indices):
+            raise ValueError(f"lxm3 bug: qsub -J takes one range, not indices {list(indices)}")
+        words: List[str] = []
+        throttled, skip = False, False
+        for at, word in enumerate(argv):
+            if skip:
+                skip = False
+            elif word == "-W" and argv[at + 1].startswith("depend="):  # the launch's dependencies
+                skip = True
+            elif word == "-J":
+                throttle = argv[at + 1].partition("%")[2]  # max_parallel_tasks
+                throttled = bool(throttle)
+                words += ["-J", self._indices(first, last) + (f"%{throttle}" if throttle else "")]
+                skip = True
+            else:
+                words.append(word)
+        words += ["-v", f"LXM_RERUN={int(rerun)}"]
+        if after_previous and throttled:
+            words += ["-W", "depend=afterany:{previous}"]
+        return words
+
+    def log_path_pattern(self, log_dir: str) -> str:
+        return log_dir.rstrip("/") + "/"  # a directory: PBS names each file <job id>.OU
+
+    def task_log_name(self, job_name: str, job_id: str, index: int) -> str:
+        return f"{self.task_job(job_id, index)}.OU"
+
+    def log_name_patterns(self, job_name: str, job_ids: Sequence[str]) -> List[str]:
+        return [f"{job_id.partition('[')[0]}\\[*.OU" for job_id in job_ids if job_id.partition("[")[0].isdigit()]
+
+    def task_job(self, job_id: str, index: int) -> str:
+        return job_id.replace("[]", f"[{index + self.index_base}]", 1)
+
+    def status_lines(self, job_ids: Sequence[str]) -> List[str]:
+        # -x: finished jobs too (while the server keeps their history); -t: each task.
+        # Plain -f, not -F json: given several jobs, qstat 23.06 prints only the first's JSON.
+        fields = "job_state|substate|Exit_status"
+        return ["echo '== queue'",
+                f"qstat -x -t -f {' '.join(shell_quote(j) for j in job_ids)} 2>/dev/null "
+                f"| grep -E '^Job Id: |^    ({fields}) = '",
+                "echo '== accounting'"]
+
+    @staticmethod
+    def _exit_code(status: str) -> str:
+        """Exit_status: the job's own (0-255); 256 + N: killed by signal N (given as
+        128 + N, as a shell says it); below 0: PBS could not run it, or ended it
+        (-29: its walltime): no exit status of its own."""
+        if not re.fullmatch(r"-?[0-9]+", status):
+            return ""
+        code = int(status)
+        return str(code - 256 + 128) if code >= 256 else str(code) if code >= 0 else ""
+
+    def read_status(self, queue, accounting, job_ids):
+        queued, finished = {}, {}
+        jobs: List[Dict[str, str]] = []
+        for line in queue:  # "Job Id: 1234[7].server", then "    job_state = R" ...
+            if line.startswith("Job Id: "):
+                jobs.append({"id": line[len("Job Id: "):].strip()})
+            elif jobs:
+                key, _, value = line.strip().partition(" = ")
+                jobs[-1][key] = value.strip()
+        for job in jobs:  # (a queued task has no array_id/array_index yet: read its id)
+            match = re.fullmatch(r"([0-9]+)\[([0-9]+)\](.*)", job["id"])
+            if not match or f"{match.group(1)}[]{match.group(3)}" not in job_ids:
+                continue  # the array itself, or another's
+            key = (f"{match.group(1)}[]{match.group(3)}", int(match.group(2)) - self.index_base)
+            state = job.get("job_state", "")
+            if state in _PBS_STATES:
+                queued[key] = _PBS_STATES[state]
+            elif state in ("X", "F"):
+                code = self._exit_code(job.get("Exit_status", ""))
+                if job.get("substate") == _PBS_DELETED and code in ("", "1", "143", "137"):
+                    finished[key] = (TaskState.CANCELLED, code)  # qdel; or its dependency failed
+                else:
+                    finished[key] = (TaskState.COMPLETED if code == "0" else TaskState.FAILED, code)
+        return queued, finished
+
+    def active_jobs_command(self) -> str:
+        return 'qselect -u "$(id -un)"'  # ids as qsub printed them: 1234[].server
+
+
+SCHEDULERS = {s.name: s for s in (SlurmScheduler(), GridEngineScheduler(), PBSScheduler())}
 
 
 def scheduler_of(executor: ClusterExecutor) -> Scheduler:
@@ -5665,8 +6112,9 @@ def submission_argv(executor: ClusterExecutor, script: str, first_task: int, cou
     With ``max_parallel_tasks`` and several arrays, each array waits for the
     previous one, so the throttle holds for the whole work unit.
     """
-    return [*scheduler_of(executor).submit_argv(executor, script, count, log_dir, chained, after),
-            script, str(first_task)]
+    scheduler = scheduler_of(executor)
+    return scheduler.command_line(scheduler.submit_argv(executor, script, count, log_dir, chained, after),
+                                  script, first_task)
 
 
 def plan_submissions(work_unit_id: int, executor: ClusterExecutor, script: str,
@@ -5882,6 +6330,11 @@ def submission_log_script(experiment_dir: str, stop: bool = False) -> str:
     ]) + "\n"
 
 
+# What a submit command prints as a job id: digits (Slurm, Grid Engine), or
+# PBS's array id with its server's name (1234[].server). Anything else is not one.
+JOB_ID_PATTERN = re.compile(r"[0-9]+(?:\[\](?:\.[A-Za-z0-9_.-]+)?)?")
+
+
 def parse_submission_output(output: str, submissions: Sequence[ArraySubmission]) -> Optional[str]:
     """Fill in job ids; returns the scheduler's error when a submission failed."""
     by_key = {s.key: s for s in submissions}
@@ -5892,7 +6345,7 @@ def parse_submission_output(output: str, submissions: Sequence[ArraySubmission])
         if word == "OK":
             in_failure = False
             key, _, job_id = rest.partition(" ")
-            if key in by_key and job_id.strip().isdigit():
+            if key in by_key and JOB_ID_PATTERN.fullmatch(job_id.strip()):
                 by_key[key].job_id = job_id.strip()
         elif word == "FAIL":
             in_failure = error is None  # the first rejection's message is reported
@@ -5984,7 +6437,8 @@ class WorkUnitRecord(ValueObject):
       submission_log: the cluster's log of submitted job ids.
       cancelled: whether ``lxm3 cancel`` cancelled a job of it.
       connection: how to reach the cluster again (server, user, port, key,
-        timeouts, ssh_config, proxycommand), so that status works without the
+        timeouts, ssh_config, proxycommand; scheduler_bin: the bin_dir of its
+        scheduler, if set), so that status works without the
         config that launched it.
       custom_output: the user set the output path, so lxm3 cannot find the logs.
       log_paths: local tasks' logs, by task; exit_codes: local tasks that ended.
@@ -7144,6 +7598,8 @@ def dry_run_cluster(experiment: ClusterExperiment, cluster: ClusterConfig, sched
     if known:
         info, when = known
         note = f"paths and array limit as {cluster.name} reported them at the last launch ({when})"
+        if info.scheduler:
+            note += f"; its scheduler then: {info.scheduler}"
     else:
         info = ClusterInfo(staging=_path_there(ClusterInfo(staging="", home="~"), _staging_path(cluster)),
                            home="~")
@@ -7419,7 +7875,8 @@ class ClusterWorkUnit(xm.WorkUnit):
             planned=[ArrayRecord(s.first_task, s.count, key=s.key) for s in self.planned],
             submission_log=self.submission_log, cancelled=self.cancelled,
             python=self.python, environment=self.environment,
-            submit_argv=self.planned[0].argv[:-2] if self.planned else None,
+            submit_argv=(scheduler_of(executor).options_of(self.planned[0].argv)
+                         if self.planned and isinstance(executor, ClusterExecutor) else None),
             dependencies=[d.to_record() for d in self._after], never_run=sorted(self.never_run),
         )
         if isinstance(executor, Local):
@@ -7434,6 +7891,8 @@ class ClusterWorkUnit(xm.WorkUnit):
                                  "ssh_keepalive_interval": cluster.ssh_keepalive_interval,
                                  "ssh_config": cluster.ssh_config,
                                  "proxycommand": cluster.proxycommand}
+            if cluster.scheduler_bin(executor.scheduler):
+                record.connection["scheduler_bin"] = cluster.scheduler_bin(executor.scheduler)
             scheduler = scheduler_of(executor)
             record.custom_output = scheduler.user_sets(executor, scheduler.output_option)
         return record
@@ -8132,7 +8591,8 @@ def _unit_connection(unit: WorkUnitRecord) -> Connection:
                                     ssh_connect_timeout=info.get("ssh_connect_timeout"),
                                     ssh_keepalive_interval=info.get("ssh_keepalive_interval"),
                                     ssh_config=info.get("ssh_config"),
-                                    proxycommand=info.get("proxycommand")))
+                                    proxycommand=info.get("proxycommand"),
+                                    raw={unit.scheduler: {"bin_dir": info.get("scheduler_bin")}}))
 
 
 def task_log_path(unit: WorkUnitRecord, task: int) -> Optional[str]:
@@ -8153,17 +8613,21 @@ def _status_script(units: Sequence[WorkUnitRecord], scheduler: Scheduler, tail_l
     """One round trip: the queue, accounting (if any) and the tasks' exit records;
     with ``tail_lines``, also the end of each failed task's log (_FAILED_LOGS_AWK)."""
     lines = scheduler.status_lines([job_id for u in units for job_id in u.job_ids])
+
+    def find_logs(unit: WorkUnitRecord) -> str:
+        names = " -o ".join(f"-name {shell_quote(p)}" for p in scheduler.log_name_patterns(unit.job_name,
+                                                                                           unit.job_ids))
+        return f"find {shell_quote(unit.log_directory or '')} -maxdepth 1 -type f \\( {names or '-false'} \\)"
+
     for u in units:  # each unit's own section: task numbers repeat across units
         lines.append(f"echo '== exits {u.id}'")
         if u.log_directory and not u.custom_output:  # "==> path <==" before each: attempts have their own
-            lines.append(f"find {shell_quote(u.log_directory)} -maxdepth 1 -type f "
-                         f"-name {shell_quote(u.job_name + '-*')} -exec tail -v -n 1 {{}} + 2>/dev/null")
+            lines.append(f"{find_logs(u)} -exec tail -v -n 1 {{}} + 2>/dev/null")
     for u in units:
         if tail_lines > 0 and u.log_directory and not u.custom_output:
             lines.append(f"echo '== failed logs {u.id}'")
             # + 2: the exit record and the empty line before it
-            lines.append(f"find {shell_quote(u.log_directory)} -maxdepth 1 -type f "
-                         f"-name {shell_quote(u.job_name + '-*')} -exec tail -v -n {int(tail_lines) + 2} {{}} + "
+            lines.append(f"{find_logs(u)} -exec tail -v -n {int(tail_lines) + 2} {{}} + "
                          f"2>/dev/null | awk -v keep={int(tail_lines)} {shell_quote(_FAILED_LOGS_AWK)}")
     return "\n".join(lines) + "\ntrue\n"
 
@@ -8384,7 +8848,7 @@ def reconcile_submissions(record: ExperimentRecord) -> bool:
         known = {}
         for line in output.splitlines():
             word, key, job_id = (line.split() + ["", "", ""])[:3]
-            if word == "OK" and job_id.isdigit():
+            if word == "OK" and JOB_ID_PATTERN.fullmatch(job_id):
                 known[key] = job_id
         for unit in group:  # the planned arrays are the last (a rerun's follow the launch's)
             planned = {(p.first_task, p.count, p.tasks, p.attempt) for p in unit.planned}
@@ -8451,7 +8915,7 @@ def _cancel_script(scheduler: Scheduler, job_ids: Sequence[str]) -> str:
     and ``lxm3-status N``.
     """
     return f"""set -o pipefail
-lxm_ids=({' '.join(job_ids)})
+lxm_ids=({' '.join(shell_quote(j) for j in job_ids)})
 lxm_cancel=()
 if lxm_queue=$({{ {scheduler.active_jobs_command()}; }} 2>/dev/null); then
   lxm_queue=" $(echo $lxm_queue) "
@@ -8621,7 +9085,8 @@ def _plan_rerun(unit: WorkUnitRecord, tasks: Sequence[int], scheduler: Scheduler
         for offset, indices in split_index_lists(group, max_index, max_count, not scheduler.index_lists):
             argv = scheduler.rerun_argv(unit.submit_argv or [], indices, attempt - 1,
                                         after_previous=bool(submissions))
-            submissions.append(RerunSubmission(unit.id, offset, indices, [*argv, unit.script or "", str(offset)],
+            submissions.append(RerunSubmission(unit.id, offset, indices,
+                                               scheduler.command_line(argv, unit.script or "", offset),
                                                attempt, key=f"{unit.id}:r{stamp}.{len(submissions)}"))
     return submissions
 
@@ -9661,7 +10126,7 @@ _MODULES_042 = {
                                    "UniversalPackage name_from_path=_name_from_path",
     "xm_cluster.executables": "Command",
     "xm_cluster.executors": "DockerOptions GridEngine GridEngineSpec JobRequirements Local "
-                            "LocalSpec SingularityOptions Slurm SlurmSpec",
+                            "LocalSpec PBS PBSSpec SingularityOptions Slurm SlurmSpec",
     "xm_cluster.experiment": "ClusterExperiment ClusterWorkUnit create_experiment "
                              "get_current_experiment",
     "xm_cluster.requirements": "JobRequirements ResourceDict=xm.ResourceDict "
@@ -9833,7 +10298,7 @@ def _queue_lines() -> str:
     return "".join(
         f"if command -v {s.submit_command} >/dev/null 2>&1; then\n"
         f"  if lxm_q=$(set -o pipefail; {{ {s.active_jobs_command()}; }} 2>/dev/null </dev/null); then\n"
-        f"    echo 'queue {s.name}'; printf '%s\\n' \"$lxm_q\" | sed -n 's/^ *\\([^ .][^ .]*\\).*/active \\1/p'\n"
+        f"    echo 'queue {s.name}'; printf '%s\\n' \"$lxm_q\" | sed -n 's/^ *\\([^ ][^ ]*\\).*/active \\1/p'\n"
         f"  else echo 'noqueue {s.name}'; fi\nfi\n" for s in SCHEDULERS.values())
 
 

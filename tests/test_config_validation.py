@@ -17,7 +17,7 @@ from conftest import ROOT, lxm3_cli
 from testbed_env import require_testbed
 
 CLUSTER_KEYS = ("name, server, user, port, ssh_private_key, ssh_connect_timeout, "
-                "ssh_keepalive_interval, storage, env, singularity, slurm, sge, proxycommand, "
+                "ssh_keepalive_interval, storage, env, singularity, slurm, sge, pbs, proxycommand, "
                 "ssh_config, python, environment, environments")
 
 
@@ -64,7 +64,7 @@ def test_misspelt_top_level_and_scheduler_keys(tmp_path):
     path, read = load(tmp_path, cluster("[clusters.sge]\nmemory_resorce = 'mem_free'\n"))
     with pytest.raises(lxm3.ConfigError, match=(
             rf"^{re.escape(path)}: unknown key 'clusters\[0\]\.sge\.memory_resorce' \(cluster 'hpc'\); "
-            r"did you mean 'memory_resource'\? The keys of \[clusters\.sge\] are: gpu_types, "
+            r"did you mean 'memory_resource'\? The keys of \[clusters\.sge\] are: bin_dir, gpu_types, "
             r"parallel_environment, memory_resource, gpu_resource, gpu_type_resource$")):
         read()
 

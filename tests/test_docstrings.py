@@ -20,12 +20,12 @@ DOCUMENTED = [
     "Fileset", "PythonPackage", "UniversalPackage", "SingularityContainer",
     "DockerContainer", "PDMProject", "PythonContainer",
     "SingularityOptions", "DockerOptions", "Local", "ClusterExecutor", "Slurm",
-    "GridEngine", "ArrayJob", "ClusterConfig", "Config",
+    "GridEngine", "PBS", "ArrayJob", "ClusterConfig", "Config",
     "create_experiment", "get_experiment", "get_current_experiment",
     "UclGridEngine", "configure_wandb",
 ]
 # Without parameters of their own: a docstring with a summary line is enough.
-SPECS = ["LocalSpec", "ClusterExecutorSpec", "SlurmSpec", "GridEngineSpec"]
+SPECS = ["LocalSpec", "ClusterExecutorSpec", "SlurmSpec", "GridEngineSpec", "PBSSpec"]
 
 _ENTRY = re.compile(r"(\*{0,2}\w+)(?: \([^)]*\))?:(?:\s|$)")
 
@@ -91,7 +91,7 @@ def test_docstring_starts_with_a_one_line_summary(name):
         f"{name}: the first line should be a summary, then a blank line")
 
 
-@pytest.mark.parametrize("name", ["Slurm", "GridEngine"])
+@pytest.mark.parametrize("name", ["Slurm", "GridEngine", "PBS"])
 def test_each_scheduler_lists_the_shared_parameters_itself(name):
     """help(Slurm) is complete on its own: the ClusterExecutor fields are listed there too."""
     shared = parameters(lxm3.ClusterExecutor)
