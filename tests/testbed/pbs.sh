@@ -18,6 +18,26 @@
 # is never read, written or signalled.
 
 inns() { ip netns exec "$PBS_NETNS" "$@"; }
+# PBS's init script with the test bed's pbs.conf, inside the namespace. It
+# asks `systemctl is-enabled pbs` (or chkconfig; with neither it assumes yes)
+# whether PBS is registered for boot, and if so treats the start as a boot:
+# it starts PBS in the background and records the boot time in
+# /var/tmp/pbs_boot_check, a file of the machine's own PBS. The test bed's
+# PBS is never started at boot: a stub systemctl first on the script's PATH
+# says so.
+pbs_init() {
+  local stub=$PBS_DIR/initbin
+  if [[ ! -x $stub/systemctl ]]; then
+    install -d -m 0755 "$stub"
+    printf '#!/bin/sh
+# lxm3 test bed: its PBS is not started at boot (see pbs.sh)
+exit 1
+' > "$stub/systemctl"
+    chmod 0755 "$stub/systemctl"
+  fi
+  inns env PBS_CONF_FILE="$PBS_CONF" PATH="$stub:/usr/sbin:/usr/bin:/sbin:/bin" \
+    "$PBS_EXEC/libexec/pbs_init.d" "$@"
+}
 # PBS commands as root inside the namespace, on the test bed's complex.
 pbs_cmd() { local c=$1; shift; inns env PBS_CONF_FILE="$PBS_CONF" "$PBS_EXEC/bin/$c" "$@"; }
 pbs_netns_exists() { [[ -e /run/netns/$PBS_NETNS ]]; }
@@ -49,10 +69,12 @@ pbs_unsupported() {
   ip netns delete "$probe" 2>/dev/null || true
 }
 
+# The source tarball: TESTBED_PBS_SOURCE, or the one in shared/testbed/pbs/
+# beside the repository.
 pbs_source_tarball() {
   local f
   if [[ -n $PBS_SOURCE ]]; then echo "$PBS_SOURCE"; return; fi
-  for f in "$HERE"/../../../shared/testbed/pbs/openpbs-*.tar.xz; do echo "$f"; return; done
+  for f in "$(cd "$HERE/../.." && pwd)"/../shared/testbed/pbs/openpbs-*.tar.xz; do echo "$f"; return; done
 }
 
 # --- the programs, like a package: built once into $PBS_EXEC -------------------
@@ -67,7 +89,7 @@ pbs_install() {
   [[ -x $PBS_EXEC/bin/qsub && -x $PBS_EXEC/sbin/pbs_server.bin && -x $PBS_EXEC/libexec/pbs_init.d ]] && return 0
   src=$(pbs_source_tarball)
   [[ -n $src && -f $src ]] ||
-    die "FATAL: $PBS_EXEC/bin/qsub is missing and the OpenPBS source tarball to build it from is not there: ${src:-$HERE/../../../shared/testbed/pbs/openpbs-*.tar.xz} (set TESTBED_PBS_SOURCE)"
+    die "FATAL: $PBS_EXEC/bin/qsub is missing and the OpenPBS source tarball to build it from is not there: $src (set TESTBED_PBS_SOURCE to the openpbs-*.tar.xz)"
   build=$PBS_DIR/build
   log "building OpenPBS from $src into $PBS_EXEC (about 2 min on 2 cores; log $PBS_LOG)"
   rm -rf "$build"
@@ -178,7 +200,7 @@ EOF
     log "starting PBS in namespace $PBS_NETNS (server $PBS_SERVER; log $PBS_LOG)"
     # The init script starts whatever of the five is not running (its
     # first start also initialises the datastore, pbs_habitat).
-    inns env PBS_CONF_FILE="$PBS_CONF" "$PBS_EXEC/libexec/pbs_init.d" start >> "$PBS_LOG" 2>&1 ||
+    pbs_init start >> "$PBS_LOG" 2>&1 ||
       die "PBS did not start (pbs_init.d start; log $PBS_LOG, $PBS_HOME_DIR/*_logs/)"
   fi
   for ((i = 0; i < TB_TIMEOUT * 4; i++)); do
@@ -325,8 +347,7 @@ pbs_down() {
   stop_daemon "$PID_PBS_SSHD" sshd
   if pbs_netns_exists && [[ -x $PBS_EXEC/libexec/pbs_init.d && -f $PBS_CONF ]] && [[ -n $(pbs_pids) ]]; then
     log "stopping PBS in $PBS_NETNS (pbs_init.d stop)"
-    timeout 60 ip netns exec "$PBS_NETNS" env PBS_CONF_FILE="$PBS_CONF" "$PBS_EXEC/libexec/pbs_init.d" stop \
-      >> "$PBS_LOG" 2>&1 || true
+    pbs_init stop >> "$PBS_LOG" 2>&1 || true
   fi
   for e in "${PBS_PIDFILES[@]}"; do
     if pid=$(pbs_daemon_pid "${e%%:*}" "${e##*:}"); then
