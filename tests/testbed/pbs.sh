@@ -150,9 +150,13 @@ pbs_netns_up() {
 
 # --- PBS itself ----------------------------------------------------------------
 # mom_priv/config: output delivered by cp (no scp or rcp between "hosts" that
-# share one file system), and the server as the only client host.
+# share one file system), the server as the only client host, and jobs'
+# TMPDIR under the test bed's directory, not /var/tmp/pbs.<job id>, where a
+# site's PBS puts its jobs'.
 pbs_mom_config() {
-  printf '%s\n' "\$clienthost $PBS_SERVER" "\$usecp *:/ /" "\$logevent 0x1ff" "\$restrict_user_maxsysid 999" |
+  [[ -d $PBS_DIR/tmp ]] || install -d -m 1777 "$PBS_DIR/tmp"
+  printf '%s\n' "\$clienthost $PBS_SERVER" "\$usecp *:/ /" "\$tmpdir $PBS_DIR/tmp" \
+    "\$logevent 0x1ff" "\$restrict_user_maxsysid 999" |
     write_if_changed "$PBS_HOME_DIR/mom_priv/config" 0644
 }
 
@@ -171,7 +175,7 @@ pbs_require_free_socket() {
 }
 
 pbs_start() {
-  local pid e all=1
+  local pid e all=1 mom_changed=0
   install -d -m 0755 "$PBS_DIR"
   write_if_changed "$PBS_CONF" 0644 <<EOF || true
 PBS_EXEC=$PBS_EXEC
@@ -193,7 +197,7 @@ EOF
     PBS_CONF_FILE=$PBS_CONF "$PBS_EXEC/libexec/pbs_postinstall" server "" "$PBS_EXEC" "$PBS_HOME_DIR" "" sameconf \
       >> "$PBS_LOG" 2>&1 || die "pbs_postinstall for $PBS_HOME_DIR failed (log $PBS_LOG)"
   fi
-  [[ -d $PBS_HOME_DIR/mom_priv ]] && { pbs_mom_config || true; }
+  [[ -d $PBS_HOME_DIR/mom_priv ]] && pbs_mom_config && mom_changed=1
   for e in "${PBS_PIDFILES[@]}"; do pbs_daemon_pid "${e%%:*}" "${e##*:}" >/dev/null || all=0; done
   if ((!all)); then
     pbs_require_free_socket
@@ -202,14 +206,17 @@ EOF
     # first start also initialises the datastore, pbs_habitat).
     pbs_init start >> "$PBS_LOG" 2>&1 ||
       die "PBS did not start (pbs_init.d start; log $PBS_LOG, $PBS_HOME_DIR/*_logs/)"
+    mom_changed=0
   fi
   for ((i = 0; i < TB_TIMEOUT * 4; i++)); do
     pbs_cmd qstat -B >/dev/null 2>&1 && break
     sleep 0.25
   done
   pbs_cmd qstat -B >/dev/null 2>&1 || die "pbs_server does not answer qstat -B"
-  if pbs_mom_config; then   # (first start: pbs_habitat wrote its own)
-    pid=$(pbs_daemon_pid mom_priv/mom.lock pbs_mom) && kill -HUP "$pid"
+  pbs_mom_config && mom_changed=1   # (first start: pbs_habitat wrote its own)
+  if ((mom_changed)) && pid=$(pbs_daemon_pid mom_priv/mom.lock pbs_mom); then
+    log "mom_priv/config changed: pbs_mom (pid $pid) rereads it (SIGHUP)"
+    kill -HUP "$pid"
   fi
   pbs_cmd pbsnodes "$PBS_SERVER" >/dev/null 2>&1 || pbs_cmd qmgr -c "create node $PBS_SERVER" >/dev/null
   # History for a day (qstat -x); all users see all jobs; the same user name
