@@ -10,7 +10,7 @@
 # with PASS, FAIL or SKIP, and the exit status is 1 if any failed.
 #
 # Environment:
-#   LXM3_NO_TESTBED=1       do not start the Slurm/Grid Engine/SSH test bed, nor run its guest check
+#   LXM3_NO_TESTBED=1       do not start the Slurm/Grid Engine/OpenPBS/SSH test bed, nor run its guest check
 #   LXM3_REQUIRE_TESTBED=1  fail (not skip) tests whose test bed is missing (CI sets it)
 #   LXM3_PYTHONS="3.9 3.12" which extra Pythons run the unit tests (default: 3.9-3.13)
 set -Euo pipefail
@@ -61,7 +61,7 @@ phase "dev tools (pytest, ruff, vermin, absl-py) for $($PYTHON --version 2>&1)" 
   pytest ruff vermin absl-py
 
 if ((testbed_here)); then
-  phase "test bed: its own Slurm, Grid Engine and sshd on 127.0.0.1, rsync" bash tests/testbed/up.sh
+  phase "test bed: its own Slurm, Grid Engine and sshd on 127.0.0.1, rsync, OpenPBS in a network namespace" bash tests/testbed/up.sh
 else
   skip "test bed" "$testbed_why"
 fi
@@ -96,9 +96,9 @@ for v in $versions; do
 done
 
 # Last, since it takes the test bed down and up again: bringing the test bed
-# up and down beside a site's Slurm, Grid Engine and sshd leaves them as they were.
+# up and down beside a site's Slurm, Grid Engine, sshd and PBS leaves them as they were.
 if ((testbed_here)); then
-  phase "guest check: the test bed leaves the machine's own Slurm, Grid Engine and sshd alone" \
+  phase "guest check: the test bed leaves the machine's own Slurm, Grid Engine, sshd and PBS alone" \
     bash tests/testbed/guest-check.sh
 else
   skip "guest check" "$testbed_why"

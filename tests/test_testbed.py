@@ -216,3 +216,94 @@ def test_the_sshd_log_is_the_test_beds_own():
             return True if needle in f.read() else None
 
     poll(logged, timeout=30, what=f"'{needle}' in {tb.sshd_log}")
+
+
+# --- PBS: its own complex and sshd in a network namespace of its own ----------
+
+
+def _pbs_job_state(tb: Testbed, job_id: str) -> Optional[str]:
+    """job_state of a PBS job from ``qstat -x -f`` (history: finished jobs too)."""
+    out = tb.ssh([tb.pbs_bin("qstat"), "-x", "-f", job_id], scheduler="pbs").stdout
+    match = re.search(r"^\s*job_state = (\S+)", out, re.M)
+    assert match, out
+    return match.group(1)
+
+
+def test_pbs_array_through_its_sshd_writes_one_log_per_subjob():
+    """``qsub -J`` through the PBS sshd: job ids name the test bed's server,
+    each subjob's output lands in its own file, and the finished array stays
+    in the history (``qstat -x``). The job runs as the test user's login
+    shell, which its ~/.profile must not break."""
+    tb = require_testbed("pbs")
+    with tb.remote_tempdir("pbs") as remote:
+        script = 'echo "subjob $PBS_ARRAY_INDEX of $PBS_ARRAY_ID on $PBS_O_HOST"\n'
+        job_id = tb.ssh(
+            [tb.pbs_bin("qsub"), "-N", "tbarray", "-J", "0-2", "-j", "oe",
+             "-o", f"{remote}/out.^array_index^"],
+            input=script, scheduler="pbs",
+        ).stdout.strip()  # fmt: skip
+        assert re.fullmatch(rf"\d+\[\]\.{re.escape(tb.pbs_server)}", job_id), job_id
+        poll(lambda: _pbs_job_state(tb, job_id) == "F" or None, timeout=120,
+             what=f"PBS array {job_id} to finish")  # fmt: skip
+
+        def outputs() -> Optional[list]:
+            proc = tb.ssh(f"cat {shlex.quote(remote)}/out.[0-2]", check=False)
+            lines = proc.stdout.splitlines()
+            return lines if len(lines) == 3 else None
+
+        # Output is copied back when each subjob ends, just after it finishes.
+        lines = poll(outputs, timeout=60, what=f"the three output files of {job_id}")
+        assert lines == [f"subjob {i} of {job_id} on {tb.pbs_server}" for i in range(3)]
+        # The array and each subjob, in the history with their final states.
+        history = tb.ssh([tb.pbs_bin("qstat"), "-x", "-t", "-f", job_id], scheduler="pbs").stdout
+        states = dict(re.findall(r"^Job Id: (\S+)\n(?:.*\n)*?\s*job_state = (\S+)", history, re.M))
+        assert states == {job_id: "F", **{job_id.replace("[]", f"[{i}]"): "F" for i in range(3)}}, (
+            history
+        )
+
+
+def test_pbs_max_array_size_matches_env_file():
+    tb = require_testbed("pbs")
+    server = tb.ssh([tb.pbs_bin("qstat"), "-B", "-f"], scheduler="pbs").stdout
+    match = re.search(r"^\s*max_array_size = (\d+)$", server, re.M)
+    assert match, server
+    assert int(match.group(1)) == tb.pbs_max_array_size
+
+    # max_array_size subjobs are accepted, one more is not. Held, then deleted.
+    n = tb.pbs_max_array_size
+    qsub = [tb.pbs_bin("qsub"), "-h", "-o", "/dev/null", "-j", "oe"]
+    job_id = tb.ssh([*qsub, "-J", f"0-{n - 1}", "--", "/bin/true"], scheduler="pbs").stdout.strip()
+    assert job_id.endswith(f"[].{tb.pbs_server}"), job_id
+    tb.ssh([tb.pbs_bin("qdel"), job_id], scheduler="pbs")
+    too_big = tb.ssh([*qsub, "-J", f"0-{n}", "--", "/bin/true"], check=False, scheduler="pbs")
+    assert too_big.returncode != 0
+    assert "qsub: Array job exceeds server or queue size limit" in too_big.stderr
+
+
+def test_pbs_commands_are_found_by_their_directory_not_on_path():
+    """The PBS sshd's sessions use the test bed's pbs.conf, and its bin/ is
+    not on their PATH: a plain ``qsub`` there is not PBS's (Grid Engine's on
+    a machine with both), so lxm3 must be told where PBS lives."""
+    tb = require_testbed("pbs")
+    out = tb.ssh('echo "conf=$PBS_CONF_FILE"; echo "qsub=$(command -v qsub)"',
+                 scheduler="pbs").stdout  # fmt: skip
+    seen = _env_lines(out)
+    assert seen["conf"] == tb.pbs_conf_file
+    assert not seen["qsub"].startswith(tb.pbs_exec + "/"), seen
+    assert tb.ssh(["test", "-x", tb.pbs_bin("qsub")], check=False, scheduler="pbs").returncode == 0
+    if seen["qsub"] == "/usr/bin/qsub":
+        # Grid Engine's qsub does not know PBS's -J.
+        proc = tb.ssh(["qsub", "-J", "0-1", "--", "/bin/true"], check=False, scheduler="pbs")
+        assert proc.returncode != 0
+
+
+def test_pbs_sshd_checks_its_host_key():
+    tb = require_testbed("pbs")
+    assert tb.ssh("id -un", scheduler="pbs").stdout.strip() == tb.ssh_user
+    no_known_hosts = ["-o", "UserKnownHostsFile=/dev/null", "-o", "GlobalKnownHostsFile=/dev/null"]
+    proc = subprocess.run(
+        ["ssh", *no_known_hosts, *tb.ssh_options("pbs"), tb.destination_for("pbs"), "true"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 255, proc.stderr
+    assert "Host key verification failed" in proc.stderr

@@ -1,4 +1,4 @@
-"""The local Slurm / Grid Engine / SSH test bed, for the test suite.
+"""The local Slurm / Grid Engine / OpenPBS / SSH test bed, for the test suite.
 
 ``tests/testbed/up.sh`` brings the test bed up and describes it in an env file
 (``/var/lib/lxm3-testbed/testbed.env``, or the path in ``$LXM3_TESTBED_ENV``). The test bed
@@ -6,10 +6,16 @@ is a guest on the machine: its Slurm, Grid Engine and sshd are its own, beside
 any the machine already runs, on ports of their own; its sshd sets the
 variables that point the schedulers' commands at it for every ssh session, and
 ``Testbed.cluster_env()`` gives them for commands run here. Tests call
-``require_testbed(kind)`` with kind ``"ssh"``, ``"slurm"`` or ``"sge"``: it
+``require_testbed(kind)`` with kind ``"ssh"``, ``"slurm"``, ``"sge"`` or ``"pbs"``: it
 returns a ``Testbed`` when that part answers, and otherwise skips the test, or
 fails it when ``LXM3_REQUIRE_TESTBED=1`` (meant for CI, so that a broken test
 bed cannot pass as a row of skips). Each kind is probed once per session.
+
+PBS runs in a network namespace of its own with its own sshd (PBS refuses
+loopback addresses): reach it with ``scheduler="pbs"`` (``tb.ssh(cmd,
+scheduler="pbs")``, ``ssh_argv``, ``ssh_options``, ``destination_for``), and
+run its commands by their full path, ``tb.pbs_bin("qsub")``: its ``bin/`` is
+not on the PATH, where ``qsub`` may be Grid Engine's.
 
 Call ``require_testbed`` inside the test body so that a required but missing
 test bed shows as a failed test. The ``ssh_testbed``, ``slurm_testbed`` and
@@ -35,7 +41,7 @@ import pytest
 DEFAULT_ENV_FILE = "/var/lib/lxm3-testbed/testbed.env"
 ENV_FILE_VAR = "LXM3_TESTBED_ENV"
 REQUIRE_VAR = "LXM3_REQUIRE_TESTBED"
-KINDS = ("ssh", "slurm", "sge")
+KINDS = ("ssh", "slurm", "sge", "pbs")
 UP_HINT = "start it with `sudo bash tests/testbed/up.sh`"
 PROBE_TIMEOUT = 30  # seconds; a healthy probe takes well under one
 
@@ -133,29 +139,85 @@ class Testbed:
     def sge_max_aj_tasks(self) -> int:
         return int(self._required("SGE_MAX_AJ_TASKS"))
 
+    # --- PBS: its own host (an address in its network namespace) and sshd ---
+
+    @property
+    def pbs_ssh_host(self) -> str:
+        """The address of the PBS sshd (inside the PBS network namespace)."""
+        return self._required("PBS_SSH_HOST")
+
+    @property
+    def pbs_ssh_port(self) -> int:
+        return int(self._required("PBS_SSH_PORT"))
+
+    @property
+    def pbs_exec(self) -> str:
+        """PBS_EXEC: the directory whose ``bin/`` holds qsub, qstat, ...."""
+        return self._required("PBS_EXEC")
+
+    def pbs_bin(self, name: str) -> str:
+        """Full path of PBS command ``name`` (its bin/ is not on the PATH)."""
+        return f"{self.pbs_exec}/bin/{name}"
+
+    @property
+    def pbs_server(self) -> str:
+        """The PBS server's name; job ids end in ``.<server>``."""
+        return self._required("PBS_SERVER")
+
+    @property
+    def pbs_conf_file(self) -> str:
+        """The test bed's pbs.conf; PBS sessions get it as PBS_CONF_FILE."""
+        return self._required("PBS_CONF_FILE")
+
+    @property
+    def pbs_max_array_size(self) -> int:
+        """The server's max_array_size: the most subjobs one ``qsub -J`` may have."""
+        return int(self._required("PBS_MAX_ARRAY_SIZE"))
+
+    @property
+    def pbs_ncpus(self) -> int:
+        return int(self._required("PBS_NCPUS"))
+
+    @property
+    def pbs_sshd_log(self) -> str:
+        return self._required("PBS_SSHD_LOG")
+
     @property
     def destination(self) -> str:
         return f"{self.ssh_user}@{self.ssh_host}"
 
-    def ssh_options(self) -> List[str]:
-        """ssh options for the test bed. Host keys are always checked."""
+    def destination_for(self, scheduler: Optional[str] = None) -> str:
+        """``user@host`` of the sshd that reaches ``scheduler`` (None: the main one)."""
+        if scheduler == "pbs":
+            return f"{self.ssh_user}@{self.pbs_ssh_host}"
+        return self.destination
+
+    def ssh_options(self, scheduler: Optional[str] = None) -> List[str]:
+        """ssh options for the test bed. Host keys are always checked.
+
+        ``scheduler="pbs"``: for the PBS sshd (its own address, port 22).
+        """
+        port = self.pbs_ssh_port if scheduler == "pbs" else self.ssh_port
         return [
             "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=yes",
             "-o", "ConnectTimeout=10",
-            "-p", str(self.ssh_port),
+            "-p", str(port),
             "-i", self.ssh_key,
         ]  # fmt: skip
 
-    def ssh_argv(self, command: Union[str, Sequence[str]]) -> List[str]:
+    def ssh_argv(
+        self, command: Union[str, Sequence[str]], scheduler: Optional[str] = None
+    ) -> List[str]:
         """argv running ``command`` as the test user.
 
         A string is one command line for the remote shell; a sequence is an
         argv, quoted with shlex.join because ssh joins its arguments with
-        spaces and the remote shell parses them again.
+        spaces and the remote shell parses them again. ``scheduler="pbs"``
+        goes through the PBS sshd.
         """
         line = command if isinstance(command, str) else shlex.join(command)
-        return ["ssh", *self.ssh_options(), self.destination, line]
+        return ["ssh", *self.ssh_options(scheduler), self.destination_for(scheduler), line]
 
     def ssh(
         self,
@@ -164,9 +226,10 @@ class Testbed:
         check: bool = True,
         timeout: float = 60,
         input: Optional[str] = None,
+        scheduler: Optional[str] = None,
     ) -> subprocess.CompletedProcess:
         """Run ``command`` as the test user; text output captured."""
-        argv = self.ssh_argv(command)
+        argv = self.ssh_argv(command, scheduler)
         proc = subprocess.run(
             argv, input=input, capture_output=True, text=True, timeout=timeout, check=False
         )
@@ -277,7 +340,36 @@ def _probe_sge(tb: Testbed) -> Optional[str]:
     return None
 
 
-_PROBES = {"ssh": _probe_ssh, "slurm": _probe_slurm, "sge": _probe_sge}
+def _probe_pbs(tb: Testbed) -> Optional[str]:
+    if tb.get("PBS") != "1":
+        why = tb.get("PBS_MISSING")
+        return f"the env file {env_file_path()} does not list PBS" + (f" ({why})" if why else "")
+    # Through its own sshd: the session must use the test bed's pbs.conf;
+    # `qstat -B` asks pbs_server, `pbsnodes` the node as the MoM reported it.
+    qstat = shlex.quote(tb.pbs_bin("qstat"))
+    pbsnodes = shlex.quote(tb.pbs_bin("pbsnodes"))
+    node = shlex.quote(tb.get("PBS_NODE") or tb.pbs_server)
+    proc = tb.ssh(
+        f'echo "PBS_CONF_FILE=$PBS_CONF_FILE"; {qstat} -B >/dev/null || exit 10; '
+        f"{pbsnodes} {node} || exit 11",
+        check=False, timeout=PROBE_TIMEOUT, scheduler="pbs",
+    )  # fmt: skip
+    if proc.returncode == 255:
+        return f"`ssh {tb.destination_for('pbs')}` (the PBS sshd) failed: {_tail(proc)}"
+    if proc.returncode == 10:
+        return f"`qstat -B` does not answer: {_tail(proc)}"
+    if proc.returncode != 0:
+        return f"`pbsnodes` does not answer: {_tail(proc)}"
+    if f"PBS_CONF_FILE={tb.pbs_conf_file}" not in proc.stdout.splitlines():
+        return f"ssh sessions of the PBS sshd do not get PBS_CONF_FILE={tb.pbs_conf_file}"
+    states = [line.split("=", 1)[1].strip() for line in proc.stdout.splitlines()
+              if line.strip().startswith("state =")]
+    if not any(s in ("free", "job-busy") for s in states):
+        return f"the PBS node cannot run jobs (pbsnodes state: {' '.join(states) or 'none'})"
+    return None
+
+
+_PROBES = {"ssh": _probe_ssh, "slurm": _probe_slurm, "sge": _probe_sge, "pbs": _probe_pbs}
 
 
 def probe_testbed(kind: str) -> Tuple[Optional[Testbed], Optional[str]]:
@@ -317,7 +409,7 @@ def probe_testbed(kind: str) -> Tuple[Optional[Testbed], Optional[str]]:
 
 
 def require_testbed(kind: str) -> Testbed:
-    """The test bed for ``kind`` ("ssh", "slurm" or "sge"), or skip / fail the test."""
+    """The test bed for ``kind`` ("ssh", "slurm", "sge" or "pbs"), or skip / fail the test."""
     tb, reason = probe_testbed(kind)
     if reason is None:
         assert tb is not None
@@ -340,3 +432,8 @@ def slurm_testbed() -> Testbed:
 @pytest.fixture
 def sge_testbed() -> Testbed:
     return require_testbed("sge")
+
+
+@pytest.fixture
+def pbs_testbed() -> Testbed:
+    return require_testbed("pbs")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # down.sh - stop what up.sh started: the test bed's sge_execd, sge_qmaster,
-# slurmd, slurmctld, munged and sshd. Its queued and running jobs are
+# slurmd, slurmctld, munged and sshd, and its PBS (pbs.sh). Its jobs are
 # cancelled first. Each daemon is found through the test bed's own pid file
 # only, and only that pid is signalled; the scheduler commands used here reach
 # the test bed's clusters only (lib.sh exports their SLURM_CONF, SGE_ROOT,
@@ -10,6 +10,11 @@
 # bed; the test suite checks that the daemons answer before using them).
 #
 #   down.sh           stop the daemons
+#   down.sh --pbs     only the PBS part (pbs.sh): its daemons, its sshd, every
+#                     process left in its network namespace, the namespace,
+#                     its veth pair and /etc/netns/lxm3tb-pbs; with --purge
+#                     also its directory and known_hosts block. The programs
+#                     in /opt/pbs always stay (like packages).
 #   down.sh --purge   also remove everything the test bed wrote: its directory
 #                     ($TB_ROOT: configuration, keys, state, spool, logs), the
 #                     env file, its block in the client's known_hosts and in
@@ -22,15 +27,27 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TB_NAME=testbed-down
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=pbs.sh
+. "$HERE/pbs.sh"
 require_root
 
 PURGE=0
-case ${1:-} in
-  --purge) PURGE=1 ;;
-  "") ;;
-  *) echo "usage: $0 [--purge]" >&2; exit 2 ;;
-esac
+ONLY_PBS=0
+for arg; do
+  case $arg in
+    --purge) PURGE=1 ;;
+    --pbs) ONLY_PBS=1 ;;
+    *) echo "usage: $0 [--pbs] [--purge]" >&2; exit 2 ;;
+  esac
+done
 T0=$(now)
+
+# --- PBS, in its own network namespace (pbs.sh) -----------------------------------
+pbs_down "$PURGE"
+if ((ONLY_PBS)); then
+  log "PBS part done in $(secs "$T0") s"
+  exit 0
+fi
 
 # --- Grid Engine ---------------------------------------------------------------
 # qconf -kej HOST, sent to the test bed's qmaster: its execd kills its running

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # guest-check.sh - the test bed is a guest: bringing it up, running jobs on it
 # and taking it down leaves the machine's own ("site") Slurm, munge, Grid
-# Engine and sshd exactly as they were: the same configuration files and
+# Engine, sshd and PBS exactly as they were: the same configuration files and
 # settings, the same daemons (pid and start time), all still answering.
 #
 #   1. site.sh up: a site in the standard places, if the machine has none
@@ -9,16 +9,18 @@
 #   2. a snapshot of the site: sha256, owner and mode of /etc/slurm/*,
 #      /etc/munge/*, /etc/ssh/sshd_config*, /etc/ssh/ssh_host_*,
 #      /etc/ssh/ssh_known_hosts, /etc/default/gridengine, /etc/profile.d/*,
-#      /etc/hosts, /etc/services and the site cell's common/ files (not its
+#      /etc/hosts, /etc/services, /etc/pbs.conf and the site cell's common/ files (not its
 #      accounting log, which the site's own jobs append to); `qconf -sconf`,
 #      `-ssconf`, `-sq all.q` and `scontrol show config` (but its clock and
-#      job counter) as the site answers them; every munged, slurmctld, slurmd, sge_qmaster, sge_execd and sshd
-#      daemon with its pid and start time (the test bed's own excepted);
+#      job counter) as the site answers them; every munged, slurmctld, slurmd, sge_qmaster, sge_execd, sshd,
+#      pbs_server.bin, pbs_sched, pbs_comm and pbs_mom daemon with its pid
+#      and start time (the test bed's own excepted);
 #   3. the test bed: down.sh --purge (GUEST_CHECK_COLD=0: down.sh), up.sh from
-#      cold, an sbatch and a qsub job through its sshd, up.sh again (which
+#      cold, an sbatch and a qsub job through its sshd and a PBS job through
+#      its PBS sshd (where network namespaces are permitted), up.sh again (which
 #      must keep its daemons' pids), down.sh;
 #   4. the snapshot again, compared; sinfo, qstat and port 22 of the site
-#      must still answer;
+#      must still answer (and nothing of PBS's namespace remains);
 #   5. site.sh down: stops only what step 1 started; the test bed is brought
 #      up again if it was up before.
 # Prints PASS, or FAIL with every file, setting or daemon that changed, and
@@ -29,6 +31,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TB_NAME=guest-check
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=pbs.sh
+. "$HERE/pbs.sh"
 require_root
 
 COLD=${GUEST_CHECK_COLD:-1}
@@ -59,9 +63,10 @@ testbed_pids() {
   running_pid "$PID_QMASTER" sge_qmaster || true
   for f in "$SGE_SPOOL"/execd/*/execd.pid; do running_pid "$f" sge_execd || true; done
   running_pid "$PID_SSHD" sshd || true
+  pbs_pids   # PBS's four, its PostgreSQL and its sshd, inside its namespace
 }
 
-DAEMONS=" munged slurmctld slurmd sge_qmaster sge_execd sshd "
+DAEMONS=" munged slurmctld slurmd sge_qmaster sge_execd sshd pbs_server.bin pbs_sched pbs_comm pbs_mom "
 # Every daemon of those names that is not the child of another (an sshd's
 # per-connection processes are) and not the test bed's: name, pid, start time
 # (clock ticks after boot) and program. (Not the command line: sshd rewrites
@@ -89,7 +94,8 @@ snapshot() {
   {
     find /etc/slurm /etc/munge \( -type f -o -type l \) 2>/dev/null
     ls -d /etc/ssh/sshd_config /etc/ssh/sshd_config_* /etc/ssh/sshd_config.d/* /etc/ssh/ssh_host_* \
-      /etc/ssh/ssh_known_hosts /etc/default/gridengine /etc/profile.d/* /etc/hosts /etc/services 2>/dev/null
+      /etc/ssh/ssh_known_hosts /etc/default/gridengine /etc/profile.d/* /etc/hosts /etc/services \
+      /etc/pbs.conf 2>/dev/null
     find "$cell/common" -maxdepth 1 -type f ! -name accounting 2>/dev/null
   } | sort -u | while read -r f; do
     printf '%s %s %s\n' "$f" "$(stat -c '%U:%G %a' "$f")" "$(sha256sum < "$f" | cut -d' ' -f1)"
@@ -137,6 +143,24 @@ if bash "$HERE/up.sh"; then
   else
     fail "jobs through the test bed's sshd: expected 'slurm $SLURM_CLUSTER' and 'sge $SGE_CELL', got: $jobs"
   fi
+  # PBS, through its own sshd, when up.sh brought it up.
+  PBS_JOB_NOTE=
+  if grep -qx 'LXM3_TESTBED_PBS=1' "$TB_ENV_FILE" 2>/dev/null; then
+    # shellcheck disable=SC2016  # expanded by the remote shell and the job
+    pbs=$(timeout 180 runuser -u "$TB_CLIENT" -- ssh -o BatchMode=yes -o StrictHostKeyChecking=yes \
+      -o ConnectTimeout=10 -i "$CLIENT_KEY" "$TB_USER@$TB_PBS_ADDR" \
+      "set -e; cd ~/.lxm3-guest-check; rm -f pbs.out
+       echo 'echo pbs \$PBS_O_HOST' | $PBS_EXEC/bin/qsub -W block=true -j oe -o \$PWD/pbs.out >/dev/null
+       for i in \$(seq 1 40); do [ -s pbs.out ] && break; sleep 0.25; done; cat pbs.out" 2>&1)
+    if [[ $pbs == "pbs $PBS_SERVER" ]]; then
+      log "a job through the test bed's PBS sshd ran on its PBS: $pbs"
+      PBS_JOB_NOTE=" and a PBS job"
+    else
+      fail "a job through the test bed's PBS sshd: expected 'pbs $PBS_SERVER', got: $pbs"
+    fi
+  else
+    log "no PBS in $TB_ENV_FILE: $(grep '^LXM3_TESTBED_PBS_MISSING=' "$TB_ENV_FILE" 2>/dev/null || echo '?')"
+  fi
   pids=$(testbed_pids | paste -sd' ' -)
   t=$(now)
   bash "$HERE/up.sh" >/dev/null || fail "up.sh, run again, failed"
@@ -148,6 +172,9 @@ else
 fi
 bash "$HERE/down.sh" || fail "down.sh failed"
 [[ -z $(testbed_pids) ]] || fail "down.sh left test bed daemons running: $(testbed_pids | paste -sd' ' -)"
+if pbs_netns_exists || ip link show "$PBS_VETH_HERE" >/dev/null 2>&1 || [[ -e $PBS_NETNS_ETC ]]; then
+  fail "down.sh left PBS's network namespace $PBS_NETNS, its veth $PBS_VETH_HERE or $PBS_NETNS_ETC"
+fi
 
 # --- 4: the site afterwards ---------------------------------------------------------
 snapshot "$WORK/after"
@@ -182,4 +209,4 @@ if ((${#FAILURES[@]})); then
   printf -- '- %s\n' "${FAILURES[@]}"
   exit 1
 fi
-echo "guest-check: PASS in $(secs "$T0") s: beside the site's $(cut -d' ' -f1 "$WORK/before/daemons" | paste -sd' ' -), the test bed came up ($( ((COLD)) && echo cold || echo warm) ${UP_COLD} s, again ${UP_WARM} s), ran an sbatch and a qsub job and went down; $(wc -l < "$WORK/before/files") site files, 4 settings dumps and $(wc -l < "$WORK/before/daemons") daemons unchanged, sinfo, qstat and sshd answer"
+echo "guest-check: PASS in $(secs "$T0") s: beside the site's $(cut -d' ' -f1 "$WORK/before/daemons" | paste -sd' ' -), the test bed came up ($( ((COLD)) && echo cold || echo warm) ${UP_COLD} s, again ${UP_WARM} s), ran an sbatch and a qsub job${PBS_JOB_NOTE:-} and went down; $(wc -l < "$WORK/before/files") site files, 4 settings dumps and $(wc -l < "$WORK/before/daemons") daemons unchanged, sinfo, qstat and sshd answer"

@@ -106,6 +106,52 @@ KNOWN_HOSTS_END="# <<< lxm3 test bed $TB_ROOT <<<"
 BASHRC_BEGIN="# >>> lxm3 test bed $TB_ROOT: its clusters >>>"
 BASHRC_END="# <<< lxm3 test bed $TB_ROOT <<<"
 
+# OpenPBS: its own complex in its own network namespace (PBS refuses
+# loopback addresses, so it cannot listen on 127.0.0.1 like the others). The
+# namespace has lo and one end of a veth pair ($TB_PBS_ADDR/30, no default
+# route); the other end ($TB_PBS_PEER) stays here. Every PBS daemon, PBS's
+# own PostgreSQL and a second sshd of the test bed run inside it. The server's
+# host name resolves only inside the namespace (/etc/netns/$PBS_NETNS/hosts,
+# which `ip netns exec` bind-mounts over /etc/hosts). The programs are a
+# build of OpenPBS in $PBS_EXEC, treated like a package: built once from the
+# source tarball when missing, kept by down.sh --purge. Its pbs.conf is the
+# test bed's own, used through PBS_CONF_FILE (daemons, init script, clients
+# and the setuid pbs_iff all read it); /etc/pbs.conf is never read or written.
+TB_PBS=${TESTBED_PBS:-1}                     # 0: leave PBS out
+TB_PBS_ADDR=${TESTBED_PBS_ADDR:-10.213.9.2}  # in the namespace; .1 of the /30 stays here
+TB_PBS_PEER=${TB_PBS_ADDR%.*}.$((${TB_PBS_ADDR##*.} - 1))
+TB_PBS_MAX_ARRAY_SIZE=${TESTBED_PBS_MAX_ARRAY_SIZE:-10}   # qsub -J: at most this many subjobs
+TB_PBS_NCPUS=${TESTBED_PBS_NCPUS:-4}         # ncpus of the node: a few one-cpu jobs at once
+# PBS's PostgreSQL: its TCP port is in the namespace, but its unix socket and
+# lock (/run/postgresql/.s.PGSQL.PORT) are shared with every PostgreSQL of the
+# machine, a site's PBS (15007) among them: a port of its own.
+TB_PBS_DATA_SERVICE_PORT=${TESTBED_PBS_DATA_SERVICE_PORT:-15107}
+PBS_EXEC=${TESTBED_PBS_EXEC:-/opt/pbs}       # the programs (bin/qsub); kept by --purge
+PBS_SOURCE=${TESTBED_PBS_SOURCE:-}           # the source tarball; empty: shared/testbed/pbs/openpbs-*.tar.xz
+PBS_NETNS=lxm3tb-pbs
+PBS_VETH_HERE=lxm3tbpbs0                     # (interface names: at most 15 characters)
+PBS_VETH_NS=lxm3tbpbs1
+PBS_SERVER=lxm3tbpbs                         # server, comm and node name; job ids end in .lxm3tbpbs
+PBS_NETNS_ETC=/etc/netns/$PBS_NETNS          # hosts and resolv.conf inside the namespace
+PBS_DIR=$TB_ROOT/pbs
+PBS_CONF=$PBS_DIR/pbs.conf                   # PBS_CONF_FILE
+PBS_HOME_DIR=$PBS_DIR/home                   # PBS_HOME: spool, logs, datastore, *_priv
+PBS_SSHD_CONF=$PBS_DIR/sshd_config
+PBS_SSH_HOST_KEY=$PBS_DIR/ssh_host_ed25519_key
+PID_PBS_SSHD=$PBS_DIR/sshd.pid
+PBS_SSHD_LOG=$PBS_DIR/sshd.log
+PBS_LOG=$PBS_DIR/pbs.log                     # the init script's and the build's output
+# PBS's own lock files hold its daemons' pids (file:process name).
+PBS_PIDFILES=(server_priv/server.lock:pbs_server.bin sched_priv/sched.lock:pbs_sched
+  server_priv/comm.lock:pbs_comm mom_priv/mom.lock:pbs_mom datastore/postmaster.pid:postgres)
+KNOWN_HOSTS_PBS_BEGIN="# >>> lxm3 test bed $TB_ROOT: the host key of its PBS sshd ($PBS_NETNS) >>>"
+KNOWN_HOSTS_PBS_END="# <<< lxm3 test bed $TB_ROOT: PBS <<<"
+# Building OpenPBS and running it (its PostgreSQL, Tcl, libical, ...).
+PBS_PACKAGES=(gcc g++ make autoconf automake libtool m4 pkg-config libhwloc-dev libx11-dev
+  libxt-dev libedit-dev libical-dev libncurses-dev perl postgresql-server-dev-all postgresql
+  postgresql-contrib python3-dev tcl-dev tk-dev swig expat libexpat1-dev libssl-dev libxext-dev
+  libxft-dev zlib1g-dev libcjson-dev sudo tcl tk libical3 libedit2 xz-utils)
+
 SLURM_PACKAGES=(slurm-wlm slurmctld slurmd slurm-client munge)
 SSH_PACKAGES=(openssh-server openssh-client rsync)
 SGE_PACKAGES=(gridengine-master gridengine-exec gridengine-client)
@@ -130,7 +176,8 @@ secs() { awk -v a="$1" -v b="${2:-$EPOCHREALTIME}" 'BEGIN { printf "%.1f", b - a
 dump_logs() {
   local f
   for f in "$MUNGE_LOG" "$SLURM_LOG_DIR/slurmctld.log" "$SLURM_LOG_DIR/slurmd.log" \
-           "$SSHD_LOG" "$SGE_SPOOL/qmaster/messages" "$SGE_SPOOL"/execd/*/messages; do
+           "$SSHD_LOG" "$SGE_SPOOL/qmaster/messages" "$SGE_SPOOL"/execd/*/messages \
+           "$PBS_LOG" "$PBS_SSHD_LOG" "$PBS_HOME_DIR"/{server,sched,comm,mom}_logs/"$(date +%Y%m%d)"; do
     [[ -f $f ]] || continue
     echo "----- last 30 lines of $f -----"
     tail -n 30 "$f"

@@ -3,12 +3,14 @@
 # and sshd were never set up, without touching this machine's own: in private
 # mount, network and pid namespaces (unshare), where the standard places
 # (/etc/slurm, /etc/munge, /var/lib/munge, /run, /var/spool, /var/log, the
-# packaged Grid Engine cell) and the test bed's directory are empty, and
+# packaged Grid Engine cell), /etc/netns (the PBS namespace's hosts and
+# resolv.conf) and the test bed's directory are empty, and
 # /etc/ssh, /etc/profile.d, /etc/default, root's ~/.ssh and the homes under
 # /home (their dot files) are copies.
 # Its network is its own (loopback and a link to nowhere), so nothing in it
 # meets the machine's daemons, and every daemon started in it ends with the
-# command. The packages must be installed already. For example, the guest check with a site that site.sh
+# command, network namespaces made in it (the test bed's PBS) among them.
+# The packages, and OpenPBS in /opt/pbs, must be installed already. For example, the guest check with a site that site.sh
 # starts from nothing:
 #
 #   sudo bash tests/testbed/sandbox.sh bash tests/testbed/guest-check.sh
@@ -44,11 +46,12 @@ unshare --mount --net --pid --fork --mount-proc --propagation private bash -c '
   ip link set lo up
   # An IPv4 address besides 127.0.0.1, on a link to nowhere: Slurm resolves
   # its listening address with AI_ADDRCONFIG, which ignores loopback ones.
+  # (Not in 10.213.9.0/30, where the test bed puts its PBS namespace.)
   ip link add lxm3sb0 type veth peer name lxm3sb1
-  ip addr add 10.213.9.1/30 dev lxm3sb0
+  ip addr add 10.213.8.1/30 dev lxm3sb0
   ip link set lxm3sb0 up
   ip link set lxm3sb1 up
-  for d in /run /etc/slurm /etc/munge /var/lib/munge /var/spool /var/log "$ROOT"; do
+  for d in /run /etc/slurm /etc/munge /var/lib/munge /var/spool /var/log /etc/netns "$ROOT"; do
     mkdir -p "$d"
     mount -t tmpfs -o mode=0755 sandbox "$d"
   done

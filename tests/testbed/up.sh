@@ -26,6 +26,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TB_NAME=testbed-up
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=pbs.sh
+. "$HERE/pbs.sh"
 trap 'on_err $LINENO "$BASH_COMMAND"' ERR
 require_root
 
@@ -644,9 +646,19 @@ done
 grep -qE '^sinfo=(idle|mix|alloc)' <<<"$check" || die "readiness check through ssh: sinfo says: $check"
 T_CHECK=$(now)
 
+# =============================================================================
+# 7b. OpenPBS, after the others: its own complex and sshd in its own network
+#     namespace (pbs.sh), checked by a small array through that sshd. Where
+#     network namespaces are not permitted it is left out of the env file.
+# =============================================================================
+PBS_UP=0
+PBS_TIMES="pbs skipped"
+pbs_up   # (not in an `if`: that would turn off set -e inside it)
+T_PBS=$(now)
+
 if [[ ${TESTBED_SELFTEST:-0} == 1 ]]; then
   bash "$HERE/selftest.sh" || die "selftest.sh failed"
-  SELFTEST_NOTE="self-test $(secs "$T_CHECK") s"
+  SELFTEST_NOTE="self-test $(secs "$T_PBS") s"
 else
   SELFTEST_NOTE="self-test skipped"
 fi
@@ -690,7 +702,27 @@ LXM3_TESTBED_SGE_QUEUE=$SGE_QUEUE
 LXM3_TESTBED_SGE_PE=$SGE_PE
 LXM3_TESTBED_SGE_SLOTS=$TB_SGE_SLOTS
 LXM3_TESTBED_SGE_MAX_AJ_TASKS=$TB_SGE_MAX_AJ_TASKS
+LXM3_TESTBED_PBS=$PBS_UP
 EOF
+if ((PBS_UP)); then
+  cat >> "$WORK/env" <<EOF
+LXM3_TESTBED_PBS_VERSION=$PBS_VERSION
+LXM3_TESTBED_PBS_SSH_HOST=$TB_PBS_ADDR
+LXM3_TESTBED_PBS_SSH_PORT=22
+LXM3_TESTBED_PBS_SSHD_LOG=$PBS_SSHD_LOG
+LXM3_TESTBED_PBS_EXEC=$PBS_EXEC
+LXM3_TESTBED_PBS_CONF_FILE=$PBS_CONF
+LXM3_TESTBED_PBS_HOME=$PBS_HOME_DIR
+LXM3_TESTBED_PBS_SERVER=$PBS_SERVER
+LXM3_TESTBED_PBS_NODE=$PBS_SERVER
+LXM3_TESTBED_PBS_QUEUE=workq
+LXM3_TESTBED_PBS_NCPUS=$TB_PBS_NCPUS
+LXM3_TESTBED_PBS_MAX_ARRAY_SIZE=$TB_PBS_MAX_ARRAY_SIZE
+LXM3_TESTBED_PBS_NETNS=$PBS_NETNS
+EOF
+else
+  echo "LXM3_TESTBED_PBS_MISSING=$PBS_NOTE" >> "$WORK/env"
+fi
 install -m 0644 "$WORK/env" "$TB_ENV_FILE"
 
-log "READY in $(secs "$T_START") s (packages $(secs "$T_START" "$T_PKG") s [$PKG_NOTE], user+munge+slurm $(secs "$T_PKG" "$T_SLURM") s, sge $(secs "$T_SLURM" "$T_SGE") s, sshd $(secs "$T_SGE" "$T_SSH") s, wait-ready $(secs "$T_SSH" "$T_READY") s, ssh-check $(secs "$T_READY" "$T_CHECK") s, $SELFTEST_NOTE): ssh -p $TB_SSH_PORT $TB_USER@$TB_SSH_HOST; slurm $SLURM_VERSION cluster $SLURM_CLUSTER node $SLURM_NODE $state ports $TB_SLURMCTLD_PORT/$TB_SLURMD_PORT MaxArraySize=$TB_SLURM_MAX_ARRAY_SIZE MinJobAge=$TB_SLURM_MIN_JOB_AGE; sge $SGE_VERSION cell $SGE_CELL $qi $TB_SGE_SLOTS slots ports $SGE_QMASTER_PORT/$SGE_EXECD_PORT max_aj_tasks=$TB_SGE_MAX_AJ_TASKS; root $TB_ROOT; env $TB_ENV_FILE"
+log "READY in $(secs "$T_START") s (packages $(secs "$T_START" "$T_PKG") s [$PKG_NOTE], user+munge+slurm $(secs "$T_PKG" "$T_SLURM") s, sge $(secs "$T_SLURM" "$T_SGE") s, sshd $(secs "$T_SGE" "$T_SSH") s, wait-ready $(secs "$T_SSH" "$T_READY") s, ssh-check $(secs "$T_READY" "$T_CHECK") s, $PBS_TIMES, $SELFTEST_NOTE): ssh -p $TB_SSH_PORT $TB_USER@$TB_SSH_HOST; slurm $SLURM_VERSION cluster $SLURM_CLUSTER node $SLURM_NODE $state ports $TB_SLURMCTLD_PORT/$TB_SLURMD_PORT MaxArraySize=$TB_SLURM_MAX_ARRAY_SIZE MinJobAge=$TB_SLURM_MIN_JOB_AGE; sge $SGE_VERSION cell $SGE_CELL $qi $TB_SGE_SLOTS slots ports $SGE_QMASTER_PORT/$SGE_EXECD_PORT max_aj_tasks=$TB_SGE_MAX_AJ_TASKS; $PBS_NOTE; root $TB_ROOT; env $TB_ENV_FILE"
