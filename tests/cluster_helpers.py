@@ -51,8 +51,20 @@ import pytest
 from conftest import AWKWARD, PYPROJECT, ROOT, write_files
 from testbed_env import Testbed
 
-SCHEDULERS = ("slurm", "sge")
+SCHEDULERS = ("slurm", "sge", "pbs")
 MODES = ("ssh", "login")
+EXECUTOR_KINDS = {"slurm": "Slurm", "sge": "GridEngine", "pbs": "PBS"}
+# PBS job ids are the array's whole id as qsub printed it: 1234[].server.
+JOB_ID = r"\d+(?:\[\]\.[\w.-]+)?"
+
+
+def is_job_id(job_id: str) -> bool:
+    return re.fullmatch(JOB_ID, job_id) is not None
+
+
+def job_number(job_id: str) -> str:
+    """The digits that start a job id (PBS's 1234[].server: 1234)."""
+    return re.match(r"\d+", job_id).group()
 LOGIN_PYTHON = "/usr/bin/python3"
 # Seconds for a launch's tasks to finish. They take a few seconds on an idle
 # test bed; the margin is for other suites sharing its two CPUs and slots.
@@ -180,7 +192,8 @@ def split_points(num_tasks: int, limit: int) -> List[Tuple[int, int]]:
 
 
 def array_limit(tb: Testbed, scheduler: str) -> int:
-    return tb.slurm_max_array_size if scheduler == "slurm" else tb.sge_max_aj_tasks
+    return {"slurm": tb.slurm_max_array_size, "sge": tb.sge_max_aj_tasks,
+            "pbs": tb.pbs_max_array_size}[scheduler]
 
 
 def overlaps(reports: Dict[int, dict]) -> List[Tuple[int, int]]:
@@ -189,10 +202,11 @@ def overlaps(reports: Dict[int, dict]) -> List[Tuple[int, int]]:
     return [(a[2], b[2]) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
 
 
-def sshd_accepted_count(tb: Testbed, source: str) -> int:
-    """How many logins of the test user from ``source`` the test bed's sshd accepted."""
+def sshd_accepted_count(tb: Testbed, source: str, scheduler: str = "") -> int:
+    """How many logins of the test user from ``source`` the test bed's sshd (PBS: its
+    own sshd) accepted."""
     needle = f"Accepted publickey for {tb.ssh_user} from {source} port "
-    with open(tb.sshd_log, errors="replace") as f:
+    with open(tb.pbs_sshd_log if scheduler == "pbs" else tb.sshd_log, errors="replace") as f:
         return sum(1 for line in f if needle in line)
 
 
@@ -324,7 +338,7 @@ class ClusterWorkspace:
     """One test's directories, config and launches on one scheduler, in one mode."""
 
     tb: Testbed
-    scheduler: str  # "slurm" or "sge"
+    scheduler: str  # "slurm", "sge" or "pbs" (PBS: through its own sshd, or in its network namespace)
     mode: str  # "ssh" or "login"
     project: str
     root: str = ""
@@ -342,7 +356,7 @@ class ClusterWorkspace:
 
     @property
     def executor_kind(self) -> str:
-        return "Slurm" if self.scheduler == "slurm" else "GridEngine"
+        return EXECUTOR_KINDS[self.scheduler]
 
     @property
     def cluster_name(self) -> str:
@@ -367,10 +381,15 @@ class ClusterWorkspace:
 
     def write_config(self, *, env: Optional[Dict[str, str]] = None,
                      cluster: Optional[Dict[str, Any]] = None,
-                     staging: Optional[str] = None, extra: str = "") -> str:
-        """The lxm3 config of this test: one cluster, SSH or login node by mode."""
+                     staging: Optional[str] = None, extra: str = "", pbs_bin_dir: bool = True) -> str:
+        """The lxm3 config of this test: one cluster, SSH or login node by mode
+        (PBS: with its ``bin_dir``, unless ``pbs_bin_dir`` is False)."""
         settings: Dict[str, Any] = {"name": self.cluster_name}
-        if self.mode == "ssh":
+        if self.mode == "ssh" and self.scheduler == "pbs":
+            settings.update(server=self.tb.pbs_ssh_host, user=self.tb.ssh_user)
+            if self.tb.pbs_ssh_port != 22:
+                settings["port"] = self.tb.pbs_ssh_port
+        elif self.mode == "ssh":
             settings.update(server=self.tb.ssh_host, user=self.tb.ssh_user)
             if self.tb.ssh_port != 22:
                 settings["port"] = self.tb.ssh_port
@@ -383,6 +402,8 @@ class ClusterWorkspace:
         if env:
             lines.append("[clusters.env]")
             lines += [f"{key} = {toml_string(value)}" for key, value in env.items()]
+        if self.scheduler == "pbs" and pbs_bin_dir:  # its qsub is not the PATH's (Grid Engine's is)
+            lines += ["[clusters.pbs]", f"bin_dir = {toml_string(self.tb.pbs_bin(''))}"]
         path = os.path.join(self.root, f"lxm-{self._launches}.toml")
         with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n" + textwrap.dedent(extra))
@@ -415,7 +436,7 @@ class ClusterWorkspace:
         # Everything this launch may have queued is cancelled at teardown:
         # what it reported, and job ids named in an error message.
         self.job_ids += launch.job_ids()
-        self.job_ids += re.findall(r"\(job (\d+)\)", stderr)
+        self.job_ids += re.findall(rf"\(job ({JOB_ID})\)", stderr)
         return launch
 
     def launch_command(self, units: Sequence[Dict[str, Any]], *, config: Optional[str] = None,
@@ -458,6 +479,9 @@ class ClusterWorkspace:
             env_vars += [f"{name}={value}" for name, value in self.tb.cluster_env().items()]
             argv = ["runuser", "-u", self.tb.ssh_user, "--", "env", "-i", *env_vars,
                     LOGIN_PYTHON, *command]
+            if self.scheduler == "pbs":  # its login node is inside its network namespace
+                argv[-len(command) - 1:-len(command) - 1] = [f"PBS_CONF_FILE={self.tb.pbs_conf_file}"]
+                argv = ["ip", "netns", "exec", self.tb.get("PBS_NETNS"), *argv]
             env = None
         return argv, env, directory
 
@@ -467,6 +491,10 @@ class ClusterWorkspace:
         """{job id: state} of those jobs that are still queued or running."""
         if not job_ids:
             return {}
+        if self.scheduler == "pbs":  # 1234[].server Name User Time S Queue (live jobs only)
+            proc = self.tb.ssh([self.tb.pbs_bin("qstat"), *job_ids], check=False, scheduler="pbs")
+            return {fields[0]: fields[4] for fields in map(str.split, proc.stdout.splitlines())
+                    if len(fields) > 4 and fields[0] in job_ids}
         if self.scheduler == "slurm":
             proc = self.tb.ssh(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%A %T"],
                                check=False)
@@ -481,7 +509,10 @@ class ClusterWorkspace:
         return states
 
     def job_info(self, job_id: str) -> str:
-        """``scontrol show job ID`` or ``qstat -j ID`` (pending/running SGE jobs only)."""
+        """``scontrol show job ID``, ``qstat -j ID`` (pending/running SGE jobs only) or
+        PBS's ``qstat -x -f ID``."""
+        if self.scheduler == "pbs":
+            return self.tb.ssh([self.tb.pbs_bin("qstat"), "-x", "-f", job_id], scheduler="pbs").stdout
         argv = (["scontrol", "show", "job", job_id] if self.scheduler == "slurm"
                 else ["qstat", "-j", job_id])
         return self.tb.ssh(argv).stdout
@@ -549,8 +580,11 @@ class ClusterWorkspace:
         """Cancel this test's jobs that are still queued, then remove its directories."""
         ids = sorted(set(self.job_ids))
         if ids:
-            command = ["scancel", *ids] if self.scheduler == "slurm" else ["qdel", *ids]
-            self.tb.ssh(command, check=False)
+            if self.scheduler == "pbs":
+                self.tb.ssh([self.tb.pbs_bin("qdel"), *ids], check=False, scheduler="pbs")
+            else:
+                command = ["scancel", *ids] if self.scheduler == "slurm" else ["qdel", *ids]
+                self.tb.ssh(command, check=False)
             # Grid Engine leaves a job whose log directory vanished in Eqw:
             # let the cancelled jobs go before removing the staging directory.
             deadline = time.monotonic() + 30
@@ -633,12 +667,14 @@ def check_logs(ws: ClusterWorkspace, launch: Launch, work_unit_id: int, num_task
     for task_id in range(num_tasks):
         job_id, first, _ = next(a for a in arrays if a[1] <= task_id < a[1] + a[2])
         name, _ = task_log(ws, launch, work_unit_id, task_id)
-        assert re.search(rf"(?<!\d){job_id}(?!\d)", name), (task_id, job_id, name)
+        assert re.search(rf"(?<!\d){job_number(job_id)}(?!\d)", name), (task_id, job_id, name)
 
 
 def scheduler_index(ws: ClusterWorkspace, report: dict) -> Tuple[str, int]:
     """(array job id, lxm3 task id relative to that array) as the scheduler ran it."""
     env = report["env"]
+    if ws.scheduler == "pbs":
+        return env["PBS_ARRAY_ID"], int(env["PBS_ARRAY_INDEX"])
     if ws.scheduler == "slurm":
         return env["SLURM_ARRAY_JOB_ID"], int(env["SLURM_ARRAY_TASK_ID"])
     return env["JOB_ID"], int(env["SGE_TASK_ID"]) - 1
@@ -660,7 +696,7 @@ def scenario_single_jobs(ws: ClusterWorkspace) -> Launch:
     for wid, out in enumerate(outs, start=1):
         unit = launch.unit(wid)
         [(job_id, first, count)] = launch.arrays(wid)
-        assert (first, count) == (0, 1) and job_id.isdigit(), unit
+        assert (first, count) == (0, 1) and is_job_id(job_id), unit
         assert unit["cluster"] == ws.cluster_name
         [report] = ws.wait_for_reports(out, 1, launch).values()
         assert report["argv"] == expected_argv[wid - 1]
@@ -672,7 +708,7 @@ def scenario_single_jobs(ws: ClusterWorkspace) -> Launch:
         assert env["LXM_EXPERIMENT_ID"] == str(launch.experiment_id)
         assert scheduler_index(ws, report) == (job_id, 0)
         # The launch says where each job went and where its logs are.
-        assert re.search(rf"work unit {wid}: submitted to {ws.cluster_name} as job {job_id}\b",
+        assert re.search(rf"work unit {wid}: submitted to {ws.cluster_name} as job {re.escape(job_id)} ",
                          launch.stderr), launch.stderr
         assert unit["log_directory"] in launch.stderr
         check_logs(ws, launch, wid, 1)
@@ -758,10 +794,10 @@ def scenario_split_sweep(ws: ClusterWorkspace, num_tasks: int = 25) -> Launch:
     arrays = launch.arrays()
     assert [(first, count) for _, first, count in arrays] == split_points(num_tasks, limit)
     job_ids = [job_id for job_id, _, _ in arrays]
-    assert len(set(job_ids)) == len(arrays) and all(j.isdigit() for j in job_ids), arrays
+    assert len(set(job_ids)) == len(arrays) and all(is_job_id(j) for j in job_ids), arrays
     for job_id, first, count in arrays:
         last = first + count - 1
-        assert re.search(rf"\b{job_id} \(tasks {first}-{last}\)", launch.stderr), launch.stderr
+        assert re.search(rf"\b{re.escape(job_id)} \(tasks {first}-{last}\)", launch.stderr), launch.stderr
     reports = ws.wait_for_reports(out, num_tasks, launch)
     for i in range(num_tasks):
         report = reports[i]
@@ -825,14 +861,19 @@ def scenario_second_launch(ws: ClusterWorkspace) -> Tuple[Launch, Launch]:
     stats = []
     logins = []
     path, address = ssh_from_own_address(ws.root) if ws.mode == "ssh" else (None, "")
+    if ws.mode == "ssh" and ws.scheduler == "pbs":
+        # PBS's sshd is reached over a veth pair whose near end has one address:
+        # logins are told apart by it, and by the tests running one at a time.
+        host = ws.tb.pbs_ssh_host.rsplit(".", 1)
+        path, address = None, f"{host[0]}.{int(host[1]) - 1}"
     for n in range(3):
         if n == 2 and ws.mode == "ssh":
             kill_kept_master()
         out = ws.out_dir(f"out{n}")
-        before = sshd_accepted_count(ws.tb, address) if ws.mode == "ssh" else 0
+        before = sshd_accepted_count(ws.tb, address, ws.scheduler) if ws.mode == "ssh" else 0
         launch = ws.launch([job_unit(ws.executor(), args={"launch": n})],
                            exe_env={"ECHO_OUT": out}, record_transfers=True, path=path).check()
-        logins.append(sshd_accepted_count(ws.tb, address) - before if ws.mode == "ssh" else None)
+        logins.append(sshd_accepted_count(ws.tb, address, ws.scheduler) - before if ws.mode == "ssh" else None)
         [archive] = archive_files(ws)  # one content-addressed archive, not one per launch
         st = os.stat(archive)
         stats.append((archive, st.st_ino, st.st_mtime_ns, st.st_size))
@@ -890,7 +931,7 @@ def scenario_half_failed(ws: ClusterWorkspace, bad_options: Dict[str, Any],
          job_unit(ws.executor(**bad_options), args={"unit": 2})],
         exe_env={"ECHO_OUT": out, "ECHO_SLEEP": "60"})
     message = check_error(launch, "work unit 2", *needles, "Already submitted: work unit 1")
-    match = re.search(r"Already submitted: work unit 1 task 0 \(job (\d+)\)", message)
+    match = re.search(rf"Already submitted: work unit 1 task 0 \(job ({JOB_ID})\)", message)
     assert match, launch.describe()
     job_id = match.group(1)
     assert job_id in ws.active_jobs([job_id]), f"job {job_id} is not in the queue"
@@ -923,7 +964,13 @@ def scenario_forbidden_staging(ws: ClusterWorkspace) -> Launch:
 
 
 def scheduler_job_names(tb, scheduler: str) -> List[str]:
-    """Names of the test user's jobs the scheduler knows (Slurm: also recently ended)."""
+    """Names of the test user's jobs the scheduler knows (Slurm, PBS: also recently ended)."""
+    if scheduler == "pbs":
+        ids = tb.ssh([tb.pbs_bin("qselect"), "-x", "-u", tb.ssh_user], scheduler="pbs").stdout.split()
+        if not ids:
+            return []
+        out = tb.ssh([tb.pbs_bin("qstat"), "-x", "-f", *ids], check=False, scheduler="pbs").stdout
+        return re.findall(r"^    Job_Name = (.*)$", out, re.M)
     if scheduler == "slurm":
         out = tb.ssh(["squeue", "-h", "-u", tb.ssh_user, "-t", "all", "-o", "%j"]).stdout
         return [line.strip() for line in out.splitlines() if line.strip()]

@@ -1,12 +1,15 @@
-"""Slurm and Grid Engine end to end on the test bed: real packaging, real
+"""Slurm, Grid Engine and PBS end to end on the test bed: real packaging, real
 sbatch/qsub, real tasks.
 
 Each test runs ``python -m lxm3 launch`` for each scheduler, and for each of two
 modes, by parametrization: over SSH to ``lxm3test@localhost`` (``mode="ssh"``)
 and as ``lxm3test`` on the machine itself, the login node (``mode="login"``;
-Grid Engine refuses root, so lxm3 runs as the test user there). What both
-schedulers must do is one test; what only one of them has (Slurm's partitions,
-Grid Engine's resource lists) is a test of that scheduler. The scenarios
+Grid Engine refuses root, so lxm3 runs as the test user there). PBS has a host
+of its own (an address in its network namespace, with its own sshd): its login
+node is that namespace, and its qsub is found through the config's ``bin_dir``,
+since Grid Engine's qsub comes first on the PATH. What all schedulers must do
+is one test; what only one of them has (Slurm's partitions, Grid Engine's
+resource lists, PBS's select) is a test of that scheduler. The scenarios
 themselves are in cluster_helpers.py.
 
 ``qstat -j`` only knows pending and running jobs, so Grid Engine tests that read
@@ -51,12 +54,13 @@ MiB = 1 << 20
 
 # The largest array each scheduler of the test bed takes (tests/testbed sets them
 # low, so that a sweep of 25 tasks needs three arrays).
-ARRAY_LIMITS = {"slurm": 11, "sge": 10}
+ARRAY_LIMITS = {"slurm": 11, "sge": 10, "pbs": 10}
 # The command that submits, and an option the scheduler refuses with its message.
-SUBMIT_COMMANDS = {"slurm": "sbatch", "sge": "qsub"}
+SUBMIT_COMMANDS = {"slurm": "sbatch", "sge": "qsub", "pbs": "qsub"}
 REFUSED = {
     "slurm": ({"partition": "nosuch"}, "invalid partition"),
     "sge": ({"resources": {"nosuch": 1}}, 'unknown resource "nosuch"'),
+    "pbs": ({"queue": "nosuch"}, "Unknown queue"),
 }
 
 each_scheduler_and_mode = pytest.mark.parametrize(
@@ -83,6 +87,21 @@ def qstat_j(ws: ClusterWorkspace, job_id: str) -> Tuple[Dict[str, str], str]:
         match = re.match(r"^([^\s:][^:]*):\s*(.*)$", line)
         if match:
             fields.setdefault(match.group(1).strip(), match.group(2).strip())
+    return fields, text
+
+
+def pbs_job(ws: ClusterWorkspace, job_id: str) -> Tuple[Dict[str, str], str]:
+    """PBS's ``qstat -x -f ID`` as {attribute: value} (continuation lines joined)."""
+    text = ws.job_info(job_id)
+    fields: Dict[str, str] = {}
+    key = None
+    for line in text.splitlines():
+        match = re.match(r"^    (\S+) = (.*)$", line)
+        if match:
+            key = match.group(1)
+            fields[key] = match.group(2)
+        elif key and line.startswith("\t"):
+            fields[key] += line.strip()
     return fields, text
 
 
@@ -113,7 +132,7 @@ def test_sweep_arguments_and_environment_arrive_byte_for_byte(cluster_workspaces
 @each_scheduler_and_mode
 def test_sweep_larger_than_the_array_limit_is_split(cluster_workspaces, scheduler, mode):
     ws = workspace(cluster_workspaces, scheduler, mode)
-    # 25 tasks: arrays of 11, 11 and 3 on Slurm; of 10, 10 and 5 on Grid Engine.
+    # 25 tasks: arrays of 11, 11 and 3 on Slurm; of 10, 10 and 5 on Grid Engine and PBS.
     assert array_limit(ws.tb, scheduler) == ARRAY_LIMITS[scheduler]
     scenario_split_sweep(ws, 25)
 
@@ -126,7 +145,13 @@ def test_throttled_array_runs_one_task_at_a_time(cluster_workspaces, scheduler, 
     (first_id, _, _), (second_id, _, _) = launch.arrays()
     # The scheduler throttles each array to 1 task, and the second array waits for
     # the first, so that the throttle holds for the work unit.
-    if scheduler == "slurm":
+    if scheduler == "pbs":
+        first, text = pbs_job(ws, first_id)
+        assert first.get("max_run_subjobs") == "1", text  # -J ...%1
+        second, text = pbs_job(ws, second_id)
+        assert second.get("max_run_subjobs") == "1", text
+        assert second.get("depend", "").startswith(f"afterany:{first_id}"), text
+    elif scheduler == "slurm":
         first, text = show_job(ws, first_id)
         assert first.get("ArrayTaskThrottle") == "1", text
         second, text = show_job(ws, second_id)
@@ -231,6 +256,55 @@ def test_sge_explicit_resources_and_directives_win_over_derived_ones(cluster_wor
     ws.wait_for_reports(out, 1, launch)
 
 
+# --- PBS: resources, directives, and which qsub answers --------------------------------------
+
+
+@each_mode
+def test_pbs_resource_requests_are_accepted_and_applied(cluster_workspaces, mode):
+    ws = workspace(cluster_workspaces, "pbs", mode)
+    out = ws.out_dir()
+    executor = ws.executor(requirements={"cpu": 2, "ram": 100 * MiB}, walltime="0:05:00",
+                           queue=ws.tb.get("PBS_QUEUE"), account="lxm3-it-account", requeue=True)
+    launch = ws.launch([job_unit(executor)], exe_env={"ECHO_OUT": out}).check()
+    [(job_id, _, _)] = launch.arrays()
+    job, text = pbs_job(ws, job_id)
+    assert job.get("Resource_List.select") == "1:ncpus=2:mem=100mb", text
+    assert job.get("Resource_List.walltime") == "00:05:00", text
+    assert job.get("queue") == ws.tb.get("PBS_QUEUE"), text
+    assert job.get("Account_Name") == "lxm3-it-account", text
+    assert job.get("Rerunable") == "True", text
+    assert job.get("Keep_Files") == "oed", text  # output straight into the log directory
+    [report] = ws.wait_for_reports(out, 1, launch).values()
+    assert report["env"].get("NCPUS") == "2"  # what PBS gave the task
+
+
+@each_mode
+def test_pbs_explicit_directives_win_over_derived_ones(cluster_workspaces, mode):
+    ws = workspace(cluster_workspaces, "pbs", mode)
+    out = ws.out_dir()
+    executor = ws.executor(requirements={"cpu": 2}, walltime="0:05:00",
+                           resources={"select": "1:ncpus=1:mem=50mb"},
+                           extra_directives=["#PBS -l walltime=0:07:00"])
+    launch = ws.launch([job_unit(executor)], exe_env={"ECHO_OUT": out}).check()
+    [(job_id, _, _)] = launch.arrays()
+    job, text = pbs_job(ws, job_id)
+    assert job.get("Resource_List.select") == "1:ncpus=1:mem=50mb", text
+    assert job.get("Resource_List.walltime") == "00:07:00", text
+    ws.wait_for_reports(out, 1, launch)
+
+
+@each_mode
+def test_another_schedulers_qsub_first_on_the_path_is_named(cluster_workspaces, mode):
+    # The PBS host's PATH has Grid Engine's qsub (/usr/bin/qsub): without bin_dir,
+    # the launch says whose qsub answered and what to set, and submits nothing.
+    ws = workspace(cluster_workspaces, "pbs", mode)
+    config = ws.write_config(pbs_bin_dir=False)
+    launch = ws.launch([job_unit(ws.executor())], config=config)
+    check_error(launch, "/usr/bin/qsub", "Grid Engine's (SGE ", "not PBS's", "[clusters.pbs] bin_dir",
+                "nothing was submitted")
+    ws.assert_nothing_submitted(launch)
+
+
 # --- failures: exit code 1 and a message that says what happened --------------------------
 
 
@@ -274,14 +348,15 @@ def test_missing_submit_command_is_named(cluster_workspaces, scheduler):
     ws = workspace(cluster_workspaces, scheduler, "login")
     command = SUBMIT_COMMANDS[scheduler]
     path = path_without(ws.root, command)
-    launch = ws.launch([job_unit(ws.executor())], path=path)
+    launch = ws.launch([job_unit(ws.executor())], path=path,
+                       config=ws.write_config(pbs_bin_dir=False))
     check_error(launch, command, "not found")
     ws.assert_nothing_submitted(launch)
 
 
 @each_scheduler_and_mode
 def test_rejection_is_quoted_and_nothing_submitted(cluster_workspaces, scheduler, mode):
-    # Slurm: an unknown partition; Grid Engine: an unknown resource.
+    # Slurm: an unknown partition; Grid Engine: an unknown resource; PBS: an unknown queue.
     options, message = REFUSED[scheduler]
     scenario_rejected(workspace(cluster_workspaces, scheduler, mode), options, message)
 
