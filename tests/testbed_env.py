@@ -342,8 +342,9 @@ def _probe_sge(tb: Testbed) -> Optional[str]:
 
 def _probe_pbs(tb: Testbed) -> Optional[str]:
     if tb.get("PBS") != "1":
-        why = tb.get("PBS_MISSING")
-        return f"the env file {env_file_path()} does not list PBS" + (f" ({why})" if why else "")
+        # up.sh says why in its output and in a comment of the env file.
+        return (f"the env file {env_file_path()} does not list PBS (LXM3_TESTBED_PBS="
+                f"{tb.get('PBS')}; up.sh left it out, and says why)")
     # Through its own sshd: the session must use the test bed's pbs.conf;
     # `qstat -B` asks pbs_server, `pbsnodes` the node as the MoM reported it.
     qstat = shlex.quote(tb.pbs_bin("qstat"))

@@ -159,7 +159,7 @@ if bash "$HERE/up.sh"; then
       fail "a job through the test bed's PBS sshd: expected 'pbs $PBS_SERVER', got: $pbs"
     fi
   else
-    log "no PBS in $TB_ENV_FILE: $(grep '^LXM3_TESTBED_PBS_MISSING=' "$TB_ENV_FILE" 2>/dev/null || echo '?')"
+    log "no PBS in $TB_ENV_FILE: $(grep '^# pbs left out' "$TB_ENV_FILE" 2>/dev/null || echo '?')"
   fi
   pids=$(testbed_pids | paste -sd' ' -)
   t=$(now)

@@ -154,7 +154,6 @@ pbs_netns_up() {
 # TMPDIR under the test bed's directory, not /var/tmp/pbs.<job id>, where a
 # site's PBS puts its jobs'.
 pbs_mom_config() {
-  [[ -d $PBS_DIR/tmp ]] || install -d -m 1777 "$PBS_DIR/tmp"
   printf '%s\n' "\$clienthost $PBS_SERVER" "\$usecp *:/ /" "\$tmpdir $PBS_DIR/tmp" \
     "\$logevent 0x1ff" "\$restrict_user_maxsysid 999" |
     write_if_changed "$PBS_HOME_DIR/mom_priv/config" 0644
@@ -174,10 +173,9 @@ pbs_require_free_socket() {
   fi
 }
 
-pbs_start() {
-  local pid e all=1 mom_changed=0
-  install -d -m 0755 "$PBS_DIR"
-  write_if_changed "$PBS_CONF" 0644 <<EOF || true
+# The test bed's pbs.conf (PBS_CONF_FILE).
+pbs_conf_text() {
+  cat <<EOF
 PBS_EXEC=$PBS_EXEC
 PBS_SERVER=$PBS_SERVER
 PBS_LEAF_NAME=$PBS_SERVER
@@ -188,9 +186,20 @@ PBS_START_COMM=1
 PBS_START_MOM=1
 PBS_HOME=$PBS_HOME_DIR
 PBS_DATA_SERVICE_PORT=$TB_PBS_DATA_SERVICE_PORT
+PBS_TMPDIR=$PBS_DIR/tmp
 PBS_CORE_LIMIT=unlimited
 PBS_SCP=/usr/bin/scp
 EOF
+}
+
+pbs_start() {
+  local pid e all=1 mom_changed=0 conf_changed=0
+  install -d -m 0755 "$PBS_DIR"
+  [[ -d $PBS_DIR/tmp ]] || install -d -m 1777 "$PBS_DIR/tmp"
+  # PBS_TMPDIR: qsub's background daemon listens on a socket in it, named
+  # after the server, user and PBS_CONF_FILE; in /var/tmp (the default) a
+  # qsub of another test bed with the same root (sandbox.sh) would find it.
+  pbs_conf_text | write_if_changed "$PBS_CONF" 0644 && conf_changed=1
   if [[ ! -f $PBS_HOME_DIR/pbs_environment ]]; then
     # What a package's post-install does for a PBS home, reading our
     # pbs.conf ("sameconf": it writes no configuration file and no init script).
@@ -199,6 +208,12 @@ EOF
   fi
   [[ -d $PBS_HOME_DIR/mom_priv ]] && pbs_mom_config && mom_changed=1
   for e in "${PBS_PIDFILES[@]}"; do pbs_daemon_pid "${e%%:*}" "${e##*:}" >/dev/null || all=0; done
+  if ((conf_changed)) && [[ -n $(pbs_pids) ]]; then
+    # A changed pbs.conf is applied by a restart (its running jobs end).
+    log "$PBS_CONF changed: restarting PBS"
+    pbs_init stop >> "$PBS_LOG" 2>&1 || true
+    all=0
+  fi
   if ((!all)); then
     pbs_require_free_socket
     log "starting PBS in namespace $PBS_NETNS (server $PBS_SERVER; log $PBS_LOG)"

@@ -721,7 +721,7 @@ LXM3_TESTBED_PBS_MAX_ARRAY_SIZE=$TB_PBS_MAX_ARRAY_SIZE
 LXM3_TESTBED_PBS_NETNS=$PBS_NETNS
 EOF
 else
-  echo "LXM3_TESTBED_PBS_MISSING=$PBS_NOTE" >> "$WORK/env"
+  echo "# $PBS_NOTE" >> "$WORK/env"   # (a comment: the reason is not sh-safe)
 fi
 install -m 0644 "$WORK/env" "$TB_ENV_FILE"
 
