@@ -2005,10 +2005,11 @@ class PBS(ClusterExecutor):
       cluster: the ``name`` of the ``[[clusters]]`` entry to submit to.
         Default None: ``$LXM_CLUSTER``, else the config's first.
       requeue: True -> ``-r y``: a task stopped by a failed node or requeued
-        by hand (``qrerun``) runs anew from the start. PBS does not tell a
-        job how often it ran, so ``LXM_ATTEMPT`` counts ``lxm3 rerun``
-        submissions only. Default False: PBS's own default (``-r y``; array
-        jobs are always rerunnable). See ``ClusterExecutor``.
+        by hand (``qrerun``) runs anew from the start, with ``LXM_ATTEMPT`` one
+        higher (PBS does not tell a job how often it ran: the job script
+        counts its runs in the job directory's ``runs/``). Default False:
+        PBS's own default (``-r y``; array jobs are always rerunnable). See
+        ``ClusterExecutor``.
     """
 
     scheduler = "pbs"
@@ -5823,7 +5824,11 @@ class PBSScheduler(Scheduler):
                     "# LXM_FIRST_TASK: the array's first task (qsub -v)")
     # qdel of a job that had just ended; its history purged or expired.
     benign_cancel = re.compile(r"Job has finished|Unknown Job Id", re.I)
-    restart_count = "0"  # PBS does not tell a job how often it ran
+    # PBS does not tell a job how often it ran (qrerun, a failed node): each run
+    # adds a line to a file named after its job id, beside the tasks file.
+    restart_count = ('$(lxm_runs="${lxm_tasks%/*}/runs"; mkdir -p "$lxm_runs" 2>/dev/null; '
+                     'echo >>"$lxm_runs/${PBS_JOBID:-none}" 2>/dev/null; '
+                     'echo $(( $(wc -l <"$lxm_runs/${PBS_JOBID:-none}" 2>/dev/null || echo 1) - 1 )))')
     version_command, version_pattern = "qsub --version", r"pbs_version\s*=\s*(\S+)"
     max_warning_seconds = 0  # no warning before the walltime: TERM to every process, then KILL
 
@@ -6040,8 +6045,10 @@ class PBSScheduler(Scheduler):
                 queued[key] = _PBS_STATES[state]
             elif state in ("X", "F"):
                 code = self._exit_code(job.get("Exit_status", ""))
-                if job.get("substate") == _PBS_DELETED and code in ("", "1", "143", "137"):
-                    finished[key] = (TaskState.CANCELLED, code)  # qdel; or its dependency failed
+                if "Exit_status" not in job:  # it never ran: deleted, or its dependency failed
+                    finished[key] = (TaskState.CANCELLED, "")
+                elif job.get("substate") == _PBS_DELETED and code in ("1", "143", "137"):
+                    finished[key] = (TaskState.CANCELLED, code)  # qdel
                 else:
                     finished[key] = (TaskState.COMPLETED if code == "0" else TaskState.FAILED, code)
         return queued, finished
@@ -8771,8 +8778,9 @@ def dependency_notes(record: ExperimentRecord, statuses: Mapping[int, WorkUnitSt
 
     A task waiting for the success of a work unit that has a task failed,
     cancelled, lost or never submitted would wait for ever (Slurm's squeue
-    says DependencyNeverSatisfied; Grid Engine keeps it held): lxm3 infers it
-    from the upstream's tasks, the same way for every scheduler.
+    says DependencyNeverSatisfied; Grid Engine keeps it held; PBS deletes it,
+    which lxm3 sees as cancelled by no one): lxm3 infers it from the upstream's
+    tasks, the same way for every scheduler.
     """
     notes = {}
     for unit in record.work_units:
@@ -8780,8 +8788,11 @@ def dependency_notes(record: ExperimentRecord, statuses: Mapping[int, WorkUnitSt
         if status is None:
             continue
         waiting = [t for t in status.tasks if t.state == TaskState.PENDING]
+        removed = not waiting and not unit.cancelled and not unit.is_local
+        if removed:  # the scheduler took it out of the queue itself
+            waiting = [t for t in status.tasks if t.state == TaskState.CANCELLED and t.exit_code is None]
         if unit.never_run:
-            waiting = [t for t in status.tasks if t.task in unit.never_run]
+            removed, waiting = False, [t for t in status.tasks if t.task in unit.never_run]
         for dep in unit.dependencies:
             if dep.get("kind") == "any" or not waiting:
                 continue
@@ -8797,7 +8808,8 @@ def dependency_notes(record: ExperimentRecord, statuses: Mapping[int, WorkUnitSt
                     notes[unit.id] = (f"dependency can never be met: it waits for work unit {up} "
                                       f"({kind}), whose task{'s' if len(bad) > 1 else ''} "
                                       f"{_task_ranges(t.task for t in bad)} did not succeed"
-                                      + ("" if unit.is_local else f"; 'lxm3 cancel {record.experiment_id} "
+                                      + ("; the scheduler removed it from the queue" if removed else
+                                         "" if unit.is_local else f"; 'lxm3 cancel {record.experiment_id} "
                                          f"{unit.id}' removes it from the queue"))
     return notes
 
@@ -10292,14 +10304,24 @@ class CleanItem(ValueObject):
         self.name = name  # how the removal script names it: the experiment id, archives/NAME, ...
 
 
-# Bash: the user's queued and running jobs on every scheduler installed there:
+# Bash: the user's queued and running jobs on each of ``schedulers`` installed there:
 # "queue NAME" then "active ID" lines, or "noqueue NAME" when it cannot be read.
-def _queue_lines() -> str:
+def _queue_lines(schedulers: Sequence[Scheduler]) -> str:
     return "".join(
         f"if command -v {s.submit_command} >/dev/null 2>&1; then\n"
         f"  if lxm_q=$(set -o pipefail; {{ {s.active_jobs_command()}; }} 2>/dev/null </dev/null); then\n"
         f"    echo 'queue {s.name}'; printf '%s\\n' \"$lxm_q\" | sed -n 's/^ *\\([^ ][^ ]*\\).*/active \\1/p'\n"
-        f"  else echo 'noqueue {s.name}'; fi\nfi\n" for s in SCHEDULERS.values())
+        f"  else echo 'noqueue {s.name}'; fi\nfi\n" for s in schedulers)
+
+
+def _cluster_schedulers(cluster: ClusterConfig, records: Sequence[ExperimentRecord]) -> List[Scheduler]:
+    """The schedulers whose queue tells whether a cluster's staged files are in use:
+    those its records (or its config's ``bin_dir``) name; all, if none does. (A
+    login node may have other schedulers' commands, unconfigured, whose queue
+    cannot be read: asking them would keep everything, for ever.)"""
+    names = {u.scheduler for r in records for u in r.work_units if u.cluster == cluster.name}
+    names |= {name for name in SCHEDULERS if cluster.scheduler_bin(name)}
+    return [s for name, s in SCHEDULERS.items() if name in names] or list(SCHEDULERS.values())
 
 
 _LOCKED_FUNCTION = """
@@ -10394,6 +10416,7 @@ class _Listing:
         self.refs: Dict[str, Set[str]] = {}  # xid: archives/NAME, images/NAME, env:KEY
         self.files: List[Tuple[str, int, int]] = []  # (archives/NAME, mtime, bytes)
         self.active: Optional[Set[str]] = set()  # None: a queue could not be read
+        self.schedulers: Sequence[Scheduler] = list(SCHEDULERS.values())  # whose queues were asked
         self.env_lines: List[str] = []
         queues = 0
         for line in output.splitlines():
@@ -10430,10 +10453,11 @@ class _Listing:
             self.active = None
 
 
-def _list_cluster(cluster: ClusterConfig, connection: Connection, types: Sequence[str]) -> _Listing:
+def _list_cluster(cluster: ClusterConfig, connection: Connection, types: Sequence[str],
+                  schedulers: Sequence[Scheduler]) -> _Listing:
     """One round trip: the staging directory, the queue and (for env) the managed environments."""
     staging = _staging_path(cluster)
-    script = f"( set -- {shell_quote(staging)}\n{_LIST_STAGING}\n)\n" + _queue_lines()
+    script = f"( set -- {shell_quote(staging)}\n{_LIST_STAGING}\n)\n" + _queue_lines(schedulers)
     if "env" in types:
         incoming = shell_quote(staging + "/" + ENVIRONMENT_INCOMING)
         script += (f"( set -- {shell_quote(_environments_path(cluster))} {incoming}\n{_LIST_ENVIRONMENTS}\n)"
@@ -10639,7 +10663,7 @@ def _removal_script(cluster: ClusterConfig, listing: _Listing, doomed: Sequence[
              f'cd "$HOME" && cd -- {shell_quote(listing.staging or _staging_path(cluster))} || exit 0',
              f"exec 9>>{CLEAN_LOCK}",
              "if command -v flock >/dev/null 2>&1 && ! flock -w 120 9; then echo lxm3-clean-busy; exit 0; fi",
-             "lxm_active=\" $( {\n" + _queue_lines() + "} | awk '$1 == \"active\" { printf \"%s \", $2 } "
+             "lxm_active=\" $( {\n" + _queue_lines(listing.schedulers) + "} | awk '$1 == \"active\" { printf \"%s \", $2 } "
              "$1 == \"queue\" { q = 1 } $1 == \"noqueue\" { printf \"NOQUEUE \" } "
              "END { if (!q) printf \"NOQUEUE \" }') \""]
     at = int(listing.now)
@@ -10800,7 +10824,9 @@ def clean(config: Config, types: Sequence[str], days: float, dry_run: bool,
             connection = Connection(cluster)
             plans.append((cluster, connection, None, []))
             _progress(f"{cluster.name}: listing {_staging_path(cluster)} on {connection.target} ...")
-            listing = _list_cluster(cluster, connection, types)
+            schedulers = _cluster_schedulers(cluster, records)
+            listing = _list_cluster(cluster, connection, types, schedulers)
+            listing.schedulers = schedulers
             found = _plan_cluster(cluster, listing, records, types, days, project)
             plans[-1] = (cluster, connection, listing, found)
             items += found

@@ -26,7 +26,7 @@ import lxm3
 from conftest import lxm3_cli, new_record_id, read_record, record_files, status_json, write_launcher
 from testbed_env import Testbed, require_testbed
 
-EXECUTORS = {"slurm": "Slurm", "sge": "GridEngine"}
+EXECUTORS = {"slurm": "Slurm", "sge": "GridEngine", "pbs": "PBS"}
 DEADLINE = 150  # seconds for jobs to start or end on a busy 2-core test bed
 
 
@@ -57,17 +57,31 @@ class Workspace:
         return os.path.join(self.tb.user_home, self.staging)
 
     def cluster_settings(self) -> Dict[str, Any]:
-        settings: Dict[str, Any] = {"name": self.cluster, "server": self.tb.ssh_host,
+        pbs = self.scheduler == "pbs"  # its own host and sshd
+        settings: Dict[str, Any] = {"name": self.cluster,
+                                    "server": self.tb.pbs_ssh_host if pbs else self.tb.ssh_host,
                                     "user": self.tb.ssh_user}
-        if self.tb.ssh_port != 22:
-            settings["port"] = self.tb.ssh_port
+        port = self.tb.pbs_ssh_port if pbs else self.tb.ssh_port
+        if port != 22:
+            settings["port"] = port
+        if pbs:  # Grid Engine's qsub comes first on its PATH
+            settings["pbs"] = {"bin_dir": self.tb.pbs_bin("")}
         return settings
+
+    @property
+    def server(self) -> str:
+        return self.cluster_settings()["server"]
 
     def config_text(self) -> str:
         lines = ["[[clusters]]"]
+        tables = {key: value for key, value in self.cluster_settings().items() if isinstance(value, dict)}
         for key, value in self.cluster_settings().items():
-            lines.append(f"{key} = {json.dumps(value)}")
+            if key not in tables:
+                lines.append(f"{key} = {json.dumps(value)}")
         lines += ["[clusters.storage]", f"staging = {json.dumps(self.staging)}"]
+        for name, table in tables.items():
+            lines.append(f"[clusters.{name}]")
+            lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
         return "\n".join(lines) + "\n"
 
     def config_object(self) -> lxm3.Config:
@@ -104,6 +118,10 @@ class Workspace:
 
     def queued(self, job_ids: List[str]) -> Dict[str, str]:
         """{job id: state} of those jobs that are still queued or running."""
+        if self.scheduler == "pbs":  # 1234[].server Name User Time S Queue (live jobs only)
+            out = self.tb.ssh([self.tb.pbs_bin("qstat"), *job_ids], check=False, scheduler="pbs").stdout
+            return {fields[0]: fields[4] for fields in map(str.split, out.splitlines())
+                    if len(fields) > 4 and fields[0] in job_ids}
         if self.scheduler == "slurm":
             proc = self.tb.ssh(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%A %T"],
                                check=False)
@@ -135,7 +153,9 @@ class Workspace:
             except ValueError:
                 continue
             job_ids += [a["job_id"] for u in record["work_units"] for a in u["arrays"]]
-        if job_ids:
+        if job_ids and self.scheduler == "pbs":
+            self.tb.ssh([self.tb.pbs_bin("qdel"), *job_ids], check=False, scheduler="pbs")
+        elif job_ids:
             command = "scancel" if self.scheduler == "slurm" else "qdel"
             self.tb.ssh([command, *job_ids], check=False)
             deadline = time.monotonic() + 30
@@ -190,4 +210,6 @@ def settled(status: Dict[str, Any]) -> bool:
 
 def task_job(scheduler: str, job_id: str, index: int) -> str:
     """How the scheduler names task ``index`` of array ``job_id`` (and lxm3 shows it)."""
+    if scheduler == "pbs":
+        return job_id.replace("[]", f"[{index}]")
     return f"{job_id}_{index}" if scheduler == "slurm" else f"{job_id}.{index + 1}"

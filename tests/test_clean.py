@@ -68,7 +68,7 @@ def row(output: str, action: str, path: str) -> str:
 
 
 @pytest.mark.testbed
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_clean_removes_what_no_experiment_needs_and_keeps_the_rest(cluster_workspaces, scheduler):
     tb = require_testbed(scheduler)
     ws = cluster_workspaces(tb, scheduler, "ssh")
@@ -169,7 +169,7 @@ def test_a_launch_during_the_clean_keeps_what_it_uses(cluster_workspaces):
                           "find experiments -exec touch -h -d '40 days ago' {} +"])
     connection = lxm3.Connection(cluster)
     try:
-        listing = lxm3._list_cluster(cluster, connection, ["job", "archive"])
+        listing = lxm3._list_cluster(cluster, connection, ["job", "archive"], list(lxm3.SCHEDULERS.values()))
         items = lxm3._plan_cluster(cluster, listing, [], ["job", "archive"], 30, None)
         doomed = [item for item in items if item.remove]
         assert sorted(item.name for item in doomed) == ["5", "6", "archives/a-1.zip"], items

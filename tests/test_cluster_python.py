@@ -264,7 +264,7 @@ def test_sweep_on_grid_engine_from_python_313(workspaces):
 # -- the cluster's Python without a managed environment -------------------------------
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_tasks_run_the_configured_python_unless_they_choose(workspaces, scheduler):
     tb = require_testbed(scheduler)
     ws = workspaces(tb, scheduler, "ssh")

@@ -220,13 +220,13 @@ def test_same_name_images_with_other_contents_get_other_names(tmp_path):
 
 
 def cluster_launch(tb, kind, echo_project, out, image, staging, runtime, tasks=3):
+    pbs = kind == "pbs"  # its own host; its qsub by bin_dir
     config = lxm3.Config(clusters=[lxm3.ClusterConfig(
-        name="testbed", server=tb.ssh_host, user=tb.ssh_user, port=tb.ssh_port,
-        ssh_private_key=tb.ssh_key, staging=staging,
-        singularity_binds=[("/tmp", "/tmp")])])
+        name="testbed", server=tb.pbs_ssh_host if pbs else tb.ssh_host, user=tb.ssh_user,
+        port=tb.pbs_ssh_port if pbs else tb.ssh_port, ssh_private_key=tb.ssh_key, staging=staging,
+        singularity_binds=[("/tmp", "/tmp")], raw={"pbs": {"bin_dir": tb.pbs_bin("")}} if pbs else {})])
     options = lxm3.SingularityOptions(runtime=runtime)
-    executor = (lxm3.Slurm(singularity_options=options) if kind == "slurm"
-                else lxm3.GridEngine(singularity_options=options))
+    executor = {"slurm": lxm3.Slurm, "sge": lxm3.GridEngine, "pbs": lxm3.PBS}[kind](singularity_options=options)
     spec = lxm3.SingularityContainer(
         lxm3.PythonPackage(entrypoint=xm.ModuleName("echoapp.main"), path=echo_project), image)
     with lxm3.create_experiment("containers", config=config) as experiment:
@@ -238,7 +238,7 @@ def cluster_launch(tb, kind, echo_project, out, image, staging, runtime, tasks=3
 
 
 @pytest.mark.testbed
-@pytest.mark.parametrize("kind", ["slurm", "sge"])
+@pytest.mark.parametrize("kind", ["slurm", "sge", "pbs"])
 def test_cluster_job_runs_in_a_deployed_image_sent_once(kind, echo_project, tmp_path, monkeypatch):
     tb = require_testbed(kind)
     shared = f"/tmp/lxm3-containers-{uuid.uuid4().hex[:8]}"  # readable by the test user

@@ -19,7 +19,7 @@ import time
 from typing import Any, Dict, List
 
 import pytest
-from cluster_helpers import ROOT, SCHEDULERS, ClusterWorkspace, read_reports
+from cluster_helpers import ROOT, SCHEDULERS, ClusterWorkspace, check_error, read_reports
 
 import lxm3
 from lxm3 import xm
@@ -72,15 +72,15 @@ def unit(ws: ClusterWorkspace, out: str, tasks: int = 1, after=(), **env: str) -
             "env_vars": [{"ECHO_OUT": out, **env}] * tasks}
 
 
-def launch(ws: ClusterWorkspace, units: List[Dict[str, Any]]):
+def launch(ws: ClusterWorkspace, units: List[Dict[str, Any]], check: bool = True):
     argv, env, directory = ws.launch_command(units)
     with open(os.path.join(directory, "launcher.py"), "w", encoding="utf-8") as f:
         f.write(textwrap.dedent(LAUNCHER))
     started = time.monotonic()
     proc = subprocess.run(argv, env=env, cwd=directory, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=WAIT)
-    return ws.launched(proc.returncode, proc.stdout, proc.stderr, directory,
-                       time.monotonic() - started).check()
+    launched = ws.launched(proc.returncode, proc.stdout, proc.stderr, directory, time.monotonic() - started)
+    return launched.check() if check else launched
 
 
 def lxm3_cli(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
@@ -108,6 +108,9 @@ def wait_for(what: str, condition, describe=lambda: "", timeout: float = WAIT):
 def depends_on(ws: ClusterWorkspace, job: str, upstream: str, each: bool = False) -> bool:
     """Whether the scheduler holds ``job`` for ``upstream`` (asked while ``job`` is pending)."""
     info = ws.job_info(job)
+    if ws.scheduler == "pbs":  # qstat -f: "    depend = afterok:16[].server@server"
+        line = next(line.strip() for line in info.splitlines() if line.startswith("    depend = "))
+        return line.startswith(f"depend = afterok:{upstream}")
     if ws.scheduler == "slurm":
         line = next(line for line in info.split() if line.startswith("Dependency="))
         return line.startswith(f"Dependency={'aftercorr' if each else 'afterok'}:{upstream}")
@@ -161,6 +164,10 @@ def test_chained_work_units_start_when_their_dependency_holds(cluster_workspaces
     assert "work unit 2 waits for work unit 1" in told.stdout and "--with-dependents" in told.stdout
     # With the flag, the dependents go too.
     [never_job] = launched.unit(6)["job_ids"]
+    if scheduler == "pbs":  # PBS deletes a job whose dependency can no longer be met
+        wait_for(f"PBS to delete job {never_job}", lambda: not ws.active_jobs([never_job]))
+        assert [t["state"] for t in status_json(xid)["6"]["tasks"]] == ["cancelled"]
+        return
     assert ws.active_jobs([never_job]), "the unit that waits for ever should still be queued"
     cancelled = lxm3_cli("cancel", str(xid), "3", "--with-dependents")
     assert cancelled.returncode == 0, cancelled.stderr
@@ -174,6 +181,12 @@ def test_chained_work_units_start_when_their_dependency_holds(cluster_workspaces
 def test_after_each_pairs_tasks_of_arrays_split_by_the_limit(cluster_workspaces, scheduler):
     ws = workspace(cluster_workspaces, scheduler)
     up_out, down_out = ws.out_dir("up"), ws.out_dir("down")
+    if scheduler == "pbs":  # PBS has no task-by-task dependency between arrays: refused, nothing submitted
+        refused = launch(ws, [unit(ws, up_out, tasks=12), unit(ws, down_out, tasks=12, after=[("each", 1)])],
+                         check=False)
+        check_error(refused, "PBS cannot make each task wait", "after_ok()")
+        ws.assert_nothing_submitted(refused)
+        return
     launched = launch(ws, [unit(ws, up_out, tasks=12, ECHO_SLEEP="2"),
                            unit(ws, down_out, tasks=12, after=[("each", 1)])])
     up_arrays, down_arrays = launched.arrays(1), launched.arrays(2)

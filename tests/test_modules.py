@@ -124,7 +124,7 @@ def exit_line(path):
 
 
 @pytest.mark.testbed
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_cluster_job_loads_modules_from_the_login_profile(cluster_workspaces, scheduler):
     ws = cluster_workspaces(require_testbed(scheduler), scheduler, "ssh")
     homes = [make_home(os.path.join(ws.root, f"home{i}"), profile)

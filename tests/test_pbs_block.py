@@ -162,6 +162,9 @@ Job Id: 16[8].srv
     job_state = F
     substate = 92
     Exit_status = 265
+Job Id: 16[9].srv
+    job_state = F
+    substate = 92
 Job Id: 17[0].srv
     job_state = R
     substate = 42
@@ -178,6 +181,7 @@ def test_qstat_states_and_exit_statuses():
         ("16[].srv", 5): ("cancelled", ""),  # deleted before it ran, or its dependency failed
         ("16[].srv", 6): ("failed", ""),  # -29: PBS ended it at its walltime
         ("16[].srv", 8): ("failed", "137"),  # KILL
+        ("16[].srv", 9): ("cancelled", ""),  # removed, its dependency unmet: it never ran
     }
 
 

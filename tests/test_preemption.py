@@ -338,17 +338,23 @@ def final_state(launch, timeout=DEADLINE):
 
 
 @pytest.mark.testbed
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_requeued_task_runs_again_with_its_attempt(workspace, scheduler):
     """A running task requeued by the scheduler (``scontrol requeue`` as a
-    preemption does; Grid Engine ``qmod -rj`` of a rerunnable job) runs anew
-    with LXM_ATTEMPT=2, which lets the program end, and the work unit completes."""
+    preemption does; Grid Engine ``qmod -rj`` of a rerunnable job; PBS ``qrerun``,
+    by its manager, root on its server) runs anew with LXM_ATTEMPT=2, which lets
+    the program end, and the work unit completes."""
     ws = workspace(scheduler)
     launch, job_id, path = launch_one(ws, {"PREEMPT_DONE_AT": "2"}, requeue=True)
     wait_events(ws, launch, path, lambda e: "start attempt=1" in e, "the first run")
-    task = f"{job_id}_0" if scheduler == "slurm" else f"{job_id}.1"
-    command = ["scontrol", "requeue", task] if scheduler == "slurm" else ["qmod", "-rj", task]
-    ws.tb.ssh(command)
+    if scheduler == "pbs":
+        task = job_id.replace("[]", "[0]")
+        subprocess.run(["ip", "netns", "exec", ws.tb.get("PBS_NETNS"), "env",
+                        f"PBS_CONF_FILE={ws.tb.pbs_conf_file}", ws.tb.pbs_bin("qrerun"), task], check=True)
+    else:
+        task = f"{job_id}_0" if scheduler == "slurm" else f"{job_id}.1"
+        command = ["scontrol", "requeue", task] if scheduler == "slurm" else ["qmod", "-rj", task]
+        ws.tb.ssh(command)
     seen = wait_events(ws, launch, path, lambda e: "start attempt=2" in e, "the second run")
     seen = wait_events(ws, launch, path, lambda e: "end 0" in e, "the second run to end")
     assert seen[0] == "start attempt=1" and seen[-2:] == ["start attempt=2", "end 0"], seen
@@ -391,14 +397,14 @@ def test_grid_engine_notify_warns_the_program_at_its_time_limit(workspace):
 
 
 @pytest.mark.testbed
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_cancel_lets_the_program_handle_its_signal(workspace, scheduler):
-    """``lxm3 cancel``: Slurm sends TERM to every process of the task (KILL
-    KillWait later), Grid Engine with -notify USR2 (KILL notify later). The
+    """``lxm3 cancel``: Slurm and PBS send TERM to every process of the task (KILL
+    KillWait / kill_delay later), Grid Engine with -notify USR2 (KILL notify later). The
     program's handler runs once and to its end, and the script, which waits
     for it, writes the exit record with the program's status."""
     ws = workspace(scheduler)
-    catch = "TERM" if scheduler == "slurm" else "USR2"
+    catch = "USR2" if scheduler == "sge" else "TERM"
     options = {"notify": True} if scheduler == "sge" else {}
     launch, job_id, path = launch_one(
         ws, {"PREEMPT_CATCH": catch, "PREEMPT_EXIT_ON": catch, "PREEMPT_EXIT": "7"}, **options)

@@ -100,6 +100,8 @@ def log_name(ws: Workspace, job_name: str, job_id: str, index: int) -> str:
     """The file the scheduler writes array index ``index`` (0-based) of ``job_id`` to."""
     if ws.scheduler == "slurm":
         return f"{job_name}-{job_id}_{index}.log"
+    if ws.scheduler == "pbs":  # -o <log dir>/: PBS names it by the task's job id
+        return f"{job_id.replace('[]', f'[{index}]')}.OU"
     return f"{job_name}-{job_id}.{index + 1}.log"
 
 
@@ -111,7 +113,7 @@ def attempts(status: Dict[str, Any]) -> List[int]:
 
 
 @pytest.mark.testbed
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_rerun_failed_resubmits_exactly_the_failed_tasks(workspace, scheduler):
     ws = workspace(scheduler)
     out = os.path.join(ws.root, "out")
@@ -146,7 +148,7 @@ def test_rerun_failed_resubmits_exactly_the_failed_tasks(workspace, scheduler):
         assert {k: v for k, v in rerun.items() if k != "job_id"} == {
             "first_task": 1, "count": 2, "tasks": "1,3", "attempt": 2}
         expected_logs = [log_name(ws, unit["job_name"], rerun["job_id"], i) for i in (0, 2)]
-    else:  # -t takes one range: one array per task here
+    else:  # -t / -J take one range: one array per task here
         assert [{k: v for k, v in r.items() if k != "job_id"} for r in reruns] == [
             {"first_task": 1, "count": 1, "tasks": "1", "attempt": 2},
             {"first_task": 3, "count": 1, "tasks": "3", "attempt": 2}]
@@ -188,10 +190,11 @@ def test_rerun_failed_resubmits_exactly_the_failed_tasks(workspace, scheduler):
 
 
 @pytest.mark.testbed
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_rerun_tasks_above_the_array_limit_split_and_offset(workspace, scheduler):
     ws = workspace(scheduler)
-    limit = ws.tb.slurm_max_array_size if scheduler == "slurm" else ws.tb.sge_max_aj_tasks
+    limit = {"slurm": ws.tb.slurm_max_array_size, "sge": ws.tb.sge_max_aj_tasks,
+             "pbs": ws.tb.pbs_max_array_size}[scheduler]
     assert limit == (11 if scheduler == "slurm" else 10), "the expectations below assume these limits"
     out = os.path.join(ws.root, "out")
     os.mkdir(out)
@@ -206,7 +209,7 @@ def test_rerun_tasks_above_the_array_limit_split_and_offset(workspace, scheduler
     got = [(a.first_task, a.tasks, a.attempt) for a in arrays]
     if scheduler == "slurm":  # indices below 11: 3 -> 0, 12 -> 9, 13 -> 10; then 14.. from 0
         assert got == [(3, "3,12-13", 2), (14, "14-24", 2)]
-    else:  # one range each, at most 10 tasks
+    else:  # one range each, at most 10 tasks (Grid Engine -t, PBS -J)
         assert got == [(3, "3", 2), (12, "12-21", 2), (22, "22-24", 2)]
     assert all(a.job_id for a in arrays)
     status = wait_status(xid, settled, "the rerun tasks to end", timeout=300)
@@ -231,7 +234,7 @@ def test_rerun_tasks_above_the_array_limit_split_and_offset(workspace, scheduler
 
 
 @pytest.mark.testbed
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_rerun_refuses_running_tasks_and_tasks_out_of_range(workspace, scheduler):
     ws = workspace(scheduler)
     _, record = ws.launch([ws.unit(3, {"GATE": ws.gate("go"), "CODES": '{"2": 5}'})])

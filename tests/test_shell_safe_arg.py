@@ -147,7 +147,8 @@ JOB_LINE = 'experiment.add(xm.Job(exe, executor, args=unit.get("args") or {},'
 
 
 @pytest.mark.testbed
-@pytest.mark.parametrize("scheduler, job_id_variable", [("slurm", "SLURM_JOB_ID"), ("sge", "JOB_ID")])
+@pytest.mark.parametrize("scheduler, job_id_variable", [("slurm", "SLURM_JOB_ID"), ("sge", "JOB_ID"),
+                                                        ("pbs", "PBS_ARRAY_ID")])
 def test_cluster_task_gets_shell_safe_arg_expanded_and_plain_home_literally(
         cluster_workspaces, scheduler, job_id_variable):
     ws = cluster_workspaces(require_testbed(scheduler), scheduler, "ssh")

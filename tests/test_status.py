@@ -62,7 +62,7 @@ def workspace(task_project):
 # --- status, logs and list on a sweep -------------------------------------------
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_status_while_running_and_after_completion(workspace, scheduler):
     ws = workspace(scheduler)
     if scheduler == "slurm":  # what this test is about: no accounting to ask
@@ -82,7 +82,7 @@ def test_status_while_running_and_after_completion(workspace, scheduler):
     assert os.path.isfile(unit["script"]) and os.path.isfile(unit["archive"])  # (this machine)
     assert [t["args"] for t in unit["tasks"]] == [[f"--seed={i}"] for i in range(3)]
     assert unit["tasks"][0]["env"]["CODES"] == '{"1": 3}'
-    assert unit["connection"]["server"] == ws.tb.ssh_host
+    assert unit["connection"]["server"] == ws.server
 
     # While the tasks wait at the gate: pending or running, never finished.
     status = wait_status(xid, lambda s: any(t["state"] == "running" for t in all_tasks(s)),
@@ -92,7 +92,7 @@ def test_status_while_running_and_after_completion(workspace, scheduler):
     assert [t["job"] for t in all_tasks(status)] == [task_job(scheduler, job, i) for i in range(3)]
     shown = lxm3_cli("status", str(xid))
     assert shown.returncode == 0, shown.stderr
-    assert re.search(rf"work unit 1 on {ws.cluster} \({ws.executor}\) jobs {job}: submitted; "
+    assert re.search(rf"work unit 1 on {ws.cluster} \({ws.executor}\) jobs {re.escape(job)}: submitted; "
                      r"3 task\(s\): .*running", shown.stdout), shown.stdout
 
     ws.open_gate("sweep")
@@ -130,11 +130,12 @@ def test_status_while_running_and_after_completion(workspace, scheduler):
     assert ws.cluster in json.dumps(entry), f"list --json does not say where it ran: {entry}"
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_status_and_logs_of_a_sweep_split_into_arrays(workspace, scheduler):
     """Past the array limit a sweep is several jobs; tasks keep their own index."""
     ws = workspace(scheduler)
-    limit = ws.tb.slurm_max_array_size if scheduler == "slurm" else ws.tb.sge_max_aj_tasks
+    limit = {"slurm": ws.tb.slurm_max_array_size, "sge": ws.tb.sge_max_aj_tasks,
+             "pbs": ws.tb.pbs_max_array_size}[scheduler]
     num_tasks = limit + 1
     last = num_tasks - 1
     _, record = ws.launch([ws.unit(num_tasks, {"CODES": json.dumps({"4": 4, str(last): 9})})])
@@ -155,7 +156,7 @@ def test_status_and_logs_of_a_sweep_split_into_arrays(workspace, scheduler):
     assert proc.stdout.splitlines()[0] == f'task {last} argv=["--seed={last}"]'
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_status_keeps_the_work_units_of_an_experiment_apart(workspace, scheduler):
     """Task 0 of work unit 1 and task 0 of work unit 2 are different tasks."""
     ws = workspace(scheduler)
@@ -169,7 +170,7 @@ def test_status_keeps_the_work_units_of_an_experiment_apart(workspace, scheduler
     assert states(status_json(xid, "2"), 2) == [("failed", 5)]
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_task_killed_without_a_chance_to_say_so_is_failed(workspace, scheduler):
     """A task killed outright (as by the OOM killer) leaves no exit record; it did
     not complete, and Grid Engine's accounting (qacct) knows its exit status."""
@@ -180,14 +181,14 @@ def test_task_killed_without_a_chance_to_say_so_is_failed(workspace, scheduler):
     [(state0, code0), (state1, code1)] = states(status)
     assert (state0, code0) == ("completed", 0)
     assert state1 == "failed", status
-    if scheduler == "sge":
-        assert code1 == 137, status  # qacct -j: exit_status 137 (Killed)
+    if scheduler in ("sge", "pbs"):  # qacct -j: exit_status 137; PBS: Exit_status 265 (256 + KILL)
+        assert code1 == 137, status
 
 
 # --- cancel ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_cancel_one_work_unit_then_the_experiment(workspace, scheduler):
     ws = workspace(scheduler)
     _, record = ws.launch([ws.unit(1, {"GATE": ws.gate("one")}),
@@ -379,7 +380,7 @@ exit 1
 """
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_dry_run_writes_scripts_and_reaches_nothing(workspace, scheduler, tmp_path):
     ws = workspace(scheduler)
     # ssh, rsync and the schedulers' commands on this machine record any call and fail.
@@ -412,6 +413,8 @@ def test_dry_run_writes_scripts_and_reaches_nothing(workspace, scheduler, tmp_pa
     job_name = f"{prefix}_{xid}_1"
     if scheduler == "slurm":
         assert f"#SBATCH --job-name={job_name}" in script
+    elif scheduler == "pbs":
+        assert re.search(rf"^#PBS -N {job_name}$", script, re.M), script
     else:
         assert re.search(rf"^#\$ -N {job_name}$", script, re.M), script
     with open(os.path.join(unit_dir, "tasks")) as f:
@@ -420,13 +423,15 @@ def test_dry_run_writes_scripts_and_reaches_nothing(workspace, scheduler, tmp_pa
     assert archive.startswith("lxmtask_project-") and archive.endswith(".zip")
 
     stdout = proc.stdout
-    target = f"{ws.tb.ssh_user}@{ws.tb.ssh_host}"
+    target = f"{ws.tb.ssh_user}@{ws.server}"
     assert f"[dry run] {ws.cluster}: would copy {tree}/ to {target}:~/{ws.staging}/" in stdout, stdout
     assert f"archives/{archive}" in stdout
     submit = [line for line in stdout.splitlines() if "job.sh" in line]
     assert len(submit) == 1, stdout
     if scheduler == "slurm":
         assert "sbatch --parsable --array=0-2" in submit[0], submit
+    elif scheduler == "pbs":
+        assert "qsub -J 0-2 -k oed -o " in submit[0] and "LXM_FIRST_TASK=0 " in submit[0], submit
     else:
         assert "qsub -terse -t 1-3" in submit[0], submit
     assert f"{ws.staging}/experiments/{xid}/wu1/job.sh" in submit[0]
@@ -456,7 +461,7 @@ def wait_until_complete(unit):
     return asyncio.run(wait())
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_xm_unit_api(workspace, scheduler, monkeypatch):
     ws = workspace(scheduler)
     monkeypatch.setenv("LXM_POLL_INTERVAL", "1")

@@ -24,7 +24,7 @@ import sys
 import textwrap
 import time
 import uuid
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 from cluster_helpers import array_limit
@@ -79,18 +79,25 @@ if armed and config["mode"] in ("kill-client", "kill-master"):
 sys.exit(proc.wait())
 """
 
+# Only submissions (of a job.sh) are slow and counted: not the launch's question
+# of whose submit command it is (qsub -help / --version, sbatch --version).
 SLOW_SUBMIT = """\
 #!/bin/bash
-echo "$*" >> {calls}
-sleep {seconds}
+case " $* " in
+  *job.sh\ *) echo "$*" >> {calls}; sleep {seconds} ;;
+esac
 exec {real} "$@"
 """
 
 
 class FaultySsh:
-    """An ``ssh`` wrapper and slow submit commands in a directory of their own."""
+    """An ``ssh`` wrapper and slow submit commands in a directory of their own.
 
-    def __init__(self, root: str, mode: str = "none", fill: str = ""):
+    ``pbs_bin``: PBS's commands' directory: the slow ``qsub`` wraps that one, and
+    the others are linked beside it, so that the cluster's ``bin_dir`` can be
+    ``slow_bin`` (lxm3 puts bin_dir first on the PATH, before the wrapper's)."""
+
+    def __init__(self, root: str, mode: str = "none", fill: str = "", pbs_bin: str = ""):
         self.dir = os.path.join(root, f"faulty-ssh-{uuid.uuid4().hex[:8]}")
         bindir, slow_bin = os.path.join(self.dir, "bin"), os.path.join(self.dir, "slow")
         os.makedirs(bindir)
@@ -106,14 +113,20 @@ class FaultySsh:
         wrapper = os.path.join(bindir, "ssh")
         with open(wrapper, "w") as f:
             f.write(f"#!{sys.executable}\n" + FAULTY_SSH.format(config=config))
+        self.slow_bin = slow_bin
         for name in ("sbatch", "qsub"):
-            real = shutil.which(name)
+            real = os.path.join(pbs_bin, name) if pbs_bin else shutil.which(name)
+            if pbs_bin and name == "sbatch":
+                continue
             if real:
                 with open(os.path.join(slow_bin, name), "w") as f:
                     f.write(SLOW_SUBMIT.format(calls=self.calls, seconds=SLOW_SUBMIT_SECONDS,
                                                real=real))
         for path in (wrapper, *(os.path.join(slow_bin, n) for n in os.listdir(slow_bin))):
             os.chmod(path, 0o755)
+        for name in os.listdir(pbs_bin) if pbs_bin else ():
+            if name != "qsub":
+                os.symlink(os.path.join(pbs_bin, name), os.path.join(slow_bin, name))
         for path in (self.dir, bindir, slow_bin):
             os.chmod(path, 0o755)
         self.path = f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
@@ -123,8 +136,9 @@ class FaultySsh:
 
     def submitted_arrays(self) -> List[str]:
         """The first task of each array the submit command was called for, in call order."""
-        with open(self.calls) as f:
-            return [line.split()[-1] for line in f.read().splitlines()]
+        with open(self.calls) as f:  # its $1; on PBS, -v ...LXM_FIRST_TASK=N
+            return [next((m for m in re.findall(r"LXM_FIRST_TASK=(\d+)", line)), line.split()[-1])
+                    for line in f.read().splitlines()]
 
 
 def recorded_arrays(record: dict) -> Dict[int, str]:
@@ -142,7 +156,15 @@ def experiment_id_from(stderr: str) -> int:
     return int(ids[0])
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+def faulty_ssh(ws, mode: str = "none") -> Tuple[FaultySsh, Optional[str]]:
+    """(FaultySsh, config): PBS's qsub is found by the config's bin_dir, the slow one's."""
+    if ws.scheduler != "pbs":
+        return FaultySsh(ws.root, mode), None
+    ssh = FaultySsh(ws.root, mode, pbs_bin=ws.tb.pbs_bin("").rstrip("/"))
+    return ssh, ws.write_config(pbs_bin_dir=False, extra=f"[clusters.pbs]\nbin_dir = {json.dumps(ssh.slow_bin)}\n")
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 @pytest.mark.parametrize("mode", ["kill-client", "kill-master"])
 def test_a_connection_lost_while_submitting_submits_each_array_once(
         cluster_workspaces, scheduler, mode, tmp_path):
@@ -150,9 +172,9 @@ def test_a_connection_lost_while_submitting_submits_each_array_once(
     ws = cluster_workspaces(tb, scheduler, "ssh")
     limit = array_limit(tb, scheduler)
     num_tasks = 2 * limit + 3  # three arrays, submitted at once
-    ssh = FaultySsh(ws.root, mode)
+    ssh, config = faulty_ssh(ws, mode)
     ssh.arm()
-    launch = ws.launch([sweep(ws, num_tasks)], path=ssh.path)
+    launch = ws.launch([sweep(ws, num_tasks)], path=ssh.path, config=config)
 
     assert launch.returncode == 0, launch.describe()
     assert "lost the ssh connection" in launch.stderr, launch.describe()
@@ -168,19 +190,20 @@ def test_a_connection_lost_while_submitting_submits_each_array_once(
     assert status.returncode == 0, status.stderr
     tasks = json.loads(status.stdout)["work_units"]["1"]["tasks"]
     assert [t["task"] for t in tasks] == list(range(num_tasks))
-    assert {t["job"].split("_")[0].split(".")[0] for t in tasks} == set(arrays.values())
+    assert {re.sub(r"\[\d+\]", "[]", t["job"]) if scheduler == "pbs" else t["job"].split("_")[0].split(".")[0]
+            for t in tasks} == set(arrays.values())
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_ctrl_c_while_submitting_records_what_was_submitted(cluster_workspaces, scheduler):
     tb = require_testbed(scheduler)
     ws = cluster_workspaces(tb, scheduler, "ssh")
     limit = array_limit(tb, scheduler)
     num_tasks = 2 * limit + 3
-    ssh = FaultySsh(ws.root)
+    ssh, config = faulty_ssh(ws)
     # Throttled: the three arrays are a chain, submitted one after another.
     argv, env, directory = ws.launch_command(
-        [sweep(ws, num_tasks, max_parallel_tasks=1)], path=ssh.path)
+        [sweep(ws, num_tasks, max_parallel_tasks=1)], path=ssh.path, config=config)
     started = time.monotonic()
     proc = subprocess.Popen(argv, env=env, cwd=directory, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -252,7 +275,7 @@ def test_a_full_disk_after_submission_loses_no_job(cluster_workspaces, tmp_path,
         subprocess.run(["umount", "-l", str(state)], check=False)
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_cancel_names_jobs_that_had_already_ended(cluster_workspaces, scheduler, tmp_path):
     tb = require_testbed(scheduler)
     ws = cluster_workspaces(tb, scheduler, "ssh")
@@ -368,7 +391,7 @@ def dry_run(ws, units) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 def test_dry_run_splits_as_the_launch_will(cluster_workspaces, scheduler):
     tb = require_testbed(scheduler)
     ws = cluster_workspaces(tb, scheduler, "ssh")
@@ -389,8 +412,8 @@ def test_dry_run_splits_as_the_launch_will(cluster_workspaces, scheduler):
     assert after.returncode == 0, after.stderr
     assert "as testbed-ssh reported them at the last launch" in after.stdout, after.stdout
     submit = [line for line in after.stdout.splitlines() if "job.sh" in line]
-    expected = ([f"--array=0-{limit - 1} ", "--array=0-1 "] if scheduler == "slurm"
-                else [f"-t 1-{limit} ", "-t 1-2 "])
+    expected = {"slurm": [f"--array=0-{limit - 1} ", "--array=0-1 "], "sge": [f"-t 1-{limit} ", "-t 1-2 "],
+                "pbs": [f"-J 0-{limit - 1} ", "-J 0-1 "]}[scheduler]
     assert [e in line for e, line in zip(expected, submit)] == [True, True], submit
     assert len(submit) == 2
     assert all(f"{ws.staging_path}/experiments/" in line for line in submit), submit

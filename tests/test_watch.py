@@ -432,7 +432,7 @@ def test_wait_ends_when_the_local_launch_was_killed(tmp_path, task_project):
         assert "  work unit 1: unknown task 0" in proc.stdout, proc.stdout
 
 
-# --- Slurm and Grid Engine ------------------------------------------------------------
+# --- Slurm, Grid Engine and PBS ----------------------------------------------------
 
 
 @pytest.fixture
@@ -464,7 +464,7 @@ def task_states(xid: int) -> List[Tuple[str, Optional[int]]]:
     return [(t["state"], t["exit_code"]) for t in status_json(xid)["work_units"]["1"]["tasks"]]
 
 
-each_scheduler = pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+each_scheduler = pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
 
 
 @pytest.mark.testbed
