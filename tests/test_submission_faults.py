@@ -84,7 +84,7 @@ sys.exit(proc.wait())
 SLOW_SUBMIT = """\
 #!/bin/bash
 case " $* " in
-  *job.sh\ *) echo "$*" >> {calls}; sleep {seconds} ;;
+  *job.sh\\ *) echo "$*" >> {calls}; sleep {seconds} ;;
 esac
 exec {real} "$@"
 """
