@@ -1,4 +1,4 @@
-"""One definition per scheduler: what is Slurm's or Grid Engine's lives in its block.
+"""One definition per scheduler: what is Slurm's, Grid Engine's or PBS's lives in its block.
 
 These tests read lxm3.py itself, so that a later change that puts scheduler
 knowledge elsewhere (an ``if scheduler == "slurm"``, a stray ``qsub``) fails
@@ -20,7 +20,9 @@ TREE = ast.parse(SOURCE)
 SCHEDULER_CLASSES = {type(s).__name__ for s in lxm3.SCHEDULERS.values()}
 # Words only a scheduler block may use in code (docstrings and comments may name them).
 SCHEDULER_WORDS = {"sbatch", "qsub", "squeue", "qstat", "scancel", "qdel", "sacct", "qacct", "scontrol",
-                   "qconf", "#SBATCH", "#$", "SLURM_ARRAY_TASK_ID", "SGE_TASK_ID", "slurm", "sge"}
+                   "qconf", "#SBATCH", "#$", "SLURM_ARRAY_TASK_ID", "SGE_TASK_ID", "slurm", "sge",
+                   "qselect", "qrerun", "#PBS", "PBS_ARRAY_INDEX", "PBS_JOBID", "pbs"}
+SCHEDULER_NAMES = {"slurm", "sge", "pbs"}
 
 
 def block_lines():
@@ -72,12 +74,12 @@ def test_no_code_branches_on_a_scheduler_or_executor_class():
     for node in ast.walk(TREE):
         if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance":
             names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
-            if names & {"Slurm", "GridEngine", "SlurmSpec", "GridEngineSpec"}:
+            if names & {"Slurm", "GridEngine", "PBS", "SlurmSpec", "GridEngineSpec", "PBSSpec"}:
                 offenders.append(f"line {node.lineno}: isinstance(..., {sorted(names)})")
         if isinstance(node, ast.Compare) and not first <= node.lineno <= last:
             constants = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant)}
-            if constants & {"slurm", "sge"}:
-                offenders.append(f"line {node.lineno}: compares with {sorted(constants & {'slurm', 'sge'})}")
+            if constants & SCHEDULER_NAMES:
+                offenders.append(f"line {node.lineno}: compares with {sorted(constants & SCHEDULER_NAMES)}")
     assert offenders == []
 
 
@@ -109,6 +111,14 @@ def test_the_log_name_read_back_is_the_one_the_scheduler_writes(executor, values
     assert scheduler.task_job("77", 3) in {"77_3", "77.4"}
 
 
+def test_pbs_log_name_read_back_is_the_one_pbs_writes():
+    """-o <dir>/ (a directory): PBS names each task's file <its job id>.OU."""
+    pbs = lxm3.SCHEDULERS["pbs"]
+    assert pbs.log_path_pattern("/logs") == "/logs/"
+    assert pbs.log_path_pattern("/logs") + "77[3].srv.OU" == "/logs/" + pbs.task_log_name("exp_1_2", "77[].srv", 3)
+    assert pbs.task_job("77[].srv", 3) == "77[3].srv"
+
+
 @pytest.mark.parametrize("name, variable, value", [("slurm", "SLURM_ARRAY_TASK_ID", 3),
                                                    ("sge", "SGE_TASK_ID", 4)])
 def test_the_task_id_line_counts_from_the_arrays_first_task(name, variable, value):
@@ -118,5 +128,16 @@ def test_the_task_id_line_counts_from_the_arrays_first_task(name, variable, valu
     line = lxm3.SCHEDULERS[name].task_id_line
     out = subprocess.run(["bash", "-c", f'{line}\necho "$LXM_TASK_ID"', "job.sh", "22"],
                          env={variable: str(value), "PATH": os.environ["PATH"]},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "25"
+
+
+def test_pbs_task_id_line_counts_from_the_first_task_it_is_given_in_v():
+    """qsub passes a job script no arguments: the first task comes as LXM_FIRST_TASK."""
+    import subprocess
+
+    line = lxm3.SCHEDULERS["pbs"].task_id_line
+    out = subprocess.run(["bash", "-c", f'{line}\necho "$LXM_TASK_ID"'],
+                         env={"PBS_ARRAY_INDEX": "3", "LXM_FIRST_TASK": "22", "PATH": os.environ["PATH"]},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "25"

@@ -308,8 +308,11 @@ def test_logs_follow_leaves_nothing_running_when_terminated(workspace, short_tmp
         stop_leftovers(tmpdir)
 
 
-def test_logs_follow_on_slurm_ends_with_the_task(workspace):
-    ws = workspace("slurm")
+@pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
+def test_logs_follow_streams_and_ends_with_the_task(workspace, scheduler):
+    """PBS included: it copies -o files back only when a job ends, unless told to
+    write them in place (-k oed), which lxm3 does."""
+    ws = workspace(scheduler)
     _, record = ws.launch([ws.unit(1, {"GATE": ws.gate("follow"), "LINES": "2", "EVERY": "0"})])
     xid = str(record["experiment_id"])
     wait_status(int(xid), lambda s: states(s) == [("running", None)], "the task to run")

@@ -233,7 +233,7 @@ def test_ctrl_c_while_submitting_records_what_was_submitted(cluster_workspaces, 
     shown = lxm3_cli("status", str(xid))
     assert shown.returncode == 0, shown.stderr
     assert f"not submitted: tasks {limit}-{num_tasks - 1}" in shown.stdout, shown.stdout
-    assert re.search(rf"jobs {job}: partially submitted; {num_tasks} task\(s\)", shown.stdout)
+    assert re.search(rf"jobs {re.escape(job)}: partially submitted; {num_tasks} task\(s\)", shown.stdout)
     cancelled = lxm3_cli("cancel", str(xid))
     assert cancelled.returncode == 0, cancelled.stderr
     assert f"cancelled job(s) {job}" in cancelled.stdout or f"job(s) {job} had already ended" \
