@@ -22,6 +22,7 @@ import glob
 import os
 import re
 import subprocess
+import time
 from typing import Dict, Tuple
 
 import pytest
@@ -46,6 +47,7 @@ from cluster_helpers import (
     scenario_unwritable_archives,
 )
 
+from conftest import status_json
 from testbed_env import require_testbed
 
 pytestmark = pytest.mark.testbed
@@ -303,6 +305,28 @@ def test_another_schedulers_qsub_first_on_the_path_is_named(cluster_workspaces, 
     check_error(launch, "/usr/bin/qsub", "Grid Engine's (SGE ", "not PBS's", "[clusters.pbs] bin_dir",
                 "nothing was submitted")
     ws.assert_nothing_submitted(launch)
+
+
+def test_pbs_task_killed_at_its_walltime_is_failed_and_its_log_says_why(cluster_workspaces):
+    """PBS has no warning before the walltime: it sends TERM to every process of the
+    task (then KILL). The program dies of TERM, the job script records that, and
+    PBS's own line about the kill is in the task's log."""
+    ws = workspace(cluster_workspaces, "pbs", "ssh")
+    out = ws.out_dir()
+    launch = ws.launch([job_unit(ws.executor(walltime=5), env_vars={"ECHO_OUT": out, "ECHO_SLEEP": "300"})])
+    launch.check()
+    xid = str(launch.experiment_id)
+    deadline = time.monotonic() + 240
+    while True:
+        [task] = status_json(xid)["work_units"]["1"]["tasks"]
+        if task["state"] not in ("pending", "running"):
+            break
+        assert time.monotonic() < deadline, task
+        time.sleep(2)
+    assert (task["state"], task["exit_code"]) == ("failed", 143), task
+    [log] = ws.log_files(launch).values()
+    assert "PBS: job killed: walltime" in log, log
+    assert log.rstrip().endswith("lxm3-exit: task 0 status 143"), log
 
 
 # --- failures: exit code 1 and a message that says what happened --------------------------
