@@ -651,9 +651,32 @@ T_CHECK=$(now)
 #     namespace (pbs.sh), checked by a small array through that sshd. Where
 #     network namespaces are not permitted it is left out of the env file.
 # =============================================================================
+# A PBS that cannot be built or started is left out, not the whole test bed:
+# Slurm and Grid Engine stay usable, the PBS tests fail (LXM3_REQUIRE_TESTBED=1)
+# or skip, and up.sh exits 1 at the end. pbs_up runs in a subshell with set -e
+# on (an `if` or `||` would turn it off inside) and hands back what it set.
 PBS_UP=0
 PBS_TIMES="pbs skipped"
-pbs_up   # (not in an `if`: that would turn off set -e inside it)
+PBS_FAILED=0
+set +e
+trap - ERR
+(
+  trap 'on_err $LINENO "$BASH_COMMAND"' ERR
+  set -e
+  pbs_up
+  declare -p PBS_UP PBS_TIMES PBS_NOTE PBS_VERSION PBS_NODE_STATE 2>/dev/null > "$WORK/pbs.vars"
+)
+pbs_status=$?
+trap 'on_err $LINENO "$BASH_COMMAND"' ERR
+set -e
+if ((pbs_status == 0)); then
+  # shellcheck disable=SC1091
+  . "$WORK/pbs.vars"
+else
+  PBS_FAILED=1
+  PBS_NOTE="pbs FAILED (exit $pbs_status; the lines above say where): left out of the env file"
+  log "$PBS_NOTE; Slurm, Grid Engine and ssh are up"
+fi
 T_PBS=$(now)
 
 if [[ ${TESTBED_SELFTEST:-0} == 1 ]]; then
@@ -726,3 +749,4 @@ fi
 install -m 0644 "$WORK/env" "$TB_ENV_FILE"
 
 log "READY in $(secs "$T_START") s (packages $(secs "$T_START" "$T_PKG") s [$PKG_NOTE], user+munge+slurm $(secs "$T_PKG" "$T_SLURM") s, sge $(secs "$T_SLURM" "$T_SGE") s, sshd $(secs "$T_SGE" "$T_SSH") s, wait-ready $(secs "$T_SSH" "$T_READY") s, ssh-check $(secs "$T_READY" "$T_CHECK") s, $PBS_TIMES, $SELFTEST_NOTE): ssh -p $TB_SSH_PORT $TB_USER@$TB_SSH_HOST; slurm $SLURM_VERSION cluster $SLURM_CLUSTER node $SLURM_NODE $state ports $TB_SLURMCTLD_PORT/$TB_SLURMD_PORT MaxArraySize=$TB_SLURM_MAX_ARRAY_SIZE MinJobAge=$TB_SLURM_MIN_JOB_AGE; sge $SGE_VERSION cell $SGE_CELL $qi $TB_SGE_SLOTS slots ports $SGE_QMASTER_PORT/$SGE_EXECD_PORT max_aj_tasks=$TB_SGE_MAX_AJ_TASKS; $PBS_NOTE; root $TB_ROOT; env $TB_ENV_FILE"
+((PBS_FAILED == 0)) || exit 1
