@@ -349,7 +349,7 @@ class ClusterConfig(ValueObject):
 
     ``Config.from_file`` makes these from the checked tables (CLUSTER_SCHEMA);
     each entry below names its TOML key. A job picks one with
-    ``Slurm(cluster=...)``/``GridEngine(cluster=...)``, else ``$LXM_CLUSTER``,
+    ``Slurm(cluster=...)``/``GridEngine(cluster=...)``/``PBS(cluster=...)``, else ``$LXM_CLUSTER``,
     else the first ``[[clusters]]``.
 
     Args:
@@ -1471,14 +1471,14 @@ def _check_warning_seconds(seconds: Any, walltime: Walltime, name: str, most: in
 class ClusterExecutorSpec(xm.ExecutorSpec, ValueObject):
     """What ``package`` needs to know of a cluster executor: nothing but its kind.
 
-    ``Slurm.Spec()``/``GridEngine.Spec()``: packaging for one needs a
+    ``Slurm.Spec()``/``GridEngine.Spec()``/``PBS.Spec()``: packaging for one needs a
     ``[[clusters]]`` in the config, and ``PDMProject``/``PythonContainer``
     images become ``.sif`` files.
     """
 
 
 class ClusterExecutor(xm.Executor, ValueObject):
-    """What the batch-scheduler executors (``Slurm``, ``GridEngine``) share.
+    """What the batch-scheduler executors (``Slurm``, ``GridEngine``, ``PBS``) share.
 
     Each scheduler's executor lists its parameters in lxm3 0.4.2's positional
     order, then calls ``_init_common`` for the fields below, which mean the
@@ -1513,7 +1513,7 @@ class ClusterExecutor(xm.Executor, ValueObject):
         request also gives containers ``--nv``. Default: nothing asked (the
         cluster's defaults). Not an ``xm.JobRequirements``: TypeError.
       resources: ``{name: value}`` written as directives (Slurm
-        ``--name=value``, Grid Engine ``-l name=value``); items whose value
+        ``--name=value``, Grid Engine and PBS ``-l name=value``); items whose value
         is false (``None``, ``False``, ``0``, ``""``) are left out. Default:
         none.
       walltime: each task's time limit: a ``datetime.timedelta``, a number
@@ -1534,7 +1534,7 @@ class ClusterExecutor(xm.Executor, ValueObject):
         for it as ``bash -l`` does (lxm3 0.4.2 ran Slurm jobs as ``bash
         -l``). Default: none.
       extra_directives: more directive lines, as they are, with or without
-        the ``#SBATCH``/``#$`` prefix; a line replaces a derived one that sets
+        the ``#SBATCH``/``#$``/``#PBS`` prefix; a line replaces a derived one that sets
         the same option. Default: none. Must be a list (a str is a TypeError).
       skip_directives: drop every generated directive line that contains one
         of these strings, the prefix included (a plain substring:
@@ -1557,7 +1557,7 @@ class ClusterExecutor(xm.Executor, ValueObject):
         added.
       requeue: True: a task the scheduler stops before it ends (preempted,
         its node failed, requeued by hand) is queued again and runs anew
-        from the start (Slurm ``--requeue``, Grid Engine ``-r y``). Each run
+        from the start (Slurm ``--requeue``, Grid Engine and PBS ``-r y``). Each run
         gets ``LXM_ATTEMPT`` (1 for the first, 2 for the first restart, ...),
         so the program can tell it should resume from its checkpoint.
         Default False: the site's default (Slurm's ``JobRequeue``; Grid
