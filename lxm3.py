@@ -5209,6 +5209,8 @@ class Scheduler:
     max_warning_seconds = 0  # the longest time-limit warning it can give
     # Bash printing what the submit command says of itself, and the pattern
     # whose group 1 is its version: tells which scheduler's command answered.
+    # It runs whichever scheduler's command of that name comes first, so it
+    # must submit nothing, whoever answers.
     version_command = ""
     version_pattern = r"$^"
 
@@ -5569,7 +5571,11 @@ class GridEngineScheduler(Scheduler):
     benign_cancel = re.compile(r"does not exist|registered the job|has deleted", re.I)
     # RESTARTED is 1 on any rerun (-r y, qmod -rj), 0 on the first run: no count.
     restart_count = "${RESTARTED:-0}"
-    version_command = "qsub -help"  # its first line: "SGE 8.1.9", "OGS/GE 2011.11", "UGE 8.6.4"
+    # qsub -help's first line: "SGE 8.1.9", "OGS/GE 2011.11", "UGE 8.6.4". Only a qsub
+    # that refuses --version as Grid Engine's does is asked: another scheduler's
+    # may read "-help" as options and submit a job (PBS's: -h -e lp, held).
+    version_command = ("case $(qsub --version 2>&1 </dev/null) in "
+                       "*'invalid option argument'*) qsub -help ;; *) qsub --version ;; esac")
     version_pattern = r"^((?:SGE|GE|OGS/GE|UGE|Univa Grid Engine|Altair Grid Engine)\s*[0-9]\S*)"
     # -notify's USR2/USR1 go to every process of the job (its process group),
     # after the queue's notify time: nothing to pass on, nothing to choose.

@@ -107,6 +107,12 @@ def pbs_job(ws: ClusterWorkspace, job_id: str) -> Tuple[Dict[str, str], str]:
     return fields, text
 
 
+def pbs_job_ids(ws: ClusterWorkspace) -> set:
+    """Every job of the test user PBS knows, finished ones included."""
+    out = ws.tb.ssh([ws.tb.pbs_bin("qselect"), "-x", "-u", ws.tb.ssh_user], scheduler="pbs").stdout
+    return set(out.split())
+
+
 def sge_resources(job: Dict[str, str]) -> Dict[str, str]:
     """The ``hard resource_list`` of ``qstat -j``, as {name: value}."""
     return dict(r.split("=", 1) for r in job.get("hard resource_list", "").split(","))
@@ -267,8 +273,12 @@ def test_pbs_resource_requests_are_accepted_and_applied(cluster_workspaces, mode
     out = ws.out_dir()
     executor = ws.executor(requirements={"cpu": 2, "ram": 100 * MiB}, walltime="0:05:00",
                            queue=ws.tb.get("PBS_QUEUE"), account="lxm3-it-account", requeue=True)
+    before = pbs_job_ids(ws)
     launch = ws.launch([job_unit(executor)], exe_env={"ECHO_OUT": out}).check()
     [(job_id, _, _)] = launch.arrays()
+    # The launch submitted its array and nothing else (asking which qsub answers
+    # must not submit: PBS's qsub reads "-help" as -h -e lp, a held job).
+    assert pbs_job_ids(ws) - before == {job_id}
     job, text = pbs_job(ws, job_id)
     assert job.get("Resource_List.select") == "1:ncpus=2:mem=100mb", text
     assert job.get("Resource_List.walltime") == "00:05:00", text
