@@ -125,6 +125,7 @@ SUBMISSION_LOCK_WAIT = 20  # seconds a reader of the log waits for a running sub
 SUBMISSION_STILL_RUNNING = "WARN a submission is still running"
 
 SUBMIT_PARALLELISM = 8  # scheduler calls at once: a split sweep is many calls
+JOB_NAME_MAX = 200  # characters of a job name (PBS refuses more than 236)
 
 RECORD_VERSION = 1  # written into each record; a record of a later version is refused
 RECORD_SAVE_INTERVAL = 1.0  # seconds between saves while local work units start
@@ -7344,7 +7345,11 @@ def _path_there(info: ClusterInfo, path: str) -> str:
 
 
 def _job_name(title: str, experiment_id: int, work_unit_id: int) -> str:
-    return re.sub(r"\W", "_", f"{title}_{experiment_id}_{work_unit_id}")
+    """``<title>_<experiment id>_<work unit id>`` in ASCII letters, digits and ``_``
+    (PBS refuses other characters, Grid Engine fails on non-ASCII ones), the title
+    cut so that the whole stays within JOB_NAME_MAX (PBS refuses more)."""
+    suffix = f"_{experiment_id}_{work_unit_id}"
+    return re.sub(r"[^A-Za-z0-9_]", "_", title)[:JOB_NAME_MAX - len(suffix)] + suffix
 
 
 def prepare_cluster_launch(experiment: ClusterExperiment, cluster: ClusterConfig, scheduler: Scheduler,

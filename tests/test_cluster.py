@@ -317,6 +317,17 @@ def test_another_schedulers_qsub_first_on_the_path_is_named(cluster_workspaces, 
     ws.assert_nothing_submitted(launch)
 
 
+def test_pbs_takes_a_long_non_ascii_title(cluster_workspaces):
+    ws = workspace(cluster_workspaces, "pbs", "ssh")
+    ws.title = "entraînement à grande échelle " * 12 + ws.title  # 372 characters
+    out = ws.out_dir()
+    launch = ws.launch([job_unit(ws.executor(), env_vars={"ECHO_OUT": out})]).check()
+    [(job_id, _, _)] = launch.arrays()
+    job, text = pbs_job(ws, job_id)
+    assert job.get("Job_Name", "").startswith("entra_nement___grande__chelle_"), text
+    ws.wait_for_reports(out, 1, launch)
+
+
 def test_pbs_task_killed_at_its_walltime_is_failed_and_its_log_says_why(cluster_workspaces):
     """PBS has no warning before the walltime: it sends TERM to every process of the
     task (then KILL). The program dies of TERM, the job script records that, and

@@ -207,3 +207,12 @@ def test_bin_dir_goes_first_on_the_path_of_everything_run_there(site, tmp_path):
     (tmp_path / "qsub").write_text("#!/bin/sh\necho pbs_version = 99.1\n")
     (tmp_path / "qsub").chmod(0o755)
     assert lxm3.Connection(here).run_script("qsub --version\n", "asking") == "pbs_version = 99.1\n"
+
+
+def test_job_names_are_ones_every_scheduler_takes():
+    """PBS refuses non-ASCII characters and names over 236 characters ("illegal -N
+    value", "Job name is too long"); Grid Engine fails on non-ASCII ones."""
+    name = lxm3._job_name("résumé (v2): " * 40, 1796183144138, 3)
+    assert len(name) <= 236 and name.endswith("_1796183144138_3")
+    assert name.isascii() and name.replace("_", "").isalnum()
+    assert lxm3._job_name("sweep lr=0.1", 7, 1) == "sweep_lr_0_1_7_1"
