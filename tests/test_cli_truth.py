@@ -138,7 +138,8 @@ def test_ctrl_c_while_submitting_says_so(tmp_path):
     one answers too fast to interrupt there); it submits nothing."""
     bindir, marker = tmp_path / "bin", tmp_path / "submitting"
     write_files(tmp_path, {
-        "bin/sbatch": f"#!/bin/sh\ntouch {marker}\nexec sleep 300\n",
+        # It answers the launch's question of what it is, as sbatch does; a submission hangs.
+        "bin/sbatch": f'#!/bin/sh\n[ "$1" != --version ] || exec echo "slurm 23.02.7"\ntouch {marker}\nexec sleep 300\n',
         "app/build.sh": '#!/bin/sh\necho hi > "$BUILDDIR/hi"\n',
         "launcher.py": SLOW_BUILD_LAUNCHER,
         # No server: this machine is the login node, sbatch runs here.
