@@ -965,8 +965,9 @@ def scenario_forbidden_staging(ws: ClusterWorkspace) -> Launch:
 
 def scheduler_job_names(tb, scheduler: str) -> List[str]:
     """Names of the test user's jobs the scheduler knows (Slurm, PBS: also recently ended)."""
-    if scheduler == "pbs":
+    if scheduler == "pbs":  # the newest 40 (tests run one at a time; history keeps hundreds)
         ids = tb.ssh([tb.pbs_bin("qselect"), "-x", "-u", tb.ssh_user], scheduler="pbs").stdout.split()
+        ids = sorted(ids, key=lambda job_id: int(job_number(job_id)))[-40:]
         if not ids:
             return []
         out = tb.ssh([tb.pbs_bin("qstat"), "-x", "-f", *ids], check=False, scheduler="pbs").stdout
