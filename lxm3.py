@@ -1395,6 +1395,11 @@ class Local(xm.Executor, ValueObject):
         return LocalSpec()
 
 
+def hms_time(seconds: int) -> str:
+    """``HH:MM:SS``, the hours past 99 if need be (Grid Engine's h_rt, PBS's walltime)."""
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def parse_walltime(value: Walltime) -> Optional[int]:
     """Seconds from a timedelta, a number of seconds, or a Slurm-style string.
 
@@ -5552,10 +5557,6 @@ echo "max_array_tasks $(grep -o 'max_array_tasks=[0-9]*' <<<"$config" | cut -d= 
 # -- Grid Engine -------------------------------------------------------------
 
 
-def sge_time(seconds: int) -> str:
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 class GridEngineScheduler(Scheduler):
     """(Son of / Sun) Grid Engine: ``qsub -t``, ``qstat``/``qacct``, ``qdel``.
 
@@ -5643,7 +5644,7 @@ class GridEngineScheduler(Scheduler):
         derived += self.requirement_directives(executor.requirements, cluster, executor.parallel_environments)
         seconds = parse_walltime(executor.walltime)
         if seconds:
-            derived.append(f"-l h_rt={sge_time(seconds)}")
+            derived.append(f"-l h_rt={hms_time(seconds)}")
         for option, value in (("-q", executor.queue), ("-P", executor.project), ("-A", executor.account)):
             if value:
                 derived.append(f"{option} {_directive_value(value, option)}")
@@ -5811,7 +5812,7 @@ _PBS_STATES = {
     **dict.fromkeys("QHWTM", TaskState.PENDING),
     **dict.fromkeys("RESUB", TaskState.RUNNING),
 }
-_PBS_DELETED = "91"  # substate of a job deleted (qdel), or removed with its dependency unmet
+_PBS_DELETED = "91"  # substate of a finished job that was deleted (qdel)
 
 
 class PBSScheduler(Scheduler):
@@ -5892,7 +5893,7 @@ class PBSScheduler(Scheduler):
             derived.append(select)
         seconds = parse_walltime(executor.walltime)
         if seconds:
-            derived.append(f"-l walltime={seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}")
+            derived.append(f"-l walltime={hms_time(seconds)}")
         for option, value in (("-q", executor.queue), ("-A", executor.account), ("-P", executor.project)):
             if value:
                 derived.append(f"{option} {_directive_value(value, option)}")
