@@ -7910,8 +7910,9 @@ class ClusterWorkUnit(xm.WorkUnit):
                                  "ssh_keepalive_interval": cluster.ssh_keepalive_interval,
                                  "ssh_config": cluster.ssh_config,
                                  "proxycommand": cluster.proxycommand}
-            if cluster.scheduler_bin(executor.scheduler):
-                record.connection["scheduler_bin"] = cluster.scheduler_bin(executor.scheduler)
+            bin_dir = cluster.scheduler_bin(executor.scheduler)
+            if bin_dir:
+                record.connection["scheduler_bin"] = bin_dir
             scheduler = scheduler_of(executor)
             record.custom_output = scheduler.user_sets(executor, scheduler.output_option)
         return record
@@ -10474,7 +10475,9 @@ def _list_cluster(cluster: ClusterConfig, connection: Connection, types: Sequenc
         incoming = shell_quote(staging + "/" + ENVIRONMENT_INCOMING)
         script += (f"( set -- {shell_quote(_environments_path(cluster))} {incoming}\n{_LIST_ENVIRONMENTS}\n)"
                    " | sed 's/^/E /'\n")
-    return _Listing(connection.run_script(script, "listing what lxm3 left there"))
+    listing = _Listing(connection.run_script(script, "listing what lxm3 left there"))
+    listing.schedulers = list(schedulers)  # the removal asks the same queues again
+    return listing
 
 
 def _plan_cluster(cluster: ClusterConfig, listing: _Listing, records: Sequence[ExperimentRecord],
@@ -10836,9 +10839,7 @@ def clean(config: Config, types: Sequence[str], days: float, dry_run: bool,
             connection = Connection(cluster)
             plans.append((cluster, connection, None, []))
             _progress(f"{cluster.name}: listing {_staging_path(cluster)} on {connection.target} ...")
-            schedulers = _cluster_schedulers(cluster, records)
-            listing = _list_cluster(cluster, connection, types, schedulers)
-            listing.schedulers = schedulers
+            listing = _list_cluster(cluster, connection, types, _cluster_schedulers(cluster, records))
             found = _plan_cluster(cluster, listing, records, types, days, project)
             plans[-1] = (cluster, connection, listing, found)
             items += found
